@@ -1,0 +1,5 @@
+"""``python -m spinepath``."""
+
+from spinepath.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Command-line interface: ``spinepath train|evaluate|run|phantom``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from spinepath import DISCLAIMER, __version__
+
+log = logging.getLogger("spinepath")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TRAIN_CONFIG = REPO / "configs" / "detection_train.json"
+
+
+class CliError(Exception):
+    """An error reported to the user as one line, with a non-zero exit code."""
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from spinepath.detection import DetectorConfig
+    from spinepath.train_detection import TrainConfig, train
+
+    cfg = json.loads(Path(args.config).read_text())
+    tc_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in cfg.get("train", {}).items() if k in tc_fields})
+    for k in ("data_root", "out_dir", "epochs", "max_minutes", "num_threads", "max_train_cases", "device"):
+        v = getattr(args, k, None)
+        if v is not None:
+            setattr(tc, k, v)
+    tc.quiet = args.quiet
+    tc.resume = not args.no_resume
+    res = train(tc, DetectorConfig.from_dict(cfg.get("detector", {})))
+    print(json.dumps(res))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``spinepath`` command."""
+    p = argparse.ArgumentParser(prog="spinepath", description=f"spinepath {__version__}. {DISCLAIMER}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model")
+    tsub = t.add_subparsers(dest="what", required=True)
+    td = tsub.add_parser("detection", help="train the vertebral-body detector")
+    td.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG))
+    td.add_argument("--data-root", dest="data_root")
+    td.add_argument("--out-dir", dest="out_dir")
+    td.add_argument("--epochs", type=int)
+    td.add_argument("--max-minutes", dest="max_minutes", type=float)
+    td.add_argument("--max-train-cases", dest="max_train_cases", type=int, help="tiny subset (tests)")
+    td.add_argument("--num-threads", dest="num_threads", type=int)
+    td.add_argument("--device")
+    td.add_argument("--no-resume", action="store_true")
+    td.set_defaults(func=_cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spinepath`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

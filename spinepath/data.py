@@ -1,0 +1,355 @@
+"""Loaders for the shared spine MRI data and per-slice vertebral-body boxes.
+
+Conventions used everywhere in spinepath:
+
+* A sagittal slice is a 2D array ``(rows, cols)`` with rows running superior -> inferior and columns
+  anterior -> posterior, exactly as a sagittal DICOM image with ImageOrientationPatient ``0\\1\\0\\0\\0\\-1``
+  is displayed, and as the shared NIfTI volumes store it (voxel axes i = S->I, j = A->P, k = lateral).
+* A box is ``[row_min, col_min, row_max, col_max]`` in pixel *edge* coordinates (a body that covers rows
+  10..19 has ``row_min=10, row_max=20``). This is MONAI's ``xyxy`` mode with x = first array axis.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from spinepath.levels import VERTEBRA_LEVELS
+
+#: Mean chu_t2 mid-sagittal body height / width divided by the centre-to-centre gap (measured, 84 bodies).
+BODY_HEIGHT_PER_GAP = 0.89
+BODY_WIDTH_PER_GAP = 1.03
+#: Mean distance between neighbouring lumbar vertebra centres in chu_t2 (mm).
+MEAN_LEVEL_GAP_MM = 37.0
+#: Detector classes.
+CLASS_BODY, CLASS_S1 = 0, 1
+#: A body's cross-section on a slice must be this fraction of its largest to be a reference box.
+REFERENCE_AREA_FRACTION = 0.5
+
+
+@dataclass
+class Slice2D:
+    """One sagittal slice with its reference vertebral bodies.
+
+    Attributes:
+        image: ``(rows, cols)`` float32 intensities.
+        spacing: Pixel spacing in mm ``(row, col)``.
+        boxes: ``(N, 4)`` reference boxes (see module docstring).
+        levels: Level name per box, ``None`` where unknown.
+        area_fraction: Per box, cross-section area over the body's largest cross-section (1 for 2D data).
+        case: Case identifier.
+        dataset: Dataset folder name.
+        index: Lateral slice index in the source volume (0 for 2D data).
+        centres: Optional ``(N, 2)`` reference centres (row, col), used by spark_midsag.
+        span: ``(row_min, row_max)`` of the labelled anatomy; outside it anatomy is unlabelled.
+        spacing_known: False when the spacing is an estimate.
+    """
+
+    image: np.ndarray
+    spacing: tuple[float, float]
+    boxes: np.ndarray
+    levels: list[str | None]
+    area_fraction: np.ndarray
+    case: str
+    dataset: str
+    index: int = 0
+    centres: np.ndarray | None = None
+    span: tuple[float, float] | None = None
+    spacing_known: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> np.ndarray:
+        """Detector class per box (S1 or other vertebral body)."""
+        return np.array([CLASS_S1 if lv == "S1" else CLASS_BODY for lv in self.levels], dtype=np.int64)
+
+
+def dataset_kind(root: str | Path) -> str:
+    """Tell which shared-data format a folder holds: ``"spark"`` (2D centres) or ``"volumes"`` (3D masks).
+
+    Raises:
+        FileNotFoundError: If the folder has neither ``labels.json`` nor ``index.json``.
+    """
+    root = Path(root)
+    if (root / "labels.json").is_file():
+        return "spark"
+    if (root / "index.json").is_file():
+        return "volumes"
+    raise FileNotFoundError(f"{root} is not a dataset folder: it has neither labels.json nor index.json")
+
+
+# --------------------------------------------------------------------------------------------- 3D volumes
+@dataclass
+class VolumeCase:
+    """A labelled 3D sagittal volume (image + mask) from chu_t2, spineweb_vb or ivd_t2."""
+
+    case: str
+    dataset: str
+    image_path: Path
+    mask_path: Path
+    structure: str
+    patient: str
+    n_labels: int
+    levels_top_down: list[str] | None
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+        """Return ``(image, mask, spacing_mm)`` with axes (S->I, A->P, lateral)."""
+        img = nib.load(str(self.image_path))
+        msk = nib.load(str(self.mask_path))
+        image = np.asarray(img.dataobj, dtype=np.float32)
+        mask = np.asarray(msk.dataobj).astype(np.int16)
+        if image.shape != mask.shape:
+            raise ValueError(f"{self.dataset}/{self.case}: image {image.shape} and mask {mask.shape} differ")
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        return image, mask, zooms  # type: ignore[return-value]
+
+    def level_names(self) -> list[str | None]:
+        """Level name of each mask label (1..N, top-down).
+
+        chu_t2 and ivd_t2 give names. spineweb_vb gives none; there the lowest labelled body is S1 in every
+        case (checked visually on the mid-sagittal slices), which is kept in ``inferred_levels`` but not
+        reported as a known level.
+        """
+        if self.levels_top_down:
+            return list(self.levels_top_down)
+        return [None] * self.n_labels
+
+    def inferred_levels(self) -> list[str | None]:
+        """Level names including the bottom-up inference for spineweb_vb (lowest body = S1)."""
+        if self.levels_top_down:
+            return list(self.levels_top_down)
+        if self.structure != "vertebral_body":
+            return [None] * self.n_labels
+        b = VERTEBRA_LEVELS.index("S1")
+        return [VERTEBRA_LEVELS[b - (self.n_labels - 1 - i)] for i in range(self.n_labels)]
+
+
+def load_volume_index(root: str | Path) -> list[VolumeCase]:
+    """Read a 3D dataset folder's ``index.json``.
+
+    Raises:
+        FileNotFoundError: If index.json or a listed file is missing.
+    """
+    root = Path(root)
+    index = json.loads((root / "index.json").read_text())
+    cases = []
+    for case, e in sorted(index.items()):
+        ip, mp = root / e["image"], root / e["mask"]
+        for p in (ip, mp):
+            if not p.is_file():
+                raise FileNotFoundError(f"{root.name}/{case}: missing file {p.name}")
+        cases.append(
+            VolumeCase(
+                case=case,
+                dataset=root.name,
+                image_path=ip,
+                mask_path=mp,
+                structure=e.get("structure", "vertebral_body"),
+                patient=str(e.get("patient", case)),
+                n_labels=int(e["labels_top_down"]),
+                levels_top_down=e.get("levels_top_down"),
+            )
+        )
+    return cases
+
+
+def clinical_slice_indices(n: int, step: int = 4) -> list[int]:
+    """Lateral slices of a 1 mm volume kept in a clinical 4 mm series: every ``step``-th from (n % step)//2."""
+    return list(range((n % step) // 2, n, step))
+
+
+def boxes_from_mask_slice(
+    mask2d: np.ndarray, labels: list[int], max_areas: dict[int, int]
+) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """Bounding boxes of the labelled structures on one slice.
+
+    Args:
+        mask2d: ``(rows, cols)`` integer label image.
+        labels: Labels to consider.
+        max_areas: Largest cross-section (pixels) of each label over the volume.
+
+    Returns:
+        ``(boxes, labels_present, area_fraction)``.
+    """
+    boxes, present, frac = [], [], []
+    for lab in labels:
+        rr, cc = np.nonzero(mask2d == lab)
+        if rr.size == 0:
+            continue
+        boxes.append([rr.min(), cc.min(), rr.max() + 1, cc.max() + 1])
+        present.append(lab)
+        frac.append(rr.size / max(max_areas.get(lab, rr.size), 1))
+    return (
+        np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        present,
+        np.asarray(frac, dtype=np.float32),
+    )
+
+
+def iter_volume_slices(
+    case: VolumeCase, indices: list[int] | None = None, min_fraction: float = 0.0, inferred: bool = False
+) -> Iterator[Slice2D]:
+    """Yield the sagittal slices of a 3D case with their reference boxes.
+
+    Args:
+        case: The case.
+        indices: Lateral slice indices; all slices when None.
+        min_fraction: Drop boxes whose cross-section is below this fraction of the body's largest.
+        inferred: Use inferred level names (spineweb: lowest = S1) instead of only the known ones.
+    """
+    image, mask, spacing = case.load()
+    labels = list(range(1, case.n_labels + 1))
+    names = case.inferred_levels() if inferred else case.level_names()
+    max_areas = {lab: int((mask == lab).sum(axis=(0, 1)).max()) for lab in labels}
+    # labelled span (rows) over the whole volume, used to blank unlabelled anatomy in training
+    rows = np.nonzero((mask > 0).any(axis=(1, 2)))[0]
+    span = (float(rows.min()), float(rows.max() + 1)) if rows.size else None
+    for k in indices if indices is not None else range(image.shape[2]):
+        boxes, present, frac = boxes_from_mask_slice(mask[:, :, k], labels, max_areas)
+        keep = frac >= min_fraction
+        yield Slice2D(
+            image=image[:, :, k],
+            spacing=(spacing[0], spacing[1]),
+            boxes=boxes[keep],
+            levels=[names[lab - 1] for lab, kk in zip(present, keep) if kk],
+            area_fraction=frac[keep],
+            case=case.case,
+            dataset=case.dataset,
+            index=k,
+            span=span,
+        )
+
+
+# ------------------------------------------------------------------------------------------ spark_midsag
+@dataclass
+class SparkCase:
+    """One spark_midsag study: a mid-sagittal T2 slice with level centres and grades."""
+
+    case: str
+    image_path: Path
+    size_hw: tuple[int, int]
+    points: list[dict]
+
+    def load_image(self) -> np.ndarray:
+        """Return the slice as float32 ``(rows, cols)``."""
+        with Image.open(self.image_path) as im:
+            arr = np.asarray(im.convert("L"), dtype=np.float32)
+        if arr.shape != tuple(self.size_hw):
+            raise ValueError(f"spark_midsag/{self.case}: image is {arr.shape}, labels say {self.size_hw}")
+        return arr
+
+    def vertebrae(self) -> list[dict]:
+        """Vertebra points sorted top-down."""
+        pts = [p for p in self.points if p["kind"] == "vertebra"]
+        return sorted(pts, key=lambda p: VERTEBRA_LEVELS.index(p["level"]))
+
+    def discs(self) -> list[dict]:
+        """Disc points sorted top-down."""
+        pts = [p for p in self.points if p["kind"] == "disc"]
+        return sorted(pts, key=lambda p: p["xy"][1])
+
+    def level_gap_px(self) -> float:
+        """Median distance (pixels) between neighbouring vertebra centres; NaN with fewer than two."""
+        v = np.array([p["xy"] for p in self.vertebrae()], dtype=float)
+        if len(v) < 2:
+            return float("nan")
+        return float(np.median(np.linalg.norm(np.diff(v, axis=0), axis=1)))
+
+
+def load_spark(root: str | Path) -> list[SparkCase]:
+    """Read spark_midsag ``labels.json``.
+
+    Raises:
+        FileNotFoundError: If labels.json or an image is missing.
+    """
+    root = Path(root)
+    labels = json.loads((root / "labels.json").read_text())
+    out = []
+    for cid, e in sorted(labels.items()):
+        p = root / e["image"]
+        if not p.is_file():
+            raise FileNotFoundError(f"spark_midsag/{cid}: missing image {e['image']}")
+        out.append(SparkCase(case=cid, image_path=p, size_hw=tuple(e["size_hw"]), points=e["points"]))
+    return out
+
+
+def spark_boxes(case: SparkCase) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Derive vertebral-body boxes from the labelled centres.
+
+    The box is centred on the centre point; its height and width are the chu_t2 ratios of body size to the
+    centre-to-centre gap (``BODY_HEIGHT_PER_GAP``, ``BODY_WIDTH_PER_GAP``) times this image's local gap.
+
+    Returns:
+        ``(boxes, levels, centres)`` with centres as (row, col).
+    """
+    verts = case.vertebrae()
+    c = np.array([[p["xy"][1], p["xy"][0]] for p in verts], dtype=np.float32).reshape(-1, 2)
+    gaps = np.linalg.norm(np.diff(c, axis=0), axis=1) if len(c) > 1 else np.array([40.0])
+    boxes = []
+    for i in range(len(c)):
+        near = [gaps[j] for j in (i - 1, i) if 0 <= j < len(gaps)]
+        g = float(np.mean(near))
+        h, w = BODY_HEIGHT_PER_GAP * g, BODY_WIDTH_PER_GAP * g
+        boxes.append([c[i, 0] - h / 2, c[i, 1] - w / 2, c[i, 0] + h / 2, c[i, 1] + w / 2])
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), [p["level"] for p in verts], c
+
+
+def spark_slice(case: SparkCase, spacing_mm: float | None = None) -> Slice2D:
+    """A spark case as a :class:`Slice2D`.
+
+    Args:
+        case: The case.
+        spacing_mm: Pixel spacing to assume. By default it is estimated from the labelled level gap
+            (training only: at inference the labels are not used, see :func:`spark_fov_spacing`).
+    """
+    boxes, levels, centres = spark_boxes(case)
+    if spacing_mm is None:
+        gap = case.level_gap_px()
+        spacing_mm = MEAN_LEVEL_GAP_MM / gap if np.isfinite(gap) and gap > 0 else 1.0
+    discs = case.discs()
+    top = min([b[0] for b in boxes] + [d["xy"][1] for d in discs])
+    bottom = max([b[2] for b in boxes] + [d["xy"][1] for d in discs])
+    return Slice2D(
+        image=case.load_image(),
+        spacing=(spacing_mm, spacing_mm),
+        boxes=boxes,
+        levels=list(levels),
+        area_fraction=np.ones(len(boxes), dtype=np.float32),
+        case=case.case,
+        dataset="spark_midsag",
+        centres=centres,
+        span=(float(top), float(bottom)),
+        spacing_known=False,
+    )
+
+
+#: Assumed field of view (mm, longest image side) for 2D images without spacing. Estimated as the median of
+#: (longest side x level-gap spacing estimate) over the spark_midsag training split; see configs/split.json.
+DEFAULT_FOV_MM = 377.0
+
+
+def spark_fov_spacing(shape_hw: tuple[int, int], fov_mm: float = DEFAULT_FOV_MM) -> float:
+    """Pixel spacing (mm) for an image of unknown spacing, assuming a field of view of ``fov_mm``."""
+    return fov_mm / float(max(shape_hw))
+
+
+# ------------------------------------------------------------------------------------------------ split
+SPLIT_FILE = Path(__file__).resolve().parent.parent / "configs" / "split.json"
+
+
+def load_split(path: str | Path = SPLIT_FILE) -> dict:
+    """Return the documented train/validation split (``configs/split.json``)."""
+    return json.loads(Path(path).read_text())
+
+
+def is_validation(dataset: str, case: str, patient: str | None = None, split: dict | None = None) -> bool:
+    """True when the case belongs to the validation split (by patient for 3D data)."""
+    split = split or load_split()
+    entry = split["validation"].get(dataset, [])
+    return (patient or case) in entry if dataset != "spark_midsag" else case in entry
