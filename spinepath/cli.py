@@ -38,6 +38,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from spinepath.data import dataset_kind, load_split
+    from spinepath.detection import VertebraDetector
+    from spinepath.evaluation import evaluate_detection
+    from spinepath.pipeline import resolve_model_path
+
+    root = Path(args.dataset_dir)
+    try:
+        dataset_kind(root)
+        model = VertebraDetector.load(resolve_model_path(args.model))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    cases = None
+    if args.split == "val":
+        cases = load_split()["validation"].get(root.name, [])
+        if root.name == "spineweb_vb":  # split by patient
+            import json as _json
+
+            idx = _json.loads((root / "index.json").read_text())
+            cases = [c for c, e in idx.items() if str(e.get("patient", c)) in cases]
+    res = evaluate_detection(root, model, cases=cases, progress=not args.quiet)
+    res["dataset"] = root.name
+    res["split"] = args.split
+    text = json.dumps(res, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spinepath`` command."""
     p = argparse.ArgumentParser(prog="spinepath", description=f"spinepath {__version__}. {DISCLAIMER}")
@@ -57,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--device")
     td.add_argument("--no-resume", action="store_true")
     td.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a model on a dataset folder; prints JSON")
+    esub = e.add_subparsers(dest="what", required=True)
+    ed = esub.add_parser("detection", help="vertebral-body detection and level naming")
+    ed.add_argument("dataset_dir", help="a folder in the ../shared/data format (index.json or labels.json)")
+    ed.add_argument("--out", help="also write the JSON here")
+    ed.add_argument("--model", help="detector weights (file or folder); default: the bundle's")
+    ed.add_argument("--split", choices=["all", "val"], default="all", help="all cases, or the validation split")
+    ed.set_defaults(func=_cmd_evaluate)
     return p
 
 

@@ -1,0 +1,90 @@
+"""MONAI Deploy application: lumbar spine sagittal T2 MRI -> named vertebrae (JSON + key image).
+
+Usage:
+    python app.py [-i DICOM_DIR] [-o OUT_DIR] [-m MODEL_DIR]
+
+or with the SDK runtime variables HOLOSCAN_INPUT_PATH, HOLOSCAN_OUTPUT_PATH, HOLOSCAN_MODEL_PATH. With no
+input at all, the app runs on an embedded default (a real example series from ../shared/data when present,
+else a synthetic phantom study) and says which. Bad input gives a one-line error, a non-zero exit and a
+``status.json`` with ``ok: false`` in the output folder. NOT FOR DIAGNOSTIC USE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from operators import ResultsWriterOperator, StudyLoaderOperator, VertebraDetectionOperator  # noqa: E402
+from spinepath import DISCLAIMER, __version__  # noqa: E402
+from spinepath.pipeline import default_input, resolve_model_path, write_status  # noqa: E402
+
+
+def _explicit(flag_short: str, flag_long: str, env: str, argv: list[str]) -> bool:
+    return any(a in (flag_short, flag_long) or a.startswith(flag_long + "=") for a in argv) or bool(os.environ.get(env))
+
+
+class SpineVertebraApp(Application):
+    """Load study -> select sagittal T2 series -> detect/group/name vertebrae -> JSON + key image."""
+
+    name = "spinepath-vertebrae"
+    description = "Vertebra detection and level naming on lumbar spine sagittal T2 MRI. " + DISCLAIMER
+    version = __version__
+
+    def compose(self) -> None:
+        """Build the operator graph."""
+        argv = list(self.argv)  # holoscan strips the program name
+        ctx = Application.init_app_context([sys.argv[0], *argv])
+        out_dir = Path(ctx.output_path)
+        if _explicit("-i", "--input", "HOLOSCAN_INPUT_PATH", argv):
+            in_dir, kind = Path(ctx.input_path), "dicom"
+        else:
+            in_dir, kind = default_input(out_dir.parent / ".spinepath-default-input")
+        logging.getLogger(__name__).info("input: %s (%s)", kind, "given" if kind == "dicom" else "embedded default")
+        model = resolve_model_path(ctx.model_path if _explicit("-m", "--model", "HOLOSCAN_MODEL_PATH", argv) else None)
+        self.input_kind = kind
+        loader = StudyLoaderOperator(self, CountCondition(self, 1), input_folder=in_dir, name="study_loader")
+        detector = VertebraDetectionOperator(self, model_path=model, name="vertebra_detection")
+        writer = ResultsWriterOperator(self, output_folder=out_dir, input_kind=kind, name="results_writer")
+        self.add_flow(loader, detector, {("volume", "volume")})
+        self.add_flow(detector, writer, {("result", "result")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the app; map failures to a one-line message, ``status.json`` and exit code 2."""
+    from spinepath.dicom_io import StudyError
+
+    argv = sys.argv if argv is None else argv
+    app = SpineVertebraApp(argv)
+    out_dir = Path(os.environ.get("HOLOSCAN_OUTPUT_PATH") or _arg(argv, "-o", "--output") or "output")
+    try:
+        app.run()
+    except (StudyError, FileNotFoundError, ValueError) as exc:
+        write_status(out_dir, False, str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not (out_dir / "status.json").is_file():  # an operator failed inside the executor
+        write_status(out_dir, False, "processing failed; see the log")
+        print("error: processing failed", file=sys.stderr)
+        return 3
+    print(f"wrote {out_dir / 'vertebrae.json'} and {out_dir / 'key_image.png'} (input: {getattr(app, 'input_kind', '?')})")
+    return 0
+
+
+def _arg(argv: list[str], short: str, long: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a in (short, long) and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(long + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

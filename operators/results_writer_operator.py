@@ -1,0 +1,33 @@
+"""Operator: detection result -> vertebrae.json + key_image.png (spinepath.pipeline.write_outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from spinepath.pipeline import write_outputs, write_status
+
+
+class ResultsWriterOperator(Operator):
+    """Write the JSON findings and the key image atomically, then ``status.json``.
+
+    Named input:
+        result: :class:`spinepath.pipeline.DetectionResult`.
+    """
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, input_kind: str = "dicom", **kwargs) -> None:
+        self.output_folder = Path(output_folder)
+        self.input_kind = input_kind
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        """Declare the input port."""
+        spec.input("result")
+
+    def compute(self, op_input, op_output, context) -> None:
+        """Write the outputs."""
+        result = op_input.receive("result")
+        result.input_kind = self.input_kind
+        write_outputs(result, self.output_folder)
+        write_status(self.output_folder, True, "ok", n_vertebrae=len(result.vertebrae), input_kind=self.input_kind)

@@ -1,0 +1,199 @@
+"""The detection pipeline on a DICOM series and its outputs (JSON + key image)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spinepath import DISCLAIMER, __version__
+from spinepath.detection import VertebraDetector
+from spinepath.dicom_io import SeriesVolume
+from spinepath.grouping import Vertebra, group_and_name
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "bundle" / "models" / "model.pt"
+LABELS_FILE = REPO / "configs" / "labels.json"
+
+
+def resolve_model_path(model: str | Path | None = None) -> Path:
+    """The detector weights: ``model`` (file or folder), else ``$HOLOSCAN_MODEL_PATH``, else the bundle's."""
+    cand = model or os.environ.get("HOLOSCAN_MODEL_PATH") or DEFAULT_MODEL
+    p = Path(cand)
+    if p.is_dir():
+        for name in ("model.pt", "detector/model.pt", "models/model.pt"):
+            if (p / name).is_file():
+                return p / name
+    return p
+
+
+@dataclass
+class DetectionResult:
+    """Vertebrae found in one series, with timings."""
+
+    vertebrae: list[Vertebra]
+    volume: SeriesVolume
+    timings: dict[str, float]
+    input_kind: str = "dicom"
+
+    def to_dict(self) -> dict:
+        """JSON-ready result: per vertebra its level, name confidence, slice range, per-slice boxes (pixels and
+        patient mm) and scores."""
+        v = self.volume
+        out = []
+        for t in self.vertebrae:
+            per_slice = []
+            for k, b, s, s1 in zip(t.slices, t.boxes, t.scores, t.s1_scores):
+                r0, c0, r1, c1 = (float(x) for x in b)
+                corners = [v.pixel_to_patient(k, r0 - 0.5, c0 - 0.5), v.pixel_to_patient(k, r1 - 0.5, c1 - 0.5)]
+                centre = v.pixel_to_patient(k, (r0 + r1) / 2 - 0.5, (c0 + c1) / 2 - 0.5)
+                per_slice.append({
+                    "slice_index": int(k),
+                    "sop_instance_uid": v.sop_instance_uids[k],
+                    "box_pixels": {"row_min": r0, "col_min": c0, "row_max": r1, "col_max": c1},
+                    "box_patient_mm": {
+                        "corner_top_anterior": [round(float(x), 2) for x in corners[0]],
+                        "corner_bottom_posterior": [round(float(x), 2) for x in corners[1]],
+                        "centre": [round(float(x), 2) for x in centre],
+                    },
+                    "score": round(float(s), 4),
+                    "s1_score": round(float(s1), 4),
+                })
+            out.append({
+                "level": t.level,
+                "name_confidence": round(t.name_confidence, 4),
+                "score": round(t.score, 4),
+                "slice_range": [int(min(t.slices)), int(max(t.slices))],
+                "n_slices": len(t.slices),
+                "truncated_by_field_of_view": t.truncated,
+                "slices": per_slice,
+            })
+        return {
+            "disclaimer": DISCLAIMER,
+            "software": {"name": "spinepath", "version": __version__},
+            "input": {
+                "kind": self.input_kind,
+                "study_instance_uid": v.study_uid,
+                "series_instance_uid": v.series_uid,
+                "series_description": v.description,
+                "n_slices": int(v.pixels.shape[0]),
+                "matrix": [int(v.pixels.shape[1]), int(v.pixels.shape[2])],
+                "pixel_spacing_mm": [float(x) for x in v.spacing],
+                "slice_spacing_mm": round(v.slice_spacing, 3),
+            },
+            "n_vertebrae": len(out),
+            "levels": [t.level for t in self.vertebrae],
+            "vertebrae": out,
+            "timings_s": {k: round(x, 3) for k, x in self.timings.items()},
+        }
+
+
+def detect_series(volume: SeriesVolume, model: VertebraDetector, batch_size: int = 8) -> DetectionResult:
+    """Detect, group and name the vertebrae of a sagittal series."""
+    t0 = time.perf_counter()
+    dets = model.predict(list(volume.pixels), volume.spacing, batch_size=batch_size)
+    t1 = time.perf_counter()
+    verts = group_and_name(dets, volume.pixels.shape[1:])
+    t2 = time.perf_counter()
+    return DetectionResult(verts, volume, {"detection": t1 - t0, "grouping": t2 - t1})
+
+
+def label_colors() -> dict[str, tuple[int, int, int]]:
+    """Level name -> RGB colour from ``configs/labels.json``."""
+    labels = json.loads(LABELS_FILE.read_text())["labels"]
+    return {k: tuple(v["color"]) for k, v in labels.items()}
+
+
+def key_image(result: DetectionResult, path: str | Path) -> int:
+    """Write the key image PNG: the slice with most vertebrae, boxes and level names drawn.
+
+    Returns:
+        The slice index shown.
+    """
+    from PIL import Image, ImageDraw
+
+    v = result.volume
+    counts = np.zeros(v.pixels.shape[0])
+    for t in result.vertebrae:
+        for k in t.slices:
+            counts[k] += 1
+    k = int(np.argmax(counts)) if counts.any() else v.pixels.shape[0] // 2
+    sl = v.pixels[k]
+    lo, hi = np.percentile(sl, [1, 99.5])
+    g = np.clip((sl - lo) / max(hi - lo, 1e-6), 0, 1)
+    scale = max(1, round(512 / max(sl.shape)))
+    im = Image.fromarray((g * 255).astype(np.uint8)).convert("RGB")
+    im = im.resize((sl.shape[1] * scale, sl.shape[0] * scale), Image.BILINEAR)
+    draw = ImageDraw.Draw(im)
+    colors = label_colors()
+    for t in result.vertebrae:
+        b = t.box_on(k)
+        if b is None:
+            continue
+        col = colors.get(t.level, (255, 255, 0))
+        r0, c0, r1, c1 = (float(x) * scale for x in b)
+        draw.rectangle([c0, r0, c1, r1], outline=col, width=2)
+        draw.text((c1 + 4, (r0 + r1) / 2 - 6), f"{t.level} {t.name_confidence:.2f}", fill=col)
+    draw.text((4, 4), "NOT FOR DIAGNOSTIC USE", fill=(255, 64, 64))
+    draw.text((4, im.height - 14), f"slice {k + 1}/{v.pixels.shape[0]}  spinepath {__version__}", fill=(255, 255, 255))
+    im.save(path)
+    return k
+
+
+def write_outputs(result: DetectionResult, out_dir: str | Path, extra: dict | None = None) -> dict[str, Path]:
+    """Write ``vertebrae.json`` and ``key_image.png`` into ``out_dir`` atomically (all or nothing).
+
+    Returns:
+        Paths of the written files.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    try:
+        d = result.to_dict()
+        if extra:
+            d.update(extra)
+        d["key_image"] = {"file": "key_image.png", "slice_index": key_image(result, tmp / "key_image.png")}
+        (tmp / "vertebrae.json").write_text(json.dumps(d, indent=1))
+        paths = {}
+        for name in ("vertebrae.json", "key_image.png"):
+            (tmp / name).replace(out / name)
+            paths[name] = out / name
+        return paths
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_status(out_dir: str | Path, ok: bool, message: str, **fields: object) -> Path:
+    """Write the machine-readable ``status.json`` (ok flag + message) into the output folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = out / "status.json"
+    p.write_text(json.dumps({"ok": ok, "message": message, "software_version": __version__, **fields}, indent=1))
+    return p
+
+
+SHARED_EXAMPLES = REPO.parent / "shared" / "data" / "dicom_examples"
+
+
+def default_input(work_dir: str | Path) -> tuple[Path, str]:
+    """The embedded default input: a real example series when ``../shared/data/dicom_examples`` exists,
+    otherwise the synthetic phantom study written into ``work_dir``.
+
+    Returns:
+        ``(folder, kind)`` with kind ``"real example (chu_t2_02)"`` or ``"synthetic phantom"``.
+    """
+    real = SHARED_EXAMPLES / "chu_t2_02"
+    if real.is_dir() and any(real.glob("*.dcm")):
+        return real, "real example (dicom_examples/chu_t2_02)"
+    from spinepath.phantom import write_phantom_study
+
+    return write_phantom_study(Path(work_dir) / "phantom"), "synthetic phantom"
