@@ -69,6 +69,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from spinepath.dicom_io import StudyError
+    from spinepath.pipeline import default_input, run_study
+
+    if args.input:
+        in_dir, kind = Path(args.input), "dicom"
+    else:
+        in_dir, kind = default_input(Path(args.output).parent / ".spinepath-default-input")
+    try:
+        res = run_study(in_dir, args.output, args.model, input_kind=kind)
+    except (StudyError, FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps({"input": kind, "levels": res["levels"], "output": str(args.output)}))
+    return 0
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from spinepath.phantom import write_phantom_study
+
+    print(write_phantom_study(args.output, seed=args.seed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spinepath`` command."""
     p = argparse.ArgumentParser(prog="spinepath", description=f"spinepath {__version__}. {DISCLAIMER}")
@@ -97,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--model", help="detector weights (file or folder); default: the bundle's")
     ed.add_argument("--split", choices=["all", "val"], default="all", help="all cases, or the validation split")
     ed.set_defaults(func=_cmd_evaluate)
+    r = sub.add_parser("run", help="run detection on a DICOM study folder without Holoscan")
+    r.add_argument("-i", "--input", help="DICOM study folder; default: the embedded example/phantom")
+    r.add_argument("-o", "--output", default="output")
+    r.add_argument("-m", "--model", help="detector weights (file or folder)")
+    r.set_defaults(func=_cmd_run)
+
+    ph = sub.add_parser("phantom", help="write the synthetic phantom DICOM study")
+    ph.add_argument("output")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.set_defaults(func=_cmd_phantom)
     return p
 
 

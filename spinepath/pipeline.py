@@ -112,6 +112,17 @@ def label_colors() -> dict[str, tuple[int, int, int]]:
     return {k: tuple(v["color"]) for k, v in labels.items()}
 
 
+def key_slice(result: DetectionResult) -> int:
+    """The mid-sagittal slice of the detected spine: the median of the vertebrae's score-weighted slice centres."""
+    if not result.vertebrae:
+        return result.volume.pixels.shape[0] // 2
+    centres = [float(np.average(t.slices, weights=t.scores)) for t in result.vertebrae]
+    k = int(round(float(np.median(centres))))
+    # prefer a nearby slice where most vertebrae have a box
+    cands = range(max(0, k - 1), min(result.volume.pixels.shape[0], k + 2))
+    return max(cands, key=lambda j: (sum(t.box_on(j) is not None for t in result.vertebrae), -abs(j - k)))
+
+
 def key_image(result: DetectionResult, path: str | Path) -> int:
     """Write the key image PNG: the slice with most vertebrae, boxes and level names drawn.
 
@@ -121,11 +132,7 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     from PIL import Image, ImageDraw
 
     v = result.volume
-    counts = np.zeros(v.pixels.shape[0])
-    for t in result.vertebrae:
-        for k in t.slices:
-            counts[k] += 1
-    k = int(np.argmax(counts)) if counts.any() else v.pixels.shape[0] // 2
+    k = key_slice(result)
     sl = v.pixels[k]
     lo, hi = np.percentile(sl, [1, 99.5])
     g = np.clip((sl - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -197,3 +204,30 @@ def default_input(work_dir: str | Path) -> tuple[Path, str]:
     from spinepath.phantom import write_phantom_study
 
     return write_phantom_study(Path(work_dir) / "phantom"), "synthetic phantom"
+
+
+def run_study(input_dir: str | Path, output_dir: str | Path, model: VertebraDetector | str | Path | None = None,
+              input_kind: str = "dicom") -> dict:
+    """Read a DICOM study, detect and name its vertebrae, write ``vertebrae.json``, ``key_image.png`` and
+    ``status.json``. On a refused study only ``status.json`` (``ok: false``) is written and the error re-raised.
+
+    Returns:
+        The JSON result.
+    """
+    from spinepath.dicom_io import StudyError, load_study
+
+    if not isinstance(model, VertebraDetector):
+        model = VertebraDetector.load(resolve_model_path(model))
+    t0 = time.perf_counter()
+    try:
+        volume = load_study(input_dir)
+    except StudyError as exc:
+        write_status(output_dir, False, str(exc))
+        raise
+    t1 = time.perf_counter()
+    result = detect_series(volume, model)
+    result.input_kind = input_kind
+    result.timings = {"load": t1 - t0, **result.timings}
+    write_outputs(result, output_dir)
+    write_status(output_dir, True, "ok", n_vertebrae=len(result.vertebrae), input_kind=input_kind)
+    return json.loads((Path(output_dir) / "vertebrae.json").read_text())

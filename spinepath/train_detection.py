@@ -105,8 +105,8 @@ def collect_slices(
             n = int(np.asarray(c.load()[1].shape)[2])
             idx = clinical_slice_indices(n) if want_val else list(range(0, n, slice_step))
             for s in iter_volume_slices(c, idx, inferred=True):
-                if want_val or len(s.boxes):
-                    s.extra["lo_hi"] = None
+                # lateral slices without any body are kept as negatives (every 2nd of them)
+                if want_val or len(s.boxes) or s.index % (2 * slice_step) == 0:
                     out.append(s)
     spark = [c for c in load_spark(root / "spark_midsag") if is_validation("spark_midsag", c.case, split=split) == want_val]
     if max_cases:

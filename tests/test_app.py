@@ -1,0 +1,84 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from conftest import EXAMPLE, REPO
+
+PY = sys.executable
+
+
+def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([PY, *args], cwd=REPO, capture_output=True, text=True, env=e, timeout=600)
+
+
+def _check_outputs(out: Path) -> dict:
+    d = json.loads((out / "vertebrae.json").read_text())
+    assert json.loads((out / "status.json").read_text())["ok"] is True
+    assert "NOT FOR DIAGNOSTIC USE" in d["disclaimer"]
+    assert d["input"]["n_slices"] == 19 and d["input"]["pixel_spacing_mm"] == [1.0, 1.0]
+    assert d["n_vertebrae"] == len(d["vertebrae"]) >= 5
+    for v in d["vertebrae"]:
+        assert v["level"] and 0 <= v["name_confidence"] <= 1
+        lo, hi = v["slice_range"]
+        assert 0 <= lo <= hi < 19
+        s = v["slices"][0]
+        b = s["box_pixels"]
+        assert b["row_min"] < b["row_max"] and b["col_min"] < b["col_max"]
+        assert len(s["box_patient_mm"]["centre"]) == 3
+    # named top-down, consecutive, lowest is L5 or S1
+    levels = [v["level"] for v in d["vertebrae"] if v["level"] != "?"]
+    assert levels[-1] in ("L5", "S1") and "L3" in levels
+    im = Image.open(out / "key_image.png")
+    assert im.size[0] >= 381 and im.mode == "RGB"
+    return d
+
+
+def test_app_end_to_end_on_real_example(tmp_path):
+    out = tmp_path / "out"
+    r = _run(["app.py", "-i", str(EXAMPLE), "-o", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = _check_outputs(out)
+    assert d["input"]["kind"] == "dicom"
+    # no patient identifiers in logs
+    assert "CHU02" not in r.stdout + r.stderr
+
+
+def test_app_with_holoscan_runtime_variables(tmp_path):
+    out = tmp_path / "out"
+    r = _run(["app.py"], env={"HOLOSCAN_INPUT_PATH": str(EXAMPLE), "HOLOSCAN_OUTPUT_PATH": str(out),
+                              "HOLOSCAN_MODEL_PATH": str(REPO / "bundle" / "models")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    _check_outputs(out)
+
+
+def test_app_default_input_says_which(tmp_path):
+    out = tmp_path / "out"
+    r = _run(["app.py", "-o", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((out / "vertebrae.json").read_text())
+    assert d["input"]["kind"].startswith("real example")
+
+
+def test_app_refuses_bad_input_cleanly(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    r = _run(["app.py", "-i", str(empty), "-o", str(out)])
+    assert r.returncode == 2
+    assert "empty" in r.stderr and "Traceback" not in r.stderr
+    st = json.loads((out / "status.json").read_text())
+    assert st["ok"] is False and "empty" in st["message"]
+    assert not (out / "vertebrae.json").exists()
+
+
+def test_evaluate_cli_error_paths(tmp_path):
+    r = _run(["-m", "spinepath", "evaluate", "detection", str(tmp_path)])
+    assert r.returncode == 2 and "neither labels.json nor index.json" in r.stderr
+    r = _run(["-m", "spinepath", "evaluate", "detection", str(EXAMPLE.parent.parent / "chu_t2"), "--model",
+              str(tmp_path / "missing.pt")])
+    assert r.returncode == 2 and "weights not found" in r.stderr

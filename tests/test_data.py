@@ -1,0 +1,77 @@
+import numpy as np
+
+from spinepath.data import (
+    clinical_slice_indices,
+    dataset_kind,
+    is_validation,
+    iter_volume_slices,
+    load_spark,
+    load_split,
+    load_volume_index,
+    spark_boxes,
+    spark_slice,
+)
+
+
+def test_volume_loaders_every_3d_folder(data_root):
+    for ds, structure, n_cases in (("chu_t2", "vertebral_body", 12), ("spineweb_vb", "vertebral_body", 9), ("ivd_t2", "disc", 4)):
+        assert dataset_kind(data_root / ds) == "volumes"
+        cases = load_volume_index(data_root / ds)
+        assert len(cases) == n_cases
+        image, mask, spacing = cases[0].load()
+        assert image.shape == mask.shape and image.dtype == np.float32
+        assert spacing == (1.0, 1.0, 1.0)
+        assert cases[0].structure == structure
+        assert set(np.unique(mask)) == set(range(cases[0].n_labels + 1))
+
+
+def test_boxes_from_masks_match_mask_extent(data_root):
+    case = load_volume_index(data_root / "chu_t2")[0]
+    _, mask, _ = case.load()
+    k = int(np.argmax((mask > 0).sum((0, 1))))
+    s = next(iter_volume_slices(case, [k]))
+    assert s.levels == ["T11", "T12", "L1", "L2", "L3", "L4", "L5"]
+    for box, lv in zip(s.boxes, s.levels):
+        rr, cc = np.nonzero(mask[:, :, k] == s.levels.index(lv) + 1)
+        assert box.tolist() == [rr.min(), cc.min(), rr.max() + 1, cc.max() + 1]
+    # boxes are ordered top-down and do not overlap much
+    assert np.all(np.diff(s.boxes[:, 0]) > 0)
+    assert np.all((s.area_fraction > 0) & (s.area_fraction <= 1))
+
+
+def test_spineweb_inferred_levels_end_at_s1(data_root):
+    case = load_volume_index(data_root / "spineweb_vb")[0]
+    assert case.level_names() == [None] * case.n_labels
+    assert case.inferred_levels()[-1] == "S1"
+
+
+def test_spark_loader_and_derived_boxes_contain_centres(data_root):
+    cases = load_spark(data_root / "spark_midsag")
+    assert len(cases) == 146
+    c = cases[0]
+    boxes, levels, centres = spark_boxes(c)
+    assert levels == ["L1", "L2", "L3", "L4", "L5"]
+    for b, (r, col) in zip(boxes, centres):
+        assert b[0] < r < b[2] and b[1] < col < b[3]
+    s = spark_slice(c)
+    assert s.image.shape == tuple(c.size_hw)
+    assert 0.3 < s.spacing[0] < 3.0
+
+
+def test_clinical_slices_match_dicom_examples():
+    assert clinical_slice_indices(76)[:3] == [0, 4, 8]
+    assert clinical_slice_indices(77)[:3] == [0, 4, 8]
+    assert clinical_slice_indices(78)[:2] == [1, 5]
+    assert len(clinical_slice_indices(76)) == 19
+
+
+def test_split_never_mixes_patients(data_root):
+    split = load_split()
+    for ds in ("chu_t2", "spineweb_vb", "ivd_t2"):
+        by_patient: dict[str, set[bool]] = {}
+        for c in load_volume_index(data_root / ds):
+            by_patient.setdefault(c.patient, set()).add(is_validation(ds, c.case, c.patient, split))
+        assert all(len(v) == 1 for v in by_patient.values()), ds
+        assert any(True in v for v in by_patient.values()) and any(False in v for v in by_patient.values())
+    # the example DICOM cases are validation cases
+    assert {"02", "04"} <= set(split["validation"]["chu_t2"])
