@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         write_status(out_dir, False, "processing failed; see the log")
         print("error: processing failed", file=sys.stderr)
         return 3
-    print(f"wrote {out_dir / 'vertebrae.json'} and {out_dir / 'key_image.png'} (input: {getattr(app, 'input_kind', '?')})")
+    print(
+        f"wrote {out_dir / 'vertebrae.json'} and {out_dir / 'key_image.png'} (input: {getattr(app, 'input_kind', '?')})"
+    )
     return 0
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-DISCLAIMER = (
-    "Research prototype - NOT FOR DIAGNOSTIC USE. Findings must be reviewed by a qualified radiologist."
-)
+DISCLAIMER = "Research prototype - NOT FOR DIAGNOSTIC USE. Findings must be reviewed by a qualified radiologist."
 
 __all__ = ["DISCLAIMER", "__version__"]

@@ -49,6 +49,7 @@ class Slice2D:
         centres: Optional ``(N, 2)`` reference centres (row, col), used by spark_midsag.
         span: ``(row_min, row_max)`` of the labelled anatomy; outside it anatomy is unlabelled.
         spacing_known: False when the spacing is an estimate.
+
     """
 
     image: np.ndarray
@@ -75,6 +76,7 @@ def dataset_kind(root: str | Path) -> str:
 
     Raises:
         FileNotFoundError: If the folder has neither ``labels.json`` nor ``index.json``.
+
     """
     root = Path(root)
     if (root / "labels.json").is_file():
@@ -135,6 +137,7 @@ def load_volume_index(root: str | Path) -> list[VolumeCase]:
 
     Raises:
         FileNotFoundError: If index.json or a listed file is missing.
+
     """
     root = Path(root)
     index = json.loads((root / "index.json").read_text())
@@ -176,6 +179,7 @@ def boxes_from_mask_slice(
 
     Returns:
         ``(boxes, labels_present, area_fraction)``.
+
     """
     boxes, present, frac = [], [], []
     for lab in labels:
@@ -202,6 +206,7 @@ def iter_volume_slices(
         indices: Lateral slice indices; all slices when None.
         min_fraction: Drop boxes whose cross-section is below this fraction of the body's largest.
         inferred: Use inferred level names (spineweb: lowest = S1) instead of only the known ones.
+
     """
     image, mask, spacing = case.load()
     labels = list(range(1, case.n_labels + 1))
@@ -267,6 +272,7 @@ def load_spark(root: str | Path) -> list[SparkCase]:
 
     Raises:
         FileNotFoundError: If labels.json or an image is missing.
+
     """
     root = Path(root)
     labels = json.loads((root / "labels.json").read_text())
@@ -287,6 +293,7 @@ def spark_boxes(case: SparkCase) -> tuple[np.ndarray, list[str], np.ndarray]:
 
     Returns:
         ``(boxes, levels, centres)`` with centres as (row, col).
+
     """
     verts = case.vertebrae()
     c = np.array([[p["xy"][1], p["xy"][0]] for p in verts], dtype=np.float32).reshape(-1, 2)
@@ -307,6 +314,7 @@ def spark_slice(case: SparkCase, spacing_mm: float | None = None) -> Slice2D:
         case: The case.
         spacing_mm: Pixel spacing to assume. By default it is estimated from the labelled level gap
             (training only: at inference the labels are not used, see :func:`spark_fov_spacing`).
+
     """
     boxes, levels, centres = spark_boxes(case)
     if spacing_mm is None:

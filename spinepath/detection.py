@@ -115,6 +115,7 @@ def to_grid(
 
     Returns:
         ``(tensor (1, H', W'), scale)`` where ``scale = (rows', cols') / (rows, cols)`` source->grid.
+
     """
     lo, hi = lo_hi
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
@@ -185,6 +186,7 @@ class VertebraDetector:
         detector: The MONAI RetinaNetDetector.
         cfg: Its configuration.
         meta: Free-form metadata stored with the weights (training data, metrics, version).
+
     """
 
     def __init__(self, detector: RetinaNetDetector, cfg: DetectorConfig, meta: dict | None = None) -> None:
@@ -223,6 +225,7 @@ class VertebraDetector:
         Raises:
             FileNotFoundError: If the file does not exist.
             ValueError: If the file is not a spinepath detector checkpoint.
+
         """
         path = Path(path)
         if path.is_dir():
@@ -234,7 +237,9 @@ class VertebraDetector:
             raise ValueError(f"{path} is not a spinepath detector checkpoint")
         cfg = DetectorConfig.from_dict(ckpt["config"])
         det = build_detector(cfg)
-        det.network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
+        det.network.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        )
         det.eval()
         return cls(det, cfg, ckpt.get("meta", {})).to(device)
 
@@ -256,6 +261,7 @@ class VertebraDetector:
 
         Returns:
             One :class:`SliceDetections` per slice, boxes in source pixels.
+
         """
         if not slices:
             return []

@@ -60,6 +60,7 @@ class SeriesVolume:
         series_uid / study_uid / frame_of_reference_uid / description: Identifiers of the series.
         slice_thickness: mm (None if absent).
         datasets: Header datasets per slice (no pixel data), for writers that reference the source.
+
     """
 
     pixels: np.ndarray
@@ -124,6 +125,7 @@ def scan_study(folder: str | Path) -> list[SeriesInfo]:
 
     Raises:
         StudyError: If the folder does not exist or holds no readable DICOM file.
+
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -173,6 +175,7 @@ def select_series(series: list[SeriesInfo], rules: dict | None = None) -> Series
 
     Raises:
         StudyError: Naming why no series qualifies.
+
     """
     rules = rules or load_rules()
     mods = set(rules.get("modalities", ["MR"]))
@@ -224,6 +227,7 @@ def load_series(info: SeriesInfo, max_pixels: int = 2048 * 2048) -> SeriesVolume
     Raises:
         StudyError: Missing PixelSpacing / ImageOrientationPatient / ImagePositionPatient, mixed matrix
             sizes or orientations, too few slices, or unreadable pixel data.
+
     """
     dss = []
     for p in info.files:
@@ -237,8 +241,11 @@ def load_series(info: SeriesInfo, max_pixels: int = 2048 * 2048) -> SeriesVolume
     if len(seen) < len(dss):
         log.warning("dropped %d duplicate instances", len(dss) - len(seen))
     dss = list(seen.values())
-    for key, label in (("PixelSpacing", "PixelSpacing"), ("ImageOrientationPatient", "ImageOrientationPatient"),
-                       ("ImagePositionPatient", "ImagePositionPatient")):
+    for key, label in (
+        ("PixelSpacing", "PixelSpacing"),
+        ("ImageOrientationPatient", "ImageOrientationPatient"),
+        ("ImagePositionPatient", "ImagePositionPatient"),
+    ):
         if any(getattr(ds, key, None) in (None, "") for ds in dss):
             raise StudyError(f"missing {label} in the selected series")
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in dss}
@@ -294,6 +301,7 @@ def load_study(folder: str | Path, rules: dict | None = None) -> SeriesVolume:
 
     Raises:
         StudyError: With the reason when the study cannot be used.
+
     """
     info = select_series(scan_study(folder), rules)
     log.info("selected series '%s' (%d images)", info.description, len(info.files))

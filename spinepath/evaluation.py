@@ -21,6 +21,7 @@ def match_slice(pred: np.ndarray, ref: np.ndarray, ignore: np.ndarray) -> dict:
 
     Returns:
         ``{"ious": IoU per scored reference (0 if unmatched), "tp", "fp", "pairs": [(pred, ref, iou)]}``.
+
     """
     pred = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
     ref = np.asarray(ref, dtype=np.float64).reshape(-1, 4)

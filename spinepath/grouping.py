@@ -22,6 +22,7 @@ class Vertebra:
         level: Assigned level name (``"?"`` when it cannot be named).
         name_confidence: Confidence of the name in [0, 1].
         truncated: True when the body touches the top or bottom edge of the field of view.
+
     """
 
     slices: list[int] = field(default_factory=list)
@@ -48,9 +49,7 @@ class Vertebra:
         return self.boxes[self.slices.index(k)] if k in self.slices else None
 
 
-def link_slices(
-    dets: list[SliceDetections], min_iou: float = 0.3, max_gap: int = 1
-) -> list[Vertebra]:
+def link_slices(dets: list[SliceDetections], min_iou: float = 0.3, max_gap: int = 1) -> list[Vertebra]:
     """Link detections on neighbouring slices into vertebrae (greedy IoU tracking, Hungarian per slice)."""
     from scipy.optimize import linear_sum_assignment
 
@@ -167,6 +166,7 @@ def group_and_name(
 
     Returns:
         Vertebrae sorted top-down with ``level`` and ``name_confidence`` set.
+
     """
     tracks = _merge_same_level(link_slices(dets))
     need = 1 if len(dets) == 1 else min_slices

@@ -16,6 +16,7 @@ def level_index(name: str) -> int:
 
     Raises:
         ValueError: If the name is not a known vertebral level.
+
     """
     try:
         return VERTEBRA_LEVELS.index(name)

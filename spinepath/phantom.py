@@ -26,6 +26,7 @@ def phantom_volume(
     Returns:
         ``(image, labels)``: uint16 ``(n_slices, rows, cols)`` (rows S->I, cols A->P, slices R->L... as
         written: increasing patient x) and the vertebral-body label map (1..8 top-down = T11..S1).
+
     """
     rng = np.random.default_rng(seed)
     rr, cc = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -62,7 +63,11 @@ def phantom_volume(
                 dc = r + disc_h / 2
                 c0 = spine_c(dc) - body_w / 2
                 if lat > 0:
-                    ind = (np.abs(rr - dc) <= disc_h / 2 * np.sqrt(lat)) & (cc >= c0 + 2) & (cc <= c0 + body_w * (0.6 + 0.4 * lat) - 2)
+                    ind = (
+                        (np.abs(rr - dc) <= disc_h / 2 * np.sqrt(lat))
+                        & (cc >= c0 + 2)
+                        & (cc <= c0 + body_w * (0.6 + 0.4 * lat) - 2)
+                    )
                     s[ind] = 430
                 r += disc_h
         # CSF canal (bright) behind the bodies, only near the midline
@@ -81,6 +86,7 @@ def write_phantom_study(out_dir: str | Path, seed: int = 0, n_slices: int = 19, 
 
     Returns:
         The folder holding the series.
+
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,10 @@ class DetectionResult:
     input_kind: str = "dicom"
 
     def to_dict(self) -> dict:
-        """JSON-ready result: per vertebra its level, name confidence, slice range, per-slice boxes (pixels and
-        patient mm) and scores."""
+        """Return the JSON-ready result.
+
+        Per vertebra: level, name confidence, slice range, per-slice boxes (pixels and patient mm) and scores.
+        """
         v = self.volume
         out = []
         for t in self.vertebrae:
@@ -55,27 +57,31 @@ class DetectionResult:
                 r0, c0, r1, c1 = (float(x) for x in b)
                 corners = [v.pixel_to_patient(k, r0 - 0.5, c0 - 0.5), v.pixel_to_patient(k, r1 - 0.5, c1 - 0.5)]
                 centre = v.pixel_to_patient(k, (r0 + r1) / 2 - 0.5, (c0 + c1) / 2 - 0.5)
-                per_slice.append({
-                    "slice_index": int(k),
-                    "sop_instance_uid": v.sop_instance_uids[k],
-                    "box_pixels": {"row_min": r0, "col_min": c0, "row_max": r1, "col_max": c1},
-                    "box_patient_mm": {
-                        "corner_top_anterior": [round(float(x), 2) for x in corners[0]],
-                        "corner_bottom_posterior": [round(float(x), 2) for x in corners[1]],
-                        "centre": [round(float(x), 2) for x in centre],
-                    },
-                    "score": round(float(s), 4),
-                    "s1_score": round(float(s1), 4),
-                })
-            out.append({
-                "level": t.level,
-                "name_confidence": round(t.name_confidence, 4),
-                "score": round(t.score, 4),
-                "slice_range": [int(min(t.slices)), int(max(t.slices))],
-                "n_slices": len(t.slices),
-                "truncated_by_field_of_view": t.truncated,
-                "slices": per_slice,
-            })
+                per_slice.append(
+                    {
+                        "slice_index": int(k),
+                        "sop_instance_uid": v.sop_instance_uids[k],
+                        "box_pixels": {"row_min": r0, "col_min": c0, "row_max": r1, "col_max": c1},
+                        "box_patient_mm": {
+                            "corner_top_anterior": [round(float(x), 2) for x in corners[0]],
+                            "corner_bottom_posterior": [round(float(x), 2) for x in corners[1]],
+                            "centre": [round(float(x), 2) for x in centre],
+                        },
+                        "score": round(float(s), 4),
+                        "s1_score": round(float(s1), 4),
+                    }
+                )
+            out.append(
+                {
+                    "level": t.level,
+                    "name_confidence": round(t.name_confidence, 4),
+                    "score": round(t.score, 4),
+                    "slice_range": [int(min(t.slices)), int(max(t.slices))],
+                    "n_slices": len(t.slices),
+                    "truncated_by_field_of_view": t.truncated,
+                    "slices": per_slice,
+                }
+            )
         return {
             "disclaimer": DISCLAIMER,
             "software": {"name": "spinepath", "version": __version__},
@@ -128,6 +134,7 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
 
     Returns:
         The slice index shown.
+
     """
     from PIL import Image, ImageDraw
 
@@ -160,6 +167,7 @@ def write_outputs(result: DetectionResult, out_dir: str | Path, extra: dict | No
 
     Returns:
         Paths of the written files.
+
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,11 +200,14 @@ SHARED_EXAMPLES = REPO.parent / "shared" / "data" / "dicom_examples"
 
 
 def default_input(work_dir: str | Path) -> tuple[Path, str]:
-    """The embedded default input: a real example series when ``../shared/data/dicom_examples`` exists,
-    otherwise the synthetic phantom study written into ``work_dir``.
+    """Return the embedded default input.
+
+    A real example series when ``../shared/data/dicom_examples`` exists, otherwise the synthetic phantom study
+    written into ``work_dir``.
 
     Returns:
         ``(folder, kind)`` with kind ``"real example (chu_t2_02)"`` or ``"synthetic phantom"``.
+
     """
     real = SHARED_EXAMPLES / "chu_t2_02"
     if real.is_dir() and any(real.glob("*.dcm")):
@@ -206,13 +217,20 @@ def default_input(work_dir: str | Path) -> tuple[Path, str]:
     return write_phantom_study(Path(work_dir) / "phantom"), "synthetic phantom"
 
 
-def run_study(input_dir: str | Path, output_dir: str | Path, model: VertebraDetector | str | Path | None = None,
-              input_kind: str = "dicom") -> dict:
-    """Read a DICOM study, detect and name its vertebrae, write ``vertebrae.json``, ``key_image.png`` and
-    ``status.json``. On a refused study only ``status.json`` (``ok: false``) is written and the error re-raised.
+def run_study(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    model: VertebraDetector | str | Path | None = None,
+    input_kind: str = "dicom",
+) -> dict:
+    """Read a DICOM study, detect and name its vertebrae, and write the outputs.
+
+    Writes ``vertebrae.json``, ``key_image.png`` and ``status.json``. On a refused study only ``status.json``
+    (``ok: false``) is written and the error re-raised.
 
     Returns:
         The JSON result.
+
     """
     from spinepath.dicom_io import StudyError, load_study
 

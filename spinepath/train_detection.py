@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 
 from spinepath.data import (
     Slice2D,
+    clinical_slice_indices,
     is_validation,
+    iter_volume_slices,
     load_spark,
     load_split,
     load_volume_index,
     spark_fov_spacing,
     spark_slice,
-    iter_volume_slices,
-    clinical_slice_indices,
 )
 from spinepath.detection import DetectorConfig, VertebraDetector, intensity_range, to_grid
 
@@ -108,7 +108,9 @@ def collect_slices(
                 # lateral slices without any body are kept as negatives (every 2nd of them)
                 if want_val or len(s.boxes) or s.index % (2 * slice_step) == 0:
                     out.append(s)
-    spark = [c for c in load_spark(root / "spark_midsag") if is_validation("spark_midsag", c.case, split=split) == want_val]
+    spark = [
+        c for c in load_spark(root / "spark_midsag") if is_validation("spark_midsag", c.case, split=split) == want_val
+    ]
     if max_cases:
         spark = spark[: max_cases * 4]
     for c in spark:
@@ -159,10 +161,12 @@ def augment(sample: GridSample, patch: int, rng: random.Random) -> tuple[torch.T
         lo_c, hi_c = boxes[:, 3].max() - patch, boxes[:, 1].min()
     else:
         lo_r, hi_r, lo_c, hi_c = 0, nh - patch, 0, nw - patch
+
     def pick(lo: float, hi: float, n: int) -> int:
         a, b = min(lo, hi), max(lo, hi)
         a, b = max(a, min(0, n - patch)), min(b, max(0, n - patch))
         return int(round(rng.uniform(a, b))) if b >= a else int(round((a + b) / 2))
+
     or_, oc = pick(lo_r, hi_r, nh), pick(lo_c, hi_c, nw)
     src_r0, src_c0 = max(0, or_), max(0, oc)
     dst_r0, dst_c0 = max(0, -or_), max(0, -oc)
@@ -243,6 +247,7 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None) -> dict:
 
     Returns:
         The best validation metrics and paths.
+
     """
     dc = dc or DetectorConfig()
     random.seed(tc.seed)
@@ -290,8 +295,10 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None) -> dict:
                 x, bx, cl = augment(train_s[i], tc.patch, rng)
                 imgs.append(x.to(tc.device))
                 targets.append(
-                    {"boxes": torch.as_tensor(bx, dtype=torch.float32).reshape(-1, 4).to(tc.device),
-                     "labels": torch.as_tensor(cl, dtype=torch.long).to(tc.device)}
+                    {
+                        "boxes": torch.as_tensor(bx, dtype=torch.float32).reshape(-1, 4).to(tc.device),
+                        "labels": torch.as_tensor(cl, dtype=torch.long).to(tc.device),
+                    }
                 )
             loss_d = model.detector(torch.stack(imgs), targets)
             loss = loss_d["classification"] + loss_d["box_regression"]
@@ -307,14 +314,26 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None) -> dict:
             rec.update(validate(model, val_s))
             if rec["mean_iou"] > best:
                 best = rec["mean_iou"]
-                model.meta = {"val_per_slice": {k: rec[k] for k in ("mean_iou", "recall_at_iou50", "precision_at_iou50")},
-                              "epoch": epoch + 1, "train_slices": len(train_s)}
+                model.meta = {
+                    "val_per_slice": {k: rec[k] for k in ("mean_iou", "recall_at_iou50", "precision_at_iou50")},
+                    "epoch": epoch + 1,
+                    "train_slices": len(train_s),
+                }
                 model.save(out / "best.pt")
         history.append(rec)
         if not tc.quiet:
             tqdm.write(json.dumps(rec))
-        torch.save({"network": model.detector.network.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "history": history, "best": best, "epoch": epoch}, last.with_suffix(".tmp"))
+        torch.save(
+            {
+                "network": model.detector.network.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "history": history,
+                "best": best,
+                "epoch": epoch,
+            },
+            last.with_suffix(".tmp"),
+        )
         last.with_suffix(".tmp").replace(last)
         (out / "history.json").write_text(json.dumps(history, indent=1))
         plot_history(history, out / "training_curve.png")

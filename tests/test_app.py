@@ -4,9 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 from conftest import EXAMPLE, REPO
+from PIL import Image
 
 PY = sys.executable
 
@@ -50,8 +49,14 @@ def test_app_end_to_end_on_real_example(tmp_path):
 
 def test_app_with_holoscan_runtime_variables(tmp_path):
     out = tmp_path / "out"
-    r = _run(["app.py"], env={"HOLOSCAN_INPUT_PATH": str(EXAMPLE), "HOLOSCAN_OUTPUT_PATH": str(out),
-                              "HOLOSCAN_MODEL_PATH": str(REPO / "bundle" / "models")})
+    r = _run(
+        ["app.py"],
+        env={
+            "HOLOSCAN_INPUT_PATH": str(EXAMPLE),
+            "HOLOSCAN_OUTPUT_PATH": str(out),
+            "HOLOSCAN_MODEL_PATH": str(REPO / "bundle" / "models"),
+        },
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     _check_outputs(out)
 
@@ -79,6 +84,15 @@ def test_app_refuses_bad_input_cleanly(tmp_path):
 def test_evaluate_cli_error_paths(tmp_path):
     r = _run(["-m", "spinepath", "evaluate", "detection", str(tmp_path)])
     assert r.returncode == 2 and "neither labels.json nor index.json" in r.stderr
-    r = _run(["-m", "spinepath", "evaluate", "detection", str(EXAMPLE.parent.parent / "chu_t2"), "--model",
-              str(tmp_path / "missing.pt")])
+    r = _run(
+        [
+            "-m",
+            "spinepath",
+            "evaluate",
+            "detection",
+            str(EXAMPLE.parent.parent / "chu_t2"),
+            "--model",
+            str(tmp_path / "missing.pt"),
+        ]
+    )
     assert r.returncode == 2 and "weights not found" in r.stderr

@@ -14,7 +14,11 @@ from spinepath.data import (
 
 
 def test_volume_loaders_every_3d_folder(data_root):
-    for ds, structure, n_cases in (("chu_t2", "vertebral_body", 12), ("spineweb_vb", "vertebral_body", 9), ("ivd_t2", "disc", 4)):
+    for ds, structure, n_cases in (
+        ("chu_t2", "vertebral_body", 12),
+        ("spineweb_vb", "vertebral_body", 9),
+        ("ivd_t2", "disc", 4),
+    ):
         assert dataset_kind(data_root / ds) == "volumes"
         cases = load_volume_index(data_root / ds)
         assert len(cases) == n_cases

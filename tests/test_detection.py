@@ -1,8 +1,8 @@
 import json
 
 import numpy as np
-
 from conftest import MODEL
+
 from spinepath.data import iter_volume_slices, load_volume_index
 from spinepath.detection import DetectorConfig, VertebraDetector, strict_suppression
 from spinepath.grouping import group_and_name
@@ -16,8 +16,17 @@ def test_strict_suppression_drops_contained_and_overlapping_boxes():
 
 
 def test_train_one_short_epoch_on_tiny_real_subset_and_predict(tmp_path, data_root):
-    tc = TrainConfig(data_root=str(data_root), out_dir=str(tmp_path), epochs=1, batch_size=4, patch=128,
-                     slice_step=8, max_train_cases=1, quiet=True, num_threads=2)
+    tc = TrainConfig(
+        data_root=str(data_root),
+        out_dir=str(tmp_path),
+        epochs=1,
+        batch_size=4,
+        patch=128,
+        slice_step=8,
+        max_train_cases=1,
+        quiet=True,
+        num_threads=2,
+    )
     res = train(tc, DetectorConfig(fpn_channels=32))
     hist = json.loads((tmp_path / "history.json").read_text())
     assert len(hist) == 1 and np.isfinite(hist[0]["loss"]) and 0 <= hist[0]["mean_iou"] <= 1

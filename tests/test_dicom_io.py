@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import EXAMPLE, edit_all
 from pydicom.uid import generate_uid
 
-from conftest import EXAMPLE, edit_all
 from spinepath.dicom_io import StudyError, load_series, load_study, scan_study, select_series
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import MODEL
+
 from spinepath.detection import VertebraDetector
 from spinepath.evaluation import evaluate_detection, match_slice
 
@@ -23,8 +23,15 @@ def model():
 
 def test_evaluate_detection_contract_volumes(model, data_root):
     res = evaluate_detection(data_root / "chu_t2", model, cases=["04"], progress=False)
-    assert set(res) == {"task", "n_cases", "n_vertebrae", "mean_iou", "recall_at_iou50", "precision_at_iou50",
-                        "level_accuracy"}
+    assert set(res) == {
+        "task",
+        "n_cases",
+        "n_vertebrae",
+        "mean_iou",
+        "recall_at_iou50",
+        "precision_at_iou50",
+        "level_accuracy",
+    }
     assert res["task"] == "detection" and res["n_cases"] == 1 and res["n_vertebrae"] == 7
     assert res["mean_iou"] > 0.6 and res["recall_at_iou50"] > 0.8
     res = evaluate_detection(data_root / "spineweb_vb", model, cases=["16"], progress=False)
@@ -33,7 +40,13 @@ def test_evaluate_detection_contract_volumes(model, data_root):
 
 def test_evaluate_detection_contract_spark(model, data_root):
     res = evaluate_detection(data_root / "spark_midsag", model, cases=["002-000", "007-000"], progress=False)
-    assert set(res) == {"task", "n_images", "n_vertebrae", "centre_recall", "level_accuracy",
-                        "false_positives_per_image"}
+    assert set(res) == {
+        "task",
+        "n_images",
+        "n_vertebrae",
+        "centre_recall",
+        "level_accuracy",
+        "false_positives_per_image",
+    }
     assert res["n_images"] == 2 and res["n_vertebrae"] == 10
     assert res["centre_recall"] >= 0.8

@@ -1,0 +1,78 @@
+"""Benchmark: time the detection chain on one example study (load, detection, total) and peak RAM.
+
+Usage: python scripts/benchmark.py [--study DIR] [--repeats N] [--threads N] [--json]
+Runs on CPU, and also on the GPU when one is available. Prints figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from spinepath.detection import VertebraDetector  # noqa: E402
+from spinepath.dicom_io import load_study  # noqa: E402
+from spinepath.pipeline import DEFAULT_MODEL, SHARED_EXAMPLES, detect_series, write_outputs  # noqa: E402
+
+
+def bench(study: Path, device: str, repeats: int) -> dict:
+    """Median timings over ``repeats`` runs with the model loaded once."""
+    t0 = time.perf_counter()
+    model = VertebraDetector.load(DEFAULT_MODEL, device=device)
+    t_model = time.perf_counter() - t0
+    rows = []
+    for _ in range(repeats + 1):  # first run is warm-up
+        a = time.perf_counter()
+        vol = load_study(study)
+        b = time.perf_counter()
+        res = detect_series(vol, model)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        c = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            write_outputs(res, d)
+        e = time.perf_counter()
+        rows.append({"load_s": b - a, "detection_s": c - b, "write_s": e - c, "total_s": e - a})
+    rows = rows[1:]
+    out = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
+    out.update(
+        {
+            "device": device,
+            "model_load_s": round(t_model, 3),
+            "n_slices": int(vol.pixels.shape[0]),
+            "matrix": list(vol.pixels.shape[1:]),
+            "n_vertebrae": len(res.vertebrae),
+        }
+    )
+    return out
+
+
+def main() -> None:
+    """Entry point."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--study", default=str(SHARED_EXAMPLES / "chu_t2_02"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {"torch_threads": torch.get_num_threads(), "runs": [bench(Path(args.study), "cpu", args.repeats)]}
+    if torch.cuda.is_available():
+        results["runs"].append(bench(Path(args.study), "cuda", args.repeats))
+        results["gpu"] = torch.cuda.get_device_name(0)
+    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
