@@ -152,8 +152,8 @@ def group_and_name(
     """Group per-slice detections into vertebrae and name them from the bottom up.
 
     Tracks seen on fewer than ``min_slices`` slices (1 for a single-slice input) or scoring below
-    ``min_score`` are dropped. The lowest vertebra is S1 when its S1-class score (mean over its slices)
-    is at least ``s1_threshold``, otherwise L5; names go upward from it. Bodies below a named S1 are
+    ``min_score`` are dropped. Among the three lowest vertebrae, the one with the highest S1-class score (mean
+    over its slices) is S1 if that score is at least ``s1_threshold``; otherwise the lowest is L5; names go upward from it. Bodies below a named S1 are
     dropped (sacral segments). The name confidence is the S1 decision's confidence times the vertebra's
     score, decreasing by 5% per level away from the anchor.
 
@@ -190,11 +190,9 @@ def group_and_name(
         return []
     # name from the bottom: find S1 among the two lowest vertebrae
     s1p = [float(np.mean(t.s1_scores)) for t in kept]
-    s1_idx = None
-    for i in range(len(kept) - 1, max(-1, len(kept) - 3), -1):
-        if s1p[i] >= s1_threshold:
-            s1_idx = i
-            break
+    low = range(max(0, len(kept) - 3), len(kept))
+    best = max(low, key=lambda i: s1p[i])
+    s1_idx = best if s1p[best] >= s1_threshold else None
     if s1_idx is not None:
         kept = kept[: s1_idx + 1]
         anchor_conf = s1p[s1_idx]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 #: Vertebral levels the product names, from the top down.
-VERTEBRA_LEVELS: tuple[str, ...] = ("T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1")
+VERTEBRA_LEVELS: tuple[str, ...] = (*(f"T{i}" for i in range(1, 13)), "L1", "L2", "L3", "L4", "L5", "S1")
 #: Intervertebral discs between neighbouring levels, from the top down.
 DISC_LEVELS: tuple[str, ...] = tuple(f"{a}-{b}" for a, b in zip(VERTEBRA_LEVELS[:-1], VERTEBRA_LEVELS[1:]))
 
