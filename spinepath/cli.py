@@ -27,7 +27,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = json.loads(Path(args.config).read_text())
     tc_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in cfg.get("train", {}).items() if k in tc_fields})
-    for k in ("data_root", "out_dir", "epochs", "max_minutes", "num_threads", "max_train_cases", "device"):
+    keys = (
+        "data_root",
+        "out_dir",
+        "epochs",
+        "max_minutes",
+        "num_threads",
+        "max_train_cases",
+        "device",
+        "init_from",
+        "lr",
+    )
+    for k in keys:
         v = getattr(args, k, None)
         if v is not None:
             setattr(tc, k, v)
@@ -109,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--max-train-cases", dest="max_train_cases", type=int, help="tiny subset (tests)")
     td.add_argument("--num-threads", dest="num_threads", type=int)
     td.add_argument("--device")
+    td.add_argument("--init-from", dest="init_from", help="fine-tune from these detector weights")
+    td.add_argument("--lr", type=float)
     td.add_argument("--no-resume", action="store_true")
     td.set_defaults(func=_cmd_train)
 

@@ -307,16 +307,38 @@ def spark_boxes(case: SparkCase) -> tuple[np.ndarray, list[str], np.ndarray]:
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), [p["level"] for p in verts], c
 
 
-def spark_slice(case: SparkCase, spacing_mm: float | None = None) -> Slice2D:
+def spark_s1_box(case: SparkCase) -> np.ndarray | None:
+    """Approximate S1 body box: L5's box mirrored through the L5-S1 disc centre (None without both points).
+
+    S1 is not labelled in spark_midsag; this derived box lets the detector learn the S1 class (used for
+    naming) on these images. It is used for training only, never for evaluation.
+    """
+    boxes, levels, centres = spark_boxes(case)
+    disc = [p for p in case.points if p["kind"] == "disc" and p["level"] == "L5-S1"]
+    if "L5" not in levels or not disc:
+        return None
+    i = levels.index("L5")
+    d = np.array([disc[0]["xy"][1], disc[0]["xy"][0]], dtype=np.float32)
+    c = d + 1.05 * (d - centres[i])
+    h, w = boxes[i, 2] - boxes[i, 0], boxes[i, 3] - boxes[i, 1]
+    return np.array([c[0] - h / 2, c[1] - w / 2, c[0] + h / 2, c[1] + w / 2], dtype=np.float32)
+
+
+def spark_slice(case: SparkCase, spacing_mm: float | None = None, with_s1: bool = False) -> Slice2D:
     """A spark case as a :class:`Slice2D`.
 
     Args:
         case: The case.
         spacing_mm: Pixel spacing to assume. By default it is estimated from the labelled level gap
             (training only: at inference the labels are not used, see :func:`spark_fov_spacing`).
-
+        with_s1: Add the derived S1 box (:func:`spark_s1_box`; training only).
     """
     boxes, levels, centres = spark_boxes(case)
+    s1 = spark_s1_box(case) if with_s1 else None
+    if s1 is not None:
+        boxes = np.vstack([boxes, s1[None]])
+        levels = [*levels, "S1"]
+        centres = np.vstack([centres, [[(s1[0] + s1[2]) / 2, (s1[1] + s1[3]) / 2]]])
     if spacing_mm is None:
         gap = case.level_gap_px()
         spacing_mm = MEAN_LEVEL_GAP_MM / gap if np.isfinite(gap) and gap > 0 else 1.0

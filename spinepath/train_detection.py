@@ -58,6 +58,7 @@ class TrainConfig:
     num_threads: int = 0
     quiet: bool = False
     resume: bool = True
+    init_from: str = ""
     device: str = "cpu"
 
 
@@ -114,7 +115,7 @@ def collect_slices(
     if max_cases:
         spark = spark[: max_cases * 4]
     for c in spark:
-        s = spark_slice(c) if not want_val else spark_slice(c, spark_fov_spacing(c.size_hw))
+        s = spark_slice(c, with_s1=True) if not want_val else spark_slice(c, spark_fov_spacing(c.size_hw))
         out.append(s)
     return out
 
@@ -266,6 +267,10 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None) -> dict:
     log.info("training slices: %d, validation slices: %d", len(train_s), len(val_s))
 
     model = VertebraDetector.new(dc).to(tc.device)
+    if tc.init_from:  # fine-tune from a saved detector (same configuration)
+        init = VertebraDetector.load(tc.init_from)
+        model.detector.network.load_state_dict(init.detector.network.state_dict())
+        log.info("initialised from %s", tc.init_from)
     opt = torch.optim.AdamW(model.detector.network.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = math.ceil(len(train_s) / tc.batch_size)
     total = tc.epochs * steps_per_epoch

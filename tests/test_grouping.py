@@ -9,12 +9,14 @@ def _dets(n_slices: int, rows: list[float], s1: list[float], extra: list | None 
     for k in range(n_slices):
         boxes = [[r, 100 + 2 * i, r + 30, 140 + 2 * i] for i, r in enumerate(rows)] + (extra or [])
         n = len(boxes)
-        out.append(SliceDetections(
-            boxes=np.array(boxes, dtype=np.float32),
-            scores=np.full(n, 0.9, dtype=np.float32),
-            s1_scores=np.array(s1 + [0.0] * (n - len(s1)), dtype=np.float32),
-            labels=np.zeros(n, dtype=np.int64),
-        ))
+        out.append(
+            SliceDetections(
+                boxes=np.array(boxes, dtype=np.float32),
+                scores=np.full(n, 0.9, dtype=np.float32),
+                s1_scores=np.array(s1 + [0.0] * (n - len(s1)), dtype=np.float32),
+                labels=np.zeros(n, dtype=np.int64),
+            )
+        )
     return out
 
 
