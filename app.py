@@ -39,7 +39,7 @@ class SpineVertebraApp(Application):
 
     def compose(self) -> None:
         """Build the operator graph."""
-        argv = list(self.argv)  # holoscan strips the program name
+        argv = [a for a in self.argv if a]  # holoscan strips the program name (leaves "" when no args)
         ctx = Application.init_app_context([sys.argv[0], *argv])
         out_dir = Path(ctx.output_path)
         if _explicit("-i", "--input", "HOLOSCAN_INPUT_PATH", argv):

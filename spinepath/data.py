@@ -332,6 +332,7 @@ def spark_slice(case: SparkCase, spacing_mm: float | None = None, with_s1: bool 
         spacing_mm: Pixel spacing to assume. By default it is estimated from the labelled level gap
             (training only: at inference the labels are not used, see :func:`spark_fov_spacing`).
         with_s1: Add the derived S1 box (:func:`spark_s1_box`; training only).
+
     """
     boxes, levels, centres = spark_boxes(case)
     s1 = spark_s1_box(case) if with_s1 else None

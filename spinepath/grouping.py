@@ -153,9 +153,9 @@ def group_and_name(
 
     Tracks seen on fewer than ``min_slices`` slices (1 for a single-slice input) or scoring below
     ``min_score`` are dropped. Among the three lowest vertebrae, the one with the highest S1-class score (mean
-    over its slices) is S1 if that score is at least ``s1_threshold``; otherwise the lowest is L5; names go upward from it. Bodies below a named S1 are
-    dropped (sacral segments). The name confidence is the S1 decision's confidence times the vertebra's
-    score, decreasing by 5% per level away from the anchor.
+    over its slices) is S1 if that score is at least ``s1_threshold``; otherwise the lowest is L5; names go
+    upward from it. Bodies below a named S1 are dropped (sacral segments). The name confidence is the S1
+    decision's confidence times the vertebra's score, decreasing by 5% per level away from the anchor.
 
     Args:
         dets: Detections per slice, in slice order.

@@ -312,7 +312,7 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None) -> dict:
             torch.nn.utils.clip_grad_norm_(model.detector.network.parameters(), 10.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         rec: dict = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "minutes": (time.time() - t0) / 60}
         if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:

@@ -6,7 +6,7 @@ from spinepath.grouping import group_and_name
 
 def _dets(n_slices: int, rows: list[float], s1: list[float], extra: list | None = None) -> list[SliceDetections]:
     out = []
-    for k in range(n_slices):
+    for _ in range(n_slices):
         boxes = [[r, 100 + 2 * i, r + 30, 140 + 2 * i] for i, r in enumerate(rows)] + (extra or [])
         n = len(boxes)
         out.append(
