@@ -146,7 +146,7 @@ def group_and_name(
     dets: list[SliceDetections],
     image_shape: tuple[int, int],
     min_slices: int = 2,
-    min_score: float = 0.3,
+    min_score: float = 0.5,
     s1_threshold: float = 0.5,
 ) -> list[Vertebra]:
     """Group per-slice detections into vertebrae and name them from the bottom up.

@@ -79,3 +79,15 @@ def test_split_never_mixes_patients(data_root):
         assert any(True in v for v in by_patient.values()) and any(False in v for v in by_patient.values())
     # the example DICOM cases are validation cases
     assert {"02", "04"} <= set(split["validation"]["chu_t2"])
+
+
+def test_spark_reversed_labels_are_detected_and_get_no_s1_box(data_root):
+    from spinepath.data import labels_reversed, spark_s1_box
+
+    cases = {c.case: c for c in load_spark(data_root / "spark_midsag")}
+    assert labels_reversed(cases["053-000"]) and spark_s1_box(cases["053-000"]) is None
+    c = cases["002-000"]
+    assert not labels_reversed(c)
+    s1 = spark_s1_box(c)
+    l5 = next(p for p in c.points if p["level"] == "L5")["xy"][1]
+    assert s1 is not None and s1[0] > l5  # below L5
