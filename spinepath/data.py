@@ -111,6 +111,11 @@ class VolumeCase:
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         return image, mask, zooms  # type: ignore[return-value]
 
+    @property
+    def n_slices(self) -> int:
+        """Number of lateral slices (read from the NIfTI header only)."""
+        return int(nib.load(str(self.image_path)).shape[2])
+
     def level_names(self) -> list[str | None]:
         """Level name of each mask label (1..N, top-down).
 

@@ -88,8 +88,7 @@ def evaluate_volumes(root: str | Path, model, cases: list[str] | None = None, pr
     for case in tqdm(all_cases, desc="cases", disable=not progress):
         if case.structure != "vertebral_body":
             raise ValueError(f"{case.dataset}/{case.case}: structure {case.structure!r} has no vertebral bodies")
-        n = case.load()[1].shape[2]
-        slices = list(iter_volume_slices(case, clinical_slice_indices(n)))
+        slices = list(iter_volume_slices(case, clinical_slice_indices(case.n_slices)))
         vol = _series_from_slices([s.image for s in slices], slices[0].spacing, 4.0)
         res = detect_series(vol, model)
         names_known = case.levels_top_down is not None

@@ -103,7 +103,7 @@ def collect_slices(
         if max_cases:
             cases = cases[:max_cases]
         for c in cases:
-            n = int(np.asarray(c.load()[1].shape)[2])
+            n = c.n_slices
             idx = clinical_slice_indices(n) if want_val else list(range(0, n, slice_step))
             for s in iter_volume_slices(c, idx, inferred=True):
                 # lateral slices without any body are kept as negatives (every 2nd of them)
