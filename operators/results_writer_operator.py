@@ -6,7 +6,7 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from spinepath.pipeline import write_outputs, write_status
+from spinepath.pipeline import write_outputs
 
 
 class ResultsWriterOperator(Operator):
@@ -30,4 +30,3 @@ class ResultsWriterOperator(Operator):
         result = op_input.receive("result")
         result.input_kind = self.input_kind
         write_outputs(result, self.output_folder)
-        write_status(self.output_folder, True, "ok", n_vertebrae=len(result.vertebrae), input_kind=self.input_kind)

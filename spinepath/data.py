@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -63,7 +63,6 @@ class Slice2D:
     centres: np.ndarray | None = None
     span: tuple[float, float] | None = None
     spacing_known: bool = True
-    extra: dict = field(default_factory=dict)
 
     @property
     def classes(self) -> np.ndarray:

@@ -7,8 +7,7 @@ and normalised to [0, 1] by volume percentiles. Predictions are mapped back to s
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,6 @@ class DetectorConfig:
     containment_thresh: float = 0.4
     detections_per_img: int = 30
     percentiles: tuple[float, float] = (1.0, 99.5)
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> DetectorConfig:
@@ -292,8 +290,3 @@ class VertebraDetector:
                 s1[j] = scores[same].max() if np.any(same) else 0.0
         boxes = boxes[keep] / np.array([scale[0], scale[1], scale[0], scale[1]], dtype=np.float32)
         return SliceDetections(boxes=boxes, scores=scores[keep], s1_scores=s1, labels=labels[keep])
-
-
-def save_config_json(cfg: DetectorConfig, path: str | Path) -> None:
-    """Write a detector configuration as JSON."""
-    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))

@@ -39,10 +39,20 @@ class Vertebra:
         return float(np.mean(sorted(self.scores)[-3:]))
 
     @property
-    def centre_row(self) -> float:
-        """Score-weighted mean centre row."""
+    def centre(self) -> np.ndarray:
+        """Score-weighted mean box centre ``(row, col)`` over the slices."""
         b = np.array(self.boxes)
-        return float(np.average((b[:, 0] + b[:, 2]) / 2, weights=np.array(self.scores)))
+        w = np.array(self.scores)
+        return np.array(
+            [np.average((b[:, 0] + b[:, 2]) / 2, weights=w), np.average((b[:, 1] + b[:, 3]) / 2, weights=w)]
+        )
+
+    def add(self, k: int, box: np.ndarray, score: float, s1_score: float) -> None:
+        """Append the detection on slice ``k`` (slices must stay sorted; see :func:`_merge_same_level`)."""
+        self.slices.append(k)
+        self.boxes.append(box)
+        self.scores.append(float(score))
+        self.s1_scores.append(float(s1_score))
 
     def box_on(self, k: int) -> np.ndarray | None:
         """The box on slice ``k`` or None."""
@@ -62,15 +72,13 @@ def link_slices(dets: list[SliceDetections], min_iou: float = 0.3, max_gap: int 
             di, ti = linear_sum_assignment(-iou)
             for i, j in zip(di, ti):
                 if iou[i, j] >= min_iou:
-                    t = active[j]
-                    t.slices.append(k)
-                    t.boxes.append(d.boxes[i])
-                    t.scores.append(float(d.scores[i]))
-                    t.s1_scores.append(float(d.s1_scores[i]))
+                    active[j].add(k, d.boxes[i], d.scores[i], d.s1_scores[i])
                     used.add(i)
         for i in range(len(d.boxes)):
             if i not in used:
-                tracks.append(Vertebra([k], [d.boxes[i]], [float(d.scores[i])], [float(d.s1_scores[i])]))
+                t = Vertebra()
+                t.add(k, d.boxes[i], d.scores[i], d.s1_scores[i])
+                tracks.append(t)
     return tracks
 
 
@@ -86,10 +94,7 @@ def _merge_same_level(tracks: list[Vertebra]) -> list[Vertebra]:
             b = np.median(np.array(o.boxes), axis=0)
             if box_iou(a[None], b[None])[0, 0] > 0.5:
                 for k, bx, s, s1 in zip(t.slices, t.boxes, t.scores, t.s1_scores):
-                    o.slices.append(k)
-                    o.boxes.append(bx)
-                    o.scores.append(s)
-                    o.s1_scores.append(s1)
+                    o.add(k, bx, s, s1)
                 order = np.argsort(o.slices)
                 o.slices = [o.slices[i] for i in order]
                 o.boxes = [o.boxes[i] for i in order]
@@ -101,12 +106,6 @@ def _merge_same_level(tracks: list[Vertebra]) -> list[Vertebra]:
     return out
 
 
-def _centre(t: Vertebra) -> np.ndarray:
-    b = np.array(t.boxes)
-    w = np.array(t.scores)
-    return np.array([np.average((b[:, 0] + b[:, 2]) / 2, weights=w), np.average((b[:, 1] + b[:, 3]) / 2, weights=w)])
-
-
 def spine_chain(tracks: list[Vertebra]) -> list[Vertebra]:
     """Keep the vertebrae that form the spinal column: a top-down chain of neighbours.
 
@@ -116,7 +115,7 @@ def spine_chain(tracks: list[Vertebra]) -> list[Vertebra]:
     """
     if len(tracks) <= 1:
         return tracks
-    cen = {id(t): _centre(t) for t in tracks}
+    cen = {id(t): t.centre for t in tracks}
     hts = np.array([np.median([b[2] - b[0] for b in t.boxes]) for t in tracks])
     wds = np.array([np.median([b[3] - b[1] for b in t.boxes]) for t in tracks])
     h, w = float(np.median(hts)), float(np.median(wds))
@@ -188,7 +187,7 @@ def group_and_name(
     kept = spine_chain(kept)
     if not kept:
         return []
-    # name from the bottom: find S1 among the two lowest vertebrae
+    # name from the bottom: find S1 among the three lowest vertebrae
     s1p = [float(np.mean(t.s1_scores)) for t in kept]
     low = range(max(0, len(kept) - 3), len(kept))
     best = max(low, key=lambda i: s1p[i])

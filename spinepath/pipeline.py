@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -18,7 +17,6 @@ from spinepath.detection import VertebraDetector
 from spinepath.dicom_io import SeriesVolume
 from spinepath.grouping import Vertebra, group_and_name
 
-log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "bundle" / "models" / "model.pt"
 LABELS_FILE = REPO / "configs" / "labels.json"
@@ -130,7 +128,7 @@ def key_slice(result: DetectionResult) -> int:
 
 
 def key_image(result: DetectionResult, path: str | Path) -> int:
-    """Write the key image PNG: the slice with most vertebrae, boxes and level names drawn.
+    """Write the key image PNG: the :func:`key_slice` with the vertebrae's boxes and level names drawn.
 
     Returns:
         The slice index shown.
@@ -162,11 +160,14 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     return k
 
 
-def write_outputs(result: DetectionResult, out_dir: str | Path, extra: dict | None = None) -> dict[str, Path]:
-    """Write ``vertebrae.json`` and ``key_image.png`` into ``out_dir`` atomically (all or nothing).
+def write_outputs(result: DetectionResult, out_dir: str | Path) -> dict:
+    """Write ``vertebrae.json`` and ``key_image.png`` atomically (all or nothing), then ``status.json``.
+
+    The two result files go through a temporary folder inside ``out_dir``; ``status.json`` (``ok: true``) is
+    written only once both are in place.
 
     Returns:
-        Paths of the written files.
+        The JSON result as written.
 
     """
     out = Path(out_dir)
@@ -174,17 +175,14 @@ def write_outputs(result: DetectionResult, out_dir: str | Path, extra: dict | No
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
         d = result.to_dict()
-        if extra:
-            d.update(extra)
         d["key_image"] = {"file": "key_image.png", "slice_index": key_image(result, tmp / "key_image.png")}
         (tmp / "vertebrae.json").write_text(json.dumps(d, indent=1))
-        paths = {}
         for name in ("vertebrae.json", "key_image.png"):
             (tmp / name).replace(out / name)
-            paths[name] = out / name
-        return paths
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    write_status(out, True, "ok", n_vertebrae=len(result.vertebrae), input_kind=result.input_kind)
+    return d
 
 
 def write_status(out_dir: str | Path, ok: bool, message: str, **fields: object) -> Path:
@@ -246,6 +244,4 @@ def run_study(
     result = detect_series(volume, model)
     result.input_kind = input_kind
     result.timings = {"load": t1 - t0, **result.timings}
-    write_outputs(result, output_dir)
-    write_status(output_dir, True, "ok", n_vertebrae=len(result.vertebrae), input_kind=input_kind)
-    return json.loads((Path(output_dir) / "vertebrae.json").read_text())
+    return write_outputs(result, output_dir)
