@@ -3,17 +3,21 @@ PY := .venv/bin/python
 # Holoscan asks for a 32 MB stack
 STACK := ulimit -s 32768 2>/dev/null || true
 
-.PHONY: env run test lint bench
+.PHONY: env system run test lint bench
 
 env:
 	@bash scripts/setup_env.sh
+
+## Debian packages of the servers the tests start (PostgreSQL); idempotent
+system:
+	@bash scripts/setup_system.sh
 
 ## Run the MONAI Deploy app on the embedded default input (real example series if ../shared/data exists, else a phantom)
 run: env
 	@$(STACK); $(PY) app.py -o output
 
 ## Run the test suite
-test: env
+test: system env
 	@$(STACK); $(PY) -m pytest -q
 
 lint: env

@@ -1,4 +1,4 @@
-"""MONAI Deploy application: lumbar spine sagittal T2 MRI -> named vertebrae (JSON + key image).
+"""MONAI Deploy application: lumbar spine sagittal T2 MRI -> named, graded vertebrae and discs (JSON + key image).
 
 Usage:
     python app.py [-i DICOM_DIR] [-o OUT_DIR] [-m MODEL_DIR]
@@ -21,9 +21,15 @@ from monai.deploy.core import Application
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from operators import ResultsWriterOperator, StudyLoaderOperator, VertebraDetectionOperator  # noqa: E402
+from operators import (  # noqa: E402
+    FindingsFusionOperator,
+    ResultsWriterOperator,
+    StudyLoaderOperator,
+    VertebraClassificationOperator,
+    VertebraDetectionOperator,
+)
 from spinepath import DISCLAIMER, __version__  # noqa: E402
-from spinepath.pipeline import default_input, resolve_model_path, write_status  # noqa: E402
+from spinepath.pipeline import default_input, resolve_grader_path, resolve_model_path, write_status  # noqa: E402
 
 
 def _explicit(flag_short: str, flag_long: str, env: str, argv: list[str]) -> bool:
@@ -31,10 +37,13 @@ def _explicit(flag_short: str, flag_long: str, env: str, argv: list[str]) -> boo
 
 
 class SpineVertebraApp(Application):
-    """Load study -> select sagittal T2 series -> detect/group/name vertebrae -> JSON + key image."""
+    """Load study -> select sagittal T2 series -> detect/group/name vertebrae -> classify -> fuse -> outputs."""
 
     name = "spinepath-vertebrae"
-    description = "Vertebra detection and level naming on lumbar spine sagittal T2 MRI. " + DISCLAIMER
+    description = (
+        "Vertebra detection, level naming, per-vertebra pathology and disc grading on lumbar spine sagittal T2 MRI. "
+        + DISCLAIMER
+    )
     version = __version__
 
     def compose(self) -> None:
@@ -47,13 +56,19 @@ class SpineVertebraApp(Application):
         else:
             in_dir, kind = default_input(out_dir.parent / ".spinepath-default-input")
         logging.getLogger(__name__).info("input: %s (%s)", kind, "given" if kind == "dicom" else "embedded default")
-        model = resolve_model_path(ctx.model_path if _explicit("-m", "--model", "HOLOSCAN_MODEL_PATH", argv) else None)
+        model_dir = ctx.model_path if _explicit("-m", "--model", "HOLOSCAN_MODEL_PATH", argv) else None
+        model = resolve_model_path(model_dir)
+        grader_path = resolve_grader_path(model.parent if model_dir and model.is_file() else model_dir)
         self.input_kind = kind
         loader = StudyLoaderOperator(self, CountCondition(self, 1), input_folder=in_dir, name="study_loader")
         detector = VertebraDetectionOperator(self, model_path=model, name="vertebra_detection")
+        classifier = VertebraClassificationOperator(self, grader=grader_path, name="classification")
+        fusion = FindingsFusionOperator(self, grader=classifier.grader, name="fusion")
         writer = ResultsWriterOperator(self, output_folder=out_dir, input_kind=kind, name="results_writer")
         self.add_flow(loader, detector, {("volume", "volume")})
-        self.add_flow(detector, writer, {("result", "result")})
+        self.add_flow(detector, classifier, {("result", "result")})
+        self.add_flow(classifier, fusion, {("result", "result"), ("scores", "scores")})
+        self.add_flow(fusion, writer, {("result", "result")})
 
 
 def main(argv: list[str] | None = None) -> int:

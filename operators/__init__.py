@@ -1,7 +1,15 @@
 """MONAI Deploy operators: thin adapters over the spinepath core package."""
 
+from .classification_operator import VertebraClassificationOperator
 from .detection_operator import VertebraDetectionOperator
+from .fusion_operator import FindingsFusionOperator
 from .results_writer_operator import ResultsWriterOperator
 from .study_loader_operator import StudyLoaderOperator
 
-__all__ = ["ResultsWriterOperator", "StudyLoaderOperator", "VertebraDetectionOperator"]
+__all__ = [
+    "FindingsFusionOperator",
+    "ResultsWriterOperator",
+    "StudyLoaderOperator",
+    "VertebraClassificationOperator",
+    "VertebraDetectionOperator",
+]

@@ -49,6 +49,65 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_grading(args: argparse.Namespace) -> int:
+    from spinepath.train_grading import GradingTrainConfig, train_grading
+
+    tc = GradingTrainConfig(quiet=args.quiet)
+    for f in dataclasses.fields(GradingTrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name != "quiet":
+            setattr(tc, f.name, v)
+    res = train_grading(tc)
+    print(json.dumps({k: v for k, v in res.items() if k != "histories"}))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from spinepath.search import PARAMS_FILE, run_search
+
+    res = run_search(
+        args.task,
+        args.trials,
+        storage=args.storage,
+        study_name=args.study,
+        data_root=args.data_root,
+        max_epochs=args.max_epochs,
+        max_cases=args.max_cases,
+        save=not args.no_save,
+        params_file=args.params_file or PARAMS_FILE,
+        seed=args.seed,
+        progress=not args.quiet,
+        num_threads=args.num_threads,
+    )
+    print(json.dumps(res))
+    return 0
+
+
+def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
+    from spinepath.data import dataset_kind, load_split
+    from spinepath.detection import VertebraDetector
+    from spinepath.evaluation import evaluate_grading
+    from spinepath.grading import Grader
+    from spinepath.pipeline import resolve_grader_path, resolve_model_path
+
+    root = Path(args.dataset_dir)
+    try:
+        if dataset_kind(root) != "spark":
+            raise CliError(f"{root}: grading needs a spark_midsag-format folder (labels.json with grades)")
+        grader = Grader.load(resolve_grader_path(args.grader))
+        detector = None if args.from_reference_locations else VertebraDetector.load(resolve_model_path(args.model))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    cases = load_split()["validation"].get("spark_midsag", []) if args.split == "val" else None
+    res = evaluate_grading(root, grader, detector, cases=cases, progress=not args.quiet)
+    text = json.dumps(res, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from spinepath.data import dataset_kind, load_split
     from spinepath.detection import VertebraDetector
@@ -133,6 +192,46 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--model", help="detector weights (file or folder); default: the bundle's")
     ed.add_argument("--split", choices=["all", "val"], default="all", help="all cases, or the validation split")
     ed.set_defaults(func=_cmd_evaluate)
+    eg = esub.add_parser("grading", help="vertebra pathology and disc grades (spark_midsag format)")
+    eg.add_argument("dataset_dir", help="a folder in the spark_midsag format (labels.json with grades)")
+    eg.add_argument("--from-reference-locations", action="store_true",
+                    help="crop at the reference centres instead of running detection")
+    eg.add_argument("--out", help="also write the JSON here")
+    eg.add_argument("--model", help="detector weights (file or folder); default: the bundle's")
+    eg.add_argument("--grader", help="grading model (file or folder); default: the bundle's")
+    eg.add_argument("--split", choices=["all", "val"], default="all", help="all images, or the validation split")
+    eg.set_defaults(func=_cmd_evaluate_grading)
+
+    tg = tsub.add_parser("grading", help="train the grading classifiers (cross-validated) and the fusion model")
+    tg.add_argument("--data-root", dest="data_root")
+    tg.add_argument("--out-dir", dest="out_dir")
+    tg.add_argument("--params-file", dest="params_file", help="searched parameters (configs/grading_params.json)")
+    tg.add_argument("--detector", help="detector weights for the end-to-end out-of-fold runs")
+    tg.add_argument("--folds", type=int)
+    tg.add_argument("--views", type=int, help="pseudo-slice views per structure")
+    tg.add_argument("--epochs", type=int, help="override the searched epochs (quick runs)")
+    tg.add_argument("--max-train-cases", dest="max_train_cases", type=int, help="tiny subset (tests)")
+    tg.add_argument("--num-threads", dest="num_threads", type=int)
+    tg.add_argument("--seed", type=int)
+    tg.set_defaults(func=_cmd_train_grading)
+
+    s = sub.add_parser("search", help="Optuna hyper-parameter search")
+    ssub = s.add_subparsers(dest="what", required=True)
+    sg = ssub.add_parser("grading", help="search the grading classifier's hyper-parameters")
+    sg.add_argument("--task", choices=["vertebra", "disc"], required=True)
+    sg.add_argument("--trials", type=int, default=20, help="trials run by this worker")
+    sg.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/search/<task>.db); "
+                    "postgresql://user@host/db lets several workers share a study")
+    sg.add_argument("--study", help="study name (default grading-<task>)")
+    sg.add_argument("--data-root", dest="data_root", default="../shared/data")
+    sg.add_argument("--max-epochs", dest="max_epochs", type=int, default=45)
+    sg.add_argument("--max-cases", dest="max_cases", type=int, default=0, help="tiny subset (tests)")
+    sg.add_argument("--params-file", dest="params_file", help="where the best parameters go")
+    sg.add_argument("--no-save", action="store_true", help="do not store the best parameters")
+    sg.add_argument("--seed", type=int, help="sampler seed (default random: parallel workers differ)")
+    sg.add_argument("--num-threads", dest="num_threads", type=int, default=0,
+                    help="torch threads per worker (use 1 with several workers on one machine)")
+    sg.set_defaults(func=_cmd_search)
     r = sub.add_parser("run", help="run detection on a DICOM study folder without Holoscan")
     r.add_argument("-i", "--input", help="DICOM study folder; default: the embedded example/phantom")
     r.add_argument("-o", "--output", default="output")

@@ -19,6 +19,7 @@ from spinepath.grouping import Vertebra, group_and_name
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "bundle" / "models" / "model.pt"
+DEFAULT_GRADER = REPO / "bundle" / "models" / "grader.pt"
 LABELS_FILE = REPO / "configs" / "labels.json"
 
 
@@ -33,6 +34,21 @@ def resolve_model_path(model: str | Path | None = None) -> Path:
     return p
 
 
+def resolve_grader_path(model: str | Path | None = None) -> Path:
+    """The grading model path.
+
+    ``model`` (file or folder), else ``grader.pt`` in ``$HOLOSCAN_MODEL_PATH``, else the bundle's.
+    """
+    cand = model or os.environ.get("HOLOSCAN_MODEL_PATH") or DEFAULT_GRADER
+    p = Path(cand)
+    if p.is_dir():
+        for name in ("grader.pt", "grading/grader.pt", "models/grader.pt"):
+            if (p / name).is_file():
+                return p / name
+        return p / "grader.pt"
+    return p
+
+
 @dataclass
 class DetectionResult:
     """Vertebrae found in one series, with timings."""
@@ -41,14 +57,18 @@ class DetectionResult:
     volume: SeriesVolume
     timings: dict[str, float]
     input_kind: str = "dicom"
+    findings: object | None = None  # spinepath.findings.Findings once graded
 
     def to_dict(self) -> dict:
         """Return the JSON-ready result.
 
-        Per vertebra: level, name confidence, slice range, per-slice boxes (pixels and patient mm) and scores.
+        Per vertebra: level, name confidence, slice range, per-slice boxes (pixels and patient mm) and scores,
+        and, once graded, ``pathology`` (fused probability, label, threshold, per-slice probabilities). Per
+        disc (graded only): grade, grade name and class probabilities.
         """
         v = self.volume
         out = []
+        graded = {f.level: f for f in self.findings.vertebrae} if self.findings is not None else {}
         for t in self.vertebrae:
             per_slice = []
             for k, b, s, s1 in zip(t.slices, t.boxes, t.scores, t.s1_scores):
@@ -77,9 +97,14 @@ class DetectionResult:
                     "slice_range": [int(min(t.slices)), int(max(t.slices))],
                     "n_slices": len(t.slices),
                     "truncated_by_field_of_view": t.truncated,
+                    "pathology": graded[t.level].to_dict() if t.level in graded else None,
                     "slices": per_slice,
                 }
             )
+        extra = {}
+        if self.findings is not None:
+            extra = {"discs": [d.to_dict() for d in self.findings.discs], "grading_model": self.findings.model}
+            self.timings.update(self.findings.timings)
         return {
             "disclaimer": DISCLAIMER,
             "software": {"name": "spinepath", "version": __version__},
@@ -96,6 +121,7 @@ class DetectionResult:
             "n_vertebrae": len(out),
             "levels": [t.level for t in self.vertebrae],
             "vertebrae": out,
+            **extra,
             "timings_s": {k: round(x, 3) for k, x in self.timings.items()},
         }
 
@@ -114,6 +140,12 @@ def label_colors() -> dict[str, tuple[int, int, int]]:
     """Level name -> RGB colour from ``configs/labels.json``."""
     labels = json.loads(LABELS_FILE.read_text())["labels"]
     return {k: tuple(v["color"]) for k, v in labels.items()}
+
+
+#: Key-image colours of vertebra findings and disc grades.
+FINDING_COLOURS = {"pathological": (255, 48, 48), "healthy": (64, 220, 64)}
+DISC_COLOURS = {"v1": (160, 200, 255), "v2": (255, 220, 64), "v3": (255, 150, 40), "v4": (255, 48, 48),
+                "v5": (220, 120, 255)}
 
 
 def key_slice(result: DetectionResult) -> int:
@@ -146,14 +178,33 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     im = im.resize((sl.shape[1] * scale, sl.shape[0] * scale), Image.BILINEAR)
     draw = ImageDraw.Draw(im)
     colors = label_colors()
+    f = result.findings
+    graded = {x.level: x for x in f.vertebrae} if f is not None else {}
+    discs = {d.level: d for d in f.discs} if f is not None else {}
+    centres = {}
     for t in result.vertebrae:
         b = t.box_on(k)
         if b is None:
             continue
-        col = colors.get(t.level, (255, 255, 0))
         r0, c0, r1, c1 = (float(x) * scale for x in b)
-        draw.rectangle([c0, r0, c1, r1], outline=col, width=2)
-        draw.text((c1 + 4, (r0 + r1) / 2 - 6), f"{t.level} {t.name_confidence:.2f}", fill=col)
+        centres[t.level] = ((r0 + r1) / 2, c1)
+        g = graded.get(t.level)
+        if g is None:  # not graded: level colour
+            col, text = colors.get(t.level, (255, 255, 0)), f"{t.level} {t.name_confidence:.2f}"
+        else:  # findings: red pathological, green healthy
+            col = FINDING_COLOURS[g.label]
+            text = f"{t.level} {'PATH' if g.label == 'pathological' else 'ok'} {g.probability:.2f}"
+        draw.rectangle([c0, r0, c1, r1], outline=col, width=3 if g is not None and g.label == "pathological" else 2)
+        draw.text((c1 + 4, (r0 + r1) / 2 - 6), text, fill=col)
+    for lv, d in discs.items():
+        a, b_ = lv.split("-")
+        if a in centres and b_ in centres:
+            row = (centres[a][0] + centres[b_][0]) / 2
+            col = max(centres[a][1], centres[b_][1]) + 4
+            colour = DISC_COLOURS[d.grade]
+            draw.text((col, row - 6), f"{lv} {d.grade_name}", fill=colour)
+    if f is not None:
+        draw.text((4, 18), "boxes: red = pathological, green = healthy; discs: grade", fill=(255, 255, 255))
     draw.text((4, 4), "NOT FOR DIAGNOSTIC USE", fill=(255, 64, 64))
     draw.text((4, im.height - 14), f"slice {k + 1}/{v.pixels.shape[0]}  spinepath {__version__}", fill=(255, 255, 255))
     im.save(path)
@@ -220,8 +271,12 @@ def run_study(
     output_dir: str | Path,
     model: VertebraDetector | str | Path | None = None,
     input_kind: str = "dicom",
+    grader=None,
 ) -> dict:
-    """Read a DICOM study, detect and name its vertebrae, and write the outputs.
+    """Read a DICOM study, detect and name its vertebrae, grade them, and write the outputs.
+
+    ``grader`` is a :class:`spinepath.grading.Grader` or a path; by default the one beside the detector
+    (:func:`resolve_grader_path`).
 
     Writes ``vertebrae.json``, ``key_image.png`` and ``status.json``. On a refused study only ``status.json``
     (``ok: false``) is written and the error re-raised.
@@ -231,7 +286,14 @@ def run_study(
 
     """
     from spinepath.dicom_io import StudyError, load_study
+    from spinepath.findings import grade_detections
+    from spinepath.grading import Grader
 
+    if not isinstance(grader, Grader):
+        near = None  # a detector given as a path: the grader beside it
+        if isinstance(model, str | Path):
+            near = Path(model).parent if Path(model).is_file() else model
+        grader = Grader.load(resolve_grader_path(grader or near))
     if not isinstance(model, VertebraDetector):
         model = VertebraDetector.load(resolve_model_path(model))
     t0 = time.perf_counter()
@@ -244,4 +306,5 @@ def run_study(
     result = detect_series(volume, model)
     result.input_kind = input_kind
     result.timings = {"load": t1 - t0, **result.timings}
+    result.findings = grade_detections(result, grader)
     return write_outputs(result, output_dir)

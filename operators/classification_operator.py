@@ -1,0 +1,44 @@
+"""Operator: named vertebrae -> per-slice classifier scores (spinepath.findings.classify_detections)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from spinepath.findings import classify_detections
+from spinepath.grading import Grader
+
+
+class VertebraClassificationOperator(Operator):
+    """Crop every detected vertebra and disc on every slice and run the ConvNeXt classifiers.
+
+    The grading model (classifiers + fusion) is loaded once, when the operator is created, and shared with
+    the fusion operator.
+
+    Named input:
+        result: :class:`spinepath.pipeline.DetectionResult`.
+    Named outputs:
+        result: the same detection result.
+        scores: :class:`spinepath.findings.SliceScores`.
+    """
+
+    def __init__(self, fragment: Fragment, *args, grader: Grader | Path, **kwargs) -> None:
+        self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
+        self.grader = grader if isinstance(grader, Grader) else Grader.load(grader)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        """Declare ports."""
+        spec.input("result")
+        spec.output("result")
+        spec.output("scores")
+
+    def compute(self, op_input, op_output, context) -> None:
+        """Classify the structures of the received detection result."""
+        result = op_input.receive("result")
+        scores = classify_detections(result, self.grader)
+        self.logger.info("classified %d vertebra and %d disc crops", len(scores.vertebra), len(scores.disc))
+        op_output.emit(result, "result")
+        op_output.emit(scores, "scores")

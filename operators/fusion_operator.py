@@ -1,0 +1,41 @@
+"""Operator: per-slice scores -> one decision per vertebra and a grade per disc (spinepath.findings)."""
+
+from __future__ import annotations
+
+import logging
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from spinepath.findings import fuse_detections
+from spinepath.grading import Grader
+
+
+class FindingsFusionOperator(Operator):
+    """Fuse the per-slice vertebra scores with LightGBM and average the disc grade probabilities.
+
+    Named inputs:
+        result: :class:`spinepath.pipeline.DetectionResult`.
+        scores: :class:`spinepath.findings.SliceScores`.
+    Named output:
+        result: the detection result with ``findings`` set.
+    """
+
+    def __init__(self, fragment: Fragment, *args, grader: Grader, **kwargs) -> None:
+        self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
+        self.grader = grader
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        """Declare ports."""
+        spec.input("result")
+        spec.input("scores")
+        spec.output("result")
+
+    def compute(self, op_input, op_output, context) -> None:
+        """Fuse and attach the findings."""
+        result = op_input.receive("result")
+        result.findings = fuse_detections(result, op_input.receive("scores"), self.grader)
+        self.logger.info(
+            "findings: %s", {v.level: v.label for v in result.findings.vertebrae}
+        )
+        op_output.emit(result, "result")

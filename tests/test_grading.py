@@ -1,0 +1,218 @@
+"""Grading: crops, classifier training/prediction on real data, fusion, metrics and the evaluation CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, REPO
+
+from spinepath.data import is_validation, labels_reversed, load_spark
+from spinepath.evaluation import grading_metrics
+from spinepath.fusion import FEATURES, FusionModel, VertebraScores, best_threshold, fit_fusion, study_features
+from spinepath.grading import (
+    Grader,
+    GradingConfig,
+    anatomical_level,
+    chain_structures,
+    disc_grade,
+    normalise_image,
+    predict_structures,
+    sample_crop,
+    spark_structures,
+    train_classifier,
+)
+
+SPARK = DATA / "spark_midsag"
+
+
+@pytest.fixture(scope="module")
+def spark_cases():
+    return load_spark(SPARK)
+
+
+@pytest.fixture(scope="module")
+def tiny(spark_cases):
+    """Six real training studies and two validation studies, normalised."""
+    tr = [c for c in spark_cases if not is_validation("spark_midsag", c.case)][:6]
+    va = [c for c in spark_cases if is_validation("spark_midsag", c.case)][:2]
+    images = {c.case: normalise_image(c.load_image()) for c in tr + va}
+    structs = {c.case: spark_structures(c) for c in tr + va}
+    return tr, va, images, structs
+
+
+def test_structures_and_crops(spark_cases):
+    c = spark_cases[0]
+    ss = spark_structures(c)
+    assert {s.kind for s in ss} == {"vertebra", "disc"}
+    assert len([s for s in ss if s.kind == "vertebra"]) == 5
+    for s in ss:
+        assert abs(np.hypot(*s.axis) - 1) < 1e-6 and s.axis[0] > 0.7  # upright spine, pointing inferior
+        assert s.grade >= 0
+    img = normalise_image(c.load_image())
+    crop = sample_crop(img, ss[0], 64, 64)
+    assert crop.shape == (64, 64) and crop.dtype == np.float32 and 0 <= crop.min() and crop.max() <= 1
+    assert crop.std() > 0.05  # real anatomy, not padding
+    # the crop of a vertebra is centred on the body: brighter disc bands are above and below, not in the centre
+    v = [s for s in ss if s.kind == "vertebra"][2]
+    prof = sample_crop(img, v, 64, 64)[:, 24:40].mean(1)
+    assert prof[28:36].mean() < max(prof[:12].max(), prof[-12:].max())
+
+
+def test_reversed_labels_map_to_anatomy(spark_cases):
+    rev = next(c for c in spark_cases if labels_reversed(c))
+    assert anatomical_level("L1", True) == "L5" and anatomical_level("L5-S1", True) == "T12-L1"
+    assert anatomical_level("L3", False) == "L3"
+    vs = sorted([s for s in spark_structures(rev) if s.kind == "vertebra"], key=lambda s: s.centre[0])
+    assert [s.level for s in vs] == ["L1", "L2", "L3", "L4", "L5"]  # anatomical names run top-down
+
+
+def test_chain_structures_only_graded_levels():
+    c = np.array([[50.0, 100], [90, 102], [130, 104], [170, 106]])
+    ss = chain_structures("k", c, ["T12", "L1", "L2", "L3"], 1.0)
+    assert [s.level for s in ss if s.kind == "vertebra"] == ["L1", "L2", "L3"]
+    assert [s.level for s in ss if s.kind == "disc"] == ["T12-L1", "L1-L2", "L2-L3"]
+    d = next(s for s in ss if s.level == "L1-L2")
+    assert d.centre == (110.0, 103.0)
+
+
+def test_train_predict_save_load(tiny, tmp_path):
+    tr, va, images, structs = tiny
+    models, cfgs = {}, {}
+    for task in ("vertebra", "disc"):
+        cfg = GradingConfig(task=task, model="convnext_zepto", epochs=2, batch_size=16)
+        train = [s for c in tr for s in structs[c.case] if s.kind == task]
+        val = [s for c in va for s in structs[c.case] if s.kind == task]
+        m, hist = train_classifier(cfg, images, train, val, progress=False)
+        assert len(hist) == 2 and all(np.isfinite(h["loss"]) for h in hist)
+        assert ("auc" in hist[-1]) if task == "vertebra" else ("quadratic_kappa" in hist[-1])
+        p = predict_structures([m], cfg, images, val)
+        if task == "vertebra":
+            assert p.shape == (len(val),) and np.all((p >= 0) & (p <= 1))
+        else:
+            assert p.shape == (len(val), 5) and np.allclose(p.sum(1), 1, atol=1e-5)
+        models[task], cfgs[task] = [m], cfg
+    g = Grader(cfgs, models, None, "ordinal", {"version": "test"})
+    g.save(tmp_path / "grader.pt")
+    g2 = Grader.load(tmp_path / "grader.pt")
+    assert g2.disc_decision == "ordinal" and g2.meta["version"] == "test"
+    val = [s for c in va for s in structs[c.case] if s.kind == "vertebra"]
+    np.testing.assert_allclose(g.predict("vertebra", images, val), g2.predict("vertebra", images, val), atol=2e-2)
+
+
+def test_grader_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Grader.load(tmp_path / "missing.pt")
+    torch.save({"something": 1}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a spinepath grading model"):
+        Grader.load(tmp_path / "x.pt")
+
+
+def test_disc_decision_rules():
+    p = np.array([[0.5, 0.1, 0.1, 0.3, 0.0], [0.1, 0.1, 0.1, 0.1, 0.6], [0.3, 0.0, 0.4, 0.3, 0.0]])
+    assert disc_grade(p, "argmax").tolist() == [0, 4, 2]
+    # ordinal: expected grade over v1-v4 (0.5*0 + .1 + .2 + .9 = 1.2 -> v2), v5 kept when most probable
+    assert disc_grade(p, "ordinal").tolist() == [1, 4, 2]
+
+
+def test_fusion_features():
+    vs = [
+        VertebraScores("L1", [0.2, 0.4, 0.6], 1, (30.0, 40.0), 0.9, 4.0),
+        VertebraScores("L2", [0.8], 0, (32.0, 40.0), 0.8, 0.0),
+        VertebraScores("L3", [0.5, 0.7], 0, (31.0, 38.0), 0.7, 0.0),
+    ]
+    X = study_features(vs, {"T12-L1": 0.1, "L1-L2": 0.3, "L2-L3": 0.6})
+    f = dict(zip(FEATURES, X[0]))
+    assert X.shape == (3, len(FEATURES))
+    assert f["p_mid"] == 0.4 and f["p_mean"] == pytest.approx(0.4) and f["p_max"] == 0.6 and f["n_slices"] == 3
+    assert np.isnan(f["p_above"]) and f["p_below"] == 0.8
+    assert f["study_mean_other"] == pytest.approx(0.65) and f["study_max_other"] == 0.8
+    assert f["disc_above_abnormal"] == 0.1 and f["disc_below_abnormal"] == 0.3
+    assert f["box_aspect"] == pytest.approx(0.75) and f["detection_score"] == 0.9 and f["mid_offset_mm"] == 4.0
+    assert np.isnan(dict(zip(FEATURES, X[2]))["disc_below_abnormal"])  # L3-L4 not seen
+
+
+def test_fusion_fit_threshold_persistence(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 300
+    y = (rng.random(n) < 0.7).astype(int)
+    X = np.full((n, len(FEATURES)), np.nan)
+    X[:, 0] = np.clip(0.35 + 0.3 * y + rng.normal(0, 0.15, n), 0, 1)  # an informative p_mid
+    X[:, 9] = np.clip(0.5 + 0.2 * y + rng.normal(0, 0.2, n), 0, 1)  # and study context
+    groups = np.repeat(np.arange(n // 5), 5)
+    model, cv = fit_fusion(X, y, groups)
+    assert 0 < model.threshold < 1 and model.threshold == pytest.approx(best_threshold(y, cv))
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, cv) > 0.8
+    d = json.loads(json.dumps(model.to_dict()))
+    m2 = FusionModel.from_dict(d)
+    assert m2.threshold == model.threshold
+    np.testing.assert_allclose(m2.predict(X[:20]), model.predict(X[:20]))
+    bad = dict(d, features=["p_mid"])
+    with pytest.raises(ValueError, match="features"):
+        FusionModel.from_dict(bad)
+
+
+def test_grading_metrics_toy_values():
+    m = grading_metrics(
+        np.array([1, 1, 0, 0, 1]), np.array([0.9, 0.4, 0.3, 0.6, 0.8]), 0.5,
+        np.array([1, 2, 3, 4, 5, 1]), np.array([1, 3, 3, 5, 5, 2]),
+    )  # fmt: skip
+    v, d = m["vertebra"], m["disc"]
+    assert v["auc"] == pytest.approx(5 / 6)
+    assert v["accuracy"] == pytest.approx(0.6) and v["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert v["precision"] == pytest.approx(2 / 3) and v["recall"] == pytest.approx(2 / 3)
+    assert v["f1"] == pytest.approx(2 / 3) and v["threshold"] == 0.5
+    assert d["accuracy"] == pytest.approx(0.5)
+    assert d["within_one_accuracy"] == pytest.approx(5 / 6)  # the v5 predicted for a v4 disc is a miss
+    assert d["macro_f1"] == pytest.approx(0.4)
+    # quadratic kappa from its definition
+    t, p = np.array([1, 2, 3, 4, 5, 1]) - 1, np.array([1, 3, 3, 5, 5, 2]) - 1
+    obs = np.zeros((5, 5))
+    for a, b in zip(t, p):
+        obs[a, b] += 1
+    W = np.array([[(i - j) ** 2 / 16 for j in range(5)] for i in range(5)])
+    exp = np.outer(obs.sum(1), obs.sum(0)) / obs.sum()
+    assert d["quadratic_kappa"] == pytest.approx(1 - (W * obs).sum() / (W * exp).sum())
+
+
+@pytest.fixture(scope="module")
+def small_spark(tmp_path_factory, spark_cases):
+    """A spark_midsag-format folder with three real validation studies (images linked, not copied)."""
+    root = tmp_path_factory.mktemp("spark_small")
+    labels = json.loads((SPARK / "labels.json").read_text())
+    keep = [c.case for c in spark_cases if is_validation("spark_midsag", c.case)][:3]
+    (root / "images").mkdir()
+    for k in keep:
+        (root / labels[k]["image"]).symlink_to(SPARK / labels[k]["image"])
+    (root / "labels.json").write_text(json.dumps({k: labels[k] for k in keep}))
+    return root
+
+
+@pytest.mark.parametrize("mode", ["end_to_end", "reference"])
+def test_evaluate_grading_cli(small_spark, tmp_path, mode):
+    out = tmp_path / "m.json"
+    cmd = [sys.executable, "-m", "spinepath", "-q", "evaluate", "grading", str(small_spark), "--out", str(out)]
+    if mode == "reference":
+        cmd.append("--from-reference-locations")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res == json.loads(out.read_text())
+    assert res["task"] == "grading" and res["n_images"] == 3
+    assert set(res["vertebra"]) == {"auc", "balanced_accuracy", "accuracy", "precision", "recall", "f1", "threshold"}
+    assert set(res["disc"]) == {"accuracy", "macro_f1", "within_one_accuracy", "quadratic_kappa"}
+    for k in ("accuracy", "macro_f1", "within_one_accuracy"):
+        assert 0 <= res["disc"][k] <= 1
+    assert 0 <= res["vertebra"]["threshold"] <= 1
+
+
+def test_evaluate_grading_refuses_3d_folder():
+    r = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "grading", str(DATA / "chu_t2")],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 2 and "spark_midsag-format" in r.stderr and "Traceback" not in r.stderr
