@@ -1,4 +1,4 @@
-"""Benchmark: time the detection chain on one example study (load, detection, total) and peak RAM.
+"""Benchmark: time the chain on one example study (load, detection, classification, fusion, total) and peak RAM.
 
 Usage: python scripts/benchmark.py [--study DIR] [--repeats N] [--threads N] [--json]
 Runs on CPU, and also on the GPU when one is available. Prints figures as JSON.
@@ -22,13 +22,16 @@ sys.path.insert(0, str(REPO))
 
 from spinepath.detection import VertebraDetector  # noqa: E402
 from spinepath.dicom_io import load_study  # noqa: E402
-from spinepath.pipeline import DEFAULT_MODEL, SHARED_EXAMPLES, detect_series, write_outputs  # noqa: E402
+from spinepath.findings import classify_detections, fuse_detections  # noqa: E402
+from spinepath.grading import Grader  # noqa: E402
+from spinepath.pipeline import DEFAULT_GRADER, DEFAULT_MODEL, SHARED_EXAMPLES, detect_series, write_outputs  # noqa: E402
 
 
 def bench(study: Path, device: str, repeats: int) -> dict:
     """Median timings over ``repeats`` runs with the model loaded once."""
     t0 = time.perf_counter()
     model = VertebraDetector.load(DEFAULT_MODEL, device=device)
+    grader = Grader.load(DEFAULT_GRADER)  # the classifiers run on the CPU
     t_model = time.perf_counter() - t0
     rows = []
     for _ in range(repeats + 1):  # first run is warm-up
@@ -39,10 +42,15 @@ def bench(study: Path, device: str, repeats: int) -> dict:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         c = time.perf_counter()
+        scores = classify_detections(res, grader)
+        c2 = time.perf_counter()
+        res.findings = fuse_detections(res, scores, grader)
+        c3 = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
             write_outputs(res, d)
         e = time.perf_counter()
-        rows.append({"load_s": b - a, "detection_s": c - b, "write_s": e - c, "total_s": e - a})
+        rows.append({"load_s": b - a, "detection_s": c - b, "classification_s": c2 - c, "fusion_s": c3 - c2,
+                     "classification_plus_fusion_s": c3 - c, "write_s": e - c3, "total_s": e - a})
     rows = rows[1:]
     out = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
     out.update(

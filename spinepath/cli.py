@@ -148,7 +148,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         in_dir, kind = default_input(Path(args.output).parent / ".spinepath-default-input")
     try:
-        res = run_study(in_dir, args.output, args.model, input_kind=kind)
+        res = run_study(in_dir, args.output, args.model, input_kind=kind, grader=args.grader)
     except (StudyError, FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     print(json.dumps({"input": kind, "levels": res["levels"], "output": str(args.output)}))
@@ -232,10 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--num-threads", dest="num_threads", type=int, default=0,
                     help="torch threads per worker (use 1 with several workers on one machine)")
     sg.set_defaults(func=_cmd_search)
-    r = sub.add_parser("run", help="run detection on a DICOM study folder without Holoscan")
+    r = sub.add_parser("run", help="run detection and grading on a DICOM study folder without Holoscan")
     r.add_argument("-i", "--input", help="DICOM study folder; default: the embedded example/phantom")
     r.add_argument("-o", "--output", default="output")
     r.add_argument("-m", "--model", help="detector weights (file or folder)")
+    r.add_argument("--grader", help="grading model (file or folder); default: grader.pt beside the detector")
     r.set_defaults(func=_cmd_run)
 
     ph = sub.add_parser("phantom", help="write the synthetic phantom DICOM study")

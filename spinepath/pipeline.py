@@ -205,7 +205,7 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
             draw.text((col, row - 6), f"{lv} {d.grade_name}", fill=colour)
     if f is not None:
         draw.text((4, 18), "boxes: red = pathological, green = healthy; discs: grade", fill=(255, 255, 255))
-    draw.text((4, 4), "NOT FOR DIAGNOSTIC USE", fill=(255, 64, 64))
+    draw.text((4, 4), "NOT FOR DIAGNOSTIC USE", fill=(255, 170, 0))
     draw.text((4, im.height - 14), f"slice {k + 1}/{v.pixels.shape[0]}  spinepath {__version__}", fill=(255, 255, 255))
     im.save(path)
     return k

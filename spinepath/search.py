@@ -30,13 +30,22 @@ def load_params(task: str, path: str | Path = PARAMS_FILE) -> GradingConfig:
 
 
 def save_params(task: str, cfg: GradingConfig, info: dict, path: str | Path = PARAMS_FILE) -> None:
-    """Store a task's parameters (other tasks' entries are kept); written atomically."""
+    """Store a task's parameters (other tasks' entries are kept).
+
+    Workers of different tasks may finish together: the read-modify-write holds a lock file and the new
+    content replaces the old atomically.
+    """
+    import fcntl
+    import os
+
     p = Path(path)
-    data = json.loads(p.read_text()) if p.is_file() else {}
-    data[task] = {"params": asdict(cfg), "search": info}
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(p)
+    with open(p.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(p.read_text()) if p.is_file() else {}
+        data[task] = {"params": asdict(cfg), "search": info}
+        tmp = p.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(p)
 
 
 def suggest(trial, task: str, max_epochs: int) -> GradingConfig:
@@ -60,8 +69,11 @@ def search_split(cases: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _storage(url: str):
-    """An Optuna RDB storage; creating the schema is retried, since workers starting together on an empty
-    database race to create the tables (optuna/optuna#1092)."""
+    """An Optuna RDB storage.
+
+    Creating the schema is retried: workers starting together on an empty database race to create the
+    tables (optuna/optuna#1092).
+    """
     import random
     import time
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from conftest import EXAMPLE, REPO
 from PIL import Image
 
@@ -34,7 +35,38 @@ def _check_outputs(out: Path) -> dict:
     assert levels[-1] in ("L5", "S1") and "L3" in levels
     im = Image.open(out / "key_image.png")
     assert im.size[0] >= 381 and im.mode == "RGB"
+    _check_findings(d, np.asarray(im))
     return d
+
+
+def _check_findings(d: dict, key: np.ndarray) -> None:
+    """Grading fields: every lumbar vertebra has a fused probability and label, every graded disc a grade."""
+    graded = [v for v in d["vertebrae"] if v["pathology"] is not None]
+    assert {v["level"] for v in graded} == {"L1", "L2", "L3", "L4", "L5"} & {v["level"] for v in d["vertebrae"]}
+    assert len(graded) >= 4
+    for v in d["vertebrae"]:
+        if v["level"] not in ("L1", "L2", "L3", "L4", "L5"):
+            assert v["pathology"] is None  # outside the levels the classifiers were trained on
+    for v in graded:
+        p = v["pathology"]
+        assert 0 <= p["probability"] <= 1 and 0 < p["threshold"] < 1
+        assert p["label"] == ("pathological" if p["probability"] >= p["threshold"] else "healthy")
+        slices = {int(k) for k in p["per_slice_probability"]}
+        assert slices and slices <= {s["slice_index"] for s in v["slices"]}
+    discs = d["discs"]
+    assert len(discs) >= 4 and all(x["level"] in ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
+                                   for x in discs)
+    for x in discs:
+        probs = x["probabilities"]
+        assert set(probs) == {"v1", "v2", "v3", "v4", "v5"} and abs(sum(probs.values()) - 1) < 1e-3
+        assert x["grade"] in probs and x["grade_name"] and 0 <= x["abnormal_probability"] <= 1
+    assert d["grading_model"]["fusion"] is True
+    assert d["timings_s"]["classification"] > 0 and "fusion" in d["timings_s"]
+    # the key image colours findings: red (pathological) or green (healthy) box outlines are drawn
+    red = (key[..., 0] > 240) & (key[..., 1] < 70) & (key[..., 2] < 70)
+    green = (key[..., 1] > 200) & (key[..., 0] < 90) & (key[..., 2] < 90)
+    labels = {v["pathology"]["label"] for v in graded}
+    assert ("pathological" not in labels or red.sum() > 50) and ("healthy" not in labels or green.sum() > 50)
 
 
 def test_app_end_to_end_on_real_example(tmp_path):
