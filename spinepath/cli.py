@@ -50,8 +50,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_grading(args: argparse.Namespace) -> int:
-    from spinepath.train_grading import GradingTrainConfig, train_grading
+    from spinepath.train_grading import GradingTrainConfig, refit_fusion, train_grading
 
+    if args.refit_fusion:
+        print(json.dumps(refit_fusion(args.out_dir or GradingTrainConfig.out_dir)))
+        return 0
     tc = GradingTrainConfig(quiet=args.quiet)
     for f in dataclasses.fields(GradingTrainConfig):
         v = getattr(args, f.name, None)
@@ -213,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--max-train-cases", dest="max_train_cases", type=int, help="tiny subset (tests)")
     tg.add_argument("--num-threads", dest="num_threads", type=int)
     tg.add_argument("--seed", type=int)
+    tg.add_argument("--refit-fusion", action="store_true",
+                    help="only refit the fusion model from --out-dir's saved out-of-fold features")
     tg.set_defaults(func=_cmd_train_grading)
 
     s = sub.add_parser("search", help="Optuna hyper-parameter search")

@@ -266,6 +266,7 @@ class GradingConfig:
     aug_strength: float = 1.0
     drop_path: float = 0.1
     label_smoothing: float = 0.05
+    class_weight_power: float = 0.5
     seed: int = 0
 
     @classmethod
@@ -318,10 +319,10 @@ def to_input(crop: np.ndarray) -> np.ndarray:
     return ((crop - 0.5) / 0.25)[None].astype(np.float32)
 
 
-def class_weights(grades: list[int], n_classes: int) -> torch.Tensor:
-    """Inverse-square-root-frequency class weights, normalised to mean 1 over the samples."""
+def class_weights(grades: list[int], n_classes: int, power: float = 0.5) -> torch.Tensor:
+    """Class weights ``frequency ** -power`` (0.5: inverse square root), normalised to mean 1 over the samples."""
     counts = np.bincount(np.asarray(grades, dtype=int), minlength=n_classes).astype(np.float64)
-    w = 1.0 / np.sqrt(np.maximum(counts, 1.0))
+    w = np.maximum(counts, 1.0) ** -power
     w = w / (w[np.asarray(grades, dtype=int)].mean())
     return torch.tensor(w, dtype=torch.float32)
 
@@ -394,7 +395,7 @@ def train_classifier(
     ds = CropDataset(images, train, cfg, train=True)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                                      generator=torch.Generator().manual_seed(cfg.seed))
-    weights = class_weights([s.grade for s in train], 2 if cfg.task == "vertebra" else 5)
+    weights = class_weights([s.grade for s in train], 2 if cfg.task == "vertebra" else 5, cfg.class_weight_power)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, cfg.epochs * len(dl))
     warm = max(1, len(dl))

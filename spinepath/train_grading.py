@@ -161,6 +161,30 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
     return summary
 
 
+def refit_fusion(train_dir: str | Path, grader_path: str | Path | None = None) -> dict:
+    """Refit the vertebra fusion model from a training run's saved out-of-fold features.
+
+    Reads ``oof.npz`` of ``train_dir`` and stores the new fusion model in the run's grader (the classifiers
+    are unchanged).
+    """
+    from spinepath.fusion import fit_fusion
+    from spinepath.grading import Grader
+
+    d = Path(train_dir)
+    oof = np.load(d / "oof.npz", allow_pickle=True)
+    X, y, groups = oof["X"], oof["y"], oof["groups"]
+    fusion, cv_prob = fit_fusion(X, y, groups, n_folds=min(5, len(set(groups.tolist()))))
+    gp = Path(grader_path or d / "grader.pt")
+    grader = Grader.load(gp)
+    grader.fusion = fusion
+    grader.save(gp)
+    summary = json.loads((d / "summary.json").read_text())
+    summary.update({"oof_auc_fused": _auc(y, cv_prob), "fusion_threshold": fusion.threshold})
+    (d / "summary.json").write_text(json.dumps(summary, indent=1))
+    np.savez(d / "oof.npz", **{k: oof[k] for k in oof.files if k != "cv_prob"}, cv_prob=cv_prob)
+    return {k: summary[k] for k in ("oof_auc_mid_slice", "oof_auc_fused", "fusion_threshold")}
+
+
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 

@@ -13,7 +13,15 @@ from conftest import DATA, REPO
 
 from spinepath.data import is_validation, labels_reversed, load_spark
 from spinepath.evaluation import grading_metrics
-from spinepath.fusion import FEATURES, FusionModel, VertebraScores, best_threshold, fit_fusion, study_features
+from spinepath.fusion import (
+    FEATURES,
+    FUSION_INPUTS,
+    FusionModel,
+    VertebraScores,
+    best_threshold,
+    fit_fusion,
+    study_features,
+)
 from spinepath.grading import (
     Grader,
     GradingConfig,
@@ -141,17 +149,23 @@ def test_fusion_fit_threshold_persistence(tmp_path):
     n = 300
     y = (rng.random(n) < 0.7).astype(int)
     X = np.full((n, len(FEATURES)), np.nan)
-    X[:, 0] = np.clip(0.35 + 0.3 * y + rng.normal(0, 0.15, n), 0, 1)  # an informative p_mid
-    X[:, 9] = np.clip(0.5 + 0.2 * y + rng.normal(0, 0.2, n), 0, 1)  # and study context
+    for name in ("p_mid", "p_mean", "p_max"):  # informative per-slice scores
+        X[:, FEATURES.index(name)] = np.clip(0.35 + 0.3 * y + rng.normal(0, 0.15, n), 0, 1)
+    X[:, FEATURES.index("study_mean_other")] = np.clip(0.5 + 0.2 * y + rng.normal(0, 0.2, n), 0, 1)
     groups = np.repeat(np.arange(n // 5), 5)
     model, cv = fit_fusion(X, y, groups)
     assert 0 < model.threshold < 1 and model.threshold == pytest.approx(best_threshold(y, cv))
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(y, cv) > 0.8
+    assert model.inputs == FUSION_INPUTS
+    # monotone in the per-slice score: raising p_max never lowers the fused probability
+    lo, hi = X[:20].copy(), X[:20].copy()
+    hi[:, FEATURES.index("p_max")] = np.minimum(hi[:, FEATURES.index("p_max")] + 0.3, 1)
+    assert np.all(model.predict(hi) >= model.predict(lo) - 1e-12)
     d = json.loads(json.dumps(model.to_dict()))
     m2 = FusionModel.from_dict(d)
-    assert m2.threshold == model.threshold
+    assert m2.threshold == model.threshold and m2.inputs == FUSION_INPUTS
     np.testing.assert_allclose(m2.predict(X[:20]), model.predict(X[:20]))
     bad = dict(d, features=["p_mid"])
     with pytest.raises(ValueError, match="features"):
