@@ -29,6 +29,10 @@ from spinepath.levels import VERTEBRA_LEVELS
 
 #: Geometric jitter strength of the pseudo-slice views of 2D inputs (see :func:`grade_slices`).
 VIEW_JITTER = 0.5
+#: Half-width (mm) of the slab around each vertebra's central slice that is classified. The classifiers
+#: learned from mid-sagittal slices only; lateral slices through pedicles and partial-volume body edges are
+#: outside their training distribution and inflated the max-pooled scores.
+CENTRAL_SLAB_MM = 6.0
 
 
 @dataclass
@@ -209,12 +213,22 @@ def fuse(
     return vf, df, X
 
 
-def series_chains(result) -> list[SliceChain]:
-    """Per slice, the named vertebrae of a :class:`spinepath.pipeline.DetectionResult` (top-down)."""
+def series_chains(result, slab_mm: float | None = None) -> list[SliceChain]:
+    """Per slice, the named vertebrae of a :class:`spinepath.pipeline.DetectionResult` (top-down).
+
+    Args:
+        result: The detection result.
+        slab_mm: Keep a vertebra on a slice only within this distance of its central slice (score-weighted
+            mean of its slices); None keeps every slice where it is detected.
+
+    """
+    spacing = float(result.volume.slice_spacing) if result.volume.pixels.shape[0] > 1 else 0.0
+    centre = {id(t): float(np.average(t.slices, weights=t.scores)) for t in result.vertebrae}
     chains = []
     for k in range(result.volume.pixels.shape[0]):
         on = [(t.level, t.box_on(k)) for t in result.vertebrae
-              if t.box_on(k) is not None and t.level in VERTEBRA_LEVELS]
+              if t.box_on(k) is not None and t.level in VERTEBRA_LEVELS
+              and (slab_mm is None or abs(k - centre[id(t)]) * spacing <= slab_mm + 1e-6)]
         if not on:
             continue
         on.sort(key=lambda lb: VERTEBRA_LEVELS.index(lb[0]))
@@ -248,7 +262,7 @@ def classify_detections(result, grader: Grader, spacing_known: bool = True, view
 
     t0 = time.perf_counter()
     vol = result.volume
-    chains = series_chains(result)
+    chains = series_chains(result, CENTRAL_SLAB_MM)
     lo_hi = intensity_range(vol.pixels, (1.0, 99.5))
     images = {ch.key: normalise_image(vol.pixels[ch.key], lo_hi) for ch in chains}
     vprob, dprob = grade_slices(grader, images, chains, float(vol.spacing[0]) if spacing_known else None, views)

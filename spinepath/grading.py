@@ -267,6 +267,7 @@ class GradingConfig:
     drop_path: float = 0.1
     label_smoothing: float = 0.05
     class_weight_power: float = 0.5
+    ordinal_weight: float = 0.0
     seed: int = 0
 
     @classmethod
@@ -327,13 +328,26 @@ def class_weights(grades: list[int], n_classes: int, power: float = 0.5) -> torc
     return torch.tensor(w, dtype=torch.float32)
 
 
-def loss_fn(task: str, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, smoothing: float):
-    """Class-balanced loss: BCE for vertebrae (positive = ``v2``), cross-entropy for discs."""
+def loss_fn(
+    task: str, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, smoothing: float, ordinal: float = 0.0
+):
+    """Class-balanced loss: BCE for vertebrae (positive = ``v2``), cross-entropy for discs.
+
+    With ``ordinal > 0`` the disc loss adds ``ordinal`` times the squared error of the expected grade over the
+    ordinal grades v1-v4 (softmax restricted to them) for discs graded v1-v4, so that near misses cost less
+    than far ones.
+    """
     if task == "vertebra":
         t = y.float() * (1 - smoothing) + smoothing / 2
         w = weights[y]
         return (F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none") * w).mean()
-    return F.cross_entropy(logits, y, weight=weights, label_smoothing=smoothing)
+    loss = F.cross_entropy(logits, y, weight=weights, label_smoothing=smoothing)
+    keep = y < 4
+    if ordinal > 0 and bool(keep.any()):
+        p4 = torch.softmax(logits[keep, :4], dim=1)
+        expected = p4 @ torch.arange(4, dtype=p4.dtype)
+        loss = loss + ordinal * F.mse_loss(expected, y[keep].to(p4.dtype))
+    return loss
 
 
 def probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
@@ -409,7 +423,7 @@ def train_classifier(
         model.train()
         tot, n = 0.0, 0
         for x, y in dl:
-            loss = loss_fn(cfg.task, model(x), y, weights, cfg.label_smoothing)
+            loss = loss_fn(cfg.task, model(x), y, weights, cfg.label_smoothing, cfg.ordinal_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -23,30 +23,25 @@ DEFAULT_GRADER = REPO / "bundle" / "models" / "grader.pt"
 LABELS_FILE = REPO / "configs" / "labels.json"
 
 
-def resolve_model_path(model: str | Path | None = None) -> Path:
-    """The detector weights: ``model`` (file or folder), else ``$HOLOSCAN_MODEL_PATH``, else the bundle's."""
-    cand = model or os.environ.get("HOLOSCAN_MODEL_PATH") or DEFAULT_MODEL
+def _resolve(model: str | Path | None, default: Path, name: str, folder: str) -> Path:
+    cand = model or os.environ.get("HOLOSCAN_MODEL_PATH") or default
     p = Path(cand)
     if p.is_dir():
-        for name in ("model.pt", "detector/model.pt", "models/model.pt"):
-            if (p / name).is_file():
-                return p / name
+        for sub in (name, f"{folder}/{name}", f"models/{name}"):
+            if (p / sub).is_file():
+                return p / sub
+        return p / name
     return p
+
+
+def resolve_model_path(model: str | Path | None = None) -> Path:
+    """The detector weights: ``model`` (file or folder), else ``$HOLOSCAN_MODEL_PATH``, else the bundle's."""
+    return _resolve(model, DEFAULT_MODEL, "model.pt", "detector")
 
 
 def resolve_grader_path(model: str | Path | None = None) -> Path:
-    """The grading model path.
-
-    ``model`` (file or folder), else ``grader.pt`` in ``$HOLOSCAN_MODEL_PATH``, else the bundle's.
-    """
-    cand = model or os.environ.get("HOLOSCAN_MODEL_PATH") or DEFAULT_GRADER
-    p = Path(cand)
-    if p.is_dir():
-        for name in ("grader.pt", "grading/grader.pt", "models/grader.pt"):
-            if (p / name).is_file():
-                return p / name
-        return p / "grader.pt"
-    return p
+    """The grading model: ``model`` (file or folder), else ``$HOLOSCAN_MODEL_PATH``, else the bundle's."""
+    return _resolve(model, DEFAULT_GRADER, "grader.pt", "grading")
 
 
 @dataclass

@@ -59,6 +59,8 @@ def suggest(trial, task: str, max_epochs: int) -> GradingConfig:
         crop_mm=trial.suggest_int("crop_mm", 48, 96, step=8),
         aug_strength=trial.suggest_float("aug_strength", 0.2, 1.5),
         epochs=trial.suggest_int("epochs", max(step, max_epochs - 5 * step), max_epochs, step=step),
+        class_weight_power=trial.suggest_float("class_weight_power", 0.0, 1.0),
+        ordinal_weight=trial.suggest_float("ordinal_weight", 0.0, 1.0) if task == "disc" else 0.0,
     )
 
 
