@@ -13,7 +13,8 @@ from servers import postgres_url  # noqa: F401  (fixture)
 from spinepath.grading import MODEL_SIZES
 from spinepath.search import load_params
 
-SEARCH_DIMS = {"model", "lr", "weight_decay", "crop_mm", "aug_strength", "epochs", "class_weight_power"}  # vertebra task
+# the vertebra task's search dimensions
+SEARCH_DIMS = {"model", "lr", "weight_decay", "crop_mm", "aug_strength", "epochs", "class_weight_power"}
 # tiny and quick: 9 training studies, 4 epochs per trial
 QUICK = ["--task", "vertebra", "--max-cases", "9", "--max-epochs", "4"]
 TIMEOUT = 300
