@@ -7,6 +7,7 @@ set -euo pipefail
 # Extend here (one name per line); later: orthanc orthanc-dicomweb dicom3tools chromium chromium-driver
 PACKAGES=(
   postgresql
+  dicom3tools
 )
 
 missing=()

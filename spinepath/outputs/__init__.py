@@ -1,0 +1,1 @@
+"""DICOM outputs: structured report (TID 1500), segmentation and encapsulated PDF report."""

@@ -1,0 +1,146 @@
+"""PDF report of the findings (matplotlib) and its Encapsulated PDF DICOM object (pydicom).
+
+highdicom has no Encapsulated PDF class; the IOD (PS3.3 A.45.1) is filled here with the patient and study
+modules copied from the source series, in a new series of the same study.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import tempfile
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from spinepath import DISCLAIMER, __version__
+
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+PDF_SERIES_NUMBER = 903
+#: Patient / study attributes copied from the source (type 2 ones are written empty when absent).
+COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+          "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def findings_table(result) -> list[list[str]]:
+    """Rows of the per-level table: level, vertebra finding, P, disc below, grade, P(abnormal)."""
+    f = result.findings
+    vert = {v.level: v for v in f.vertebrae} if f is not None else {}
+    disc = {d.level.split("-")[0]: d for d in f.discs} if f is not None else {}
+    rows = []
+    for t in result.vertebrae:
+        v, d = vert.get(t.level), disc.get(t.level)
+        rows.append([
+            t.level,
+            v.label if v else "not graded",
+            f"{v.probability:.2f}" if v else "",
+            d.level if d else "",
+            f"{d.grade} {d.grade_name}" if d else "",
+            f"{d.abnormal_probability:.2f}" if d else "",
+        ])  # fmt: skip
+    return rows
+
+
+def render_pdf(result) -> bytes:
+    """A one-page A4 PDF: disclaimer, table per level, key image, model versions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from spinepath.pipeline import key_image
+
+    with tempfile.TemporaryDirectory() as d:
+        k = key_image(result, Path(d) / "key.png")
+        with Image.open(Path(d) / "key.png") as im:
+            key = np.asarray(im.convert("RGB"))
+    fig = plt.figure(figsize=(8.27, 11.69))
+    fig.text(0.5, 0.965, "spinepath - lumbar spine MRI findings", ha="center", fontsize=15, weight="bold")
+    fig.text(0.5, 0.94, DISCLAIMER, ha="center", fontsize=9, color="#b00000", weight="bold", wrap=True)
+    v = result.volume
+    fig.text(0.06, 0.915, f"Series: {v.description or '(no description)'} - {v.pixels.shape[0]} slices, "
+             f"{v.spacing[0]:.2f} x {v.spacing[1]:.2f} mm", fontsize=8)
+    ax = fig.add_axes([0.06, 0.56, 0.88, 0.34])
+    ax.axis("off")
+    rows = findings_table(result) or [["-"] * 6]
+    tab = ax.table(cellText=rows, colLabels=["Level", "Vertebra", "P(path.)", "Disc below", "Disc grade",
+                                              "P(abnormal)"], loc="upper center", cellLoc="center")
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(8)
+    tab.scale(1, 1.25)
+    for (r, _c), cell in tab.get_celld().items():
+        if r > 0 and rows[r - 1][1] == "pathological":
+            cell.set_facecolor("#ffe0e0")
+    axk = fig.add_axes([0.15, 0.07, 0.70, 0.46])
+    axk.imshow(key)
+    axk.set_title(f"Key image: slice {k + 1}", fontsize=9)
+    axk.axis("off")
+    f = result.findings
+    thr = f"{f.vertebrae[0].threshold:.2f}" if f is not None and f.vertebrae else "n/a"
+    fig.text(0.06, 0.035, f"spinepath {__version__}; vertebra decision threshold {thr}; disc grades v1 normal, v2 "
+             "bulge, v3 protrusion, v4 extrusion, v5 Schmorl's node. Research prototype.", fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="pdf")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build_pdf_dataset(result, pdf: bytes | None = None, series_number: int = PDF_SERIES_NUMBER) -> pydicom.Dataset:
+    """The Encapsulated PDF DICOM object of the report, in a new series of the source study.
+
+    Raises:
+        ValueError: If the series volume has no source headers.
+
+    """
+    if not result.volume.datasets:
+        raise ValueError("the series volume carries no source DICOM headers")
+    src = result.volume.datasets[0]
+    pdf = render_pdf(result) if pdf is None else pdf
+    now = dt.datetime.now()
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = src.get("SpecificCharacterSet", "ISO_IR 192")
+    for kw in COPIED:
+        setattr(ds, kw, src.get(kw, ""))
+    ds.SOPClassUID = ENCAPSULATED_PDF
+    ds.SOPInstanceUID = hd.UID()
+    ds.Modality = "DOC"
+    ds.SeriesInstanceUID = hd.UID()
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = "spinepath report - NOT FOR DIAGNOSTIC USE"
+    ds.Manufacturer = "spinepath"
+    ds.SoftwareVersions = __version__
+    ds.ConversionType = "WSD"
+    ds.InstanceNumber = 1
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = "spinepath lumbar spine findings (NOT FOR DIAGNOSTIC USE)"
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ref = pydicom.Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    ds.SourceInstanceSequence = [ref]
+    data = pdf + (b"\0" if len(pdf) % 2 else b"")
+    ds.EncapsulatedDocument = data
+    ds.EncapsulatedDocumentLength = len(pdf)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
+def read_pdf(path: str | Path) -> bytes:
+    """The PDF bytes of an Encapsulated PDF file (without the even-length padding)."""
+    ds = pydicom.dcmread(path)
+    data = bytes(ds.EncapsulatedDocument)
+    n = int(ds.get("EncapsulatedDocumentLength", len(data)))
+    return data[:n]

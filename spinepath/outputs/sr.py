@@ -1,0 +1,219 @@
+"""Comprehensive 3D SR with a TID 1500 measurement report of the findings (highdicom).
+
+One planar-ROI measurement group (TID 1410) per graded vertebra and per graded disc: tracking identifier,
+finding site (SNOMED CT level), the region as a polyline on the source slice where the structure is centred,
+the probability as a numeric measurement, qualitative evaluations (Normal/Abnormal; the disc grade) and the
+algorithm identification (name, version).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from spinepath import DISCLAIMER, __version__
+from spinepath.outputs.coding import (
+    ABNORMAL,
+    DISC_GRADE_CODES,
+    DISC_GRADE_NAME,
+    FINDING,
+    NO_UNITS,
+    NORMAL,
+    PROBABILITY,
+    disc_code,
+    vertebra_code,
+)
+
+ALGORITHM = "spinepath"
+SR_SERIES_NUMBER = 902
+
+
+@dataclass
+class Region:
+    """Where a finding is shown: a source slice and a rectangle on it (pixel edge coordinates)."""
+
+    slice_index: int
+    box: tuple[float, float, float, float]  # row_min, col_min, row_max, col_max
+
+
+def central_slice(track) -> int:
+    """The slice of a vertebra track nearest its score-weighted centre."""
+    c = float(np.average(track.slices, weights=track.scores))
+    return min(track.slices, key=lambda k: abs(k - c))
+
+
+def vertebra_region(track) -> Region:
+    """The vertebra's box on its central slice."""
+    k = central_slice(track)
+    return Region(k, tuple(float(x) for x in track.box_on(k)))
+
+
+def disc_region(upper, lower, slices: list[int]) -> Region | None:
+    """The space between two neighbouring vertebral bodies on the disc's middle slice (None if not shared)."""
+    shared = [k for k in slices if upper.box_on(k) is not None and lower.box_on(k) is not None]
+    if not shared:
+        return None
+    k = shared[len(shared) // 2]
+    a, b = upper.box_on(k), lower.box_on(k)
+    r0, r1 = float(min(a[2], b[0])), float(max(a[2], b[0]))
+    if r1 - r0 < 4:  # touching boxes: give the region a visible height
+        m = (r0 + r1) / 2
+        r0, r1 = m - 2, m + 2
+    return Region(k, (r0, float(min(a[1], b[1])), r1, float(max(a[3], b[3]))))
+
+
+def _polyline(region: Region, source: pydicom.Dataset) -> hd.sr.ImageRegion:
+    r0, c0, r1, c1 = region.box
+    # SCOORD pixel coordinates are (column, row) with 0\\0 the top-left corner of the first pixel: box edges
+    pts = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float32)
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=pts,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+    )
+
+
+def measurement_groups(result) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per graded vertebra and disc of a graded detection result."""
+    f = result.findings
+    if f is None:
+        raise ValueError("the detection result has no findings: run the grading stage first")
+    ds = result.volume.datasets
+    algo = hd.sr.AlgorithmIdentification(name=ALGORITHM, version=__version__)
+    tracks = {t.level: t for t in result.vertebrae}
+    groups = []
+    for v in f.vertebrae:
+        t = tracks.get(v.level)
+        if t is None:
+            continue
+        reg = vertebra_region(t)
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{v.level} vertebra"),
+                referenced_region=_polyline(reg, ds[reg.slice_index]),
+                finding_type=codes.SCT.Vertebra,
+                algorithm_id=algo,
+                finding_sites=[hd.sr.FindingSite(vertebra_code(v.level))],
+                measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(v.probability, 4), unit=NO_UNITS,
+                                                algorithm_id=algo)],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(FINDING, ABNORMAL if v.label == "pathological" else NORMAL)
+                ],
+            )
+        )
+    for d in f.discs:
+        a, b = d.level.split("-")
+        if a not in tracks or b not in tracks:
+            continue
+        reg = disc_region(tracks[a], tracks[b], d.slices)
+        if reg is None:
+            continue
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{d.level} disc"),
+                referenced_region=_polyline(reg, ds[reg.slice_index]),
+                finding_type=disc_code(d.level),
+                algorithm_id=algo,
+                finding_sites=[hd.sr.FindingSite(disc_code(d.level))],
+                measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(d.abnormal_probability, 4),
+                                                unit=NO_UNITS, algorithm_id=algo)],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(FINDING, NORMAL if d.grade == "v1" else ABNORMAL),
+                    hd.sr.QualitativeEvaluation(DISC_GRADE_NAME, DISC_GRADE_CODES[d.grade]),
+                ],
+            )
+        )
+    return groups
+
+
+def build_sr(result, series_number: int = SR_SERIES_NUMBER) -> hd.sr.Comprehensive3DSR:
+    """The findings as a Comprehensive 3D SR (TID 1500) in a new series of the source study.
+
+    Raises:
+        ValueError: If the result has no findings or no source headers.
+
+    """
+    ds = result.volume.datasets
+    if not ds:
+        raise ValueError("the series volume carries no source DICOM headers")
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(), name=ALGORITHM, manufacturer_name=ALGORITHM, model_name=__version__
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.LN.MRISpineReport,
+        imaging_measurements=measurement_groups(result),
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    with warnings.catch_warnings():
+        # highdicom's person-name check quotes the patient's name in its warning: never let it reach a log
+        warnings.filterwarnings("ignore", message=".*person name.*")
+        return _document(ds, report, series_number)
+
+
+def _document(ds: list, report: hd.sr.MeasurementReport, series_number: int) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.Comprehensive3DSR(
+        evidence=list(ds),
+        content=report,
+        series_number=series_number,
+        series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=ALGORITHM,
+        series_description="spinepath findings - NOT FOR DIAGNOSTIC USE",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=None,
+    )
+
+
+def write_dataset(dataset: pydicom.Dataset, path: str | Path) -> Path:
+    """Write a DICOM dataset atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".dcm", dir=path.parent)
+    os.close(fd)
+    try:
+        dataset.save_as(tmp, enforce_file_format=True)
+        Path(tmp).replace(path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def read_findings(path: str | Path) -> dict:
+    """Read an SR written by :func:`build_sr` back into ``{"vertebrae": {level: {...}}, "discs": {...}}``."""
+    sr = hd.sr.srread(path)
+    report = sr.content
+    out: dict = {"vertebrae": {}, "discs": {}, "disclaimer_in_series": DISCLAIMER.split(".")[0].upper() in
+                 str(sr.SeriesDescription).upper()}
+    groups = report.get_planar_roi_measurement_groups()
+    for g in groups:
+        ident = str(g.tracking_identifier)
+        level, kind = ident.rsplit(" ", 1)
+        prob = g.get_measurements(name=PROBABILITY)[0].value
+        quals = {q.name.meaning: q.value.meaning for q in g.get_qualitative_evaluations()}
+        region = g.roi
+        entry = {
+            "probability": float(prob),
+            "finding": quals.get(FINDING.meaning),
+            "finding_site": g.finding_sites[0].value.meaning,
+            "source_sop_instance_uid": region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
+            "polyline": np.asarray(region.value).reshape(-1, 2).tolist(),
+        }
+        if kind == "disc":
+            entry["grade"] = next(k for k, c in DISC_GRADE_CODES.items() if c.meaning == quals[DISC_GRADE_NAME.meaning])
+        out["vertebrae" if kind == "vertebra" else "discs"][level] = entry
+    return out

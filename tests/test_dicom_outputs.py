@@ -1,0 +1,99 @@
+"""DICOM SR (TID 1500) and Encapsulated PDF outputs: conformance (dciodvfy) and exact round trips."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import EXAMPLE
+
+from spinepath.detection import VertebraDetector
+from spinepath.dicom_io import load_study
+from spinepath.findings import grade_detections
+from spinepath.grading import Grader
+from spinepath.outputs.pdf import build_pdf_dataset, read_pdf, render_pdf
+from spinepath.outputs.sr import build_sr, central_slice, read_findings, write_dataset
+from spinepath.pipeline import detect_series, resolve_grader_path, resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def graded():
+    vol = load_study(EXAMPLE)
+    res = detect_series(vol, VertebraDetector.load(resolve_model_path()))
+    res.findings = grade_detections(res, Grader.load(resolve_grader_path()))
+    return res
+
+
+def dciodvfy_errors(path) -> list[str]:
+    """Lines of dciodvfy's report that are errors (warnings are allowed)."""
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy missing: run scripts/setup_system.sh (Debian dicom3tools)"
+    r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
+
+
+def test_sr_conforms_and_round_trips(graded, tmp_path):
+    p = write_dataset(build_sr(graded), tmp_path / "sr.dcm")
+    assert dciodvfy_errors(p) == []
+    ds = pydicom.dcmread(p)
+    src = graded.volume.datasets[0]
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.SeriesInstanceUID != src.SeriesInstanceUID
+    assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription
+    back = read_findings(p)
+    f = graded.findings
+    assert set(back["vertebrae"]) == {v.level for v in f.vertebrae}
+    tracks = {t.level: t for t in graded.vertebrae}
+    for v in f.vertebrae:
+        b = back["vertebrae"][v.level]
+        assert b["probability"] == round(v.probability, 4)
+        assert b["finding"] == ("Abnormal" if v.label == "pathological" else "Normal")
+        assert b["finding_site"] == f"{v.level} vertebra"
+        k = central_slice(tracks[v.level])
+        assert b["source_sop_instance_uid"] == graded.volume.sop_instance_uids[k]
+        r0, c0, r1, c1 = tracks[v.level].box_on(k)
+        np.testing.assert_allclose(np.array(b["polyline"])[:4], [[c0, r0], [c1, r0], [c1, r1], [c0, r1]], atol=1e-3)
+    assert set(back["discs"]) == {d.level for d in f.discs}
+    for d in f.discs:
+        b = back["discs"][d.level]
+        assert b["grade"] == d.grade and b["probability"] == round(d.abnormal_probability, 4)
+        assert b["finding"] == ("Normal" if d.grade == "v1" else "Abnormal")
+        assert b["finding_site"].replace("/", "-").startswith(d.level.split("-")[0])
+
+
+def test_pdf_conforms_and_round_trips(graded, tmp_path):
+    pdf = render_pdf(graded)
+    assert pdf.startswith(b"%PDF") and len(pdf) > 10_000
+    p = write_dataset(build_pdf_dataset(graded, pdf), tmp_path / "report.dcm")
+    assert dciodvfy_errors(p) == []
+    ds = pydicom.dcmread(p)
+    src = graded.volume.datasets[0]
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1" and ds.Modality == "DOC"
+    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+    assert "NOT FOR DIAGNOSTIC USE" in ds.DocumentTitle and "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription
+    assert read_pdf(p) == pdf
+
+
+def test_no_patient_identifiers_in_warnings(graded):
+    import warnings
+
+    src = graded.volume.datasets[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_sr(graded)
+        build_pdf_dataset(graded, b"%PDF-1.4 test")
+    text = " ".join(str(w.message) for w in caught)
+    assert str(src.PatientName) not in text and str(src.PatientID) not in text
+
+
+def test_sr_requires_findings(graded):
+    import copy
+
+    ungraded = copy.copy(graded)
+    ungraded.findings = None
+    with pytest.raises(ValueError, match="no findings"):
+        build_sr(ungraded)
