@@ -14,8 +14,10 @@ from spinepath.detection import VertebraDetector
 from spinepath.dicom_io import load_study
 from spinepath.findings import grade_detections
 from spinepath.grading import Grader
+from spinepath.outputs.common import write_dataset
 from spinepath.outputs.pdf import build_pdf_dataset, read_pdf, render_pdf
-from spinepath.outputs.sr import build_sr, central_slice, read_findings, write_dataset
+from spinepath.outputs.seg import build_vertebra_seg
+from spinepath.outputs.sr import build_sr, central_slice, read_findings
 from spinepath.pipeline import detect_series, resolve_grader_path, resolve_model_path
 
 
@@ -85,6 +87,7 @@ def test_no_patient_identifiers_in_warnings(graded):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_sr(graded)
+        build_vertebra_seg(graded)
         build_pdf_dataset(graded, b"%PDF-1.4 test")
     text = " ".join(str(w.message) for w in caught)
     assert str(src.PatientName) not in text and str(src.PatientID) not in text

@@ -8,9 +8,6 @@ algorithm identification (name, version).
 
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from spinepath.outputs.coding import (
     disc_code,
     vertebra_code,
 )
+from spinepath.outputs.common import no_identifying_warnings
 
 ALGORITHM = "spinepath"
 SR_SERIES_NUMBER = 902
@@ -156,9 +154,7 @@ def build_sr(result, series_number: int = SR_SERIES_NUMBER) -> hd.sr.Comprehensi
         imaging_measurements=measurement_groups(result),
         title=codes.DCM.ImagingMeasurementReport,
     )
-    with warnings.catch_warnings():
-        # highdicom's person-name check quotes the patient's name in its warning: never let it reach a log
-        warnings.filterwarnings("ignore", message=".*person name.*")
+    with no_identifying_warnings():
         return _document(ds, report, series_number)
 
 
@@ -177,20 +173,6 @@ def _document(ds: list, report: hd.sr.MeasurementReport, series_number: int) -> 
         is_verified=False,
         institution_name=None,
     )
-
-
-def write_dataset(dataset: pydicom.Dataset, path: str | Path) -> Path:
-    """Write a DICOM dataset atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".dcm", dir=path.parent)
-    os.close(fd)
-    try:
-        dataset.save_as(tmp, enforce_file_format=True)
-        Path(tmp).replace(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def read_findings(path: str | Path) -> dict:

@@ -1,0 +1,34 @@
+"""Helpers shared by the DICOM writers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+
+
+@contextmanager
+def no_identifying_warnings() -> Iterator[None]:
+    """Silence highdicom's person-name check, whose warning quotes the patient's name (never log it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*person name.*")
+        yield
+
+
+def write_dataset(dataset: pydicom.Dataset, path: str | Path) -> Path:
+    """Write a DICOM dataset atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".dcm", dir=path.parent)
+    os.close(fd)
+    try:
+        dataset.save_as(tmp, enforce_file_format=True)
+        Path(tmp).replace(path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,184 @@
+"""DICOM Segmentation (binary SEG, highdicom) of the named vertebrae: one segment per level.
+
+Each segment is the vertebra's detected box, filled, on every source slice where it was detected. Frames
+reference their source slice (same matrix and geometry as the sagittal series); empty frames are omitted.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from spinepath import __version__
+from spinepath.levels import VERTEBRA_LEVELS, level_index
+from spinepath.outputs.coding import vertebra_code
+from spinepath.outputs.common import no_identifying_warnings, write_dataset
+
+__all__ = [
+    "SEG_SERIES_DESCRIPTION",
+    "SEG_SERIES_NUMBER",
+    "box_mask",
+    "build_vertebra_seg",
+    "seg_masks",
+    "vertebra_code",
+    "write_seg",
+]
+
+SEG_SERIES_NUMBER = 901
+SEG_SERIES_DESCRIPTION = "spinepath vertebrae (NOT FOR DIAGNOSTIC USE)"
+#: Type 2 attributes highdicom reads from the first source header (absent ones are written empty).
+_TYPE2_SOURCE = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def box_mask(box, shape: tuple[int, int]) -> np.ndarray:
+    """Filled box ``[r0, c0, r1, c1]`` (pixel edge coordinates) as a boolean mask of ``shape``.
+
+    A pixel is inside when its centre (``i + 0.5`` in edge coordinates) lies in ``[r0, r1)`` x ``[c0, c1)``.
+    """
+    r0, c0, r1, c1 = (float(x) for x in box)
+    rows, cols = shape
+    i0, i1 = (int(np.clip(np.ceil(v - 0.5), 0, rows)) for v in (r0, r1))
+    j0, j1 = (int(np.clip(np.ceil(v - 0.5), 0, cols)) for v in (c0, c1))
+    m = np.zeros(shape, dtype=bool)
+    m[i0:i1, j0:j1] = True
+    return m
+
+
+def seg_masks(result) -> tuple[np.ndarray, list[str]]:
+    """Per-level masks of the named vertebrae of a detection result.
+
+    Args:
+        result: A :class:`spinepath.pipeline.DetectionResult`.
+
+    Returns:
+        ``(masks, levels)``: boolean ``(n_levels, n_slices, rows, cols)`` masks indexed like
+        ``result.volume.pixels`` and the level names, top-down; unnamed (``"?"``) vertebrae are left out and
+        two tracks with the same name are merged.
+
+    """
+    shape = result.volume.pixels.shape
+    levels = sorted({t.level for t in result.vertebrae if t.level in VERTEBRA_LEVELS}, key=level_index)
+    masks = np.zeros((len(levels), *shape), dtype=bool)
+    for t in result.vertebrae:
+        if t.level not in levels:
+            continue
+        i = levels.index(t.level)
+        for k, b in zip(t.slices, t.boxes):
+            masks[i, k] |= box_mask(b, shape[1:])
+    return masks, levels
+
+
+def _source_headers(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The source headers with the type 2 study/patient attributes highdicom needs present (copies)."""
+    first = datasets[0]
+    missing = [k for k in _TYPE2_SOURCE if k not in first]
+    if not missing:
+        return list(datasets)
+    first = copy.deepcopy(first)  # Dataset.copy() is shallow: it shares the elements with the original
+    for k in missing:
+        setattr(first, k, "")
+    return [first, *datasets[1:]]
+
+
+def build_vertebra_seg(
+    result, series_number: int = SEG_SERIES_NUMBER, manufacturer: str = "spinepath"
+) -> hd.seg.Segmentation:
+    """Build the binary DICOM Segmentation of the named vertebrae, a new series in the source study.
+
+    Args:
+        result: A :class:`spinepath.pipeline.DetectionResult` of a DICOM series (``result.volume.datasets``
+            holds the source headers; pixel data is not needed).
+        series_number: Series Number of the new series.
+        manufacturer: Manufacturer of the new series.
+
+    Returns:
+        A :class:`highdicom.seg.Segmentation` (a ``pydicom.Dataset``): segment ``i + 1`` is ``levels[i]`` of
+        :func:`seg_masks`, labelled e.g. ``"L3 vertebral body"`` with the level as Segment Description.
+
+    Raises:
+        ValueError: If the volume has no source headers or no vertebra is named.
+
+    """
+    v = result.volume
+    if not v.datasets or len(v.datasets) != v.pixels.shape[0]:
+        raise ValueError("the series volume carries no source DICOM header per slice: cannot reference it")
+    masks, levels = seg_masks(result)
+    if not levels:
+        raise ValueError("no named vertebra to segment")
+    colours = _label_colours()
+    algo = hd.AlgorithmIdentificationSequence(
+        name="spinepath", version=__version__, family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = []
+    for i, lv in enumerate(levels, start=1):
+        d = hd.seg.SegmentDescription(
+            segment_number=i,
+            segment_label=f"{lv} vertebral body",
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=vertebra_code(lv),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            display_color=hd.color.CIELabColor.from_rgb(*colours[lv]) if lv in colours else None,
+        )
+        d.SegmentDescription = lv
+        descriptions.append(d)
+    # frame i <-> source slice i: the masks are indexed like the sorted volume and its headers
+    with no_identifying_warnings():
+        return _segmentation(v, masks, descriptions, series_number, manufacturer)
+
+
+def _segmentation(v, masks: np.ndarray, descriptions: list, series_number: int, manufacturer: str):
+    return hd.seg.Segmentation(
+        source_images=_source_headers(v.datasets),
+        pixel_array=np.moveaxis(masks, 0, -1),  # (slices, rows, cols, segments)
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name="spinepath",
+        software_versions=__version__,
+        device_serial_number="0",
+        content_label="VERTEBRAE",
+        content_description="Vertebral bodies (detected boxes), research use only",
+        series_description=SEG_SERIES_DESCRIPTION,
+        omit_empty_frames=True,
+    )
+
+
+def _label_colours() -> dict[str, tuple[int, int, int]]:
+    from spinepath.pipeline import label_colors  # lazy: the pipeline imports torch
+
+    return label_colors()
+
+
+def write_seg(result, path: str | Path, **kwargs) -> Path:
+    """Build the vertebra SEG and write it atomically (temporary file in the same folder, then rename).
+
+    Args:
+        result: A :class:`spinepath.pipeline.DetectionResult` of a DICOM series.
+        path: Output file.
+        **kwargs: Passed to :func:`build_vertebra_seg`.
+
+    Returns:
+        The written path.
+
+    """
+    return write_dataset(build_vertebra_seg(result, **kwargs), path)
