@@ -1,4 +1,4 @@
-"""Operator: detection result -> vertebrae.json + key_image.png (spinepath.pipeline.write_outputs)."""
+"""Operator: graded result -> JSON, key image, DICOM SR/SEG/PDF (spinepath.pipeline.write_outputs)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from spinepath.pipeline import write_outputs
 
 
 class ResultsWriterOperator(Operator):
-    """Write the JSON findings and the key image atomically, then ``status.json``.
+    """Write the JSON findings, the key image and the DICOM outputs atomically, then ``status.json``.
+
+    DICOM outputs: ``dicom/sr.dcm`` (TID 1500 SR), ``dicom/seg.dcm``, ``dicom/report.dcm`` (Encapsulated PDF).
 
     Named input:
         result: :class:`spinepath.pipeline.DetectionResult`.

@@ -206,11 +206,40 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     return k
 
 
-def write_outputs(result: DetectionResult, out_dir: str | Path) -> dict:
-    """Write ``vertebrae.json`` and ``key_image.png`` atomically (all or nothing), then ``status.json``.
+def write_dicom_outputs(result: DetectionResult, folder: str | Path) -> dict[str, str]:
+    """Write the DICOM outputs of a graded result into ``folder``.
 
-    The two result files go through a temporary folder inside ``out_dir``; ``status.json`` (``ok: true``) is
-    written only once both are in place.
+    ``sr.dcm`` (Comprehensive 3D SR, TID 1500), ``seg.dcm`` (vertebra segmentation) and ``report.dcm``
+    (Encapsulated PDF), each a new series of the source study.
+
+    Returns:
+        ``{kind: file name}`` for the JSON.
+
+    """
+    from spinepath.outputs.common import write_dataset
+    from spinepath.outputs.pdf import build_pdf_dataset
+    from spinepath.outputs.seg import build_vertebra_seg
+    from spinepath.outputs.sr import build_sr
+
+    folder = Path(folder)
+    files = {"sr": "sr.dcm", "seg": "seg.dcm", "pdf_report": "report.dcm"}
+    write_dataset(build_sr(result), folder / files["sr"])
+    write_dataset(build_vertebra_seg(result), folder / files["seg"])
+    write_dataset(build_pdf_dataset(result), folder / files["pdf_report"])
+    return files
+
+
+def write_outputs(result: DetectionResult, out_dir: str | Path, dicom: bool | None = None) -> dict:
+    """Write ``vertebrae.json``, ``key_image.png`` and the DICOM outputs atomically, then ``status.json``.
+
+    The results go through a temporary folder inside ``out_dir``; ``status.json`` (``ok: true``) is written
+    only once all are in place.
+
+    Args:
+        result: The detection result (graded when ``findings`` is set).
+        out_dir: Output folder.
+        dicom: Write ``dicom/{sr,seg,report}.dcm``; by default when the result is graded and the series
+            carries its source DICOM headers.
 
     Returns:
         The JSON result as written.
@@ -218,12 +247,22 @@ def write_outputs(result: DetectionResult, out_dir: str | Path) -> dict:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if dicom is None:
+        dicom = result.findings is not None and bool(result.volume.datasets) and bool(result.vertebrae)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
         d = result.to_dict()
         d["key_image"] = {"file": "key_image.png", "slice_index": key_image(result, tmp / "key_image.png")}
+        if dicom:
+            t0 = time.perf_counter()
+            files = write_dicom_outputs(result, tmp / "dicom")
+            d["dicom_outputs"] = {k: f"dicom/{v}" for k, v in files.items()}
+            d["timings_s"]["dicom_outputs"] = round(time.perf_counter() - t0, 3)
         (tmp / "vertebrae.json").write_text(json.dumps(d, indent=1))
-        for name in ("vertebrae.json", "key_image.png"):
+        names = ["vertebrae.json", "key_image.png"] + (["dicom"] if dicom else [])
+        for name in names:
+            if name == "dicom" and (out / name).exists():
+                shutil.rmtree(out / name)
             (tmp / name).replace(out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,6 +36,15 @@ def _check_outputs(out: Path) -> dict:
     im = Image.open(out / "key_image.png")
     assert im.size[0] >= 381 and im.mode == "RGB"
     _check_findings(d, np.asarray(im))
+    import pydicom
+
+    classes = {"sr": "1.2.840.10008.5.1.4.1.1.88.34", "seg": "1.2.840.10008.5.1.4.1.1.66.4",
+               "pdf_report": "1.2.840.10008.5.1.4.1.1.104.1"}
+    assert set(d["dicom_outputs"]) == set(classes)
+    for kind, rel in d["dicom_outputs"].items():
+        ds = pydicom.dcmread(out / rel, stop_before_pixels=True)
+        assert ds.SOPClassUID == classes[kind] and ds.StudyInstanceUID == d["input"]["study_instance_uid"]
+        assert ds.SeriesInstanceUID != d["input"]["series_instance_uid"]
     return d
 
 

@@ -28,6 +28,9 @@ def write_dataset(dataset: pydicom.Dataset, path: str | Path) -> Path:
     os.close(fd)
     try:
         dataset.save_as(tmp, enforce_file_format=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the usual permissions of a new file
         Path(tmp).replace(path)
     finally:
         Path(tmp).unlink(missing_ok=True)
