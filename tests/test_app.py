@@ -137,3 +137,25 @@ def test_evaluate_cli_error_paths(tmp_path):
         ]
     )
     assert r.returncode == 2 and "weights not found" in r.stderr
+
+
+def test_app_loads_models_from_holoscan_model_path(tmp_path):
+    """Packaged layout: models in a sub-folder of HOLOSCAN_MODEL_PATH; an empty model path is refused."""
+    import shutil
+
+    models = tmp_path / "opt_models"
+    (models / "models").mkdir(parents=True)
+    for name in ("model.pt", "grader.pt"):
+        shutil.copy(REPO / "bundle" / "models" / name, models / "models" / name)
+    out = tmp_path / "out"
+    env = {"HOLOSCAN_INPUT_PATH": str(EXAMPLE), "HOLOSCAN_OUTPUT_PATH": str(out), "HOLOSCAN_MODEL_PATH": str(models)}
+    r = _run(["app.py"], env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "status.json").read_text())["ok"] is True
+    empty = tmp_path / "empty_models"
+    empty.mkdir()
+    out2 = tmp_path / "out2"
+    r = _run(["app.py"], env={**env, "HOLOSCAN_MODEL_PATH": str(empty), "HOLOSCAN_OUTPUT_PATH": str(out2)})
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads((out2 / "status.json").read_text())["ok"] is False
+    assert not (out2 / "vertebrae.json").exists()
