@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests need (servers started by tests/servers.py). Idempotent: when all are
-# installed it only runs `dpkg -s` and exits. It never starts or enables a system-wide service.
+# installed it only runs `dpkg -s` and exits. It leaves no system-wide service running (a postinst may still
+# enable its unit: inert where systemd is not running, as in the containers).
 # Usage: scripts/setup_system.sh            (root, or a user with sudo)
 set -euo pipefail
 
-# Extend here (one name per line); later: orthanc orthanc-dicomweb dicom3tools chromium chromium-driver
+# Extend here (one name per line); later: chromium chromium-driver
 PACKAGES=(
   postgresql
   dicom3tools
+  orthanc
+  orthanc-dicomweb
 )
 
 missing=()
@@ -44,3 +47,18 @@ trap cleanup EXIT
 "${SUDO[@]}" apt-get update -qq
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+
+# A postinst may still start a server (e.g. under an existing, permissive policy-rc.d): stop the system-wide
+# services of the packages installed just now; the tests start their own.
+for pair in orthanc:Orthanc postgresql:postgres; do
+  pkg=${pair%%:*} proc=${pair#*:}
+  [[ " ${missing[*]} " == *" $pkg "* ]] || continue
+  if pgrep -x "$proc" >/dev/null 2>&1; then
+    echo "stopping the system-wide $pkg service started by the package ..."
+    if [ -d /run/systemd/system ]; then
+      "${SUDO[@]}" systemctl stop "$pkg" || true
+    elif [ -x "/etc/init.d/$pkg" ]; then
+      "${SUDO[@]}" "/etc/init.d/$pkg" stop || true
+    fi
+  fi
+done

@@ -143,18 +143,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import tempfile
+
     from spinepath.dicom_io import StudyError
+    from spinepath.pacs import PacsError, fetch_study, store_files
     from spinepath.pipeline import default_input, run_study
 
-    if args.input:
-        in_dir, kind = Path(args.input), "dicom"
-    else:
-        in_dir, kind = default_input(Path(args.output).parent / ".spinepath-default-input")
-    try:
-        res = run_study(in_dir, args.output, args.model, input_kind=kind, grader=args.grader)
-    except (StudyError, FileNotFoundError, ValueError) as exc:
-        raise CliError(str(exc)) from None
-    print(json.dumps({"input": kind, "levels": res["levels"], "output": str(args.output)}))
+    if args.dicomweb and args.input:
+        raise CliError("give either -i/--input or --dicomweb, not both")
+    if (args.study or args.store) and not args.dicomweb:
+        raise CliError("--study and --store need --dicomweb")
+    if args.dicomweb and not args.study:
+        raise CliError("--dicomweb needs --study (the StudyInstanceUID to fetch)")
+    stored = None
+    with tempfile.TemporaryDirectory(prefix="spinepath-fetch-") as tmp:
+        try:
+            if args.dicomweb:
+                in_dir, kind = Path(tmp) / "study", "dicomweb"
+                fetch_study(args.dicomweb, args.study, in_dir)
+            elif args.input:
+                in_dir, kind = Path(args.input), "dicom"
+            else:
+                in_dir, kind = default_input(Path(args.output).parent / ".spinepath-default-input")
+            res = run_study(in_dir, args.output, args.model, input_kind=kind, grader=args.grader)
+            if args.store:
+                files = sorted((Path(args.output) / "dicom").glob("*.dcm"))
+                store_files(args.dicomweb, files)
+                stored = len(files)
+        except (StudyError, PacsError, FileNotFoundError, FileExistsError, ValueError) as exc:
+            raise CliError(str(exc)) from None
+    out = {"input": kind, "levels": res["levels"], "output": str(args.output)}
+    if stored is not None:
+        out["stored"] = stored
+    print(json.dumps(out))
     return 0
 
 
@@ -242,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", default="output")
     r.add_argument("-m", "--model", help="detector weights (file or folder)")
     r.add_argument("--grader", help="grading model (file or folder); default: grader.pt beside the detector")
+    r.add_argument("--dicomweb", metavar="URL", help="DICOMweb root (e.g. http://pacs:8042/dicom-web): fetch --study")
+    r.add_argument("--study", metavar="UID", help="StudyInstanceUID to fetch (with --dicomweb)")
+    r.add_argument("--store", action="store_true", help="store the DICOM outputs back (STOW-RS) to --dicomweb")
     r.set_defaults(func=_cmd_run)
 
     ph = sub.add_parser("phantom", help="write the synthetic phantom DICOM study")

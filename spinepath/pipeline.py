@@ -182,7 +182,7 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
         if b is None:
             continue
         r0, c0, r1, c1 = (float(x) * scale for x in b)
-        centres[t.level] = ((r0 + r1) / 2, c1)
+        centres[t.level] = ((r0 + r1) / 2, c0)
         g = graded.get(t.level)
         if g is None:  # not graded: level colour
             col, text = colors.get(t.level, (255, 255, 0)), f"{t.level} {t.name_confidence:.2f}"
@@ -195,9 +195,10 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
         a, b_ = lv.split("-")
         if a in centres and b_ in centres:
             row = (centres[a][0] + centres[b_][0]) / 2
-            col = max(centres[a][1], centres[b_][1]) + 4
-            colour = DISC_COLOURS[d.grade]
-            draw.text((col, row - 6), f"{lv} {d.grade_name}", fill=colour)
+            text = f"{lv} {d.grade_name}"
+            # anterior (left) of the bodies, so that disc and vertebra labels never overlap
+            col = max(2.0, min(centres[a][1], centres[b_][1]) - 6 - draw.textlength(text))
+            draw.text((col, row - 6), text, fill=DISC_COLOURS[d.grade])
     if f is not None:
         draw.text((4, 18), "boxes: red = pathological, green = healthy; discs: grade", fill=(255, 255, 255))
     draw.text((4, 4), "NOT FOR DIAGNOSTIC USE", fill=(255, 170, 0))

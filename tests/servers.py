@@ -1,23 +1,29 @@
-"""Throwaway servers for tests: a PostgreSQL cluster on loopback.
+"""Throwaway servers for tests: a PostgreSQL cluster and an Orthanc PACS (with DICOMweb), on loopback.
 
-Use the fixture from a test module (``tests/`` is on ``sys.path``, as for ``conftest``)::
+Use the fixtures from a test module (``tests/`` is on ``sys.path``, as for ``conftest``)::
 
-    from servers import postgres_url  # noqa: F401  (pytest finds the fixture by name)
+    from servers import orthanc_url, postgres_url  # noqa: F401  (pytest finds the fixtures by name)
 
     def test_x(postgres_url: str) -> None: ...
+    def test_y(orthanc_url: str) -> None: ...  # http://127.0.0.1:PORT; DICOMweb root: orthanc_url + DICOMWEB_ROOT
 
-or the context manager :func:`postgres_server` outside pytest. The binaries come from the Debian
-``postgresql`` package (``scripts/setup_system.sh``); the system-wide service is never used.
+or the context managers :func:`postgres_server` / :func:`orthanc_server` outside pytest. The binaries come from
+the Debian packages ``postgresql``, ``orthanc`` and ``orthanc-dicomweb`` (``scripts/setup_system.sh``); the
+system-wide services are never used.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,6 +137,117 @@ def postgres_url() -> Iterator[str]:
         pytest.fail("psycopg2 is missing from the environment: pip install psycopg2-binary (requirements.txt)")
     try:
         with postgres_server() as url:
+            yield url
+    except ServerError as exc:
+        pytest.fail(str(exc))
+
+
+# --- Orthanc --------------------------------------------------------------------------------------------------------
+
+ORTHANC_BIN = Path("/usr/sbin/Orthanc")
+ORTHANC_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
+ORTHANC_HINT = "run scripts/setup_system.sh (installs the Debian packages orthanc and orthanc-dicomweb)"
+DICOMWEB_ROOT = "/dicom-web"
+
+
+def find_orthanc() -> tuple[Path, Path]:
+    """The Orthanc executable and its DICOMweb plugin (``libOrthancDicomWeb.so``)."""
+    exe = ORTHANC_BIN if ORTHANC_BIN.is_file() else (Path(w) if (w := shutil.which("Orthanc")) else None)
+    if exe is None:
+        raise ServerError(f"Orthanc not found ({ORTHANC_BIN}); {ORTHANC_HINT}")
+    plugins = [p for d in ORTHANC_PLUGIN_DIRS for p in sorted(d.glob("libOrthancDicomWeb.so*")) if p.is_file()]
+    if not plugins:  # elsewhere: ask dpkg where the package put it
+        res = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, timeout=30)
+        plugins = [Path(ln) for ln in res.stdout.splitlines() if ".so" in Path(ln).name and Path(ln).is_file()]
+    if not plugins:
+        raise ServerError(f"the Orthanc DICOMweb plugin (libOrthancDicomWeb.so) was not found; {ORTHANC_HINT}")
+    return exe, plugins[0]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def orthanc_server(host: str = "127.0.0.1", timeout: float = 60) -> Iterator[str]:
+    """Start a fresh Orthanc with the DICOMweb plugin in a temporary folder; yields its base URL.
+
+    HTTP and DICOM ports are free ports picked on loopback; HTTP listens only on loopback
+    (``RemoteAccessAllowed: false``), without authentication. The DICOM listener binds all interfaces (Orthanc
+    has no bind-address option) but accepts no C-ECHO / C-STORE from unknown peers, and there are none. The
+    DICOMweb API is at ``URL + DICOMWEB_ROOT``. Orthanc is stopped and the folder removed on exit.
+
+    Args:
+        host: Loopback address of the URL.
+        timeout: Seconds to wait for ``/system`` to answer.
+
+    Yields:
+        ``http://HOST:PORT``.
+
+    Raises:
+        ServerError: Binaries missing, or Orthanc did not start.
+
+    """
+    exe, plugin = find_orthanc()
+    tmp = Path(tempfile.mkdtemp(prefix="spinepath-orthanc-"))
+    log = tmp / "orthanc.log"
+    proc: subprocess.Popen | None = None
+    try:
+        for _ in range(3):  # a free port may be taken between probing and binding
+            http_port, dicom_port = free_port(host), free_port(host)
+            config = {
+                "Name": "spinepath-test",
+                "StorageDirectory": str(tmp / "storage"),
+                "IndexDirectory": str(tmp / "index"),
+                "HttpPort": http_port,
+                "DicomPort": dicom_port,
+                "DicomAet": "SPINEPATH",
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
+                "DicomAlwaysAllowEcho": False,
+                "DicomAlwaysAllowStore": False,
+                "SaveJobs": False,
+                "Plugins": [str(plugin)],
+                "DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT + "/", "EnableWado": False},
+            }
+            (tmp / "orthanc.json").write_text(json.dumps(config, indent=2))
+            with open(log, "ab") as fh:
+                proc = subprocess.Popen([str(exe), str(tmp / "orthanc.json")], cwd=tmp, stdout=fh,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            url = f"http://{host}:{http_port}"
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline and not _answers(f"{url}/system"):
+                time.sleep(0.1)
+            if proc.poll() is None and _answers(f"{url}/system"):
+                if not _answers(f"{url}{DICOMWEB_ROOT}/studies"):
+                    raise ServerError(f"Orthanc started without DICOMweb ({plugin}):\n"
+                                      f"{log.read_text(errors='replace')[-2000:]}")
+                yield url
+                return
+            if proc.poll() is None:  # up but silent: give up
+                break
+        tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+        raise ServerError(f"Orthanc did not start (exit code {proc.poll() if proc else None}):\n{tail}")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def orthanc_url() -> Iterator[str]:
+    """Base URL (``http://127.0.0.1:PORT``) of a throwaway Orthanc with DICOMweb for the whole test session."""
+    try:
+        with orthanc_server() as url:
             yield url
     except ServerError as exc:
         pytest.fail(str(exc))
