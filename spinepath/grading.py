@@ -182,16 +182,22 @@ class CropJitter:
 
 
 def sample_crop(
-    image: np.ndarray, s: Structure, crop_mm: float, crop_px: int, jitter: CropJitter | None = None
+    image: np.ndarray,
+    s: Structure,
+    crop_mm: float,
+    crop_px: int,
+    jitter: CropJitter | None = None,
+    aspect: float = 1.0,
 ) -> np.ndarray:
-    """Resample a square crop around a structure in the spine-aligned frame.
+    """Resample a crop around a structure in the spine-aligned frame.
 
     Args:
         image: Normalised slice ``(rows, cols)``.
         s: The structure.
-        crop_mm: Side of the crop in mm.
+        crop_mm: Width of the crop (anterior-posterior) in mm.
         crop_px: Side of the output in pixels.
         jitter: Optional rotation / scale / shift / superior-inferior flip.
+        aspect: Height (along the spine) over width of the crop in mm; the output stays square.
 
     Returns:
         ``(crop_px, crop_px)`` float32; outside the image is 0.
@@ -202,11 +208,12 @@ def sample_crop(
     t = math.radians(j.rot_deg)
     a = np.array([a[0] * math.cos(t) - a[1] * math.sin(t), a[0] * math.sin(t) + a[1] * math.cos(t)])
     p = np.array([-a[1], a[0]])  # anterior -> posterior for an upright spine displayed anterior-left
-    step = crop_mm * j.scale / crop_px / s.spacing_mm
-    f = max(1, int(math.ceil(step - 0.25)))  # supersampling factor: box-average when shrinking (anti-alias)
+    step_v = crop_mm * j.scale / crop_px / s.spacing_mm
+    step_u = step_v * aspect
+    f = max(1, int(math.ceil(max(step_u, step_v) - 0.25)))  # supersampling: box-average when shrinking
     n = crop_px * f
-    u = (np.arange(n) - (n - 1) / 2) * (step / f)
-    v = u.copy()
+    grid = np.arange(n) - (n - 1) / 2
+    u, v = grid * (step_u / f), grid * (step_v / f)
     if j.flip_vertical:
         u = -u
     c = np.asarray(s.centre, dtype=np.float64) + (j.shift_mm[0] * a + j.shift_mm[1] * p) / s.spacing_mm
@@ -268,6 +275,7 @@ class GradingConfig:
     label_smoothing: float = 0.05
     class_weight_power: float = 0.5
     ordinal_weight: float = 0.0
+    crop_aspect: float = 1.0
     seed: int = 0
 
     @classmethod
@@ -309,7 +317,7 @@ class CropDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.structures[i]
         jit = random_jitter(self.rng, self.cfg.aug_strength) if self.train else None
-        x = sample_crop(self.images[s.image_key], s, self.cfg.crop_mm, self.cfg.crop_px, jit)
+        x = sample_crop(self.images[s.image_key], s, self.cfg.crop_mm, self.cfg.crop_px, jit, self.cfg.crop_aspect)
         if self.train:
             x = augment_intensity(x, self.rng, self.cfg.aug_strength)
         return torch.from_numpy(to_input(x)), s.grade
@@ -473,7 +481,8 @@ def predict_structures(
     tta: bool = True,
 ) -> np.ndarray:
     """Probabilities for structures (all of ``cfg.task``) with the given models."""
-    crops = np.stack([sample_crop(images[s.image_key], s, cfg.crop_mm, cfg.crop_px, jitter) for s in structures]) \
+    crops = np.stack([sample_crop(images[s.image_key], s, cfg.crop_mm, cfg.crop_px, jitter, cfg.crop_aspect)
+                      for s in structures]) \
         if structures else np.zeros((0, cfg.crop_px, cfg.crop_px), np.float32)
     return predict_crops(models, cfg.task, crops, tta=tta)
 
