@@ -186,6 +186,13 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_args(p: argparse.ArgumentParser, dataset_help: str) -> None:
+    p.add_argument("dataset_dir", help=dataset_help)
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--model", help="detector weights (file or folder); default: the bundle's")
+    p.add_argument("--split", choices=["all", "val"], default="all", help="all cases, or the validation split")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spinepath`` command."""
     p = argparse.ArgumentParser(prog="spinepath", description=f"spinepath {__version__}. {DISCLAIMER}")
@@ -211,19 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a model on a dataset folder; prints JSON")
     esub = e.add_subparsers(dest="what", required=True)
     ed = esub.add_parser("detection", help="vertebral-body detection and level naming")
-    ed.add_argument("dataset_dir", help="a folder in the ../shared/data format (index.json or labels.json)")
-    ed.add_argument("--out", help="also write the JSON here")
-    ed.add_argument("--model", help="detector weights (file or folder); default: the bundle's")
-    ed.add_argument("--split", choices=["all", "val"], default="all", help="all cases, or the validation split")
+    _evaluation_args(ed, "a folder in the ../shared/data format (index.json or labels.json)")
     ed.set_defaults(func=_cmd_evaluate)
     eg = esub.add_parser("grading", help="vertebra pathology and disc grades (spark_midsag format)")
-    eg.add_argument("dataset_dir", help="a folder in the spark_midsag format (labels.json with grades)")
+    _evaluation_args(eg, "a folder in the spark_midsag format (labels.json with grades)")
     eg.add_argument("--from-reference-locations", action="store_true",
                     help="crop at the reference centres instead of running detection")
-    eg.add_argument("--out", help="also write the JSON here")
-    eg.add_argument("--model", help="detector weights (file or folder); default: the bundle's")
     eg.add_argument("--grader", help="grading model (file or folder); default: the bundle's")
-    eg.add_argument("--split", choices=["all", "val"], default="all", help="all images, or the validation split")
     eg.set_defaults(func=_cmd_evaluate_grading)
 
     tg = tsub.add_parser("grading", help="train the grading classifiers (cross-validated) and the fusion model")
