@@ -162,7 +162,8 @@ def run_search(
         direction="maximize",
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3),
+        # warm-up of a third of the epochs: disc kappa climbs slowly and early pruning killed every trial
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(3, max_epochs // 3)),
     )
     study.optimize(objective, n_trials=n_trials, show_progress_bar=progress, gc_after_trial=True)
     trials = study.get_trials(deepcopy=False)
