@@ -1,9 +1,36 @@
-"""Coded concepts of the DICOM outputs: SNOMED CT vertebra and disc levels, findings and disc grades."""
+"""Coded concepts of the DICOM outputs: SNOMED CT vertebra and disc levels, findings and disc grades.
+
+Codes are spelled out rather than looked up by name in ``pydicom.sr.codedict``: pydicom 2.4 (the MONAI
+Label environment) lacks some names and finds several values for others (``Normal``).
+"""
 
 from __future__ import annotations
 
 import highdicom as hd
 from pydicom.sr.codedict import codes
+
+
+def _sct(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value, "SCT", meaning)
+
+
+#: SNOMED CT vertebrae (values as in DICOM PS3.16 / pydicom 3's code dictionary).
+_VERTEBRAE = {
+    "T1": "64864005", "T2": "53733008", "T3": "1626008", "T4": "73071006", "T5": "56401006",
+    "T6": "45296009", "T7": "62487009", "T8": "11068009", "T9": "82687006", "T10": "7610001",
+    "T11": "12989004", "T12": "23215003", "L1": "66794005", "L2": "14293000", "L3": "36470004",
+    "L4": "11994002", "L5": "49668003",
+}  # fmt: skip
+#: SNOMED CT intervertebral discs.
+_DISCS = {
+    "T1-T2": "40908007", "T2-T3": "6004007", "T3-T4": "2620004", "T4-T5": "82965004", "T5-T6": "72692000",
+    "T6-T7": "74401007", "T7-T8": "28693002", "T8-T9": "9188009", "T9-T10": "113209001",
+    "T10-T11": "34959001", "T11-T12": "1537001", "T12-L1": "76206002", "L1-L2": "80064006",
+    "L2-L3": "67459009", "L3-L4": "62551000", "L4-L5": "84020006", "L5-S1": "715056000",
+}  # fmt: skip
+S1_CODE = _sct("65985001", "Bone structure of S1")
+VERTEBRA = _sct("51282000", "Vertebra")
+ANATOMICAL_STRUCTURE = _sct("91723000", "Anatomical Structure")
 
 #: Private coding scheme of the disc grades (the Spark challenge's v1-v5 scheme has no standard codes).
 SCHEME = "99SPINEPATH"
@@ -18,10 +45,9 @@ DISC_GRADE_NAME = hd.sr.CodedConcept("DISCGRADE", SCHEME, "Intervertebral disc g
 #: Qualitative evaluation of a structure, values Normal / Abnormal (SNOMED CT). Not DCM 121071 "Finding":
 #: TID 1501 uses that concept for the finding type.
 FINDING = hd.sr.CodedConcept("ASSESSMENT", SCHEME, "Pathology assessment")
-NORMAL, ABNORMAL = codes.SCT.Normal, codes.SCT.Abnormal
+NORMAL, ABNORMAL = _sct("17621005", "Normal"), _sct("263654008", "Abnormal")
 PROBABILITY = codes.DCM.Probability
 NO_UNITS = codes.UCUM.NoUnits
-S1_CODE = hd.sr.CodedConcept("65985001", "SCT", "Bone structure of S1")
 
 
 def vertebra_code(level: str) -> hd.sr.CodedConcept:
@@ -33,11 +59,9 @@ def vertebra_code(level: str) -> hd.sr.CodedConcept:
     """
     if level == "S1":
         return S1_CODE
-    try:
-        c = getattr(codes.SCT, f"{level}Vertebra")
-    except AttributeError:
-        raise ValueError(f"no SNOMED CT code for vertebral level {level!r}") from None
-    return hd.sr.CodedConcept(c.value, c.scheme_designator, c.meaning)
+    if level not in _VERTEBRAE:
+        raise ValueError(f"no SNOMED CT code for vertebral level {level!r}")
+    return _sct(_VERTEBRAE[level], f"{level} vertebra")
 
 
 def disc_code(level: str) -> hd.sr.CodedConcept:
@@ -47,8 +71,6 @@ def disc_code(level: str) -> hd.sr.CodedConcept:
         ValueError: For an unknown disc name.
 
     """
-    try:
-        c = getattr(codes.SCT, level.replace("-", "") + "Disc")
-    except AttributeError:
-        raise ValueError(f"no SNOMED CT code for disc {level!r}") from None
-    return hd.sr.CodedConcept(c.value, c.scheme_designator, c.meaning)
+    if level not in _DISCS:
+        raise ValueError(f"no SNOMED CT code for disc {level!r}")
+    return _sct(_DISCS[level], level.replace("-", "/") + " disc")

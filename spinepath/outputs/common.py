@@ -27,7 +27,10 @@ def write_dataset(dataset: pydicom.Dataset, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".dcm", dir=path.parent)
     os.close(fd)
     try:
-        dataset.save_as(tmp, enforce_file_format=True)
+        if int(pydicom.__version__.split(".")[0]) >= 3:
+            dataset.save_as(tmp, enforce_file_format=True)
+        else:  # pydicom 2.4 (MONAI Label environment)
+            dataset.save_as(tmp, write_like_original=False)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the usual permissions of a new file

@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes
 
 from spinepath import __version__
 from spinepath.levels import VERTEBRA_LEVELS, level_index
-from spinepath.outputs.coding import vertebra_code
+from spinepath.outputs.coding import ANATOMICAL_STRUCTURE, vertebra_code
 from spinepath.outputs.common import no_identifying_warnings, write_dataset
 
 __all__ = [
@@ -125,16 +125,21 @@ def build_vertebra_seg(
         name="spinepath", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )
     descriptions = []
+    new_highdicom = hasattr(hd.color, "CIELabColor") and hasattr(hd.color.CIELabColor, "from_rgb")
     for i, lv in enumerate(levels, start=1):
+        colour = {"display_color": hd.color.CIELabColor.from_rgb(*colours[lv])} if new_highdicom and lv in colours \
+            else {}
         d = hd.seg.SegmentDescription(
             segment_number=i,
             segment_label=f"{lv} vertebral body",
-            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_category=ANATOMICAL_STRUCTURE,
             segmented_property_type=vertebra_code(lv),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo,
-            display_color=hd.color.CIELabColor.from_rgb(*colours[lv]) if lv in colours else None,
+            **colour,
         )
+        if not new_highdicom and lv in colours:  # highdicom 0.22 (pydicom 2.4): set the attribute directly
+            d.RecommendedDisplayCIELabValue = dicom_lab(colours[lv])
         d.SegmentDescription = lv
         descriptions.append(d)
     # frame i <-> source slice i: the masks are indexed like the sorted volume and its headers
@@ -161,6 +166,21 @@ def _segmentation(v, masks: np.ndarray, descriptions: list, series_number: int, 
         series_description=SEG_SERIES_DESCRIPTION,
         omit_empty_frames=True,
     )
+
+
+def dicom_lab(rgb: tuple[int, int, int]) -> list[int]:
+    """DICOM-encoded CIE L*a*b* (0-65535 each) of an 8-bit sRGB colour: sRGB -> linear -> XYZ (D65) -> L*a*b*.
+
+    Used with highdicom 0.22 (pydicom 2.4, the MONAI Label environment), which cannot convert colours itself.
+    """
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                  [0.0193339, 0.1191920, 0.9503041]])
+    xyz = m @ lin / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    lab = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
+    return [round(lab[0] * 65535 / 100), round((lab[1] + 128) * 65535 / 255), round((lab[2] + 128) * 65535 / 255)]
 
 
 def _label_colours() -> dict[str, tuple[int, int, int]]:

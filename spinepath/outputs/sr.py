@@ -25,6 +25,7 @@ from spinepath.outputs.coding import (
     NO_UNITS,
     NORMAL,
     PROBABILITY,
+    VERTEBRA,
     disc_code,
     vertebra_code,
 )
@@ -97,7 +98,7 @@ def measurement_groups(result) -> list[hd.sr.PlanarROIMeasurementsAndQualitative
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{v.level} vertebra"),
                 referenced_region=_polyline(reg, ds[reg.slice_index]),
-                finding_type=codes.SCT.Vertebra,
+                finding_type=VERTEBRA,
                 algorithm_id=algo,
                 finding_sites=[hd.sr.FindingSite(vertebra_code(v.level))],
                 measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(v.probability, 4), unit=NO_UNITS,
