@@ -86,6 +86,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(res: dict, out: str | None) -> None:
+    """Print an evaluation result as JSON, and also write it to ``out`` when given."""
+    text = json.dumps(res, indent=1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text)
+
+
 def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
     from spinepath.data import dataset_kind, load_split
     from spinepath.detection import VertebraDetector
@@ -102,12 +111,7 @@ def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     cases = load_split()["validation"].get("spark_midsag", []) if args.split == "val" else None
-    res = evaluate_grading(root, grader, detector, cases=cases, progress=not args.quiet)
-    text = json.dumps(res, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    _print_json(evaluate_grading(root, grader, detector, cases=cases, progress=not args.quiet), args.out)
     return 0
 
 
@@ -134,11 +138,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     res = evaluate_detection(root, model, cases=cases, progress=not args.quiet)
     res["dataset"] = root.name
     res["split"] = args.split
-    text = json.dumps(res, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    _print_json(res, args.out)
     return 0
 
 

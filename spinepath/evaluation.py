@@ -310,7 +310,7 @@ def grade_spark_case(case, grader, detector=None, views: int = 5) -> dict:
     from spinepath.data import BODY_HEIGHT_PER_GAP, BODY_WIDTH_PER_GAP
     from spinepath.findings import fuse, grade_detections, view_probs
     from spinepath.fusion import VertebraScores
-    from spinepath.grading import DISC_GRADES, VERTEBRA_GRADES, normalise_image, spark_structures
+    from spinepath.grading import normalise_image, spark_structures
 
     refs = spark_structures(case)
     rv = sorted([s for s in refs if s.kind == "vertebra"], key=lambda s: s.centre[0])
@@ -328,8 +328,6 @@ def grade_spark_case(case, grader, detector=None, views: int = 5) -> dict:
             "vertebrae": [(s.grade, f.probability, x) for s, f, x in zip(rv, vf, X)],
             "discs": [(s.grade, *((dby[s.level].probabilities, dby[s.level].features) if s.level in dby
                                   else (None, None))) for s in rd],
-            "n_detected": len(rv),
-            "grades": (VERTEBRA_GRADES, DISC_GRADES),
         }
     res = spark_detection(case, detector)
     f = grade_detections(res, grader, spacing_known=False, views=views)
@@ -361,8 +359,6 @@ def grade_spark_case(case, grader, detector=None, views: int = 5) -> dict:
                       for i, s in enumerate(rv)],
         "discs": [(s.grade, *((dl[md[i]].probabilities, dl[md[i]].features) if i in md else (None, None)))
                   for i, s in enumerate(rd)],
-        "n_detected": len(tracks),
-        "grades": (VERTEBRA_GRADES, DISC_GRADES),
     }
 
 
@@ -416,13 +412,9 @@ def collect_grading(
         "v_features": vx,
         "d_true": np.asarray(dt, dtype=int),
         "d_prob": d_prob,
-        "d_pred": disc_grade(d_prob, _disc_rule(grader)) + 1 if len(d_prob) else np.zeros(0, int),
+        "d_pred": disc_grade(d_prob, grader.disc_rule) + 1 if len(d_prob) else np.zeros(0, int),
         "d_group": dg,
     }
-
-
-def _disc_rule(grader) -> str:
-    return grader.disc_fusion.decision if grader.disc_fusion is not None else grader.disc_decision
 
 
 def evaluate_grading(

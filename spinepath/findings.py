@@ -109,12 +109,11 @@ class Findings:
 
 @dataclass
 class SliceChain:
-    """The named vertebrae seen on one slice: centres (row, col) top-down and their boxes."""
+    """The named vertebrae seen on one slice: centres (row, col) top-down."""
 
     key: int
     levels: list[str]
     centres: np.ndarray
-    boxes: np.ndarray
 
 
 def grade_slices(
@@ -152,7 +151,7 @@ def grade_slices(
         ss = [s for s in structs if s.kind == task]
         for s, ps in zip(ss, view_probs(grader, task, images, ss, views, seed)):
             acc.setdefault((s.image_key, s.level), []).extend(ps)
-    return {k: [float(x) for x in v] for k, v in vprob.items()}, {k: np.stack(v) for k, v in dprob.items()}
+    return vprob, {k: np.stack(v) for k, v in dprob.items()}
 
 
 def view_probs(
@@ -205,10 +204,10 @@ def fuse(
     ]
     levels, Xd = disc_features(disc_probs, {v.level: float(x[0]) for v, x in zip(vertebrae, X)})
     if grader.disc_fusion is not None and len(levels):
-        dp, rule = grader.disc_fusion.predict(Xd), grader.disc_fusion.decision
+        dp = grader.disc_fusion.predict(Xd)
     else:
-        dp, rule = np.array([dmean[lv] for lv in levels]).reshape(-1, 5), grader.disc_decision
-    grades = disc_grade(dp, rule) if len(levels) else []
+        dp = np.array([dmean[lv] for lv in levels]).reshape(-1, 5)
+    grades = disc_grade(dp, grader.disc_rule) if len(levels) else []
     df = [DiscFinding(lv, DISC_GRADES[int(g)], p, [], x) for lv, g, p, x in zip(levels, grades, dp, Xd)]
     return vf, df, X
 
@@ -234,7 +233,7 @@ def series_chains(result, slab_mm: float | None = None) -> list[SliceChain]:
         on.sort(key=lambda lb: VERTEBRA_LEVELS.index(lb[0]))
         boxes = np.array([b for _, b in on], dtype=np.float64)
         centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
-        chains.append(SliceChain(k, [lv for lv, _ in on], centres, boxes))
+        chains.append(SliceChain(k, [lv for lv, _ in on], centres))
     return chains
 
 
@@ -303,7 +302,7 @@ def fuse_detections(result, scores: SliceScores, grader: Grader) -> Findings:
     for d in df:
         d.slices = sorted(disc_slices[d.level])
     model = {"fusion": grader.fusion is not None, "disc_fusion": grader.disc_fusion is not None,
-             "disc_decision": grader.disc_fusion.decision if grader.disc_fusion is not None else grader.disc_decision,
+             "disc_decision": grader.disc_rule,
              **{k: v for k, v in grader.meta.items() if k in ("version", "trained")}}
     timings = {"classification": scores.seconds, "fusion": time.perf_counter() - t1}
     return Findings(vf, df, timings, model)

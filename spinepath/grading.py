@@ -510,6 +510,11 @@ class Grader:
     meta: dict = field(default_factory=dict)
     disc_fusion: object | None = None
 
+    @property
+    def disc_rule(self) -> str:
+        """The disc decision rule in use: the disc fusion model's when there is one."""
+        return self.disc_fusion.decision if self.disc_fusion is not None else self.disc_decision
+
     def predict(self, task: str, images: dict[str, np.ndarray], structures: list[Structure],
                 jitter: CropJitter | None = None) -> np.ndarray:
         """Probabilities for structures of one task."""

@@ -207,11 +207,14 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     return k
 
 
-def write_dicom_outputs(result: DetectionResult, folder: str | Path) -> dict[str, str]:
+def write_dicom_outputs(
+    result: DetectionResult, folder: str | Path, key_png: str | Path | None = None
+) -> dict[str, str]:
     """Write the DICOM outputs of a graded result into ``folder``.
 
     ``sr.dcm`` (Comprehensive 3D SR, TID 1500), ``seg.dcm`` (vertebra segmentation) and ``report.dcm``
-    (Encapsulated PDF), each a new series of the source study.
+    (Encapsulated PDF), each a new series of the source study. ``key_png``: the key image already written, for
+    the PDF (drawn again when None).
 
     Returns:
         ``{kind: file name}`` for the JSON.
@@ -226,7 +229,7 @@ def write_dicom_outputs(result: DetectionResult, folder: str | Path) -> dict[str
     files = {"sr": "sr.dcm", "seg": "seg.dcm", "pdf_report": "report.dcm"}
     write_dataset(build_sr(result), folder / files["sr"])
     write_dataset(build_vertebra_seg(result), folder / files["seg"])
-    write_dataset(build_pdf_dataset(result), folder / files["pdf_report"])
+    write_dataset(build_pdf_dataset(result, key_png=key_png), folder / files["pdf_report"])
     return files
 
 
@@ -256,7 +259,7 @@ def write_outputs(result: DetectionResult, out_dir: str | Path, dicom: bool | No
         d["key_image"] = {"file": "key_image.png", "slice_index": key_image(result, tmp / "key_image.png")}
         if dicom:
             t0 = time.perf_counter()
-            files = write_dicom_outputs(result, tmp / "dicom")
+            files = write_dicom_outputs(result, tmp / "dicom", tmp / "key_image.png")
             d["dicom_outputs"] = {k: f"dicom/{v}" for k, v in files.items()}
             d["timings_s"]["dicom_outputs"] = round(time.perf_counter() - t0, 3)
         (tmp / "vertebrae.json").write_text(json.dumps(d, indent=1))

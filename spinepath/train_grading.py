@@ -105,7 +105,6 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
             if fold_of[c.case] == f:
                 r = grade_spark_case(c, grader, detector, views=cfg.views)
                 r["case"] = c.case
-                r["reference"] = grade_spark_case(c, grader, None, views=1)
                 oof.append(r)
     X, y, groups = _labelled(oof)
     fusion, cv_prob = fit_fusion(X, y, groups, n_folds=min(5, len(set(groups.tolist()))))

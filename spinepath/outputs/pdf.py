@@ -45,19 +45,29 @@ def findings_table(result) -> list[list[str]]:
     return rows
 
 
-def render_pdf(result) -> bytes:
-    """A one-page A4 PDF: disclaimer, table per level, key image, model versions."""
+def render_pdf(result, key_png: str | Path | None = None) -> bytes:
+    """A one-page A4 PDF: disclaimer, table per level, key image, model versions.
+
+    Args:
+        result: The graded detection result.
+        key_png: The key image already written by :func:`spinepath.pipeline.key_image`; drawn here when None.
+
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from spinepath.pipeline import key_image
+    from spinepath.pipeline import key_image, key_slice
 
     with tempfile.TemporaryDirectory() as d:
-        k = key_image(result, Path(d) / "key.png")
-        with Image.open(Path(d) / "key.png") as im:
+        if key_png is None:
+            key_png = Path(d) / "key.png"
+            k = key_image(result, key_png)
+        else:
+            k = key_slice(result)
+        with Image.open(key_png) as im:
             key = np.asarray(im.convert("RGB"))
     fig = plt.figure(figsize=(8.27, 11.69))
     fig.text(0.5, 0.965, "spinepath - lumbar spine MRI findings", ha="center", fontsize=15, weight="bold")
@@ -90,8 +100,12 @@ def render_pdf(result) -> bytes:
     return buf.getvalue()
 
 
-def build_pdf_dataset(result, pdf: bytes | None = None, series_number: int = PDF_SERIES_NUMBER) -> pydicom.Dataset:
+def build_pdf_dataset(
+    result, pdf: bytes | None = None, series_number: int = PDF_SERIES_NUMBER, key_png: str | Path | None = None
+) -> pydicom.Dataset:
     """The Encapsulated PDF DICOM object of the report, in a new series of the source study.
+
+    ``pdf`` is rendered by :func:`render_pdf` (with ``key_png``) when not given.
 
     Raises:
         ValueError: If the series volume has no source headers.
@@ -100,7 +114,7 @@ def build_pdf_dataset(result, pdf: bytes | None = None, series_number: int = PDF
     if not result.volume.datasets:
         raise ValueError("the series volume carries no source DICOM headers")
     src = result.volume.datasets[0]
-    pdf = render_pdf(result) if pdf is None else pdf
+    pdf = render_pdf(result, key_png) if pdf is None else pdf
     now = dt.datetime.now()
     ds = pydicom.Dataset()
     ds.SpecificCharacterSet = src.get("SpecificCharacterSet", "ISO_IR 192")

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from spinepath import DISCLAIMER, __version__
+from spinepath import __version__
 from spinepath.outputs.coding import (
     ABNORMAL,
     DISC_GRADE_CODES,
@@ -180,8 +180,7 @@ def read_findings(path: str | Path) -> dict:
     """Read an SR written by :func:`build_sr` back into ``{"vertebrae": {level: {...}}, "discs": {...}}``."""
     sr = hd.sr.srread(path)
     report = sr.content
-    out: dict = {"vertebrae": {}, "discs": {}, "disclaimer_in_series": DISCLAIMER.split(".")[0].upper() in
-                 str(sr.SeriesDescription).upper()}
+    out: dict = {"vertebrae": {}, "discs": {}}
     groups = report.get_planar_roi_measurement_groups()
     for g in groups:
         ident = str(g.tracking_identifier)
