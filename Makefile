@@ -21,7 +21,7 @@ test: system env
 	@$(STACK); $(PY) -m pytest -q
 
 lint: env
-	@$(PY) -m ruff check spinepath operators tests app.py scripts
+	@$(PY) -m ruff check spinepath operators tests app.py scripts label
 
 bench: env
 	@$(STACK); $(PY) scripts/benchmark.py

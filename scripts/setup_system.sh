@@ -5,12 +5,14 @@
 # Usage: scripts/setup_system.sh            (root, or a user with sudo)
 set -euo pipefail
 
-# Extend here (one name per line); later: chromium chromium-driver
+# Extend here (one name per line)
 PACKAGES=(
   postgresql
   dicom3tools
   orthanc
   orthanc-dicomweb
+  chromium
+  chromium-driver
 )
 
 missing=()

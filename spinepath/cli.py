@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--max-train-cases", dest="max_train_cases", type=int, help="tiny subset (tests)")
     tg.add_argument("--num-threads", dest="num_threads", type=int)
     tg.add_argument("--seed", type=int)
+    tg.add_argument("--ensemble", choices=["final", "folds+final"],
+                    help="saved networks: the final model only, or it plus the fold models (averaged)")
     tg.add_argument("--refit-fusion", action="store_true",
                     help="only refit the fusion model from --out-dir's saved out-of-fold features")
     tg.set_defaults(func=_cmd_train_grading)

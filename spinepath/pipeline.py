@@ -20,7 +20,6 @@ from spinepath.grouping import Vertebra, group_and_name
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "bundle" / "models" / "model.pt"
 DEFAULT_GRADER = REPO / "bundle" / "models" / "grader.pt"
-LABELS_FILE = REPO / "configs" / "labels.json"
 
 
 def _resolve(model: str | Path | None, default: Path, name: str, folder: str) -> Path:
@@ -133,8 +132,9 @@ def detect_series(volume: SeriesVolume, model: VertebraDetector, batch_size: int
 
 def label_colors() -> dict[str, tuple[int, int, int]]:
     """Level name -> RGB colour from ``configs/labels.json``."""
-    labels = json.loads(LABELS_FILE.read_text())["labels"]
-    return {k: tuple(v["color"]) for k, v in labels.items()}
+    from spinepath.labelmap import load_label_map
+
+    return {k: lab.color for k, lab in load_label_map().items()}
 
 
 #: Key-image colours of vertebra findings and disc grades.

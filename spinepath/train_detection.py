@@ -60,6 +60,7 @@ class TrainConfig:
     resume: bool = True
     init_from: str = ""
     device: str = "cpu"
+    freeze_bn: bool = False  # keep batch-norm statistics fixed (fine-tuning on few images)
 
 
 @dataclass
@@ -243,8 +244,24 @@ def plot_history(history: list[dict], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train(tc: TrainConfig, dc: DetectorConfig | None = None) -> dict:
+def validation_samples(data_root: str | Path, cfg: DetectorConfig, max_cases: int = 0) -> list[GridSample]:
+    """The fixed detector validation set (``configs/split.json``; ``max_cases`` per dataset for quick runs)."""
+    return to_grid_samples(collect_slices(data_root, "val", max_cases=max_cases), cfg, 0.0)
+
+
+def _freeze_batch_norm(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[Slice2D] | None = None) -> dict:
     """Train the detector; keeps ``best.pt`` (by validation mean IoU), ``last.pt`` and curves in ``out_dir``.
+
+    Args:
+        tc: Training options.
+        dc: Detector configuration (default :class:`DetectorConfig`).
+        extra_train: More training slices (e.g. annotators' corrections), added to the base data.
 
     Returns:
         The best validation metrics and paths.
@@ -261,9 +278,9 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None) -> dict:
     rng = random.Random(tc.seed)
 
     train_slices = collect_slices(tc.data_root, "train", slice_step=tc.slice_step, max_cases=tc.max_train_cases)
-    val_slices = collect_slices(tc.data_root, "val", max_cases=tc.max_train_cases)
+    train_slices += extra_train or []
     train_s = to_grid_samples(train_slices, dc, TRAIN_MIN_FRACTION)
-    val_s = to_grid_samples(val_slices, dc, 0.0)
+    val_s = validation_samples(tc.data_root, dc, tc.max_train_cases)
     log.info("training slices: %d, validation slices: %d", len(train_s), len(val_s))
 
     model = VertebraDetector.new(dc).to(tc.device)
@@ -289,6 +306,8 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None) -> dict:
     t0 = time.time()
     for epoch in range(start_epoch, tc.epochs):
         model.detector.train()
+        if tc.freeze_bn:
+            _freeze_batch_norm(model.detector.network)
         order = list(range(len(train_s)))
         rng.shuffle(order)
         losses = []

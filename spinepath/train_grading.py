@@ -7,8 +7,10 @@
 2. Fusion: LightGBM on the out-of-fold features; its threshold is chosen on its own cross-validated
    predictions (see :func:`spinepath.fusion.fit_fusion`). The disc decision rule (argmax / ordinal) is chosen
    on the out-of-fold disc probabilities.
-3. Final classifiers: one per task trained on all training studies; they, the fusion model and the rule are
-   saved together (``grader.pt``). Validation studies of ``configs/split.json`` are only used for reporting.
+3. Final classifiers: one per task trained on all training studies (``ensemble="final"``), or those plus
+   the cross-validation fold models as an averaged ensemble (``"folds+final"``); they, the fusion model and
+   the rule are saved together (``grader.pt``). Validation studies of ``configs/split.json`` are only used for
+   reporting.
 
 spark_midsag has one slice per study, so the fusion model sees pseudo-slices (geometric jitters of the one
 slice) in training, and its slice-offset feature is constant there; see the model card.
@@ -42,6 +44,7 @@ class GradingTrainConfig:
     epochs: int = 0
     num_threads: int = 0
     seed: int = 0
+    ensemble: str = "final"
     quiet: bool = False
 
 
@@ -91,7 +94,10 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
 
     ids = [c.case for c in train_cases]
     fold_of = {c: i % cfg.folds for i, c in enumerate(ids)}
+    if cfg.ensemble not in ("final", "folds+final"):
+        raise ValueError(f"unknown ensemble {cfg.ensemble!r}: use 'final' or 'folds+final'")
     oof: list[dict] = []
+    fold_models: dict[str, list] = {"vertebra": [], "disc": []}
     histories: dict[str, list] = {"vertebra": [], "disc": []}
     for f in tqdm(range(cfg.folds), desc="folds", disable=not progress):
         tr_ids = {c for c in ids if fold_of[c] != f}
@@ -99,6 +105,7 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
         for task in ("vertebra", "disc"):
             m, h = fit(task, tr_ids)
             models[task] = [m]
+            fold_models[task].append(m)
             histories[task].append(h)
         grader = Grader(dict(params), models)
         for c in train_cases:
@@ -128,7 +135,7 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
     final_hist = {}
     for task in ("vertebra", "disc"):
         m, h = fit(task, set(ids))
-        final[task] = [m]
+        final[task] = [m] + (fold_models[task] if cfg.ensemble == "folds+final" else [])
         final_hist[task] = h
     meta = {
         "version": "grading-1",
@@ -136,6 +143,7 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
         "n_train_studies": len(ids),
         "folds": cfg.folds,
         "views": cfg.views,
+        "ensemble": cfg.ensemble,
         "oof_disc_kappa": kappas,
     }
     meta["disc_fusion_cv_kappa"] = fused_kappa

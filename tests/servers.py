@@ -1,4 +1,4 @@
-"""Throwaway servers for tests: a PostgreSQL cluster and an Orthanc PACS (with DICOMweb), on loopback.
+"""Throwaway servers for tests: PostgreSQL, an Orthanc PACS (with DICOMweb) and MONAI Label, on loopback.
 
 Use the fixtures from a test module (``tests/`` is on ``sys.path``, as for ``conftest``)::
 
@@ -7,9 +7,10 @@ Use the fixtures from a test module (``tests/`` is on ``sys.path``, as for ``con
     def test_x(postgres_url: str) -> None: ...
     def test_y(orthanc_url: str) -> None: ...  # http://127.0.0.1:PORT; DICOMweb root: orthanc_url + DICOMWEB_ROOT
 
-or the context managers :func:`postgres_server` / :func:`orthanc_server` outside pytest. The binaries come from
-the Debian packages ``postgresql``, ``orthanc`` and ``orthanc-dicomweb`` (``scripts/setup_system.sh``); the
-system-wide services are never used.
+or the context managers :func:`postgres_server` / :func:`orthanc_server` / :func:`monailabel_server` outside
+pytest. The binaries come from the Debian packages ``postgresql``, ``orthanc`` and ``orthanc-dicomweb``
+(``scripts/setup_system.sh``); the system-wide services are never used. MONAI Label runs from its own
+environment ``.venv-label`` (``scripts/setup_label_env.sh``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -251,3 +253,65 @@ def orthanc_url() -> Iterator[str]:
             yield url
     except ServerError as exc:
         pytest.fail(str(exc))
+
+
+# ------------------------------------------------------------------------------------------- MONAI Label
+REPO = Path(__file__).resolve().parent.parent
+LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
+LABEL_HINT = "run scripts/setup_label_env.sh (creates .venv-label with monailabel 0.8.5)"
+
+
+@contextmanager
+def monailabel_server(studies: str, model_dir: Path, conf: dict[str, str] | None = None,
+                      host: str = "127.0.0.1", timeout: float = 240) -> Iterator[str]:
+    """Start the spinepath MONAI Label app (``label/``) on a free loopback port; yields its base URL.
+
+    Args:
+        studies: A studies folder or a DICOMweb URL.
+        model_dir: The app's model folder (served model, rounds).
+        conf: More ``--conf`` key/value pairs.
+        host: Loopback address.
+        timeout: Seconds to wait for ``/info/``.
+
+    Raises:
+        ServerError: The environment is missing or the server did not start.
+
+    """
+    if not LABEL_PYTHON.is_file():
+        raise ServerError(f"MONAI Label environment not found ({LABEL_PYTHON}); {LABEL_HINT}")
+    log = Path(tempfile.mkdtemp(prefix="spinepath-monailabel-")) / "server.log"
+    env = {**os.environ, "PATH": f"{LABEL_PYTHON.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    env.pop("VIRTUAL_ENV", None)
+    proc: subprocess.Popen | None = None
+    try:
+        for _ in range(3):
+            port = free_port(host)
+            cmd = [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(REPO / "label"),
+                   "--studies", studies, "--host", host, "--port", str(port), "--conf", "model_dir", str(model_dir)]
+            for k, v in (conf or {}).items():
+                cmd += ["--conf", k, str(v)]
+            with open(log, "ab") as fh:
+                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            url = f"http://{host}:{port}"
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline and not _answers(f"{url}/info/"):
+                time.sleep(0.5)
+            if proc.poll() is None and _answers(f"{url}/info/"):
+                yield url
+                return
+            if proc.poll() is None:
+                break
+        raise ServerError(f"MONAI Label did not start (exit code {proc.poll() if proc else None}):\n"
+                          f"{log.read_text(errors='replace')[-3000:]}")
+    finally:
+        if proc is not None:  # the server and its training subprocesses (one process group)
+            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=wait)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+        shutil.rmtree(log.parent, ignore_errors=True)

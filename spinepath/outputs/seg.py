@@ -23,6 +23,7 @@ __all__ = [
     "SEG_SERIES_DESCRIPTION",
     "SEG_SERIES_NUMBER",
     "box_mask",
+    "build_level_seg",
     "build_vertebra_seg",
     "seg_masks",
     "vertebra_code",
@@ -114,14 +115,41 @@ def build_vertebra_seg(
         ValueError: If the volume has no source headers or no vertebra is named.
 
     """
-    v = result.volume
+    masks, levels = seg_masks(result)
+    return build_level_seg(result.volume, masks, levels, series_number=series_number, manufacturer=manufacturer)
+
+
+def build_level_seg(
+    volume,
+    masks: np.ndarray,
+    levels: list[str],
+    manual: bool = False,
+    series_number: int = SEG_SERIES_NUMBER,
+    manufacturer: str = "spinepath",
+    series_description: str = SEG_SERIES_DESCRIPTION,
+) -> hd.seg.Segmentation:
+    """Binary DICOM Segmentation with one segment per vertebral level (colours of ``configs/labels.json``).
+
+    Args:
+        volume: The source :class:`spinepath.dicom_io.SeriesVolume` with its headers (``datasets``).
+        masks: Boolean ``(n_levels, n_slices, rows, cols)`` indexed like ``volume.pixels``.
+        levels: Level name per mask.
+        manual: Segments drawn or corrected by an annotator (algorithm type MANUAL) instead of AUTOMATIC.
+        series_number: Series Number of the new series.
+        manufacturer: Manufacturer of the new series.
+        series_description: Series Description of the new series.
+
+    Raises:
+        ValueError: If the volume has no source headers, no level is given or a name is not a level.
+
+    """
+    v = volume
     if not v.datasets or len(v.datasets) != v.pixels.shape[0]:
         raise ValueError("the series volume carries no source DICOM header per slice: cannot reference it")
-    masks, levels = seg_masks(result)
     if not levels:
         raise ValueError("no named vertebra to segment")
     colours = _label_colours()
-    algo = hd.AlgorithmIdentificationSequence(
+    algo = None if manual else hd.AlgorithmIdentificationSequence(
         name="spinepath", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )
     descriptions = []
@@ -134,7 +162,8 @@ def build_vertebra_seg(
             segment_label=f"{lv} vertebral body",
             segmented_property_category=ANATOMICAL_STRUCTURE,
             segmented_property_type=vertebra_code(lv),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL if manual
+            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo,
             **colour,
         )
@@ -144,10 +173,13 @@ def build_vertebra_seg(
         descriptions.append(d)
     # frame i <-> source slice i: the masks are indexed like the sorted volume and its headers
     with no_identifying_warnings():
-        return _segmentation(v, masks, descriptions, series_number, manufacturer)
+        content = "Vertebral bodies corrected by an annotator" if manual else "Vertebral bodies (detected boxes)"
+        return _segmentation(v, masks, descriptions, series_number, manufacturer, series_description,
+                             f"{content}, research use only")
 
 
-def _segmentation(v, masks: np.ndarray, descriptions: list, series_number: int, manufacturer: str):
+def _segmentation(v, masks: np.ndarray, descriptions: list, series_number: int, manufacturer: str,
+                  series_description: str, content_description: str):
     return hd.seg.Segmentation(
         source_images=_source_headers(v.datasets),
         pixel_array=np.moveaxis(masks, 0, -1),  # (slices, rows, cols, segments)
@@ -162,8 +194,8 @@ def _segmentation(v, masks: np.ndarray, descriptions: list, series_number: int, 
         software_versions=__version__,
         device_serial_number="0",
         content_label="VERTEBRAE",
-        content_description="Vertebral bodies (detected boxes), research use only",
-        series_description=SEG_SERIES_DESCRIPTION,
+        content_description=content_description,
+        series_description=series_description,
         omit_empty_frames=True,
     )
 

@@ -1,0 +1,79 @@
+"""Active-learning strategy ``uncertainty``: the unlabeled study the served detector is least sure about."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from spinepath.activelearning import study_uncertainty
+from spinepath.detection import VertebraDetector
+from spinepath.dicom_io import StudyError
+from spinepath.labelmap import load_image_volume
+from spinepath.rounds import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class VertebraeUncertainty(Strategy):
+    """Pick the unlabeled study with the highest :func:`spinepath.activelearning.study_uncertainty` score.
+
+    Scores are cached per study, served round and file time in ``<model dir>/uncertainty.json``, so repeated
+    requests only score new studies (or all of them again after a promoted round).
+    """
+
+    def __init__(self, store: ModelStore) -> None:
+        super().__init__("Study where the served detector is most uncertain (score entropy, naming, TTA)")
+        self.store = store
+        self._lock = threading.Lock()
+
+    def _cache(self) -> dict:
+        p = self.store.dir / "uncertainty.json"
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save(self, cache: dict) -> None:
+        p = self.store.dir / "uncertainty.json"
+        tmp = p.with_name(".uncertainty.json.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, p)
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict | None:
+        """Return ``{"id": image, "uncertainty": {...}, "scores": {image: score}}`` or None when all are labeled."""
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        with self._lock:
+            served = self.store.served()
+            model = None
+            cache = self._cache()
+            scores: dict[str, dict] = {}
+            for image_id in sorted(images):
+                uri = datastore.get_image_uri(image_id)
+                key = f"{served['round']}:{os.path.getmtime(uri)}"
+                hit = cache.get(image_id)
+                if hit and hit.get("key") == key:
+                    scores[image_id] = hit["uncertainty"]
+                    continue
+                if model is None:
+                    model = VertebraDetector.load(self.store.dir / served["model"])
+                try:
+                    volume, _ = load_image_volume(uri)
+                except StudyError as exc:
+                    log.warning("skipping image %s: %s", image_id, exc)
+                    continue
+                u = study_uncertainty(volume, model).to_dict()
+                cache[image_id] = {"key": key, "uncertainty": u}
+                scores[image_id] = u
+            self._save(cache)
+        if not scores:
+            return None
+        best = max(scores, key=lambda i: (scores[i]["score"], i))
+        log.info("uncertainty: selected %s (score %.4f of %d studies)", best, scores[best]["score"], len(scores))
+        return {"id": best, "uncertainty": scores[best], "scores": {i: s["score"] for i, s in scores.items()}}

@@ -1,0 +1,1 @@
+"""Task configurations of the spinepath MONAI Label app."""

@@ -1,0 +1,80 @@
+"""Infer task ``vertebrae``: detection + naming (+ grading) of the served model, as a level label map."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from spinepath.detection import VertebraDetector
+from spinepath.dicom_io import StudyError
+from spinepath.labelmap import Label, label_study
+from spinepath.rounds import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class VertebraeInfer(InferTask):
+    """Label map with one label per vertebral level (filled boxes), values from ``configs/labels.json``.
+
+    The detector is the one the model store serves now: after a promoted retraining round the next request
+    uses the new model. The grading model, when given, adds per-level pathology and disc grades to the result
+    parameters (the label map itself holds levels only).
+    """
+
+    def __init__(self, store: ModelStore, label_map: dict[str, Label], grader_path: Path | None = None) -> None:
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels={name: lab.value for name, lab in label_map.items()},
+            dimension=3,
+            description="Vertebrae detected and named T1..S1 (filled boxes per slice); research use only",
+            config={"label_colors": {name: list(lab.color) for name, lab in label_map.items()}},
+        )
+        self.store = store
+        self.label_map = label_map
+        self.grader_path = grader_path
+        self._lock = threading.Lock()
+        self._detector: tuple[Path, float, VertebraDetector] | None = None
+        self._grader = None
+
+    def is_valid(self) -> bool:
+        """The served model exists."""
+        return self.store.served_model_path().is_file()
+
+    def detector(self) -> tuple[VertebraDetector, dict]:
+        """The served detector (reloaded when the served round changes) and its record."""
+        served = self.store.served()
+        path = self.store.dir / served["model"]
+        with self._lock:
+            if self._detector is None or self._detector[0] != path or self._detector[1] != path.stat().st_mtime:
+                self._detector = (path, path.stat().st_mtime, VertebraDetector.load(path))
+                log.info("serving detector of round %s", served["round"])
+            return self._detector[2], served
+
+    def grader(self):
+        """The grading model or None."""
+        if self.grader_path is None or not self.grader_path.is_file():
+            return None
+        with self._lock:
+            if self._grader is None:
+                from spinepath.grading import Grader
+
+                self._grader = Grader.load(self.grader_path)
+            return self._grader
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        """Run on ``request["image"]`` (a volume file or a DICOM series folder)."""
+        detector, served = self.detector()
+        fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix="vertebrae-")
+        os.close(fd)
+        try:
+            params = label_study(request["image"], detector, out, self.grader(), self.label_map)
+        except StudyError as exc:
+            os.unlink(out)
+            raise ValueError(f"cannot label this image: {exc}") from exc
+        params["model"] = {"detector_round": served["round"], "graded": self.grader() is not None}
+        return out, params

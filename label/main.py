@@ -1,0 +1,84 @@
+"""spinepath MONAI Label app: vertebra relabeling in OHIF, active learning and retraining rounds.
+
+Start: ``monailabel start_server --app label --studies <folder or DICOMweb URL> [--conf model_dir DIR]``.
+The domain logic lives in the ``spinepath`` package; this app only adapts it to MONAI Label.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lib.configs.vertebrae import VertebraeConfig
+from lib.datastore.dicomweb import SpinePathDICOMWebDatastore
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from spinepath import DISCLAIMER, __version__
+from spinepath.labelmap import load_label_map
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+
+
+class SpinePathApp(MONAILabelApp):
+    """One task, ``vertebrae``: infer (level label map), train (retraining round), strategy (uncertainty)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
+        conf = dict(conf or {})
+        conf.setdefault("data_root", os.environ.get("SPINEPATH_DATA", str(REPO.parent / "shared" / "data")))
+        self.model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.task_configs = {"vertebrae": VertebraeConfig()}
+        for name, c in self.task_configs.items():
+            c.init(name, str(self.model_dir), conf, None)
+        self.label_map = load_label_map()
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="spinepath",
+            description=f"Lumbar spine vertebra detection and naming. {DISCLAIMER}",
+            version=__version__,
+            labels={n: lab.value for n, lab in self.label_map.items()},
+        )
+
+    def init_remote_datastore(self) -> Datastore:
+        """DICOMweb (e.g. Orthanc): labels saved as spinepath DICOM SEG."""
+        log.info("Using DICOMweb: %s", self.studies)
+        client = DICOMwebClientX(url=self.studies, session=None, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+        store = SpinePathDICOMWebDatastore(
+            client=client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=cache,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
+        )
+        store.label_map = load_label_map()
+        return store
+
+    def init_infers(self) -> dict[str, InferTask]:
+        """Infer tasks of the task configs."""
+        return {name: c.infer() for name, c in self.task_configs.items()}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        """Train tasks of the task configs."""
+        return {name: c.trainer() for name, c in self.task_configs.items()}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        """``random``, ``first`` and the task configs' strategies."""
+        strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
+        for c in self.task_configs.values():
+            strategies.update(c.strategy() or {})
+        return strategies

@@ -1,0 +1,316 @@
+"""Vertebra label maps shared by the Deploy app and the MONAI Label app.
+
+One label map (``configs/labels.json``: level name -> value, colour) names the vertebrae everywhere. This
+module turns a detection result into a label volume (one filled box per vertebra per slice, value = level),
+and a label volume corrected by an annotator back into per-slice boxes + level names for detector training.
+
+Volumes other than DICOM series (NIfTI/NRRD from MONAI Label's datastores) are read with SimpleITK and
+reoriented to the sagittal display the detector expects: columns toward posterior, rows toward inferior,
+slices along the left-right axis (``"PIR"``); label volumes are written back on the input's own grid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from spinepath.data import Slice2D, boxes_from_mask_slice
+from spinepath.dicom_io import SeriesVolume, StudyError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+LABELS_FILE = CONFIGS / "labels.json"
+#: Display orientation of a sagittal series (SimpleITK/DICOM "toward" letters: column, row, slice axes).
+SAGITTAL_ORIENTATION = "PIR"
+#: A volume whose slice axis is this much coarser than in-plane is a 2D acquisition in that plane.
+MAX_REFORMAT_ANISOTROPY = 1.5
+
+
+@dataclass(frozen=True)
+class Label:
+    """One entry of the label map."""
+
+    name: str
+    value: int
+    color: tuple[int, int, int]
+
+
+def load_label_map(path: str | Path = LABELS_FILE) -> dict[str, Label]:
+    """Level name -> :class:`Label` from ``configs/labels.json`` (top-down order).
+
+    Raises:
+        ValueError: If two levels share a value or a value is outside 1..255.
+
+    """
+    raw = json.loads(Path(path).read_text())["labels"]
+    labels = {k: Label(k, int(v["value"]), tuple(int(c) for c in v["color"])) for k, v in raw.items()}
+    values = [lab.value for lab in labels.values()]
+    if len(set(values)) != len(values) or not all(0 < x < 256 for x in values):
+        raise ValueError(f"{path}: label values must be distinct and in 1..255")
+    return labels
+
+
+# --------------------------------------------------------------------------------------- image <-> volume
+def image_from_volume(volume: SeriesVolume, pixels: np.ndarray | None = None) -> sitk.Image:
+    """A SimpleITK image with the series geometry (axes: column, row, slice), holding ``pixels`` or the series'."""
+    arr = volume.pixels if pixels is None else pixels
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    img.SetSpacing((float(volume.spacing[1]), float(volume.spacing[0]), float(volume.slice_spacing)))
+    img.SetOrigin(tuple(float(x) for x in volume.positions[0]))
+    d = np.stack([volume.orientation[:3], volume.orientation[3:], volume.normal], axis=1)
+    img.SetDirection(tuple(float(x) for x in d.ravel()))
+    return img
+
+
+def volume_from_image(image: sitk.Image, description: str = "") -> SeriesVolume:
+    """A :class:`SeriesVolume` of a 3D image, reoriented to the sagittal display.
+
+    Raises:
+        StudyError: If the image is not 3D or was acquired in another plane (slice axis much coarser than
+            in-plane and not left-right).
+
+    """
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise StudyError("expected a 3D single-channel image")
+    d = np.asarray(image.GetDirection()).reshape(3, 3)
+    sp = np.asarray(image.GetSpacing())
+    lr_axis = int(np.argmax(np.abs(d[0])))  # image axis closest to patient x (left-right)
+    coarse = int(np.argmax(sp))
+    if coarse != lr_axis and sp[coarse] > MAX_REFORMAT_ANISOTROPY * np.delete(sp, coarse).max():
+        raise StudyError("not a sagittal acquisition: the slice axis is not left-right")
+    img = sitk.DICOMOrient(image, SAGITTAL_ORIENTATION)
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    n = img.GetSize()[2]
+    positions = np.array([img.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(n)], dtype=np.float64)
+    return SeriesVolume(
+        pixels=sitk.GetArrayFromImage(img).astype(np.float32),
+        spacing=(float(img.GetSpacing()[1]), float(img.GetSpacing()[0])),
+        orientation=np.concatenate([d[:, 0], d[:, 1]]),
+        positions=positions,
+        sop_instance_uids=[""] * n,
+        series_uid="",
+        study_uid="",
+        frame_of_reference_uid="",
+        description=description,
+        slice_thickness=float(img.GetSpacing()[2]),
+    )
+
+
+def read_volume(path: str | Path) -> SeriesVolume:
+    """Read a NIfTI/NRRD/MHA volume as a sagittal :class:`SeriesVolume`.
+
+    Raises:
+        StudyError: If the file cannot be read or is not a sagittal 3D image.
+
+    """
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise StudyError(f"cannot read image {Path(path).name}: not a readable volume") from exc
+    return volume_from_image(image, Path(path).name)
+
+
+def write_image(image: sitk.Image, path: str | Path) -> Path:
+    """Write an image atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".nii.gz"
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_label_like(labels: np.ndarray, volume: SeriesVolume, reference: sitk.Image, path: str | Path) -> Path:
+    """Write a label volume given on ``volume``'s (sagittal display) grid on the ``reference`` image's grid."""
+    lab = image_from_volume(volume, labels.astype(np.uint8))
+    out = sitk.Resample(lab, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return write_image(out, path)
+
+
+def labels_on_volume(label: sitk.Image, volume: SeriesVolume) -> np.ndarray:
+    """A label image (any orientation, same physical grid) as an array indexed like ``volume.pixels``.
+
+    Raises:
+        StudyError: If the label image does not cover the volume's grid.
+
+    """
+    if label.GetSize()[0] * label.GetSize()[1] * label.GetSize()[2] != volume.pixels.size:
+        raise StudyError(f"label size {label.GetSize()} does not match the image {volume.pixels.shape[::-1]}")
+    ref = image_from_volume(volume, np.zeros(volume.pixels.shape, np.uint8))
+    out = sitk.Resample(label, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    return sitk.GetArrayFromImage(out).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------ detections -> labels
+def render_labels(result, label_map: dict[str, Label] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Label volume of a detection result: each named vertebra's box filled on every slice where it is found.
+
+    Args:
+        result: A :class:`spinepath.pipeline.DetectionResult`.
+        label_map: Defaults to :func:`load_label_map`.
+
+    Returns:
+        ``(labels (n_slices, rows, cols) uint8, levels drawn)``; vertebrae whose name is not in the label map
+        (e.g. ``"?"`` above T1) are left out. Where boxes of neighbours overlap, the lower vertebra wins.
+
+    """
+    label_map = label_map or load_label_map()
+    shape = result.volume.pixels.shape
+    out = np.zeros(shape, dtype=np.uint8)
+    drawn = []
+    for t in result.vertebrae:
+        lab = label_map.get(t.level)
+        if lab is None:
+            continue
+        drawn.append(t.level)
+        for k, b in zip(t.slices, t.boxes):
+            r0, c0 = max(int(np.floor(b[0])), 0), max(int(np.floor(b[1])), 0)
+            r1, c1 = min(int(np.ceil(b[2])), shape[1]), min(int(np.ceil(b[3])), shape[2])
+            out[k, r0:r1, c0:c1] = lab.value
+    return out, drawn
+
+
+# ------------------------------------------------------------------------------- labels -> training boxes
+@dataclass
+class CorrectionSummary:
+    """What one saved label volume contributes to training."""
+
+    image: str
+    slices: int
+    boxes: int
+    levels: list[str]
+    unknown_values: list[int]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"image": self.image, "slices": self.slices, "boxes": self.boxes, "levels": self.levels,
+                "unknown_values": self.unknown_values}
+
+
+def slices_from_labels(volume: SeriesVolume, labels: np.ndarray, case: str,
+                       label_map: dict[str, Label] | None = None) -> tuple[list[Slice2D], CorrectionSummary]:
+    """Per-slice reference boxes and level names from a label volume on ``volume``'s grid.
+
+    Every slice is returned (slices without labels are negatives: the annotator saw them). A label value's box
+    on a slice is the bounding box of its pixels there; all boxes count fully (``area_fraction`` 1) since an
+    annotator confirmed them. Values not in the label map are ignored and reported.
+
+    Raises:
+        StudyError: If the label volume's shape differs from the image's.
+
+    """
+    if labels.shape != volume.pixels.shape:
+        raise StudyError(f"label shape {labels.shape} does not match the image {volume.pixels.shape}")
+    label_map = label_map or load_label_map()
+    by_value = {lab.value: lab.name for lab in label_map.values()}
+    present = [int(v) for v in np.unique(labels) if v != 0]
+    known = [v for v in present if v in by_value]
+    rows = np.nonzero(np.isin(labels, known).any(axis=(0, 2)))[0]
+    span = (float(rows.min()), float(rows.max() + 1)) if rows.size else None
+    out, n_boxes = [], 0
+    for k in range(labels.shape[0]):
+        boxes, vals, _ = boxes_from_mask_slice(labels[k], known, {})
+        n_boxes += len(vals)
+        out.append(Slice2D(
+            image=volume.pixels[k], spacing=volume.spacing, boxes=boxes, levels=[by_value[v] for v in vals],
+            area_fraction=np.ones(len(vals), np.float32), case=case, dataset="corrections", index=k, span=span,
+        ))
+    order = sorted(known, key=lambda v: [lab.value for lab in label_map.values()].index(v))
+    summary = CorrectionSummary(case, len(out), n_boxes, [by_value[v] for v in order],
+                                sorted(set(present) - set(known)))
+    return out, summary
+
+
+def slices_from_label_file(image_path: str | Path, label_path: str | Path, case: str | None = None,
+                           label_map: dict[str, Label] | None = None) -> tuple[list[Slice2D], CorrectionSummary]:
+    """:func:`slices_from_labels` for an image file and its label file (same grid, any orientation).
+
+    Raises:
+        StudyError: If either file is unreadable or the grids differ.
+
+    """
+    try:
+        image = sitk.ReadImage(str(image_path))
+        label = sitk.ReadImage(str(label_path))
+    except RuntimeError as exc:
+        raise StudyError(f"cannot read {Path(image_path).name} or its label {Path(label_path).name}") from exc
+    volume = volume_from_image(image, Path(image_path).name)
+    labels = labels_on_volume(label, volume)
+    return slices_from_labels(volume, labels, case or Path(image_path).name.split(".")[0], label_map)
+
+
+# ----------------------------------------------------------------------------------------- label a study
+def load_image_volume(path: str | Path) -> tuple[SeriesVolume, sitk.Image]:
+    """A DICOM series folder (spinepath's reader) or a volume file, with an image of its grid for writing labels.
+
+    Raises:
+        StudyError: If it cannot be read or is not a sagittal series.
+
+    """
+    from spinepath.dicom_io import load_study
+
+    path = Path(path)
+    if path.is_dir():
+        volume = load_study(path)
+        return volume, image_from_volume(volume, np.zeros(volume.pixels.shape, np.uint8))
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise StudyError(f"cannot read image {path.name}: not a readable volume") from exc
+    return volume_from_image(image, path.name), image
+
+
+def label_study(image_path: str | Path, detector, out_path: str | Path, grader=None,
+                label_map: dict[str, Label] | None = None) -> dict:
+    """Detect, name (and grade, with ``grader``) the vertebrae of a study; write its label volume.
+
+    Args:
+        image_path: DICOM series folder or volume file.
+        detector: A :class:`spinepath.detection.VertebraDetector`.
+        out_path: Label volume to write (on the input's grid; values from the label map).
+        grader: Optional :class:`spinepath.grading.Grader`: adds pathology per level and disc grades.
+        label_map: Defaults to :func:`load_label_map`.
+
+    Returns:
+        JSON-ready summary: ``label_names`` (name -> value), ``levels`` drawn, per vertebra level, value, name
+        confidence, score, slice range and pathology (when graded), ``discs`` (when graded), the disclaimer.
+
+    """
+    from spinepath import DISCLAIMER, __version__
+    from spinepath.pipeline import detect_series
+
+    label_map = label_map or load_label_map()
+    volume, reference = load_image_volume(image_path)
+    result = detect_series(volume, detector)
+    if grader is not None:
+        from spinepath.findings import grade_detections
+
+        result.findings = grade_detections(result, grader)
+    labels, drawn = render_labels(result, label_map)
+    write_label_like(labels, volume, reference, out_path)
+    graded = {f.level: f.to_dict() for f in result.findings.vertebrae} if result.findings is not None else {}
+    return {
+        "disclaimer": DISCLAIMER,
+        "software": {"name": "spinepath", "version": __version__},
+        "label_names": {lab.name: lab.value for lab in label_map.values()},
+        "levels": drawn,
+        "vertebrae": [
+            {"level": t.level, "value": label_map[t.level].value if t.level in label_map else None,
+             "name_confidence": round(t.name_confidence, 4), "score": round(t.score, 4),
+             "slice_range": [int(min(t.slices)), int(max(t.slices))], "pathology": graded.get(t.level)}
+            for t in result.vertebrae
+        ],
+        "discs": [d.to_dict() for d in result.findings.discs] if result.findings is not None else [],
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+    }

@@ -1,0 +1,261 @@
+"""The MONAI Label app (label/) over HTTP: a real server on loopback with studies built from the DICOM examples.
+
+The server runs in its own environment (.venv-label: monailabel 0.8.5, pydicom 2.4, numpy 1.26); this test
+process talks to it with plain HTTP and checks the results with the core package.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from servers import ServerError, monailabel_server
+
+from spinepath.detection import VertebraDetector
+from spinepath.dicom_io import load_study
+from spinepath.labelmap import image_from_volume, labels_on_volume, load_label_map, render_labels, write_image
+from spinepath.pipeline import detect_series, resolve_model_path
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+EXAMPLES = ("chu_t2_02", "chu_t2_04")
+LOW_SNR = "chu_t2_04_lowsnr"
+TIMEOUT = 300
+
+
+def _noisy(volume, seed: int = 0) -> np.ndarray:
+    """Rician noise at 25% of the 99th intensity percentile: a low-SNR acquisition of the same anatomy."""
+    rng = np.random.default_rng(seed)
+    sd = 0.25 * np.percentile(volume.pixels, 99)
+    p = volume.pixels
+    return np.sqrt((p + rng.normal(0, sd, p.shape)) ** 2 + rng.normal(0, sd, p.shape) ** 2).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """NIfTI studies from the real DICOM examples (geometry kept), plus a low-SNR copy of one."""
+    root = tmp_path_factory.mktemp("studies")
+    for case in EXAMPLES:
+        write_image(image_from_volume(load_study(DATA / "dicom_examples" / case)), root / f"{case}.nii.gz")
+    v = load_study(DATA / "dicom_examples" / "chu_t2_04")
+    write_image(image_from_volume(v, _noisy(v)), root / f"{LOW_SNR}.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("label-model")
+
+
+@pytest.fixture(scope="module")
+def server(studies: Path, model_dir: Path) -> str:
+    conf = {"round_max_train_cases": "1", "round_epochs": "1", "num_threads": "2"}
+    try:
+        with monailabel_server(str(studies), model_dir, conf) as url:
+            yield url
+    except ServerError as exc:
+        pytest.fail(str(exc))
+
+
+def _infer(server: str, image: str) -> tuple[dict, sitk.Image]:
+    """``/infer/vertebrae`` with ``output=all``: (result parameters, label image)."""
+    r = requests.post(f"{server}/infer/vertebrae", params={"image": image, "output": "all"}, timeout=TIMEOUT)
+    r.raise_for_status()
+    msg = email.message_from_bytes(b"Content-Type: " + r.headers["content-type"].encode() + b"\r\n\r\n" + r.content)
+    params, label = None, None
+    for part in msg.get_payload():
+        name = part.get_param("name", header="content-disposition")
+        if name == "params":
+            params = json.loads(part.get_payload(decode=True))
+        elif name == "image":
+            label = part.get_payload(decode=True)
+    assert params is not None and label is not None, "multipart answer without params or image"
+    path = Path(f"/tmp/spinepath-label-{threading.get_ident()}-{time.time_ns()}.nii.gz")
+    path.write_bytes(label)
+    try:
+        return params, sitk.ReadImage(str(path))
+    finally:
+        path.unlink()
+
+
+def _put_label(server: str, image: str, label: sitk.Image, tag: str = "final", tmp: Path | None = None) -> dict:
+    path = (tmp or Path("/tmp")) / f"put-{image}-{tag}-{time.time_ns()}.nii.gz"
+    sitk.WriteImage(label, str(path))
+    try:
+        with open(path, "rb") as fh:
+            r = requests.put(f"{server}/datastore/label", params={"image": image, "tag": tag},
+                             files={"label": (path.name, fh, "application/gzip")}, data={"params": "{}"},
+                             timeout=TIMEOUT)
+        r.raise_for_status()
+        return r.json()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _wait_train(server: str) -> dict:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        st = requests.get(f"{server}/train/", timeout=30).json()
+        if st.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED"):
+            return st
+        time.sleep(2)
+    raise AssertionError("training round did not finish")
+
+
+# --------------------------------------------------------------------------------------------------- tests
+def test_info(server: str) -> None:
+    info = requests.get(f"{server}/info/", timeout=30).json()
+    labels = {n: lab.value for n, lab in load_label_map().items()}
+    assert info["name"] == "spinepath" and "NOT FOR DIAGNOSTIC USE" in info["description"]
+    assert info["labels"] == labels
+    model = info["models"]["vertebrae"]
+    assert model["type"] == "segmentation" and model["dimension"] == 3 and model["labels"] == labels
+    assert model["config"]["label_colors"]["L3"] == list(load_label_map()["L3"].color)
+    assert set(info["strategies"]) == {"uncertainty", "random", "first"}
+    assert "vertebrae" in info["trainers"]
+    assert info["train_stats"]["vertebrae"]["served"]["round"] == 0
+    assert info["datastore"]["total"] == 3
+
+
+def test_infer_vertebrae_label_map(server: str, studies: Path) -> None:
+    params, label = _infer(server, "chu_t2_02")
+    image = sitk.ReadImage(str(studies / "chu_t2_02.nii.gz"))
+    assert label.GetSize() == image.GetSize()
+    assert np.allclose(label.GetOrigin(), image.GetOrigin()) and np.allclose(label.GetDirection(), image.GetDirection())
+    lab_map = load_label_map()
+    assert params["label_names"] == {n: lab.value for n, lab in lab_map.items()}
+    assert "NOT FOR DIAGNOSTIC USE" in params["disclaimer"]
+    assert params["model"] == {"detector_round": 0, "graded": True}
+    # the same levels as the core pipeline on the DICOM series, at the same places
+    volume = load_study(DATA / "dicom_examples" / "chu_t2_02")
+    got = labels_on_volume(label, volume)
+    ref, ref_levels = render_labels(detect_series(volume, VertebraDetector.load(resolve_model_path())))
+    assert params["levels"] == ref_levels
+    assert {"L1", "L2", "L3", "L4", "L5", "S1"} <= set(ref_levels)
+    assert sorted(int(v) for v in np.unique(got) if v) == sorted(lab_map[lv].value for lv in ref_levels)
+    for lv in ref_levels:
+        a, b = got == lab_map[lv].value, ref == lab_map[lv].value
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.95, lv
+    # top-down order on the display grid: each level's centre is below the one above
+    rows = [np.nonzero(got == lab_map[lv].value)[1].mean() for lv in ref_levels]
+    assert rows == sorted(rows)
+    # filled boxes: on every slice a level's pixels are its bounding rectangle
+    for lv in ("L1", "L3", "S1"):
+        for k in range(got.shape[0]):
+            rr, cc = np.nonzero(got[k] == lab_map[lv].value)
+            if rr.size:
+                assert rr.size >= 0.9 * (np.ptp(rr) + 1) * (np.ptp(cc) + 1)
+    by_level = {v["level"]: v for v in params["vertebrae"]}
+    assert by_level["L3"]["pathology"]["label"] in ("healthy", "pathological")
+
+
+def test_infer_unknown_image_is_an_error(server: str) -> None:
+    r = requests.post(f"{server}/infer/vertebrae", params={"image": "no_such_study", "output": "json"}, timeout=60)
+    assert r.status_code >= 400
+
+
+def test_active_learning(server: str) -> None:
+    unc = requests.post(f"{server}/activelearning/uncertainty", json={}, timeout=TIMEOUT).json()
+    assert set(unc["scores"]) == {*EXAMPLES, LOW_SNR}
+    assert unc["id"] == max(unc["scores"], key=unc["scores"].get)
+    assert unc["id"] == LOW_SNR, unc["scores"]  # the noisy acquisition is the least certain
+    assert 0 <= unc["uncertainty"]["score"] <= 1
+    first = requests.post(f"{server}/activelearning/first", json={}, timeout=60).json()
+    assert first["id"] == "chu_t2_02"
+    rand = requests.post(f"{server}/activelearning/random", json={}, timeout=60).json()
+    assert rand["id"] in {*EXAMPLES, LOW_SNR}
+
+
+def test_correction_feeds_the_next_round_and_promotion(server: str, model_dir: Path, tmp_path: Path) -> None:
+    lab_map = load_label_map()
+    _, label = _infer(server, "chu_t2_02")
+    arr = sitk.GetArrayFromImage(label)
+    present = [lv for lv in lab_map if np.any(arr == lab_map[lv].value)]
+    deleted, renamed = present[0], present[1]  # the annotator deletes the top box, renames the next one
+    arr[arr == lab_map[deleted].value] = 0
+    arr[arr == lab_map[renamed].value] = lab_map["T1"].value
+    fixed = sitk.GetImageFromArray(arr)
+    fixed.CopyInformation(label)
+    assert _put_label(server, "chu_t2_02", fixed, tmp=tmp_path) == {"image": "chu_t2_02", "label": "chu_t2_02"}
+    ds = requests.get(f"{server}/datastore/", params={"output": "all"}, timeout=30).json()
+    assert "final" in ds["objects"]["chu_t2_02"]["labels"]
+    # a labelled study is no longer proposed
+    unc = requests.post(f"{server}/activelearning/uncertainty", json={}, timeout=TIMEOUT).json()
+    assert "chu_t2_02" not in unc["scores"]
+
+    # round 1 (asynchronous, as from OHIF): learning rate 0 -> same weights -> measures equal -> promoted
+    r = requests.post(f"{server}/train/vertebrae", json={"epochs": 1, "lr": 0.0}, timeout=60)
+    assert r.status_code == 200, r.text
+    st = _wait_train(server)
+    assert st["status"] == "DONE", st
+    store = model_dir / "vertebrae"
+    hist = json.loads((store / "rounds" / "history.json").read_text())
+    rec = hist[-1]
+    assert rec["round"] == 1 and rec["promoted"] is True
+    assert rec["metrics"]["mean_iou"] == pytest.approx(rec["served_metrics"]["mean_iou"], abs=1e-6)
+    (corr,) = rec["training_data"]["corrections"]
+    expected_levels = [lv for lv in lab_map if np.any(arr == lab_map[lv].value)]
+    assert corr["image"] == "chu_t2_02" and corr["levels"] == expected_levels
+    assert deleted not in corr["levels"] and "T1" in corr["levels"]
+    assert corr["boxes"] == sum(int(np.any(arr[k] == v)) for k in range(arr.shape[0]) for v in np.unique(arr) if v)
+    served = json.loads((store / "served.json").read_text())
+    assert served["round"] == 1 and (store / served["model"]).is_file()
+    params, _ = _infer(server, "chu_t2_04")
+    assert params["model"]["detector_round"] == 1
+
+    # round 2: a destructive learning rate -> measures worse -> the served model stays round 1
+    r = requests.post(f"{server}/train/vertebrae", params={"run_sync": "true"}, json={"epochs": 1, "lr": 0.02},
+                      timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    hist = json.loads((store / "rounds" / "history.json").read_text())
+    assert hist[-1]["round"] == 2 and hist[-1]["promoted"] is False
+    assert hist[-1]["metrics"]["mean_iou"] < hist[-1]["served_metrics"]["mean_iou"]
+    assert json.loads((store / "served.json").read_text())["round"] == 1
+    assert (store / "rounds" / "round-0002" / "model.pt").is_file()  # versioned, kept, not served
+    assert (store / "rounds" / "history.png").stat().st_size > 1000
+    stats = requests.get(f"{server}/info/", timeout=30).json()["train_stats"]["vertebrae"]
+    assert stats["served"]["round"] == 1 and stats["promoted"] == [1]
+
+
+def test_concurrent_label_saves_lose_nothing(server: str, studies: Path, tmp_path: Path) -> None:
+    images = [*EXAMPLES, LOW_SNR]
+    tags = ["final", "annotator_a", "annotator_b"]
+    sent: dict[tuple[str, str], np.ndarray] = {}
+    jobs = []
+    for i, image in enumerate(images):
+        ref = sitk.ReadImage(str(studies / f"{image}.nii.gz"))
+        for j, tag in enumerate(tags):
+            a = np.zeros(sitk.GetArrayFromImage(ref).shape, np.uint8)
+            a[5 + i, 100:140, 150 + 10 * j:190 + 10 * j] = 13 + j  # a distinct box per (image, tag)
+            img = sitk.GetImageFromArray(a)
+            img.CopyInformation(ref)
+            sent[image, tag] = a
+            jobs.append((image, tag, img))
+    errors: list[BaseException] = []
+
+    def save(image: str, tag: str, img: sitk.Image) -> None:
+        try:
+            _put_label(server, image, img, tag, tmp_path)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not errors, errors
+    ds = requests.get(f"{server}/datastore/", params={"output": "all"}, timeout=30).json()
+    for (image, tag), a in sent.items():
+        assert tag in ds["objects"][image]["labels"], (image, tag)
+        r = requests.get(f"{server}/datastore/label", params={"label": image, "tag": tag}, timeout=60)
+        r.raise_for_status()
+        p = tmp_path / f"got-{image}-{tag}.nii.gz"
+        p.write_bytes(r.content)
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(p))), a), (image, tag)
