@@ -3,10 +3,14 @@ PY := .venv/bin/python
 # Holoscan asks for a 32 MB stack
 STACK := ulimit -s 32768 2>/dev/null || true
 
-.PHONY: env system run test lint bench
+.PHONY: env label-env system run test lint bench label
 
 env:
 	@bash scripts/setup_env.sh
+
+## MONAI Label server environment (.venv-label: monailabel 0.8.5 needs pydicom<3, numpy<2); idempotent
+label-env:
+	@bash scripts/setup_label_env.sh
 
 ## Debian packages of the servers the tests start (PostgreSQL); idempotent
 system:
@@ -17,11 +21,15 @@ run: env
 	@$(STACK); $(PY) app.py -o output
 
 ## Run the test suite
-test: system env
+test: system env label-env
 	@$(STACK); $(PY) -m pytest -q
 
 lint: env
 	@$(PY) -m ruff check spinepath operators tests app.py scripts label
+
+## Start the MONAI Label app on a studies folder or DICOMweb URL: make label STUDIES=http://127.0.0.1:8042/dicom-web
+label: label-env
+	@.venv-label/bin/python -m monailabel.main start_server --app label --studies $(STUDIES) --host 127.0.0.1 --port 8000
 
 bench: env
 	@$(STACK); $(PY) scripts/benchmark.py

@@ -58,9 +58,12 @@ class SpinePathApp(MONAILabelApp):
                                  wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+        # MONAI Label's default filter is CT; this app reads MR unless the filter is set explicitly
+        search = settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER \
+            if "MONAI_LABEL_DICOMWEB_SEARCH_FILTER" in os.environ else {"Modality": "MR"}
         store = SpinePathDICOMWebDatastore(
             client=client,
-            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            search_filter=search,
             cache_path=cache,
             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
             convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
