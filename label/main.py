@@ -6,6 +6,7 @@ The domain logic lives in the ``spinepath`` package; this app only adapts it to 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -58,9 +59,9 @@ class SpinePathApp(MONAILabelApp):
                                  wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
-        # MONAI Label's default filter is CT; this app reads MR unless the filter is set explicitly
-        search = settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER \
-            if "MONAI_LABEL_DICOMWEB_SEARCH_FILTER" in os.environ else {"Modality": "MR"}
+        # MONAI Label's default filter (MONAI_LABEL_DICOMWEB_SEARCH_FILTER) is CT and is exported to the
+        # environment of every task process, so it cannot tell "unset"; this app reads its own conf key
+        search = json.loads(self.conf.get("dicomweb_search_filter", '{"Modality": "MR"}'))
         store = SpinePathDICOMWebDatastore(
             client=client,
             search_filter=search,

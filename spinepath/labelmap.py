@@ -27,6 +27,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LABELS_FILE = CONFIGS / "labels.json"
 #: Display orientation of a sagittal series (SimpleITK/DICOM "toward" letters: column, row, slice axes).
 SAGITTAL_ORIENTATION = "PIR"
+#: Volume file suffixes, longest first (stripped to get an image id; DICOM UIDs contain dots).
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 #: A volume whose slice axis is this much coarser than in-plane is a 2D acquisition in that plane.
 MAX_REFORMAT_ANISOTROPY = 1.5
 
@@ -53,6 +55,15 @@ def load_label_map(path: str | Path = LABELS_FILE) -> dict[str, Label]:
     if len(set(values)) != len(values) or not all(0 < x < 256 for x in values):
         raise ValueError(f"{path}: label values must be distinct and in 1..255")
     return labels
+
+
+def image_id(path: str | Path) -> str:
+    """The image id of a volume file: its name without the volume suffix (``1.2.3.nii.gz`` -> ``1.2.3``)."""
+    name = Path(path).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 # --------------------------------------------------------------------------------------- image <-> volume
@@ -240,14 +251,13 @@ def slices_from_label_file(image_path: str | Path, label_path: str | Path, case:
         StudyError: If either file is unreadable or the grids differ.
 
     """
+    volume, _ = load_image_volume(image_path)
     try:
-        image = sitk.ReadImage(str(image_path))
         label = sitk.ReadImage(str(label_path))
     except RuntimeError as exc:
-        raise StudyError(f"cannot read {Path(image_path).name} or its label {Path(label_path).name}") from exc
-    volume = volume_from_image(image, Path(image_path).name)
+        raise StudyError(f"cannot read label {Path(label_path).name}: not a readable volume") from exc
     labels = labels_on_volume(label, volume)
-    return slices_from_labels(volume, labels, case or Path(image_path).name.split(".")[0], label_map)
+    return slices_from_labels(volume, labels, case or image_id(image_path), label_map)
 
 
 # ----------------------------------------------------------------------------------------- label a study

@@ -20,7 +20,14 @@ from servers import ServerError, monailabel_server
 
 from spinepath.detection import VertebraDetector
 from spinepath.dicom_io import load_study
-from spinepath.labelmap import image_from_volume, labels_on_volume, load_label_map, render_labels, write_image
+from spinepath.labelmap import (
+    image_from_volume,
+    labels_on_volume,
+    load_label_map,
+    render_labels,
+    slices_from_label_file,
+    write_image,
+)
 from spinepath.pipeline import detect_series, resolve_model_path
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -172,19 +179,35 @@ def test_active_learning(server: str) -> None:
     assert rand["id"] in {*EXAMPLES, LOW_SNR}
 
 
-def test_correction_feeds_the_next_round_and_promotion(server: str, model_dir: Path, tmp_path: Path) -> None:
+def test_correction_feeds_the_next_round_and_promotion(server: str, studies: Path, model_dir: Path,
+                                                       tmp_path: Path) -> None:
     lab_map = load_label_map()
     _, label = _infer(server, "chu_t2_02")
     arr = sitk.GetArrayFromImage(label)
     present = [lv for lv in lab_map if np.any(arr == lab_map[lv].value)]
-    deleted, renamed = present[0], present[1]  # the annotator deletes the top box, renames the next one
+    # the annotator deletes the top box, renames the next one, moves L3 down by 3 rows and adds a missed T1
+    deleted, renamed = present[0], present[1]
     arr[arr == lab_map[deleted].value] = 0
-    arr[arr == lab_map[renamed].value] = lab_map["T1"].value
+    arr[arr == lab_map[renamed].value] = lab_map["T2"].value
+    l3 = arr == lab_map["L3"].value
+    arr[l3] = 0
+    arr[np.roll(l3, 3, axis=1) & (arr == 0)] = lab_map["L3"].value
+    arr[9, 2:12, 20:40] = lab_map["T1"].value
     fixed = sitk.GetImageFromArray(arr)
     fixed.CopyInformation(label)
     assert _put_label(server, "chu_t2_02", fixed, tmp=tmp_path) == {"image": "chu_t2_02", "label": "chu_t2_02"}
     ds = requests.get(f"{server}/datastore/", params={"output": "all"}, timeout=30).json()
     assert "final" in ds["objects"]["chu_t2_02"]["labels"]
+    # what the trainer reads back from the datastore: the corrected boxes and names
+    r = requests.get(f"{server}/datastore/label", params={"label": "chu_t2_02", "tag": "final"}, timeout=60)
+    (tmp_path / "saved.nii.gz").write_bytes(r.content)
+    slices, _ = slices_from_label_file(studies / "chu_t2_02.nii.gz", tmp_path / "saved.nii.gz")
+    assert "T1" in slices[9].levels and slices[9].boxes[slices[9].levels.index("T1")].tolist() == [2, 20, 12, 40]
+    assert not any(deleted in s.levels for s in slices) and any("T2" in s.levels for s in slices)
+    k = int(np.argmax(l3.sum(axis=(1, 2))))
+    rows = np.nonzero(l3[k].any(axis=1))[0]
+    b = slices[k].boxes[slices[k].levels.index("L3")]
+    assert b[0] == rows.min() + 3 and b[2] <= rows.max() + 4
     # a labelled study is no longer proposed
     unc = requests.post(f"{server}/activelearning/uncertainty", json={}, timeout=TIMEOUT).json()
     assert "chu_t2_02" not in unc["scores"]
@@ -202,7 +225,7 @@ def test_correction_feeds_the_next_round_and_promotion(server: str, model_dir: P
     (corr,) = rec["training_data"]["corrections"]
     expected_levels = [lv for lv in lab_map if np.any(arr == lab_map[lv].value)]
     assert corr["image"] == "chu_t2_02" and corr["levels"] == expected_levels
-    assert deleted not in corr["levels"] and "T1" in corr["levels"]
+    assert deleted not in corr["levels"] and {"T1", "T2"} <= set(corr["levels"])
     assert corr["boxes"] == sum(int(np.any(arr[k] == v)) for k in range(arr.shape[0]) for v in np.unique(arr) if v)
     served = json.loads((store / "served.json").read_text())
     assert served["round"] == 1 and (store / served["model"]).is_file()

@@ -130,3 +130,11 @@ def test_infer_and_save_label_as_seg(server: str, orthanc_url: str, source: pydi
         per_segment[n] = per_segment.get(n, 0) + 1
     for i, lv in enumerate(levels, start=1):
         assert per_segment[i] == int(np.any(arr == lab_map[lv].value, axis=(1, 2)).sum()), lv
+    # and the next retraining round trains on it (the datastore keeps the label beside the cached series)
+    r = requests.post(f"{server}/train/vertebrae", params={"run_sync": "true"},
+                      json={"epochs": 1, "lr": 0.0, "max_train_cases": 1}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    rec = r.json()
+    (corr,) = rec["training_data"]["corrections"]
+    assert "skipped" not in corr, corr
+    assert corr["image"] == series and corr["levels"] == levels and rec["promoted"] is True

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from spinepath.dicom_io import StudyError
 from spinepath.labelmap import Label, slices_from_label_file
+from spinepath.labelmap import image_id as label_image_id
 from spinepath.rounds import ModelStore, RoundConfig, run_round
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class VertebraeTrainer(TrainTask):
         """Training slices and per-study summaries from the datastore's final labels."""
         slices, info = [], []
         for item in datastore.datalist():
-            image_id = Path(item["image"]).name.split(".")[0]
+            image_id = label_image_id(item["image"])
             try:
                 s, summary = slices_from_label_file(item["image"], item["label"], image_id, self.label_map)
             except StudyError as exc:
