@@ -112,9 +112,19 @@ class ModelStore:
         return self.dir / "served.json"
 
     def ensure(self) -> None:
-        """Create round 0 from the initial model if the folder is new."""
+        """Create round 0 from the initial model if the folder is new (safe when processes race)."""
         if self.served_file.is_file():
             return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".init.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                if not self.served_file.is_file():
+                    self._create_round_zero()
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _create_round_zero(self) -> None:
         r0 = self.rounds / "round-0000"
         if not (r0 / "model.pt").is_file():
             tmp = self.rounds / ".round-0000.partial"

@@ -23,12 +23,14 @@ class VertebraeUncertainty(Strategy):
     """Pick the unlabeled study with the highest :func:`spinepath.activelearning.study_uncertainty` score.
 
     Scores are cached per study, served round and file time in ``<model dir>/uncertainty.json``, so repeated
-    requests only score new studies (or all of them again after a promoted round).
+    requests only score new studies (or all of them again after a promoted round). At most ``max_new`` studies
+    are scored per request (a large PACS is covered over several requests): the choice is among the scored.
     """
 
-    def __init__(self, store: ModelStore) -> None:
+    def __init__(self, store: ModelStore, max_new: int = 32) -> None:
         super().__init__("Study where the served detector is most uncertain (score entropy, naming, TTA)")
         self.store = store
+        self.max_new = max_new  # studies scored per request (each costs two detector runs, ~3-7 s on CPU)
         self._lock = threading.Lock()
 
     def _cache(self) -> dict:
@@ -54,10 +56,15 @@ class VertebraeUncertainty(Strategy):
             model = None
             cache = self._cache()
             scores: dict[str, dict] = {}
+            new = 0
             for image_id in sorted(images):
+                hit = cache.get(image_id)
+                if not (hit and hit.get("key", "").startswith(f"{served['round']}:")):
+                    if new >= self.max_new:  # the rest are scored by the next requests
+                        continue
+                    new += 1
                 uri = datastore.get_image_uri(image_id)
                 key = f"{served['round']}:{os.path.getmtime(uri)}"
-                hit = cache.get(image_id)
                 if hit and hit.get("key") == key:
                     scores[image_id] = hit["uncertainty"]
                     continue

@@ -25,7 +25,8 @@ class VertebraeConfig(TaskConfig):
     """Served detector in ``<model_dir>/vertebrae`` (round 0 = the bundle's detector), optional grading.
 
     ``--conf`` keys: ``data_root`` (base data + fixed validation set), ``grading`` (true/false),
-    ``round_epochs``, ``round_lr``, ``round_max_train_cases``, ``num_threads``.
+    ``round_epochs``, ``round_lr``, ``round_max_train_cases``, ``num_threads``, ``al_max_new`` (studies the
+    uncertainty strategy scores per request).
     """
 
     def init(self, name: str, model_dir: str, conf: dict, planner: object, **kwargs: object) -> None:
@@ -53,4 +54,4 @@ class VertebraeConfig(TaskConfig):
 
     def strategy(self) -> dict:
         """The ``uncertainty`` strategy."""
-        return {"uncertainty": VertebraeUncertainty(self.store)}
+        return {"uncertainty": VertebraeUncertainty(self.store, int(self.conf.get("al_max_new", 32)))}
