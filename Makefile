@@ -29,6 +29,7 @@ lint: env
 
 ## Start the MONAI Label app on a studies folder or DICOMweb URL: make label STUDIES=http://127.0.0.1:8042/dicom-web
 label: label-env
+	@test -n "$(STUDIES)" || { echo "usage: make label STUDIES=<studies folder or DICOMweb URL>" >&2; exit 2; }
 	@.venv-label/bin/python -m monailabel.main start_server --app label --studies $(STUDIES) --host 127.0.0.1 --port 8000
 
 bench: env
