@@ -49,6 +49,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_pretrain(args: argparse.Namespace) -> int:
+    from spinepath.pretrain import PretrainConfig, pretrain
+
+    pc = PretrainConfig(quiet=args.quiet)
+    for f in dataclasses.fields(PretrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name != "quiet":
+            setattr(pc, f.name, v)
+    res = pretrain(pc)
+    print(json.dumps({k: v for k, v in res.items() if k != "history"} | {"final_loss": res["history"][-1]["loss"]}))
+    return 0
+
+
 def _cmd_train_grading(args: argparse.Namespace) -> int:
     from spinepath.train_grading import GradingTrainConfig, refit_fusion, train_grading
 
@@ -238,11 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--max-train-cases", dest="max_train_cases", type=int, help="tiny subset (tests)")
     tg.add_argument("--num-threads", dest="num_threads", type=int)
     tg.add_argument("--seed", type=int)
+    tg.add_argument("--init", help="pretrained backbone (spinepath train pretrain) for both classifiers")
     tg.add_argument("--ensemble", choices=["final", "folds+final"],
                     help="saved networks: the final model only, or it plus the fold models (averaged)")
     tg.add_argument("--refit-fusion", action="store_true",
                     help="only refit the fusion model from --out-dir's saved out-of-fold features")
     tg.set_defaults(func=_cmd_train_grading)
+    tp = tsub.add_parser("pretrain", help="self-supervised (SimCLR) pretraining of the grading backbone")
+    tp.add_argument("--data-root", dest="data_root")
+    tp.add_argument("--out", help="backbone file (default runs/pretrain/backbone.pt)")
+    tp.add_argument("--model", help="ConvNeXt size (default convnext_atto, as the searched classifiers)")
+    tp.add_argument("--epochs", type=int)
+    tp.add_argument("--crops-per-epoch", dest="crops_per_epoch", type=int)
+    tp.add_argument("--batch-size", dest="batch_size", type=int)
+    tp.add_argument("--max-minutes", dest="max_minutes", type=float)
+    tp.add_argument("--num-threads", dest="num_threads", type=int)
+    tp.add_argument("--seed", type=int)
+    tp.set_defaults(func=_cmd_train_pretrain)
 
     s = sub.add_parser("search", help="Optuna hyper-parameter search")
     ssub = s.add_subparsers(dest="what", required=True)

@@ -277,6 +277,7 @@ class GradingConfig:
     ordinal_weight: float = 0.0
     crop_aspect: float = 1.0
     seed: int = 0
+    init: str = ""  # pretrained backbone (spinepath.pretrain) to start from; "" = random
 
     @classmethod
     def from_dict(cls, d: dict) -> GradingConfig:
@@ -393,7 +394,9 @@ def train_classifier(
     trial=None,
     max_minutes: float = 0.0,
 ) -> tuple[nn.Module, list[dict]]:
-    """Train one classifier from scratch (AdamW, warm-up + cosine schedule, fixed number of epochs).
+    """Train one classifier (AdamW, warm-up + cosine schedule, fixed number of epochs).
+
+    From scratch, or from a self-supervised backbone when ``cfg.init`` names one.
 
     Args:
         cfg: Hyper-parameters.
@@ -414,6 +417,10 @@ def train_classifier(
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_classifier(cfg)
+    if cfg.init:
+        from spinepath.pretrain import load_backbone
+
+        load_backbone(model, cfg.init)
     ds = CropDataset(images, train, cfg, train=True)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                                      generator=torch.Generator().manual_seed(cfg.seed))

@@ -45,6 +45,7 @@ class GradingTrainConfig:
     num_threads: int = 0
     seed: int = 0
     ensemble: str = "final"
+    init: str = ""
     quiet: bool = False
 
 
@@ -84,6 +85,8 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
     params = {t: load_params(t, cfg.params_file or PARAMS_FILE) for t in ("vertebra", "disc")}
     for p in params.values():
         p.seed = cfg.seed
+        if cfg.init:
+            p.init = cfg.init
         if cfg.epochs:
             p.epochs = cfg.epochs
     detector = VertebraDetector.load(resolve_model_path(cfg.detector or None))
