@@ -173,7 +173,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         history.append({"epoch": ep + 1, "loss": float(np.mean(losses)), "minutes": (time.time() - t0) / 60})
         if not cfg.quiet:
             tqdm.write(json.dumps(history[-1]))

@@ -1,0 +1,69 @@
+"""Self-supervised pretraining: unlabelled crops from the real training data, SimCLR, backbone initialisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA
+
+from spinepath.data import is_validation, load_spark
+from spinepath.grading import GradingConfig, build_classifier, normalise_image, spark_structures, train_classifier
+from spinepath.pretrain import PretrainConfig, SimCLR, collect_unlabelled, load_backbone, nt_xent, pretrain
+
+
+def test_unlabelled_crops_use_training_data_only() -> None:
+    images, structs = collect_unlabelled(DATA, slice_step=8)
+    keys = set(images)
+    assert {s.image_key for s in structs} <= keys
+    datasets = {k.split("/")[0] for k in keys if "/" in k}
+    assert {"chu_t2", "spineweb_vb", "ivd_t2"} <= datasets
+    spark = [k for k in keys if "/" not in k]
+    assert spark and not any(is_validation("spark_midsag", k) for k in spark)
+    assert all(s.grade == -1 for s in structs)
+
+
+def test_nt_xent_prefers_matching_views() -> None:
+    z = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    same = nt_xent(torch.cat([z, z]), 0.2)
+    other = nt_xent(torch.cat([z, torch.nn.functional.normalize(torch.randn(8, 16), dim=1)]), 0.2)
+    assert same < other
+
+
+def test_pretrain_then_initialise_a_classifier(tmp_path) -> None:
+    out = tmp_path / "backbone.pt"
+    res = pretrain(PretrainConfig(data_root=str(DATA), out=str(out), epochs=1, crops_per_epoch=32, batch_size=16,
+                                  slice_step=8, quiet=True))
+    assert out.is_file() and np.isfinite(res["history"][-1]["loss"])
+    bb = torch.load(out, weights_only=False)["state_dict"]
+    m = build_classifier(GradingConfig(task="disc"))
+    load_backbone(m, out)
+    assert torch.equal(m.stem[0].weight, bb["stem.0.weight"])
+    with pytest.raises(ValueError, match="does not match"):
+        load_backbone(build_classifier(GradingConfig(task="disc", model="convnext_femto")), out)
+    # a classifier trained from it (GradingConfig.init) on a tiny real subset
+    cases = [c for c in load_spark(DATA / "spark_midsag") if not is_validation("spark_midsag", c.case)][:4]
+    images = {c.case: normalise_image(c.load_image()) for c in cases}
+    train = [s for c in cases for s in spark_structures(c) if s.kind == "vertebra"]
+    model, hist = train_classifier(GradingConfig(task="vertebra", epochs=1, batch_size=8, init=str(out)), images,
+                                   train, progress=False)
+    assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
+    assert isinstance(SimCLR("convnext_atto").backbone.num_features, int)
+
+
+def test_train_grading_from_backbone_with_fold_ensemble(tmp_path) -> None:
+    from spinepath.grading import Grader
+    from spinepath.train_grading import GradingTrainConfig, train_grading
+
+    bb = tmp_path / "backbone.pt"
+    pretrain(PretrainConfig(data_root=str(DATA), out=str(bb), epochs=1, crops_per_epoch=16, batch_size=16,
+                            slice_step=16, quiet=True))
+    out = tmp_path / "grading"
+    summary = train_grading(GradingTrainConfig(data_root=str(DATA), out_dir=str(out), folds=2, views=1,
+                                               max_train_cases=12, epochs=1, init=str(bb),
+                                               ensemble="folds+final", quiet=True))
+    g = Grader.load(out / "grader.pt")
+    assert all(len(g.models[t]) == 3 for t in ("vertebra", "disc"))  # final + 2 fold models
+    assert g.meta["ensemble"] == "folds+final" and summary["params"]["disc"]["init"] == str(bb)
+    with pytest.raises(ValueError, match="unknown ensemble"):
+        train_grading(GradingTrainConfig(data_root=str(DATA), out_dir=str(out), ensemble="all"))
