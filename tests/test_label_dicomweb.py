@@ -138,3 +138,6 @@ def test_infer_and_save_label_as_seg(server: str, orthanc_url: str, source: pydi
     (corr,) = rec["training_data"]["corrections"]
     assert "skipped" not in corr, corr
     assert corr["image"] == series and corr["levels"] == levels and rec["promoted"] is True
+    # MONAI Label's own log of all this (server, infer, SEG store, training process) names no patient
+    log = Path(__file__).resolve().parent.parent / "label" / "logs" / "app.log"
+    assert log.is_file() and str(source.PatientID) not in log.read_text(errors="replace")
