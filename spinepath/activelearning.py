@@ -6,7 +6,8 @@ Three signals, each in [0, 1], averaged:
 - ``naming``: one minus the mean naming confidence (no named vertebra: 1);
 - ``tta_disagreement``: how much a test-time-augmented run (image zoomed by 1.1, intensity gamma 1.3: both
   within the training augmentation) disagrees with the plain run: per level named by either run, one minus
-  the IoU of its box on its central slice (1 when only one run names it).
+  the IoU of the two runs' boxes on the plain run's best slice for that level (the TTA run's nearest slice
+  where it has none there; 1 when only one run names the level).
 """
 
 from __future__ import annotations
@@ -52,12 +53,15 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def _central_boxes(tracks: list[Vertebra]) -> dict[str, np.ndarray]:
-    out = {}
-    for t in tracks:
-        if t.level != "?":
-            out[t.level] = np.asarray(t.boxes[int(np.argmax(t.scores))], dtype=np.float64)
-    return out
+def _named(tracks: list[Vertebra]) -> dict[str, Vertebra]:
+    return {t.level: t for t in tracks if t.level != "?"}
+
+
+def _disagreement(a: Vertebra, b: Vertebra) -> float:
+    """1 - IoU of two tracks' boxes on ``a``'s best slice (``b``'s nearest slice to it)."""
+    k = a.slices[int(np.argmax(a.scores))]
+    j = int(np.argmin([abs(s - k) for s in b.slices]))
+    return 1.0 - _box_iou(np.asarray(a.boxes[a.slices.index(k)], float), np.asarray(b.boxes[j], float))
 
 
 def _run(model: VertebraDetector, volume: SeriesVolume, zoom: float = 1.0, gamma: float = 1.0) -> list[Vertebra]:
@@ -79,9 +83,9 @@ def study_uncertainty(volume: SeriesVolume, model: VertebraDetector) -> Uncertai
     entropy = float(_binary_entropy(scores).mean()) if scores.size else 1.0
     named = [t.name_confidence for t in plain if t.level != "?"]
     naming = 1.0 - float(np.mean(named)) if named else 1.0
-    a, b = _central_boxes(plain), _central_boxes(tta)
+    a, b = _named(plain), _named(tta)
     levels = set(a) | set(b)
-    dis = [1.0 - _box_iou(a[lv], b[lv]) if lv in a and lv in b else 1.0 for lv in levels]
+    dis = [_disagreement(a[lv], b[lv]) if lv in a and lv in b else 1.0 for lv in levels]
     disagreement = float(np.mean(dis)) if dis else 1.0
     return Uncertainty(
         score=float(np.mean([entropy, naming, disagreement])),

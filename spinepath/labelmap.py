@@ -186,8 +186,9 @@ def render_labels(result, label_map: dict[str, Label] | None = None) -> tuple[np
             continue
         drawn.append(t.level)
         for k, b in zip(t.slices, t.boxes):
-            r0, c0 = max(int(np.floor(b[0])), 0), max(int(np.floor(b[1])), 0)
-            r1, c1 = min(int(np.ceil(b[2])), shape[1]), min(int(np.ceil(b[3])), shape[2])
+            # a pixel is inside when its centre is (as in the SEG): read back, the box moves by < 0.5 px
+            r0, r1 = (int(np.clip(np.ceil(v - 0.5), 0, shape[1])) for v in (b[0], b[2]))
+            c0, c1 = (int(np.clip(np.ceil(v - 0.5), 0, shape[2])) for v in (b[1], b[3]))
             out[k, r0:r1, c0:c1] = lab.value
     return out, drawn
 

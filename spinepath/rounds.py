@@ -33,6 +33,8 @@ from spinepath.data import Slice2D
 log = logging.getLogger(__name__)
 
 METRICS = ("mean_iou", "recall_at_iou50", "precision_at_iou50")
+#: Round options a train request may not change (data location, the fixed validation set).
+SERVER_ONLY = ("data_root", "val_max_cases", "quiet")
 
 
 @dataclass
@@ -43,7 +45,9 @@ class RoundConfig:
         data_root: The shared data folder (base training data and the fixed validation set).
         epochs: Fine-tuning epochs.
         lr: Peak learning rate (one-cycle schedule).
-        max_train_cases: Base data subset per dataset (0 = all); also limits the validation set (quick rounds).
+        max_train_cases: Base data subset per dataset (0 = all).
+        val_max_cases: Validation subset per dataset (0 = the whole fixed split); a server setting, not a
+            request option, so a request cannot weaken the promotion test.
         slice_step: Every n-th lateral slice of the base training volumes.
         metric: Validation metric that decides promotion (one of :data:`METRICS`).
         num_threads: Torch CPU threads (0 = default).
@@ -56,6 +60,7 @@ class RoundConfig:
     epochs: int = 4
     lr: float = 3e-4
     max_train_cases: int = 0
+    val_max_cases: int = 0
     slice_step: int = 2
     metric: str = "mean_iou"
     num_threads: int = 0
@@ -72,6 +77,8 @@ class RoundConfig:
         """
         cfg = cls(**defaults)  # type: ignore[arg-type]
         for f in dataclasses.fields(cls):
+            if f.name in SERVER_ONLY:
+                continue
             if f.name in request and request[f.name] is not None:
                 typ = type(getattr(cfg, f.name))
                 try:
@@ -87,9 +94,18 @@ class RoundConfig:
 
 
 def _write_json(path: Path, obj: object) -> None:
+    """Atomic and durable: temporary file, fsync, rename, fsync of the folder."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ModelStore:
@@ -206,7 +222,8 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
         try:
             tc = TrainConfig(
                 data_root=cfg.data_root, out_dir=str(work), epochs=cfg.epochs, lr=cfg.lr,
-                max_train_cases=cfg.max_train_cases, slice_step=cfg.slice_step, val_every=cfg.epochs,
+                max_train_cases=cfg.max_train_cases, val_max_cases=cfg.val_max_cases, slice_step=cfg.slice_step,
+                val_every=cfg.epochs,
                 seed=cfg.seed, num_threads=cfg.num_threads, quiet=cfg.quiet, resume=False,
                 init_from=str(served_path), freeze_bn=True,
             )
@@ -214,7 +231,7 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
             (work / "best.pt").rename(work / "model.pt")
             (work / "last.pt").unlink(missing_ok=True)  # optimizer state: not kept
             # both models on the same fixed validation set, measured now
-            val = validation_samples(cfg.data_root, base.cfg, cfg.max_train_cases)
+            val = validation_samples(cfg.data_root, base.cfg, cfg.val_max_cases)
             with torch.no_grad():
                 new_m = validate(VertebraDetector.load(work / "model.pt"), val)
                 old_m = validate(base, val)
@@ -228,7 +245,7 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
         promoted = new_m[cfg.metric] >= old_m[cfg.metric]
         record.update(
             minutes=round((time.time() - started) / 60, 3),
-            validation={"n_slices": len(val), "metric": cfg.metric},
+            validation={"n_slices": len(val), "metric": cfg.metric, "max_cases": cfg.val_max_cases},
             metrics=new_m,
             served_metrics=old_m,
             promoted=bool(promoted),
@@ -241,7 +258,10 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
                                             "since": time.time()})
         history = store.history() + [record]
         _write_json(store.rounds / "history.json", history)
-        plot_rounds(history, store.rounds / "history.png", cfg.metric)
+        try:
+            plot_rounds(history, store.rounds / "history.png", cfg.metric)
+        except Exception as exc:  # noqa: BLE001 (the plot is a convenience; the round is done)
+            log.warning("history plot not written: %s", exc)
         log.info("round %d: %s %.4f vs served %.4f -> %s", n, cfg.metric, new_m[cfg.metric], old_m[cfg.metric],
                  "promoted" if promoted else "kept the served model")
         return record

@@ -53,6 +53,7 @@ class TrainConfig:
     slice_step: int = 2
     max_minutes: float = 0.0
     max_train_cases: int = 0
+    val_max_cases: int | None = None  # validation subset per dataset; None: as max_train_cases
     val_every: int = 1
     seed: int = 0
     num_threads: int = 0
@@ -280,7 +281,8 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[S
     train_slices = collect_slices(tc.data_root, "train", slice_step=tc.slice_step, max_cases=tc.max_train_cases)
     train_slices += extra_train or []
     train_s = to_grid_samples(train_slices, dc, TRAIN_MIN_FRACTION)
-    val_s = validation_samples(tc.data_root, dc, tc.max_train_cases)
+    val_s = validation_samples(tc.data_root, dc,
+                               tc.max_train_cases if tc.val_max_cases is None else tc.val_max_cases)
     log.info("training slices: %d, validation slices: %d", len(train_s), len(val_s))
 
     model = VertebraDetector.new(dc).to(tc.device)

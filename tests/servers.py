@@ -284,6 +284,7 @@ def monailabel_server(studies: str, model_dir: Path, conf: dict[str, str] | None
            "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
     env.pop("VIRTUAL_ENV", None)
     proc: subprocess.Popen | None = None
+    started: list[subprocess.Popen] = []
     try:
         for _ in range(3):
             port = free_port(host)
@@ -294,6 +295,7 @@ def monailabel_server(studies: str, model_dir: Path, conf: dict[str, str] | None
             with open(log, "ab") as fh:
                 proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            started.append(proc)
             url = f"http://{host}:{port}"
             deadline = time.monotonic() + timeout
             while proc.poll() is None and time.monotonic() < deadline and not _answers(f"{url}/info/"):
@@ -306,12 +308,16 @@ def monailabel_server(studies: str, model_dir: Path, conf: dict[str, str] | None
         raise ServerError(f"MONAI Label did not start (exit code {proc.poll() if proc else None}):\n"
                           f"{log.read_text(errors='replace')[-3000:]}")
     finally:
-        if proc is not None:  # the server and its training subprocesses (one process group)
-            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=wait)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
+        for p in started:  # each server and its training subprocesses (one process group per start)
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # whatever outlived SIGTERM in the group
+            except ProcessLookupError:
+                pass
+            if p.poll() is None:
+                p.wait(timeout=30)
         shutil.rmtree(log.parent, ignore_errors=True)

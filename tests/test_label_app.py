@@ -62,7 +62,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(studies: Path, model_dir: Path) -> str:
-    conf = {"round_max_train_cases": "1", "round_epochs": "1", "num_threads": "2"}
+    conf = {"round_max_train_cases": "1", "round_val_max_cases": "1", "round_epochs": "1", "num_threads": "2"}
     try:
         with monailabel_server(str(studies), model_dir, conf) as url:
             yield url

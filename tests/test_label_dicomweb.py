@@ -42,7 +42,8 @@ def server(orthanc_url: str, source: pydicom.Dataset, tmp_path_factory: pytest.T
     cache = tmp_path_factory.mktemp("dicomweb-cache")
     os.environ["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(cache)  # read by the server started below
     try:
-        with monailabel_server(orthanc_url + DICOMWEB_ROOT, tmp_path_factory.mktemp("model")) as url:
+        with monailabel_server(orthanc_url + DICOMWEB_ROOT, tmp_path_factory.mktemp("model"),
+                               {"round_val_max_cases": "1"}) as url:
             yield url
     except ServerError as exc:
         pytest.fail(str(exc))

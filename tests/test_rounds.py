@@ -24,7 +24,8 @@ import sys
 from spinepath.pipeline import resolve_model_path
 from spinepath.rounds import ModelStore, RoundConfig, run_round
 store = ModelStore(sys.argv[1], resolve_model_path())
-run_round(store, RoundConfig(data_root=sys.argv[2], epochs=20, max_train_cases=1, num_threads=1), [])
+run_round(store, RoundConfig(data_root=sys.argv[2], epochs=20, max_train_cases=1, val_max_cases=1,
+                             num_threads=1), [])
 """
 
 
@@ -61,9 +62,11 @@ def test_crash_mid_round_keeps_the_served_model(tmp_path: Path) -> None:
 
 
 def test_round_options_from_a_request() -> None:
-    cfg = RoundConfig.from_request({"epochs": "2", "lr": "0.001", "metric": "recall_at_iou50", "other": 1},
+    cfg = RoundConfig.from_request({"epochs": "2", "lr": "0.001", "metric": "recall_at_iou50", "other": 1,
+                                    "data_root": "/elsewhere", "val_max_cases": 1},
                                    data_root="/data", epochs=4)
     assert (cfg.epochs, cfg.lr, cfg.metric, cfg.data_root) == (2, 0.001, "recall_at_iou50", "/data")
+    assert cfg.val_max_cases == 0  # the fixed validation set is a server setting
     for bad in ({"epochs": "x"}, {"epochs": 0}, {"metric": "accuracy"}, {"lr": -1}):
         with pytest.raises(ValueError):
             RoundConfig.from_request(bad)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class VertebraeUncertainty(Strategy):
     """Pick the unlabeled study with the highest :func:`spinepath.activelearning.study_uncertainty` score.
 
-    Scores are cached per study, served round and file time in ``<model dir>/uncertainty.json``, so repeated
+    Scores (and failures) are cached per study and served round in ``<model dir>/uncertainty.json``, so repeated
     requests only score new studies (or all of them again after a promoted round). At most ``max_new`` studies
     are scored per request (a large PACS is covered over several requests): the choice is among the scored.
     """
@@ -56,29 +56,32 @@ class VertebraeUncertainty(Strategy):
             model = None
             cache = self._cache()
             scores: dict[str, dict] = {}
+            key = f"round-{served['round']}"
             new = 0
-            for image_id in sorted(images):
-                hit = cache.get(image_id)
-                if not (hit and hit.get("key", "").startswith(f"{served['round']}:")):
+            try:
+                for image_id in sorted(images):
+                    hit = cache.get(image_id)
+                    if hit and hit.get("key") == key:  # scored (or failed) with the served model
+                        if "uncertainty" in hit:
+                            scores[image_id] = hit["uncertainty"]
+                        continue
                     if new >= self.max_new:  # the rest are scored by the next requests
                         continue
                     new += 1
-                uri = datastore.get_image_uri(image_id)
-                key = f"{served['round']}:{os.path.getmtime(uri)}"
-                if hit and hit.get("key") == key:
-                    scores[image_id] = hit["uncertainty"]
-                    continue
-                if model is None:
-                    model = VertebraDetector.load(self.store.dir / served["model"])
-                try:
-                    volume, _ = load_image_volume(uri)
-                except StudyError as exc:
-                    log.warning("skipping image %s: %s", image_id, exc)
-                    continue
-                u = study_uncertainty(volume, model).to_dict()
-                cache[image_id] = {"key": key, "uncertainty": u}
-                scores[image_id] = u
-            self._save(cache)
+                    if model is None:
+                        model = VertebraDetector.load(self.store.dir / served["model"])
+                    try:
+                        volume, _ = load_image_volume(datastore.get_image_uri(image_id))
+                        u = study_uncertainty(volume, model).to_dict()
+                    except Exception as exc:  # noqa: BLE001 (one unreadable study must not block the others)
+                        reason = str(exc) if isinstance(exc, StudyError) else type(exc).__name__
+                        log.warning("image %s not scored: %s", image_id, reason)
+                        cache[image_id] = {"key": key, "failed": reason}
+                        continue
+                    cache[image_id] = {"key": key, "uncertainty": u}
+                    scores[image_id] = u
+            finally:
+                self._save(cache)
         if not scores:
             return None
         best = max(scores, key=lambda i: (scores[i]["score"], i))

@@ -25,7 +25,8 @@ class VertebraeConfig(TaskConfig):
     """Served detector in ``<model_dir>/vertebrae`` (round 0 = the bundle's detector), optional grading.
 
     ``--conf`` keys: ``data_root`` (base data + fixed validation set), ``grading`` (true/false),
-    ``round_epochs``, ``round_lr``, ``round_max_train_cases``, ``num_threads``, ``al_max_new`` (studies the
+    ``round_epochs``, ``round_lr``, ``round_max_train_cases``, ``round_val_max_cases`` (0: the whole fixed
+    validation split), ``num_threads``, ``al_max_new`` (studies the
     uncertainty strategy scores per request).
     """
 
@@ -41,6 +42,7 @@ class VertebraeConfig(TaskConfig):
             "epochs": int(conf.get("round_epochs", 4)),
             "lr": float(conf.get("round_lr", 3e-4)),
             "max_train_cases": int(conf.get("round_max_train_cases", 0)),
+            "val_max_cases": int(conf.get("round_val_max_cases", 0)),
             "num_threads": int(conf.get("num_threads", 0)),
         }
 

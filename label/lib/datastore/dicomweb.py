@@ -37,7 +37,12 @@ class SpinePathDICOMWebDatastore(DICOMWebDatastore):
             return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
         self.get_image_uri(image_id)  # downloads the series into the cache when needed
         volume = load_study(os.path.join(self._datastore.image_path(), image_id))
-        labels = labels_on_volume(sitk.ReadImage(label_filename), volume)
+        try:
+            labels = labels_on_volume(sitk.ReadImage(label_filename), volume)
+        except RuntimeError as exc:
+            raise ValueError(f"the label of {image_id} is not a readable volume") from exc
+        # the local copy first (what the trainer reads), then the SEG for the PACS
+        label_id = LocalDatastore.save_label(self, image_id, label_filename, label_tag, dict(label_info))
         by_value = {lab.value: lab.name for lab in self.label_map.values()}
         values = [v for v in sorted(by_value) if np.any(labels == v)]
         if values:
@@ -47,5 +52,6 @@ class SpinePathDICOMWebDatastore(DICOMWebDatastore):
             self._client.store_instances([seg])
             label_info.update({"SeriesInstanceUID": str(seg.SeriesInstanceUID), "Modality": "SEG",
                                "StudyInstanceUID": str(seg.StudyInstanceUID)})
+            self.update_label_info(label_id, label_tag, label_info)
             log.info("stored SEG with %d levels for series %s", len(values), image_id)
-        return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        return label_id

@@ -73,8 +73,10 @@ class VertebraeInfer(InferTask):
         os.close(fd)
         try:
             params = label_study(request["image"], detector, out, self.grader(), self.label_map)
-        except StudyError as exc:
+        except Exception as exc:
             os.unlink(out)
-            raise ValueError(f"cannot label this image: {exc}") from exc
+            if isinstance(exc, StudyError):
+                raise ValueError(f"cannot label this image: {exc}") from exc
+            raise
         params["model"] = {"detector_round": served["round"], "graded": self.grader() is not None}
         return out, params
