@@ -12,8 +12,6 @@ slices along the left-right axis (``"PIR"``); label volumes are written back on 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import SimpleITK as sitk
 
 from spinepath.data import Slice2D, boxes_from_mask_slice
 from spinepath.dicom_io import SeriesVolume, StudyError
+from spinepath.outputs.common import atomic_file
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LABELS_FILE = CONFIGS / "labels.json"
@@ -55,6 +54,23 @@ def load_label_map(path: str | Path = LABELS_FILE) -> dict[str, Label]:
     if len(set(values)) != len(values) or not all(0 < x < 256 for x in values):
         raise ValueError(f"{path}: label values must be distinct and in 1..255")
     return labels
+
+
+def label_colors() -> dict[str, tuple[int, int, int]]:
+    """Level name -> RGB colour of the label map (key image, SEG, MONAI Label)."""
+    return {k: lab.color for k, lab in load_label_map().items()}
+
+
+def box_slices(box, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """Rows and columns covered by a box ``[r0, c0, r1, c1]`` (pixel edge coordinates) on a ``shape`` image.
+
+    A pixel is inside when its centre (``i + 0.5`` in edge coordinates) lies in ``[r0, r1)`` x ``[c0, c1)``;
+    read back as a bounding box, a rendered box moves by less than half a pixel.
+    """
+    r0, c0, r1, c1 = (float(x) for x in box)
+    i0, i1 = (int(np.clip(np.ceil(v - 0.5), 0, shape[0])) for v in (r0, r1))
+    j0, j1 = (int(np.clip(np.ceil(v - 0.5), 0, shape[1])) for v in (c0, c1))
+    return slice(i0, i1), slice(j0, j1)
 
 
 def image_id(path: str | Path) -> str:
@@ -112,6 +128,13 @@ def volume_from_image(image: sitk.Image, description: str = "") -> SeriesVolume:
     )
 
 
+def _read_image(path: str | Path, what: str = "image") -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise StudyError(f"cannot read {what} {Path(path).name}: not a readable volume") from exc
+
+
 def read_volume(path: str | Path) -> SeriesVolume:
     """Read a NIfTI/NRRD/MHA volume as a sagittal :class:`SeriesVolume`.
 
@@ -119,26 +142,14 @@ def read_volume(path: str | Path) -> SeriesVolume:
         StudyError: If the file cannot be read or is not a sagittal 3D image.
 
     """
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise StudyError(f"cannot read image {Path(path).name}: not a readable volume") from exc
-    return volume_from_image(image, Path(path).name)
+    return volume_from_image(_read_image(path), Path(path).name)
 
 
 def write_image(image: sitk.Image, path: str | Path) -> Path:
     """Write an image atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
+    with atomic_file(path, "".join(path.suffixes) or ".nii.gz") as tmp:
         sitk.WriteImage(image, tmp, True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -186,10 +197,7 @@ def render_labels(result, label_map: dict[str, Label] | None = None) -> tuple[np
             continue
         drawn.append(t.level)
         for k, b in zip(t.slices, t.boxes):
-            # a pixel is inside when its centre is (as in the SEG): read back, the box moves by < 0.5 px
-            r0, r1 = (int(np.clip(np.ceil(v - 0.5), 0, shape[1])) for v in (b[0], b[2]))
-            c0, c1 = (int(np.clip(np.ceil(v - 0.5), 0, shape[2])) for v in (b[1], b[3]))
-            out[k, r0:r1, c0:c1] = lab.value
+            out[(k, *box_slices(b, shape[1:]))] = lab.value
     return out, drawn
 
 
@@ -253,11 +261,7 @@ def slices_from_label_file(image_path: str | Path, label_path: str | Path, case:
 
     """
     volume, _ = load_image_volume(image_path)
-    try:
-        label = sitk.ReadImage(str(label_path))
-    except RuntimeError as exc:
-        raise StudyError(f"cannot read label {Path(label_path).name}: not a readable volume") from exc
-    labels = labels_on_volume(label, volume)
+    labels = labels_on_volume(_read_image(label_path, "label"), volume)
     return slices_from_labels(volume, labels, case or image_id(image_path), label_map)
 
 
@@ -275,10 +279,7 @@ def load_image_volume(path: str | Path) -> tuple[SeriesVolume, sitk.Image]:
     if path.is_dir():
         volume = load_study(path)
         return volume, image_from_volume(volume, np.zeros(volume.pixels.shape, np.uint8))
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise StudyError(f"cannot read image {path.name}: not a readable volume") from exc
+    image = _read_image(path)
     return volume_from_image(image, path.name), image
 
 

@@ -16,6 +16,7 @@ from spinepath import DISCLAIMER, __version__
 from spinepath.detection import VertebraDetector
 from spinepath.dicom_io import SeriesVolume
 from spinepath.grouping import Vertebra, group_and_name
+from spinepath.labelmap import label_colors
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "bundle" / "models" / "model.pt"
@@ -128,13 +129,6 @@ def detect_series(volume: SeriesVolume, model: VertebraDetector, batch_size: int
     verts = group_and_name(dets, volume.pixels.shape[1:])
     t2 = time.perf_counter()
     return DetectionResult(verts, volume, {"detection": t1 - t0, "grouping": t2 - t1})
-
-
-def label_colors() -> dict[str, tuple[int, int, int]]:
-    """Level name -> RGB colour from ``configs/labels.json``."""
-    from spinepath.labelmap import load_label_map
-
-    return {k: lab.color for k, lab in load_label_map().items()}
 
 
 #: Key-image colours of vertebra findings and disc grades.

@@ -20,21 +20,31 @@ def no_identifying_warnings() -> Iterator[None]:
         yield
 
 
-def write_dataset(dataset: pydicom.Dataset, path: str | Path) -> Path:
-    """Write a DICOM dataset atomically (temporary file in the same folder, then rename)."""
+@contextmanager
+def atomic_file(path: str | Path, suffix: str) -> Iterator[str]:
+    """A temporary file in ``path``'s folder to write; it replaces ``path`` when the block succeeds.
+
+    The file gets the usual permissions of a new file; on an error nothing is left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".dcm", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        Path(tmp).replace(path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_dataset(dataset: pydicom.Dataset, path: str | Path) -> Path:
+    """Write a DICOM dataset atomically (temporary file in the same folder, then rename)."""
+    with atomic_file(path, ".dcm") as tmp:
         if int(pydicom.__version__.split(".")[0]) >= 3:
             dataset.save_as(tmp, enforce_file_format=True)
         else:  # pydicom 2.4 (MONAI Label environment)
             dataset.save_as(tmp, write_like_original=False)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the usual permissions of a new file
-        Path(tmp).replace(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)

@@ -15,6 +15,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from spinepath import __version__
+from spinepath.labelmap import box_slices, label_colors
 from spinepath.levels import VERTEBRA_LEVELS, level_index
 from spinepath.outputs.coding import ANATOMICAL_STRUCTURE, vertebra_code
 from spinepath.outputs.common import no_identifying_warnings, write_dataset
@@ -51,12 +52,8 @@ def box_mask(box, shape: tuple[int, int]) -> np.ndarray:
 
     A pixel is inside when its centre (``i + 0.5`` in edge coordinates) lies in ``[r0, r1)`` x ``[c0, c1)``.
     """
-    r0, c0, r1, c1 = (float(x) for x in box)
-    rows, cols = shape
-    i0, i1 = (int(np.clip(np.ceil(v - 0.5), 0, rows)) for v in (r0, r1))
-    j0, j1 = (int(np.clip(np.ceil(v - 0.5), 0, cols)) for v in (c0, c1))
     m = np.zeros(shape, dtype=bool)
-    m[i0:i1, j0:j1] = True
+    m[box_slices(box, shape)] = True
     return m
 
 
@@ -148,7 +145,7 @@ def build_level_seg(
         raise ValueError("the series volume carries no source DICOM header per slice: cannot reference it")
     if not levels:
         raise ValueError("no named vertebra to segment")
-    colours = _label_colours()
+    colours = label_colors()
     algo = None if manual else hd.AlgorithmIdentificationSequence(
         name="spinepath", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )
@@ -213,12 +210,6 @@ def dicom_lab(rgb: tuple[int, int, int]) -> list[int]:
     f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     lab = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
     return [round(lab[0] * 65535 / 100), round((lab[1] + 128) * 65535 / 255), round((lab[2] + 128) * 65535 / 255)]
-
-
-def _label_colours() -> dict[str, tuple[int, int, int]]:
-    from spinepath.pipeline import label_colors  # lazy: the pipeline imports torch
-
-    return label_colors()
 
 
 def write_seg(result, path: str | Path, **kwargs) -> Path:
