@@ -49,15 +49,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(cls: type, args: argparse.Namespace):
+    """An options dataclass from its defaults, overridden by the arguments given (same names) and ``-q``."""
+    opts = cls(quiet=args.quiet)
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name != "quiet":
+            setattr(opts, f.name, v)
+    return opts
+
+
 def _cmd_train_pretrain(args: argparse.Namespace) -> int:
     from spinepath.pretrain import PretrainConfig, pretrain
 
-    pc = PretrainConfig(quiet=args.quiet)
-    for f in dataclasses.fields(PretrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None and f.name != "quiet":
-            setattr(pc, f.name, v)
-    res = pretrain(pc)
+    res = pretrain(_options(PretrainConfig, args))
     print(json.dumps({k: v for k, v in res.items() if k != "history"} | {"final_loss": res["history"][-1]["loss"]}))
     return 0
 
@@ -68,12 +73,7 @@ def _cmd_train_grading(args: argparse.Namespace) -> int:
     if args.refit_fusion:
         print(json.dumps(refit_fusion(args.out_dir or GradingTrainConfig.out_dir)))
         return 0
-    tc = GradingTrainConfig(quiet=args.quiet)
-    for f in dataclasses.fields(GradingTrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None and f.name != "quiet":
-            setattr(tc, f.name, v)
-    res = train_grading(tc)
+    res = train_grading(_options(GradingTrainConfig, args))
     print(json.dumps({k: v for k, v in res.items() if k != "histories"}))
     return 0
 

@@ -93,8 +93,8 @@ class RoundConfig:
         return cfg
 
 
-def _write_json(path: Path, obj: object) -> None:
-    """Atomic and durable: temporary file, fsync, rename, fsync of the folder."""
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically and durably: temporary file, fsync, rename, fsync of the folder."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
         fh.write(json.dumps(obj, indent=1))
@@ -148,7 +148,7 @@ class ModelStore:
             tmp.mkdir(parents=True)
             shutil.copy2(self.initial_model, tmp / "model.pt")
             os.rename(tmp, r0)
-        _write_json(self.served_file, {"round": 0, "model": "rounds/round-0000/model.pt", "metrics": None,
+        write_json(self.served_file, {"round": 0, "model": "rounds/round-0000/model.pt", "metrics": None,
                                        "source": self.initial_model.name, "since": time.time()})
 
     def served(self) -> dict:
@@ -239,7 +239,7 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
             shutil.rmtree(work, ignore_errors=True)
             record.update(failed=f"{type(exc).__name__}: {exc}", promoted=False,
                           minutes=round((time.time() - started) / 60, 3))
-            _write_json(store.rounds / "history.json", store.history() + [record])
+            write_json(store.rounds / "history.json", store.history() + [record])
             log.error("round %d failed (%s); the served model is unchanged", n, record["failed"])
             raise
         promoted = new_m[cfg.metric] >= old_m[cfg.metric]
@@ -250,14 +250,14 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
             served_metrics=old_m,
             promoted=bool(promoted),
         )
-        _write_json(work / "metrics.json", record)
+        write_json(work / "metrics.json", record)
         final = store.rounds / f"round-{n:04d}"
         os.rename(work, final)
         if promoted:
-            _write_json(store.served_file, {"round": n, "model": f"rounds/{final.name}/model.pt", "metrics": new_m,
+            write_json(store.served_file, {"round": n, "model": f"rounds/{final.name}/model.pt", "metrics": new_m,
                                             "since": time.time()})
         history = store.history() + [record]
-        _write_json(store.rounds / "history.json", history)
+        write_json(store.rounds / "history.json", history)
         try:
             plot_rounds(history, store.rounds / "history.png", cfg.metric)
         except Exception as exc:  # noqa: BLE001 (the plot is a convenience; the round is done)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 
 from monailabel.interfaces.datastore import Datastore
@@ -14,7 +13,7 @@ from spinepath.activelearning import study_uncertainty
 from spinepath.detection import VertebraDetector
 from spinepath.dicom_io import StudyError
 from spinepath.labelmap import load_image_volume
-from spinepath.rounds import ModelStore
+from spinepath.rounds import ModelStore, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,6 @@ class VertebraeUncertainty(Strategy):
             return json.loads(p.read_text())
         except (OSError, ValueError):
             return {}
-
-    def _save(self, cache: dict) -> None:
-        p = self.store.dir / "uncertainty.json"
-        tmp = p.with_name(".uncertainty.json.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, p)
 
     def __call__(self, request: dict, datastore: Datastore) -> dict | None:
         """Return ``{"id": image, "uncertainty": {...}, "scores": {image: score}}`` or None when all are labeled."""
@@ -81,7 +74,7 @@ class VertebraeUncertainty(Strategy):
                     cache[image_id] = {"key": key, "uncertainty": u}
                     scores[image_id] = u
             finally:
-                self._save(cache)
+                write_json(self.store.dir / "uncertainty.json", cache)
         if not scores:
             return None
         best = max(scores, key=lambda i: (scores[i]["score"], i))

@@ -69,14 +69,15 @@ class VertebraeInfer(InferTask):
     def __call__(self, request: dict) -> tuple[str, dict]:
         """Run on ``request["image"]`` (a volume file or a DICOM series folder)."""
         detector, served = self.detector()
+        grader = self.grader()
         fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix="vertebrae-")
         os.close(fd)
         try:
-            params = label_study(request["image"], detector, out, self.grader(), self.label_map)
+            params = label_study(request["image"], detector, out, grader, self.label_map)
         except Exception as exc:
             os.unlink(out)
             if isinstance(exc, StudyError):
                 raise ValueError(f"cannot label this image: {exc}") from exc
             raise
-        params["model"] = {"detector_round": served["round"], "graded": self.grader() is not None}
+        params["model"] = {"detector_round": served["round"], "graded": grader is not None}
         return out, params
