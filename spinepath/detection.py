@@ -19,6 +19,8 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.networks.blocks.backbone_fpn_utils import BackboneWithFPN
 from monai.networks.nets import resnet
 
+from spinepath.files import atomic_file
+
 CLASS_NAMES = ("vertebral_body", "S1")
 
 
@@ -212,9 +214,8 @@ class VertebraDetector:
         sd = self.detector.network.state_dict()
         if half:
             sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({"config": dataclasses.asdict(self.cfg), "state_dict": sd, "meta": self.meta}, tmp)
-        tmp.replace(path)
+        with atomic_file(path, ".pt") as tmp:
+            torch.save({"config": dataclasses.asdict(self.cfg), "state_dict": sd, "meta": self.meta}, tmp)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VertebraDetector:

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spinepath.data import MEAN_LEVEL_GAP_MM, SparkCase, labels_reversed
+from spinepath.files import atomic_file
 
 TASKS = ("vertebra", "disc")
 VERTEBRA_GRADES = ("v1", "v2")
@@ -276,6 +277,8 @@ class GradingConfig:
     class_weight_power: float = 0.5
     ordinal_weight: float = 0.0
     crop_aspect: float = 1.0
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing of training pairs; 0 = off
+    ema: float = 0.0  # decay of an exponential moving average of the weights used as the final model; 0 = off
     seed: int = 0
     init: str = ""  # pretrained backbone (spinepath.pretrain) to start from; "" = random
 
@@ -431,6 +434,10 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
     )
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
+    ) if cfg.ema > 0 else None
+    mix_rng = np.random.default_rng(cfg.seed)
     history: list[dict] = []
     t0 = time.time()
     bar = tqdm(range(cfg.epochs), desc=f"{cfg.task} epochs", disable=not progress, leave=False)
@@ -438,16 +445,25 @@ def train_classifier(
         model.train()
         tot, n = 0.0, 0
         for x, y in dl:
-            loss = loss_fn(cfg.task, model(x), y, weights, cfg.label_smoothing, cfg.ordinal_weight)
+            if cfg.mixup > 0:
+                lam = float(mix_rng.beta(cfg.mixup, cfg.mixup))
+                perm = torch.from_numpy(mix_rng.permutation(len(y)))
+                logits = model(lam * x + (1 - lam) * x[perm])
+                loss = lam * loss_fn(cfg.task, logits, y, weights, cfg.label_smoothing, cfg.ordinal_weight) \
+                    + (1 - lam) * loss_fn(cfg.task, logits, y[perm], weights, cfg.label_smoothing, cfg.ordinal_weight)
+            else:
+                loss = loss_fn(cfg.task, model(x), y, weights, cfg.label_smoothing, cfg.ordinal_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             tot += loss.item() * len(y)
             n += len(y)
         rec = {"epoch": ep + 1, "loss": tot / max(n, 1)}
         if val:
-            prob = predict_structures([model], cfg, images, val)
+            prob = predict_structures([ema.module if ema is not None else model], cfg, images, val)
             rec.update(task_metrics(cfg.task, np.array([s.grade for s in val]), prob))
             if trial is not None:
                 import optuna
@@ -459,6 +475,8 @@ def train_classifier(
         bar.set_postfix({k: round(v, 3) for k, v in rec.items() if k != "epoch"})
         if max_minutes and time.time() - t0 > 60 * max_minutes:
             break
+    if ema is not None:
+        model = ema.module
     model.eval()
     return model, history
 
@@ -543,9 +561,8 @@ class Grader:
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(ckpt, tmp)
-        tmp.replace(path)
+        with atomic_file(path, ".pt") as tmp:
+            torch.save(ckpt, tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> Grader:

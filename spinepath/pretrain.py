@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from spinepath.files import atomic_file
 from spinepath.grading import (
     GradingConfig,
     Structure,
@@ -177,10 +178,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         history.append({"epoch": ep + 1, "loss": float(np.mean(losses)), "minutes": (time.time() - t0) / 60})
         if not cfg.quiet:
             tqdm.write(json.dumps(history[-1]))
-        tmp = out.with_suffix(".tmp")
-        torch.save({"format": "spinepath-backbone-1", "model": cfg.model, "config": asdict(cfg),
-                    "state_dict": model.backbone.state_dict(), "history": history}, tmp)
-        tmp.replace(out)
+        with atomic_file(out, ".pt") as tmp:
+            torch.save({"format": "spinepath-backbone-1", "model": cfg.model, "config": asdict(cfg),
+                        "state_dict": model.backbone.state_dict(), "history": history}, tmp)
         if cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes:
             break
     return {"out": str(out), "structures": len(structs), "images": len(images), "history": history}

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spinepath.data import Slice2D
+from spinepath.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,8 @@ class RoundConfig:
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON atomically and durably: temporary file, fsync, rename, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_file(path, ".json", durable=True) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1))
 
 
 class ModelStore:
@@ -288,7 +280,8 @@ def plot_rounds(history: list[dict], path: Path, metric: str = "mean_iou") -> No
     ax.set_title("detector validation per retraining round")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)

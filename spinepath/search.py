@@ -14,6 +14,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from spinepath.files import atomic_file
 from spinepath.grading import MODEL_SIZES, GradingConfig
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,14 @@ def save_params(task: str, cfg: GradingConfig, info: dict, path: str | Path = PA
     content replaces the old atomically.
     """
     import fcntl
-    import os
 
     p = Path(path)
     with open(p.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(p.read_text()) if p.is_file() else {}
         data[task] = {"params": asdict(cfg), "search": info}
-        tmp = p.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(p)
+        with atomic_file(p, ".json") as tmp:
+            Path(tmp).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def suggest(trial, task: str, max_epochs: int) -> GradingConfig:

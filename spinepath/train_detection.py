@@ -32,6 +32,7 @@ from spinepath.data import (
     spark_slice,
 )
 from spinepath.detection import DetectorConfig, VertebraDetector, intensity_range, to_grid
+from spinepath.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -349,18 +350,18 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[S
         history.append(rec)
         if not tc.quiet:
             tqdm.write(json.dumps(rec))
-        torch.save(
-            {
-                "network": model.detector.network.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "history": history,
-                "best": best,
-                "epoch": epoch,
-            },
-            last.with_suffix(".tmp"),
-        )
-        last.with_suffix(".tmp").replace(last)
+        with atomic_file(last, ".pt") as tmp:
+            torch.save(
+                {
+                    "network": model.detector.network.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "history": history,
+                    "best": best,
+                    "epoch": epoch,
+                },
+                tmp,
+            )
         (out / "history.json").write_text(json.dumps(history, indent=1))
         plot_history(history, out / "training_curve.png")
         if tc.max_minutes and (time.time() - t0) / 60 > tc.max_minutes:

@@ -112,6 +112,25 @@ def test_train_predict_save_load(tiny, tmp_path):
     np.testing.assert_allclose(g.predict("vertebra", images, val), g2.predict("vertebra", images, val), atol=2e-2)
 
 
+def test_ema_and_mixup_training(tiny):
+    """The weight average is the returned model (a slow average barely moves after its first step); mixup trains."""
+    tr, va, images, structs = tiny
+    train = [s for c in tr for s in structs[c.case] if s.kind == "disc"]
+    val = [s for c in va for s in structs[c.case] if s.kind == "disc"]
+
+    def probs(**kw):
+        cfg = GradingConfig(task="disc", model="convnext_zepto", batch_size=16, lr=4e-3, **kw)
+        m, hist = train_classifier(cfg, images, train, progress=False)
+        assert all(np.isfinite(h["loss"]) for h in hist)
+        return predict_structures([m], cfg, images, val)
+
+    raw1, raw = probs(epochs=1), probs(epochs=3)
+    slow1, slow = probs(epochs=1, ema=0.9999), probs(epochs=3, ema=0.9999)
+    mixed = probs(epochs=3, mixup=0.4)
+    assert np.abs(slow - slow1).max() < 0.2 * np.abs(raw - raw1).max()
+    assert np.allclose(mixed.sum(1), 1, atol=1e-5) and not np.allclose(mixed, raw, atol=1e-3)
+
+
 def test_grader_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         Grader.load(tmp_path / "missing.pt")

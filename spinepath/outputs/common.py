@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
+
+from spinepath.files import atomic_file
+
+__all__ = ["atomic_file", "no_identifying_warnings", "write_dataset"]
 
 
 @contextmanager
@@ -18,26 +20,6 @@ def no_identifying_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*person name.*")
         yield
-
-
-@contextmanager
-def atomic_file(path: str | Path, suffix: str) -> Iterator[str]:
-    """A temporary file in ``path``'s folder to write; it replaces ``path`` when the block succeeds.
-
-    The file gets the usual permissions of a new file; on an error nothing is left behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        Path(tmp).replace(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def write_dataset(dataset: pydicom.Dataset, path: str | Path) -> Path:
