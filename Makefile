@@ -10,7 +10,7 @@ env:
 
 ## MONAI Label server environment (.venv-label: monailabel 0.8.5 needs pydicom<3, numpy<2); idempotent
 label-env:
-	@bash scripts/setup_label_env.sh
+	@bash scripts/setup_env.sh label
 
 ## Debian packages of the servers the tests start (PostgreSQL); idempotent
 system:

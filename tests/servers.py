@@ -10,7 +10,7 @@ Use the fixtures from a test module (``tests/`` is on ``sys.path``, as for ``con
 or the context managers :func:`postgres_server` / :func:`orthanc_server` / :func:`monailabel_server` outside
 pytest. The binaries come from the Debian packages ``postgresql``, ``orthanc`` and ``orthanc-dicomweb``
 (``scripts/setup_system.sh``); the system-wide services are never used. MONAI Label runs from its own
-environment ``.venv-label`` (``scripts/setup_label_env.sh``).
+environment ``.venv-label`` (``scripts/setup_env.sh label``).
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def orthanc_url() -> Iterator[str]:
 # ------------------------------------------------------------------------------------------- MONAI Label
 REPO = Path(__file__).resolve().parent.parent
 LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
-LABEL_HINT = "run scripts/setup_label_env.sh (creates .venv-label with monailabel 0.8.5)"
+LABEL_HINT = "run scripts/setup_env.sh label (creates .venv-label with monailabel 0.8.5)"
 
 
 @contextmanager
