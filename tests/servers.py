@@ -174,6 +174,16 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _wait_until_up(proc: subprocess.Popen, url: str, timeout: float, poll: float) -> bool:
+    """Wait until ``url`` answers 200 while ``proc`` runs (at most ``timeout`` s); True when it does."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _answers(url):
+            return True
+        time.sleep(poll)
+    return proc.poll() is None and _answers(url)
+
+
 @contextmanager
 def orthanc_server(host: str = "127.0.0.1", timeout: float = 60) -> Iterator[str]:
     """Start a fresh Orthanc with the DICOMweb plugin in a temporary folder; yields its base URL.
@@ -221,10 +231,7 @@ def orthanc_server(host: str = "127.0.0.1", timeout: float = 60) -> Iterator[str
                 proc = subprocess.Popen([str(exe), str(tmp / "orthanc.json")], cwd=tmp, stdout=fh,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             url = f"http://{host}:{http_port}"
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline and not _answers(f"{url}/system"):
-                time.sleep(0.1)
-            if proc.poll() is None and _answers(f"{url}/system"):
+            if _wait_until_up(proc, f"{url}/system", timeout, 0.1):
                 if not _answers(f"{url}{DICOMWEB_ROOT}/studies"):
                     raise ServerError(f"Orthanc started without DICOMweb ({plugin}):\n"
                                       f"{log.read_text(errors='replace')[-2000:]}")
@@ -297,10 +304,7 @@ def monailabel_server(studies: str, model_dir: Path, conf: dict[str, str] | None
                                         stdin=subprocess.DEVNULL, start_new_session=True)
             started.append(proc)
             url = f"http://{host}:{port}"
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline and not _answers(f"{url}/info/"):
-                time.sleep(0.5)
-            if proc.poll() is None and _answers(f"{url}/info/"):
+            if _wait_until_up(proc, f"{url}/info/", timeout, 0.5):
                 yield url
                 return
             if proc.poll() is None:
