@@ -201,15 +201,28 @@ def grading_metrics(
 
     Returns:
         ``{"vertebra": {auc, balanced_accuracy, accuracy, precision, recall, f1, threshold},
-        "disc": {accuracy, macro_f1, within_one_accuracy, quadratic_kappa}}``. ``within_one_accuracy``
-        counts ``|pred - true| <= 1`` on the ordinal grades v1-v4; a true v5 needs an exact v5 and a v5
-        predicted for a v1-v4 disc is a miss. The kappa treats v1-v5 as 1-5 with quadratic weights.
+        "disc": {accuracy, macro_f1, within_one_accuracy, quadratic_kappa}}``, see :func:`vertebra_metrics`
+        and :func:`disc_metrics`.
+
+    """
+    return {"vertebra": vertebra_metrics(v_true, v_prob, threshold), "disc": disc_metrics(d_true, d_pred)}
+
+
+def vertebra_metrics(v_true: np.ndarray, v_prob: np.ndarray, threshold: float) -> dict:
+    """Vertebra metrics of the CLI contract (positive = ``v2``; AUC and balanced accuracy need both classes).
+
+    Args:
+        v_true: Labels, 1 = ``v2``, 0 = ``v1``.
+        v_prob: P(``v2``).
+        threshold: Positive when ``prob >= threshold``.
+
+    Returns:
+        ``{auc, balanced_accuracy, accuracy, precision, recall, f1, threshold}``.
 
     """
     from sklearn.metrics import (
         accuracy_score,
         balanced_accuracy_score,
-        cohen_kappa_score,
         f1_score,
         precision_score,
         recall_score,
@@ -219,29 +232,46 @@ def grading_metrics(
     vt = np.asarray(v_true, dtype=int)
     vp = np.asarray(v_prob, dtype=float)
     vy = (vp >= threshold).astype(int)
+    both = len(set(vt.tolist())) > 1
+    return {
+        "auc": float(roc_auc_score(vt, vp)) if both else None,
+        "balanced_accuracy": float(balanced_accuracy_score(vt, vy)) if both else None,
+        "accuracy": float(accuracy_score(vt, vy)) if len(vt) else None,
+        "precision": float(precision_score(vt, vy, zero_division=0)),
+        "recall": float(recall_score(vt, vy, zero_division=0)),
+        "f1": float(f1_score(vt, vy, zero_division=0)),
+        "threshold": float(threshold),
+    }
+
+
+def disc_metrics(d_true: np.ndarray, d_pred: np.ndarray) -> dict:
+    """Disc metrics of the CLI contract.
+
+    ``within_one_accuracy`` counts ``|pred - true| <= 1`` on the ordinal grades v1-v4; a true v5 needs an exact
+    v5 and a v5 predicted for a v1-v4 disc is a miss. The kappa treats v1-v5 as 1-5 with quadratic weights.
+
+    Args:
+        d_true: True grades 1..5 (``v1``..``v5``).
+        d_pred: Predicted grades 1..5.
+
+    Returns:
+        ``{accuracy, macro_f1, within_one_accuracy, quadratic_kappa}`` (None where there are no discs).
+
+    """
+    from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
+
     dt = np.asarray(d_true, dtype=int)
     dp = np.asarray(d_pred, dtype=int)
-    both = len(set(vt.tolist())) > 1
+    if not len(dt):
+        return {"accuracy": None, "macro_f1": None, "within_one_accuracy": None, "quadratic_kappa": None}
     ordinal = (dt <= 4) & (dp <= 4) & (np.abs(dp - dt) <= 1)
     within = np.where(dt == 5, dp == 5, ordinal)
     grades = [1, 2, 3, 4, 5]
     return {
-        "vertebra": {
-            "auc": float(roc_auc_score(vt, vp)) if both else None,
-            "balanced_accuracy": float(balanced_accuracy_score(vt, vy)) if both else None,
-            "accuracy": float(accuracy_score(vt, vy)) if len(vt) else None,
-            "precision": float(precision_score(vt, vy, zero_division=0)),
-            "recall": float(recall_score(vt, vy, zero_division=0)),
-            "f1": float(f1_score(vt, vy, zero_division=0)),
-            "threshold": float(threshold),
-        },
-        "disc": {
-            "accuracy": float(accuracy_score(dt, dp)) if len(dt) else None,
-            "macro_f1": float(f1_score(dt, dp, labels=grades, average="macro", zero_division=0)),
-            "within_one_accuracy": float(within.mean()) if len(dt) else None,
-            "quadratic_kappa": float(cohen_kappa_score(dt, dp, labels=grades, weights="quadratic"))
-            if len(dt) else None,
-        },
+        "accuracy": float(accuracy_score(dt, dp)),
+        "macro_f1": float(f1_score(dt, dp, labels=grades, average="macro", zero_division=0)),
+        "within_one_accuracy": float(within.mean()),
+        "quadratic_kappa": float(cohen_kappa_score(dt, dp, labels=grades, weights="quadratic")),
     }
 
 

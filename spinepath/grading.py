@@ -294,12 +294,12 @@ class GradingConfig:
 MODEL_SIZES = ("convnext_zepto", "convnext_atto", "convnext_femto")
 
 
-def build_classifier(cfg: GradingConfig) -> nn.Module:
-    """A ConvNeXt (timm) with one input channel and the task's outputs, randomly initialised."""
+def build_classifier(cfg: GradingConfig, num_outputs: int | None = None) -> nn.Module:
+    """A ConvNeXt (timm) with one input channel and the task's outputs (or ``num_outputs``), randomly initialised."""
     import timm
     from timm.models.convnext import ConvNeXt
 
-    n = n_outputs(cfg.task)
+    n = num_outputs or n_outputs(cfg.task)
     if cfg.model == "convnext_zepto":
         return ConvNeXt(in_chans=1, num_classes=n, depths=(2, 2, 4, 2), dims=(32, 64, 128, 256),
                         drop_path_rate=cfg.drop_path, conv_mlp=True)

@@ -249,3 +249,26 @@ def test_evaluate_grading_refuses_3d_folder():
     r = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "grading", str(DATA / "chu_t2")],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 2 and "spark_midsag-format" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grading_cv_script(spark_cases, tmp_path):
+    """The model-card ceiling study: out-of-fold metrics of a multi-task run and a refused setting."""
+    train = [c for c in spark_cases if not is_validation("spark_midsag", c.case)]
+    n = {k: sum(s.kind == k and s.grade >= 0 for c in train for s in spark_structures(c)) for k in ("vertebra", "disc")}
+    save = tmp_path / "oof.npz"
+    cmd = [sys.executable, "scripts/grading_cv.py", "disc", "--multitask", "--folds", "2", "--set", "epochs=1",
+           "--set", "model=convnext_zepto", "--quiet", "--save", str(save)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["vertebra"]["n"] == n["vertebra"] and res["disc"]["n"] == n["disc"]
+    assert 0 <= res["vertebra"]["auc"] <= 1
+    for rule in ("argmax", "ordinal"):
+        assert -1 <= res["disc"][rule]["quadratic_kappa"] <= 1 and 0 <= res["disc"][rule]["within_one_accuracy"] <= 1
+    oof = np.load(save)
+    assert oof["disc_p"].shape == (n["disc"], 5) and np.allclose(oof["disc_p"].sum(1), 1, atol=1e-5)
+    assert sorted(oof["vertebra_y"].tolist()) == sorted(s.grade for c in train for s in spark_structures(c)
+                                                        if s.kind == "vertebra" and s.grade >= 0)
+    bad = subprocess.run([sys.executable, "scripts/grading_cv.py", "disc", "--set", "crop=56"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode != 0 and "crop_mm" in bad.stderr
