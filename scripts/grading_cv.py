@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ def _train_multitask(cfgs: dict, images: dict, train: dict, progress: bool):
     """One ConvNeXt, logit 0 = vertebra, logits 1-5 = disc grades; returns one eval-mode module per task."""
     import torch
 
-    from spinepath.grading import CropDataset, build_classifier, class_weights, loss_fn
+    from spinepath.grading import CropDataset, build_classifier, class_weights, loss_fn, warmup_cosine
 
     class Tagged(torch.utils.data.Dataset):
         def __init__(self, ds, tag: int) -> None:
@@ -94,9 +93,7 @@ def _train_multitask(cfgs: dict, images: dict, train: dict, progress: bool):
                "disc": class_weights([s.grade for s in train["disc"]], 5, cd.class_weight_power)}
     net = build_classifier(cd, num_outputs=6)
     opt = torch.optim.AdamW(net.parameters(), lr=cd.lr, weight_decay=cd.weight_decay)
-    steps, warm = cd.epochs * len(dl), len(dl)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    sched = warmup_cosine(opt, len(dl), cd.epochs * len(dl))
     from tqdm.auto import tqdm
 
     for _ in tqdm(range(cd.epochs), desc="multitask epochs", disable=not progress, leave=False):

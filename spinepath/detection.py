@@ -209,8 +209,6 @@ class VertebraDetector:
 
     def save(self, path: str | Path, half: bool = True) -> None:
         """Save weights (fp16 by default) with config and metadata, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         sd = self.detector.network.state_dict()
         if half:
             sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}

@@ -388,6 +388,14 @@ def objective_value(task: str, m: dict[str, float]) -> float:
     return m["auc"] if task == "vertebra" else m["quadratic_kappa"]
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, warm_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warm_steps`` then cosine decay to 0 at ``total_steps`` (stepped once per batch)."""
+    warm, total = max(1, warm_steps), max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
+    )
+
+
 def train_classifier(
     cfg: GradingConfig,
     images: dict[str, np.ndarray],
@@ -429,11 +437,7 @@ def train_classifier(
                                      generator=torch.Generator().manual_seed(cfg.seed))
     weights = class_weights([s.grade for s in train], 2 if cfg.task == "vertebra" else 5, cfg.class_weight_power)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(1, cfg.epochs * len(dl))
-    warm = max(1, len(dl))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
-    )
+    sched = warmup_cosine(opt, len(dl), cfg.epochs * len(dl))
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
     ) if cfg.ema > 0 else None
@@ -559,8 +563,6 @@ class Grader:
             "disc_fusion": self.disc_fusion.to_dict() if self.disc_fusion is not None else None,
             "meta": self.meta,
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, ".pt") as tmp:
             torch.save(ckpt, tmp)
 

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from spinepath.data import Slice2D, boxes_from_mask_slice
 from spinepath.dicom_io import SeriesVolume, StudyError
-from spinepath.outputs.common import atomic_file
+from spinepath.files import atomic_file
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LABELS_FILE = CONFIGS / "labels.json"

@@ -36,6 +36,7 @@ from spinepath.grading import (
     sample_crop,
     spark_structures,
     to_input,
+    warmup_cosine,
 )
 
 log = logging.getLogger(__name__)
@@ -154,11 +155,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model = SimCLR(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, cfg.crops_per_epoch // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+    sched = warmup_cosine(opt, steps_per_epoch, cfg.epochs * steps_per_epoch)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     history = []
     t0 = time.time()
     for ep in tqdm(range(cfg.epochs), desc="pretrain epochs", disable=cfg.quiet):

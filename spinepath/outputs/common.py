@@ -11,8 +11,6 @@ import pydicom
 
 from spinepath.files import atomic_file
 
-__all__ = ["atomic_file", "no_identifying_warnings", "write_dataset"]
-
 
 @contextmanager
 def no_identifying_warnings() -> Iterator[None]:
