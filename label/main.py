@@ -49,7 +49,9 @@ class SpinePathApp(MONAILabelApp):
             name="spinepath",
             description=f"Lumbar spine vertebra detection and naming. {DISCLAIMER}",
             version=__version__,
-            labels={n: lab.value for n, lab in self.label_map.items()},
+            # the bundled OHIF panel reads the top-level labels as a list of names (each model's own
+            # labels stay a name -> value map); ordered by label value
+            labels=[n for n, _ in sorted(self.label_map.items(), key=lambda kv: kv[1].value)],
         )
 
     def init_remote_datastore(self) -> Datastore:

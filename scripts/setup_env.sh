@@ -10,12 +10,13 @@ cd "$(dirname "$0")/.."
 kind="${1:-main}"
 case "$kind" in
   main) VENV="${SPINEPATH_VENV:-.venv}"; REQ=requirements.txt; STAMP=.spinepath-env ;;
-  label) VENV="${SPINEPATH_LABEL_VENV:-.venv-label}"; REQ=label/requirements.txt; STAMP=.spinepath-label-env ;;
+  label) VENV="${SPINEPATH_LABEL_VENV:-.venv-label}"; REQ=label/requirements.txt; STAMP=.spinepath-label-env
+         EXTRA=label/ohif_patch.py ;;
   *) echo "usage: $0 [main|label]" >&2; exit 2 ;;
 esac
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-want="$(cat "$REQ" pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat "$REQ" pyproject.toml ${EXTRA:-} | sha256sum | cut -d' ' -f1)"
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/$STAMP" 2>/dev/null)" = "$want" ]; then
   exit 0
 fi
@@ -32,4 +33,6 @@ else
   "${PIP[@]}" -r "$REQ"
 fi
 "${PIP[@]}" --no-deps --no-build-isolation -e .
+# the OHIF viewer bundled with monailabel: segmentation panel in the MONAI Label mode, SEG export (see the file)
+[ "$kind" = label ] && "$VENV/bin/python" label/ohif_patch.py
 echo "$want" > "$VENV/$STAMP"

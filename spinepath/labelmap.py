@@ -145,19 +145,20 @@ def read_volume(path: str | Path) -> SeriesVolume:
     return volume_from_image(_read_image(path), Path(path).name)
 
 
-def write_image(image: sitk.Image, path: str | Path) -> Path:
-    """Write an image atomically (temporary file in the same folder, then rename)."""
+def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Write an image atomically (temporary file in the same folder, then rename); the suffix picks the format."""
     path = Path(path)
     with atomic_file(path, "".join(path.suffixes) or ".nii.gz") as tmp:
-        sitk.WriteImage(image, tmp, True)
+        sitk.WriteImage(image, tmp, compress)
     return path
 
 
-def write_label_like(labels: np.ndarray, volume: SeriesVolume, reference: sitk.Image, path: str | Path) -> Path:
+def write_label_like(labels: np.ndarray, volume: SeriesVolume, reference: sitk.Image, path: str | Path,
+                     compress: bool = True) -> Path:
     """Write a label volume given on ``volume``'s (sagittal display) grid on the ``reference`` image's grid."""
     lab = image_from_volume(volume, labels.astype(np.uint8))
     out = sitk.Resample(lab, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return write_image(out, path)
+    return write_image(out, path, compress)
 
 
 def labels_on_volume(label: sitk.Image, volume: SeriesVolume) -> np.ndarray:
@@ -199,6 +200,61 @@ def render_labels(result, label_map: dict[str, Label] | None = None) -> tuple[np
         for k, b in zip(t.slices, t.boxes):
             out[(k, *box_slices(b, shape[1:]))] = lab.value
     return out, drawn
+
+
+# ----------------------------------------------------------------------------------------- DICOM SEG -> labels
+def segment_level(segment) -> str:
+    """The level a DICOM SEG segment names: its SegmentLabel (as OHIF writes it), else its SegmentDescription."""
+    return str(segment.get("SegmentLabel") or segment.get("SegmentDescription") or "").strip().upper()
+
+
+def labels_from_seg(seg, volume: SeriesVolume, label_map: dict[str, Label] | None = None) -> np.ndarray:
+    """A DICOM SEG of ``volume``'s series as a label volume on its grid, values from the label map.
+
+    Segments are matched to levels by name (:func:`segment_level`), never by segment number: OHIF numbers the
+    segments of an edited label map in its own (alphabetical) order. Frames are placed by the source instance
+    they reference (highdicom), so any SEG writer's frame order works.
+
+    Args:
+        seg: The SEG (``pydicom.Dataset``).
+        volume: The series it references.
+        label_map: Defaults to :func:`load_label_map`.
+
+    Returns:
+        ``(n_slices, rows, cols)`` integer labels indexed like ``volume.pixels``.
+
+    Raises:
+        StudyError: If the SEG does not reference this series' instances, has no segments, or names a segment
+            that is not a level of the label map.
+
+    """
+    import highdicom as hd  # only the MONAI Label datastore reads SEGs: keep the pipeline's start-up light
+
+    label_map = label_map or load_label_map()
+    try:
+        doc = hd.seg.Segmentation.from_dataset(seg, copy=False)
+    except (AttributeError, ValueError, KeyError) as exc:
+        raise StudyError(f"not a readable DICOM SEG: {exc}") from exc
+    segments = {int(s.SegmentNumber): segment_level(s) for s in doc.SegmentSequence}
+    unknown = sorted({name or "(unnamed)" for name in segments.values() if name not in label_map})
+    if unknown:
+        raise StudyError(f"SEG segments {', '.join(unknown)} are not levels of the label map "
+                         f"({', '.join(label_map)}): rename them to a level")
+    if not segments:
+        raise StudyError("the SEG has no segments")
+    numbers = sorted(segments)
+    try:
+        masks = doc.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(volume.sop_instance_uids), segment_numbers=numbers,
+            ignore_spatial_locations=True, assert_missing_frames_are_empty=False)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise StudyError(f"the SEG does not reference the instances of this series: {exc}") from exc
+    if masks.shape[1:3] != volume.pixels.shape[1:]:
+        raise StudyError(f"SEG frames {masks.shape[1:3]} do not match the image {volume.pixels.shape[1:]}")
+    labels = np.zeros(volume.pixels.shape, np.int64)
+    for i, number in enumerate(numbers):
+        labels[masks[..., i] > 0] = label_map[segments[number]].value
+    return labels
 
 
 # ------------------------------------------------------------------------------- labels -> training boxes
@@ -284,15 +340,17 @@ def load_image_volume(path: str | Path) -> tuple[SeriesVolume, sitk.Image]:
 
 
 def label_study(image_path: str | Path, detector, out_path: str | Path, grader=None,
-                label_map: dict[str, Label] | None = None) -> dict:
+                label_map: dict[str, Label] | None = None, compress: bool = True) -> dict:
     """Detect, name (and grade, with ``grader``) the vertebrae of a study; write its label volume.
 
     Args:
         image_path: DICOM series folder or volume file.
         detector: A :class:`spinepath.detection.VertebraDetector`.
-        out_path: Label volume to write (on the input's grid; values from the label map).
+        out_path: Label volume to write (on the input's grid; values from the label map; uint8). Its suffix
+            picks the format (``.nii.gz``, ``.nrrd``, ...).
         grader: Optional :class:`spinepath.grading.Grader`: adds pathology per level and disc grades.
         label_map: Defaults to :func:`load_label_map`.
+        compress: Compress the label file (OHIF's MONAI Label panel asks for raw NRRD).
 
     Returns:
         JSON-ready summary: ``label_names`` (name -> value), ``levels`` drawn, per vertebra level, value, name
@@ -310,7 +368,7 @@ def label_study(image_path: str | Path, detector, out_path: str | Path, grader=N
 
         result.findings = grade_detections(result, grader)
     labels, drawn = render_labels(result, label_map)
-    write_label_like(labels, volume, reference, out_path)
+    write_label_like(labels, volume, reference, out_path, compress)
     graded = {f.level: f.to_dict() for f in result.findings.vertebrae} if result.findings is not None else {}
     return {
         "disclaimer": DISCLAIMER,

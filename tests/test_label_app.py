@@ -120,7 +120,10 @@ def test_info(server: str) -> None:
     info = requests.get(f"{server}/info/", timeout=30).json()
     labels = {n: lab.value for n, lab in load_label_map().items()}
     assert info["name"] == "spinepath" and "NOT FOR DIAGNOSTIC USE" in info["description"]
-    assert info["labels"] == labels
+    # the bundled OHIF panel reads the top-level labels as a list of names (issue 16); models keep the map
+    assert info["labels"] == sorted(labels, key=labels.get) and isinstance(info["labels"], list)
+    for name, task in info["models"].items():
+        assert task["labels"] == labels, name
     model = info["models"]["vertebrae"]
     assert model["type"] == "segmentation" and model["dimension"] == 3 and model["labels"] == labels
     assert model["config"]["label_colors"]["L3"] == list(load_label_map()["L3"].color)
@@ -160,6 +163,24 @@ def test_infer_vertebrae_label_map(server: str, studies: Path) -> None:
                 assert rr.size >= 0.9 * (np.ptp(rr) + 1) * (np.ptp(cc) + 1)
     by_level = {v["level"]: v for v in params["vertebrae"]}
     assert by_level["L3"]["pathology"]["label"] in ("healthy", "pathological")
+
+
+def test_infer_raw_nrrd_as_ohif_asks(server: str, studies: Path, tmp_path: Path) -> None:
+    """OHIF's panel asks for uncompressed uint8 NRRD (it copies the raw voxels into its label map)."""
+    body = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}
+    # sent as OHIF sends them: a "params" form field
+    r = requests.post(f"{server}/infer/vertebrae", params={"image": "chu_t2_02", "output": "image"},
+                      data={"params": json.dumps(body)}, timeout=TIMEOUT)
+    r.raise_for_status()
+    header = r.content.split(b"\n\n", 1)[0].decode()
+    assert header.startswith("NRRD") and "encoding: raw" in header and "type: unsigned char" in header, header
+    (tmp_path / "label.nrrd").write_bytes(r.content)
+    nrrd = sitk.ReadImage(str(tmp_path / "label.nrrd"))
+    _, nifti = _infer(server, "chu_t2_02")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(nrrd), sitk.GetArrayFromImage(nifti))
+    bad = requests.post(f"{server}/infer/vertebrae", params={"image": "chu_t2_02", "output": "image"},
+                        data={"params": json.dumps({"result_extension": ".exe"})}, timeout=TIMEOUT)
+    assert bad.status_code == 400 and "result_extension" in bad.text, bad.text
 
 
 def test_infer_unknown_image_is_an_error(server: str) -> None:

@@ -1,18 +1,28 @@
-"""DICOMweb datastore whose final labels go to the PACS as spinepath DICOM SEG (highdicom, no dcmqi)."""
+"""DICOMweb datastore: final labels are DICOM SEG series in the PACS, read and written by level name.
+
+A final label reaches the PACS in one of two ways: saved through MONAI Label (``PUT /datastore/label``), which
+this datastore writes as a spinepath DICOM SEG (highdicom, no dcmqi), or exported from OHIF's segmentation
+panel ("Export DICOM SEG"), which OHIF stores itself. Either way the SEG's segments are matched to levels by
+name, never by segment number (OHIF numbers them in its own order), and the newest SEG of a series is the
+label the trainer reads. A SEG whose segments are all AUTOMATIC (a model's output, such as the Deploy app's)
+is not a label.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 import numpy as np
 import SimpleITK as sitk
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom import Dataset
 
-from spinepath.dicom_io import load_study
-from spinepath.labelmap import Label, labels_on_volume
+from spinepath.dicom_io import StudyError, load_study
+from spinepath.labelmap import Label, labels_from_seg, labels_on_volume, write_label_like
 from spinepath.outputs.seg import build_level_seg
 
 log = logging.getLogger(__name__)
@@ -20,15 +30,64 @@ log = logging.getLogger(__name__)
 SERIES_DESCRIPTION = "spinepath vertebrae corrected by annotator (NOT FOR DIAGNOSTIC USE)"
 
 
-class SpinePathDICOMWebDatastore(DICOMWebDatastore):
-    """Images from a DICOMweb server (e.g. Orthanc); a saved final label becomes a DICOM SEG in the study.
+def seg_time(ds) -> str:
+    """Sortable creation time of a SEG: ContentDate + ContentTime (else the series date and time)."""
+    date = str(ds.get("ContentDate") or ds.get("SeriesDate") or "")
+    time = str(ds.get("ContentTime") or ds.get("SeriesTime") or "")
+    return f"{date}{time.split('.')[0].ljust(6, '0')}"
 
-    The SEG has one segment per level (names, SNOMED CT codes and colours of ``configs/labels.json``,
-    algorithm type MANUAL) and references the source series; it is stored with STOW-RS. The label file is
-    also kept in the local cache, which the trainer reads.
+
+class SpinePathDICOMWebDatastore(DICOMWebDatastore):
+    """Images from a DICOMweb server (e.g. Orthanc); final labels are DICOM SEG series in the study.
+
+    A label saved through MONAI Label becomes a SEG with one segment per level (names, SNOMED CT codes and
+    colours of ``configs/labels.json``, algorithm type MANUAL) that references the source series, stored with
+    STOW-RS; the label file is also kept in the local cache, which the trainer reads. A SEG found in the PACS
+    (e.g. exported from OHIF) is converted to a label volume on the image's grid by segment name; of several
+    SEGs of one series the newest (content date and time) is the final label.
     """
 
     label_map: dict[str, Label] = {}
+
+    def _dicom_info(self, series_id: str) -> dict:
+        """Image info without the patient: MONAI Label logs it (e.g. with every "Next Sample")."""
+        info = super()._dicom_info(series_id)
+        info.pop("PatientID", None)
+        return info
+
+    def annotator_labels(self) -> list[dict[str, str]]:
+        """``{"image", "label"}`` (series UIDs) of the annotators' SEGs in the PACS.
+
+        An annotator's SEG has a segment that is not AUTOMATIC and references a listed image.
+        """
+        # not list_images(): it is cached for minutes, and a study stored since must count
+        images = {str(Dataset.from_json(x).SeriesInstanceUID)
+                  for x in self._client.search_for_series(search_filters=self._search_filter)}
+        out = []
+        for found in self._client.search_for_series(search_filters={"Modality": "SEG"}):
+            seg = Dataset.from_json(found)
+            meta = Dataset.from_json(self._client.retrieve_series_metadata(str(seg.StudyInstanceUID),
+                                                                           str(seg.SeriesInstanceUID))[0])
+            refs = meta.get("ReferencedSeriesSequence")
+            if not refs or str(refs[0].SeriesInstanceUID) not in images:
+                continue
+            if all(str(x.get("SegmentAlgorithmType", "")) == "AUTOMATIC" for x in meta.get("SegmentSequence", [])):
+                continue  # a model's output
+            out.append({"image": str(refs[0].SeriesInstanceUID), "label": str(seg.SeriesInstanceUID)})
+        return out
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        """Images with an annotator's SEG in the PACS."""
+        return sorted({x["image"] for x in self.annotator_labels()})
+
+    def _download_labeled_data(self) -> None:
+        """Bring the local final labels in line with the annotators' SEGs (called by ``datalist``)."""
+        remote = self.annotator_labels()
+        for image in set(LocalDatastore.get_labeled_images(self, DefaultLabelTag.FINAL)) - {x["image"] for x in remote}:
+            log.info("final label of %s has no SEG on the DICOMweb server any more: removed", image)
+            LocalDatastore.remove_label(self, image, DefaultLabelTag.FINAL)
+        for x in remote:
+            self.get_label_uri(x["label"], DefaultLabelTag.FINAL, x["image"])
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
                    label_id: str = "") -> str:
@@ -50,8 +109,60 @@ class SpinePathDICOMWebDatastore(DICOMWebDatastore):
             seg = build_level_seg(volume, masks, [by_value[v] for v in values], manual=True,
                                   series_description=SERIES_DESCRIPTION)
             self._client.store_instances([seg])
-            label_info.update({"SeriesInstanceUID": str(seg.SeriesInstanceUID), "Modality": "SEG",
-                               "StudyInstanceUID": str(seg.StudyInstanceUID)})
+            uid, created = str(seg.SeriesInstanceUID), seg_time(seg)
+            label_info.update({"SeriesInstanceUID": uid, "Modality": "SEG",
+                               "StudyInstanceUID": str(seg.StudyInstanceUID), "seg_time": created,
+                               "segs_seen": {uid: created}, "levels": [by_value[v] for v in values]})
             self.update_label_info(label_id, label_tag, label_info)
             log.info("stored SEG with %d levels for series %s", len(values), image_id)
         return label_id
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """The local label file of ``image_id``, updated from the SEG series ``label_id`` when that is newer.
+
+        MONAI Label calls this for every SEG in the PACS that references an image (``label_id`` = the SEG's
+        SeriesInstanceUID). Other calls (draft labels, lookups by image id) go to the parent class.
+        """
+        if label_tag == DefaultLabelTag.FINAL and (not image_id or label_id == image_id):
+            local = LocalDatastore.get_label_uri(self, label_id, label_tag)  # by image id (also remove_label's)
+            if local:
+                return local
+        if label_tag != DefaultLabelTag.FINAL or not image_id or label_id == image_id:
+            return super().get_label_uri(label_id, label_tag, image_id)
+        local = LocalDatastore.get_label_uri(self, image_id, label_tag)
+        info = LocalDatastore.get_label_info(self, image_id, label_tag) if local else {}
+        seen = dict(info.get("segs_seen") or {})
+        if label_id in seen and seen[label_id] <= info.get("seg_time", ""):
+            return local  # this SEG is the current label, or older than it
+        meta = self._client.search_for_series(search_filters={"SeriesInstanceUID": label_id})
+        study = str(meta[0]["0020000D"]["Value"][0]) if meta else None
+        instances = self._client.retrieve_series(study, label_id) if study else []
+        if not instances:
+            log.warning("SEG %s of %s not found on the DICOMweb server", label_id, image_id)
+            return local
+        seg = instances[0]
+        created = seg_time(seg)
+        seen[label_id] = created
+        if local and info.get("seg_time", "") >= created:
+            self.update_label_info(image_id, label_tag, {**info, "segs_seen": seen})
+            return local
+        self.get_image_uri(image_id)  # the series in the cache
+        volume = load_study(os.path.join(self._datastore.image_path(), image_id))
+        try:
+            labels = labels_from_seg(seg, volume, self.label_map)
+        except StudyError as exc:
+            log.warning("SEG %s of %s not used: %s", label_id, image_id, exc)
+            if local:
+                self.update_label_info(image_id, label_tag, {**info, "segs_seen": seen})
+            return local
+        fd, tmp = tempfile.mkstemp(suffix=".nii.gz", prefix="seg-label-")
+        os.close(fd)
+        try:
+            write_label_like(labels, volume, sitk.ReadImage(self.get_image_uri(image_id)), tmp)
+            LocalDatastore.save_label(self, image_id, tmp, label_tag, {
+                "SeriesInstanceUID": label_id, "Modality": "SEG", "StudyInstanceUID": study, "seg_time": created,
+                "segs_seen": seen, "levels": [n for n, lab in self.label_map.items() if np.any(labels == lab.value)]})
+        finally:
+            os.unlink(tmp)
+        log.info("final label of %s from SEG %s", image_id, label_id)
+        return LocalDatastore.get_label_uri(self, image_id, label_tag)

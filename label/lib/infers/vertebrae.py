@@ -8,6 +8,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from spinepath.detection import VertebraDetector
@@ -16,6 +17,9 @@ from spinepath.labelmap import Label, label_study
 from spinepath.rounds import ModelStore
 
 log = logging.getLogger(__name__)
+
+# label file formats a client may ask for (``result_extension``): OHIF's MONAI Label panel asks for raw NRRD
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
 
 
 class VertebraeInfer(InferTask):
@@ -67,17 +71,29 @@ class VertebraeInfer(InferTask):
             return self._grader
 
     def __call__(self, request: dict) -> tuple[str, dict]:
-        """Run on ``request["image"]`` (a volume file or a DICOM series folder)."""
+        """Run on ``request["image"]`` (a volume file or a DICOM series folder).
+
+        ``result_extension`` (one of :data:`RESULT_EXTENSIONS`, default ``.nii.gz``) and ``result_compress``
+        (default true) choose the label file; it is always uint8 (``result_dtype`` other than uint8 is refused).
+        """
+        # HTTPException: MONAI Label answers any other exception with a bare 500
+        suffix = str(request.get("result_extension") or ".nii.gz")
+        if suffix not in RESULT_EXTENSIONS:
+            raise HTTPException(400, f"result_extension {suffix!r} not supported; use one of "
+                                     f"{', '.join(RESULT_EXTENSIONS)}")
+        if str(request.get("result_dtype") or "uint8") != "uint8":
+            raise HTTPException(400, "result_dtype: level labels are written as uint8 only")
+        compress = str(request.get("result_compress", True)).lower() not in ("false", "0", "no")
         detector, served = self.detector()
         grader = self.grader()
-        fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix="vertebrae-")
+        fd, out = tempfile.mkstemp(suffix=suffix, prefix="vertebrae-")
         os.close(fd)
         try:
-            params = label_study(request["image"], detector, out, grader, self.label_map)
+            params = label_study(request["image"], detector, out, grader, self.label_map, compress)
         except Exception as exc:
             os.unlink(out)
             if isinstance(exc, StudyError):
-                raise ValueError(f"cannot label this image: {exc}") from exc
+                raise HTTPException(422, f"cannot label this image: {exc}") from exc
             raise
         params["model"] = {"detector_round": served["round"], "graded": grader is not None}
         return out, params
