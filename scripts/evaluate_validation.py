@@ -13,10 +13,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from spinepath.data import labels_reversed, load_spark, load_split, load_volume_index  # noqa: E402
-from spinepath.detection import VertebraDetector  # noqa: E402
-from spinepath.evaluation import evaluate_detection  # noqa: E402
-from spinepath.pipeline import SHARED_EXAMPLES, resolve_model_path  # noqa: E402
+from spinepath.core.paths import SHARED_EXAMPLES, resolve_model_path  # noqa: E402
+from spinepath.data.datasets import labels_reversed, load_spark, load_volume_index  # noqa: E402
+from spinepath.data.split import load_split  # noqa: E402
+from spinepath.detection.predictor import VertebraDetector  # noqa: E402
+from spinepath.evaluation.detection import evaluate_detection  # noqa: E402
 
 
 def main() -> None:

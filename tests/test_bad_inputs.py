@@ -40,7 +40,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from spinepath.dicom_io import StudyError, load_study
+from spinepath.core.errors import StudyError
+from spinepath.io.dicom import load_study
 
 IDENTIFIERS = ("CHU02",)  # PatientName and PatientID of the example
 CENTRAL = [f"IM{i:04d}.dcm" for i in range(7, 14)]  # the 7 central slices (accepted studies)

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from conftest import MODEL
 
-from spinepath.detection import VertebraDetector
-from spinepath.evaluation import evaluate_detection, match_slice
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.evaluation.detection import evaluate_detection
+from spinepath.evaluation.matching import match_slice
 
 
 def test_match_slice_hungarian_and_ignored_references():

@@ -11,9 +11,12 @@ import pytest
 import torch
 from conftest import DATA, REPO
 
-from spinepath.data import is_validation, labels_reversed, load_spark
-from spinepath.evaluation import grading_metrics
-from spinepath.fusion import (
+from spinepath.data.datasets import labels_reversed, load_spark
+from spinepath.data.split import is_validation
+from spinepath.evaluation.grading import grading_metrics
+from spinepath.grading.classifier import GradingConfig, disc_grade, predict_structures, train_classifier
+from spinepath.grading.crops import anatomical_level, chain_structures, sample_crop, spark_structures
+from spinepath.grading.fusion import (
     FEATURES,
     FUSION_INPUTS,
     FusionModel,
@@ -22,18 +25,8 @@ from spinepath.fusion import (
     fit_fusion,
     study_features,
 )
-from spinepath.grading import (
-    Grader,
-    GradingConfig,
-    anatomical_level,
-    chain_structures,
-    disc_grade,
-    normalise_image,
-    predict_structures,
-    sample_crop,
-    spark_structures,
-    train_classifier,
-)
+from spinepath.grading.grader import Grader
+from spinepath.transforms import normalise_image
 
 SPARK = DATA / "spark_midsag"
 

@@ -18,17 +18,14 @@ import requests
 import SimpleITK as sitk
 from servers import ServerError, monailabel_server
 
-from spinepath.detection import VertebraDetector
-from spinepath.dicom_io import load_study
-from spinepath.labelmap import (
-    image_from_volume,
-    labels_on_volume,
-    load_label_map,
-    render_labels,
-    slices_from_label_file,
-    write_image,
-)
-from spinepath.pipeline import detect_series, resolve_model_path
+from spinepath.core.labels import load_label_map
+from spinepath.core.paths import resolve_model_path
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.io.dicom import load_study
+from spinepath.io.volumes import image_from_volume, labels_on_volume, write_image
+from spinepath.labeling.corrections import slices_from_label_file
+from spinepath.labeling.labelmap import render_labels
+from spinepath.stages import detect_series
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 EXAMPLES = ("chu_t2_02", "chu_t2_04")

@@ -21,9 +21,10 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from servers import DICOMWEB_ROOT, ServerError, monailabel_server, orthanc_url  # noqa: F401
 
-from spinepath.dicom_io import load_study
-from spinepath.labelmap import labels_on_volume, load_label_map
-from spinepath.pacs import fetch_study, find_series, store_files
+from spinepath.core.labels import load_label_map
+from spinepath.io.dicom import load_study
+from spinepath.io.pacs import fetch_study, find_series, store_files
+from spinepath.io.volumes import labels_on_volume
 
 EXAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dicom_examples" / "chu_t2_04"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from spinepath.detection import VertebraDetector
-from spinepath.pipeline import resolve_model_path
-from spinepath.rounds import ModelStore, RoundConfig, run_round
+from spinepath.core.paths import resolve_model_path
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.labeling.rounds import ModelStore, RoundConfig, run_round
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"

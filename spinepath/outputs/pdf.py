@@ -14,10 +14,13 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from spinepath import DISCLAIMER, __version__
+from spinepath.core.results import key_slice
+from spinepath.outputs.key_image import key_image
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 PDF_SERIES_NUMBER = 903
@@ -53,13 +56,12 @@ def render_pdf(result, key_png: str | Path | None = None) -> bytes:
         key_png: The key image already written by :func:`spinepath.pipeline.key_image`; drawn here when None.
 
     """
+    # matplotlib is imported only where a figure is drawn (Agg backend set first)
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
-    from spinepath.pipeline import key_image, key_slice
 
     with tempfile.TemporaryDirectory() as d:
         if key_png is None:

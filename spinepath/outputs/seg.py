@@ -15,8 +15,9 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from spinepath import __version__
-from spinepath.labelmap import box_slices, label_colors
-from spinepath.levels import VERTEBRA_LEVELS, level_index
+from spinepath.core.boxes import box_slices
+from spinepath.core.labels import label_colors
+from spinepath.core.levels import VERTEBRA_LEVELS, level_index
 from spinepath.outputs.coding import ANATOMICAL_STRUCTURE, vertebra_code
 from spinepath.outputs.common import no_identifying_warnings, write_dataset
 

@@ -10,9 +10,9 @@ from monailabel.interfaces.config import TaskConfig
 from lib.activelearning.uncertainty import VertebraeUncertainty
 from lib.infers.vertebrae import VertebraeInfer
 from lib.trainers.vertebrae import VertebraeTrainer
-from spinepath.labelmap import load_label_map
-from spinepath.pipeline import resolve_grader_path, resolve_model_path
-from spinepath.rounds import ModelStore
+from spinepath.core.labels import load_label_map
+from spinepath.core.paths import resolve_grader_path, resolve_model_path
+from spinepath.labeling.rounds import ModelStore
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from spinepath.dicom_io import load_study
-from spinepath.labelmap import Label, labels_on_volume
+from spinepath.core.labels import Label
+from spinepath.io.dicom import load_study
+from spinepath.io.volumes import labels_on_volume
 from spinepath.outputs.seg import build_level_seg
 
 log = logging.getLogger(__name__)

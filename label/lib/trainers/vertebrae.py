@@ -7,10 +7,11 @@ import logging
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from spinepath.dicom_io import StudyError
-from spinepath.labelmap import Label, slices_from_label_file
-from spinepath.labelmap import image_id as label_image_id
-from spinepath.rounds import ModelStore, RoundConfig, run_round
+from spinepath.core.errors import StudyError
+from spinepath.core.labels import Label
+from spinepath.io.volumes import image_id as label_image_id
+from spinepath.labeling.corrections import slices_from_label_file
+from spinepath.labeling.rounds import ModelStore, RoundConfig, run_round
 
 log = logging.getLogger(__name__)
 

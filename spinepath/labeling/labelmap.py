@@ -1,0 +1,89 @@
+"""Vertebra label maps shared by the Deploy app and the MONAI Label app.
+
+One label map (``configs/labels.json``: level name -> value, colour) names the vertebrae everywhere. This
+module turns a detection result into a label volume (one filled box per vertebra per slice, value = level),
+and a label volume corrected by an annotator back into per-slice boxes + level names for detector training.
+
+Volumes other than DICOM series (NIfTI/NRRD from MONAI Label's datastores) are read with SimpleITK and
+reoriented to the sagittal display the detector expects: columns toward posterior, rows toward inferior,
+slices along the left-right axis (``"PIR"``); label volumes are written back on the input's own grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from spinepath import DISCLAIMER, __version__, stages
+from spinepath.core.boxes import box_slices
+from spinepath.core.labels import Label, load_label_map
+from spinepath.io.volumes import load_image_volume, write_label_like
+
+
+# ------------------------------------------------------------------------------------ detections -> labels
+def render_labels(result, label_map: dict[str, Label] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Label volume of a detection result: each named vertebra's box filled on every slice where it is found.
+
+    Args:
+        result: A :class:`spinepath.pipeline.DetectionResult`.
+        label_map: Defaults to :func:`load_label_map`.
+
+    Returns:
+        ``(labels (n_slices, rows, cols) uint8, levels drawn)``; vertebrae whose name is not in the label map
+        (e.g. ``"?"`` above T1) are left out. Where boxes of neighbours overlap, the lower vertebra wins.
+
+    """
+    label_map = label_map or load_label_map()
+    shape = result.volume.pixels.shape
+    out = np.zeros(shape, dtype=np.uint8)
+    drawn = []
+    for t in result.vertebrae:
+        lab = label_map.get(t.level)
+        if lab is None:
+            continue
+        drawn.append(t.level)
+        for k, b in zip(t.slices, t.boxes):
+            out[(k, *box_slices(b, shape[1:]))] = lab.value
+    return out, drawn
+
+
+# ----------------------------------------------------------------------------------------- label a study
+
+
+def label_study(image_path: str | Path, detector, out_path: str | Path, grader=None,
+                label_map: dict[str, Label] | None = None) -> dict:
+    """Detect, name (and grade, with ``grader``) the vertebrae of a study; write its label volume.
+
+    Args:
+        image_path: DICOM series folder or volume file.
+        detector: A :class:`spinepath.detection.VertebraDetector`.
+        out_path: Label volume to write (on the input's grid; values from the label map).
+        grader: Optional :class:`spinepath.grading.Grader`: adds pathology per level and disc grades.
+        label_map: Defaults to :func:`load_label_map`.
+
+    Returns:
+        JSON-ready summary: ``label_names`` (name -> value), ``levels`` drawn, per vertebra level, value, name
+        confidence, score, slice range and pathology (when graded), ``discs`` (when graded), the disclaimer.
+
+    """
+    label_map = label_map or load_label_map()
+    volume, reference = load_image_volume(image_path)
+    result = stages.analyse(volume, detector, grader)
+    labels, drawn = render_labels(result, label_map)
+    write_label_like(labels, volume, reference, out_path)
+    graded = {f.level: f.to_dict() for f in result.findings.vertebrae} if result.findings is not None else {}
+    return {
+        "disclaimer": DISCLAIMER,
+        "software": {"name": "spinepath", "version": __version__},
+        "label_names": {lab.name: lab.value for lab in label_map.values()},
+        "levels": drawn,
+        "vertebrae": [
+            {"level": t.level, "value": label_map[t.level].value if t.level in label_map else None,
+             "name_confidence": round(t.name_confidence, 4), "score": round(t.score, 4),
+             "slice_range": [int(min(t.slices)), int(max(t.slices))], "pathology": graded.get(t.level)}
+            for t in result.vertebrae
+        ],
+        "discs": [d.to_dict() for d in result.findings.discs] if result.findings is not None else [],
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+    }
