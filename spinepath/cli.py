@@ -117,7 +117,13 @@ def _evaluation_cases(root: Path, split: str) -> list[str] | None:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.data.split import split_cases
 
-    return split_cases(root, "validation") if split == "val" else None
+    if split != "val":
+        return None
+    cases = split_cases(root, "validation")
+    if not cases:
+        raise CliError(f"{root}: no validation cases of this folder in the split (it names datasets by folder name, "
+                       "e.g. chu_t2, spark_midsag); use --split all")
+    return cases
 
 
 def _cmd_evaluate_grading(args: argparse.Namespace) -> int:

@@ -1,4 +1,11 @@
-"""TODO docstring."""
+"""Intensity normalisation and resampling shared by training and inference.
+
+MONAI's ``ScaleIntensityRangePercentiles(d)`` is not used: the range here ignores the zero background and
+subsamples large volumes, which MONAI's does not, and the trained models depend on it. The resampling to the
+detector grid is an antialiased bilinear ``interpolate``; MONAI's ``Resize(anti_aliasing=True)`` smooths with a
+Gaussian instead, which gives different pixels. The normalisation with a given range is MONAI's
+``ScaleIntensityRange`` arithmetic, kept in place so the tensor path stays in torch.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Boxes ``[r0, c0, r1, c1]`` in pixel edge coordinates (MONAI's ``xyxy`` mode): IoU, mask <-> boxes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The error a refused input raises, shared by every reader."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""A sagittal series with its patient geometry (pixel <-> patient mm) and pixel-size estimates.
+
+Where a 2D image has no pixel spacing it is estimated from the gap between neighbouring vertebra centres
+(:func:`spacing_from_gap`, used by training and grading) or from the field of view (:func:`spark_fov_spacing`,
+used at inference, where no labels may be used).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The study result types, which import no stage.
+
+Vertebrae (detected and named), the detection result, the findings per vertebra and disc, the classifier
+scores, and the series' mid-sagittal slice.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The detector's definition: MONAI RetinaNet with a ResNet18-FPN backbone (2D), and its configuration."""
 
 from __future__ import annotations
 

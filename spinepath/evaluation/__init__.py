@@ -1,1 +1,1 @@
-"""TODO."""
+"""Evaluation against the shared-data references: box matching, detection metrics, grading metrics."""

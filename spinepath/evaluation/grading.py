@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Evaluation of vertebra pathology and disc grades against spark_midsag (CLI contract)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Matching predictions to references: one-to-one IoU matching of boxes, greedy nearest-first pairing."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""TODO."""
+"""Grading: crops, ConvNeXt classifiers, LightGBM fusion, the grader, inference, pretraining, training."""

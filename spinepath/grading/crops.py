@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Structures to grade (vertebrae and discs on a 2D slice) and their crops in the spine-aligned frame.
+
+A crop is sampled around a structure's centre in a frame aligned with the local spine axis (rows run
+superior -> inferior along the spine, columns anterior -> posterior), at a fixed physical scale. Geometric and
+intensity augmentation of the crops for training lives here too.
+"""
 
 from __future__ import annotations
 

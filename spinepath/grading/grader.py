@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The saved grading model: the classifier ensembles of both tasks plus the fusion models (``grader.pt``)."""
 
 from __future__ import annotations
 

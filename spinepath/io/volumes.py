@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""NIfTI/NRRD/MHA volumes (MONAI Label's datastores) as sagittal series, and label volumes on their grid.
+
+Volumes are read with SimpleITK and reoriented to the sagittal display the detector expects: columns toward
+posterior, rows toward inferior, slices along the left-right axis (``"PIR"``); label volumes are written back
+on the input's own grid.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""TODO."""
+"""Annotation (MONAI Label): label maps, corrections as training data, retraining rounds, active learning."""

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Label volumes saved by annotators -> per-slice reference boxes and level names for detector training."""
 
 from __future__ import annotations
 

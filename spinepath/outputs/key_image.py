@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The key image PNG: the mid-sagittal slice with the vertebrae's boxes, level names and findings drawn."""
 
 from __future__ import annotations
 

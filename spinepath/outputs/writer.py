@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The one writer of a study's outputs: JSON, key image, DICOM SR / SEG / PDF, then ``status.json``."""
 
 from __future__ import annotations
 
