@@ -52,6 +52,11 @@ class Vertebra:
             [np.average((b[:, 0] + b[:, 2]) / 2, weights=w), np.average((b[:, 1] + b[:, 3]) / 2, weights=w)]
         )
 
+    @property
+    def central_slice(self) -> float:
+        """Its central slice: the score-weighted mean of the slices where it is detected (continuous)."""
+        return float(np.average(self.slices, weights=self.scores))
+
     def add(self, k: int, box: np.ndarray, score: float, s1_score: float) -> None:
         """Append the detection on slice ``k`` (slices must stay sorted; see :func:`_merge_same_level`)."""
         self.slices.append(k)
@@ -72,7 +77,7 @@ class DetectionResult:
     volume: SeriesVolume
     timings: dict[str, float]
     input_kind: str = "dicom"
-    findings: object | None = None  # spinepath.findings.Findings once graded
+    findings: object | None = None  # spinepath.core.results.Findings once graded
 
     def to_dict(self) -> dict:
         """Return the JSON-ready result.
@@ -145,7 +150,7 @@ def key_slice(result: DetectionResult) -> int:
     """The mid-sagittal slice of the detected spine: the median of the vertebrae's score-weighted slice centres."""
     if not result.vertebrae:
         return result.volume.pixels.shape[0] // 2
-    centres = [float(np.average(t.slices, weights=t.scores)) for t in result.vertebrae]
+    centres = [t.central_slice for t in result.vertebrae]
     k = int(round(float(np.median(centres))))
     # prefer a nearby slice where most vertebrae have a box
     cands = range(max(0, k - 1), min(result.volume.pixels.shape[0], k + 2))

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from spinepath.core.boxes import boxes_from_mask_slice
-from spinepath.core.geometry import BODY_HEIGHT_PER_GAP, BODY_WIDTH_PER_GAP, MEAN_LEVEL_GAP_MM
+from spinepath.core.geometry import BODY_HEIGHT_PER_GAP, BODY_WIDTH_PER_GAP, spacing_from_gap
 from spinepath.core.levels import VERTEBRA_LEVELS
 
 #: Detector classes.
@@ -275,6 +275,7 @@ def spark_boxes(case: SparkCase) -> tuple[np.ndarray, list[str], np.ndarray]:
         near = [gaps[j] for j in (i - 1, i) if 0 <= j < len(gaps)]
         g = float(np.mean(near))
         h, w = BODY_HEIGHT_PER_GAP * g, BODY_WIDTH_PER_GAP * g
+        # centre +- half size by hand: MONAI's convert_box_mode differs under NumPy 1.x (see spinepath.core.boxes)
         boxes.append([c[i, 0] - h / 2, c[i, 1] - w / 2, c[i, 0] + h / 2, c[i, 1] + w / 2])
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), [p["level"] for p in verts], c
 
@@ -323,8 +324,7 @@ def spark_slice(case: SparkCase, spacing_mm: float | None = None, with_s1: bool 
         levels = [*levels, "S1"]
         centres = np.vstack([centres, [[(s1[0] + s1[2]) / 2, (s1[1] + s1[3]) / 2]]])
     if spacing_mm is None:
-        gap = case.level_gap_px()
-        spacing_mm = MEAN_LEVEL_GAP_MM / gap if np.isfinite(gap) and gap > 0 else 1.0
+        spacing_mm = spacing_from_gap(case.level_gap_px())
     discs = case.discs()
     top = min([b[0] for b in boxes] + [d["xy"][1] for d in discs])
     bottom = max([b[2] for b in boxes] + [d["xy"][1] for d in discs])

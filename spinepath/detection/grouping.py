@@ -1,4 +1,4 @@
-"""Linking per-slice boxes into 3D vertebrae and naming them from the bottom up."""
+"""Linking per-slice boxes into 3D vertebrae (the spinal chain); naming is :mod:`spinepath.detection.naming`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from spinepath.core.boxes import box_iou
-from spinepath.core.levels import names_from_bottom
 from spinepath.core.results import Vertebra
+from spinepath.detection.naming import name_vertebrae
 from spinepath.detection.predictor import SliceDetections
 
 
@@ -101,10 +101,7 @@ def group_and_name(
     """Group per-slice detections into vertebrae and name them from the bottom up.
 
     Tracks seen on fewer than ``min_slices`` slices (1 for a single-slice input) or scoring below
-    ``min_score`` are dropped. Among the three lowest vertebrae, the one with the highest S1-class score (mean
-    over its slices) is S1 if that score is at least ``s1_threshold``; otherwise the lowest is L5; names go
-    upward from it. Bodies below a named S1 are dropped (sacral segments). The name confidence is the S1
-    decision's confidence times the vertebra's score, decreasing by 5% per level away from the anchor.
+    ``min_score`` are dropped; the spinal chain is named by :func:`spinepath.detection.naming.name_vertebrae`.
 
     Args:
         dets: Detections per slice, in slice order.
@@ -134,26 +131,4 @@ def group_and_name(
                 break
         if not clash:
             kept.append(t)
-    kept = spine_chain(kept)
-    if not kept:
-        return []
-    # name from the bottom: find S1 among the three lowest vertebrae
-    s1p = [float(np.mean(t.s1_scores)) for t in kept]
-    low = range(max(0, len(kept) - 3), len(kept))
-    best = max(low, key=lambda i: s1p[i])
-    s1_idx = best if s1p[best] >= s1_threshold else None
-    if s1_idx is not None:
-        kept = kept[: s1_idx + 1]
-        anchor_conf = s1p[s1_idx]
-        names = names_from_bottom(len(kept), "S1")
-    else:
-        anchor_conf = 1.0 - max(s1p[-1], 0.0)
-        names = names_from_bottom(len(kept), "L5")
-    rows = image_shape[0]
-    for j, (t, n) in enumerate(zip(kept, names)):
-        t.level = n
-        steps = len(kept) - 1 - j
-        t.name_confidence = float(np.clip(anchor_conf * (0.95**steps) * min(1.0, t.score / 0.5), 0, 1))
-        b = np.array(t.boxes)
-        t.truncated = bool(b[:, 0].min() <= 1 or b[:, 2].max() >= rows - 1)
-    return kept
+    return name_vertebrae(spine_chain(kept), image_shape, s1_threshold)

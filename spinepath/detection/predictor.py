@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 
-from spinepath.core.boxes import box_iou
+from spinepath.core.boxes import box_area, box_intersection, box_iou
 from spinepath.core.files import atomic_file
 from spinepath.detection.network import DetectorConfig, build_detector
 from spinepath.transforms import intensity_range, to_grid
@@ -32,15 +32,11 @@ def strict_suppression(
     """
     order = np.argsort(-scores)
     keep: list[int] = []
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area = box_area(boxes)
     for i in order:
         if keep:
             k = np.array(keep)
-            r0 = np.maximum(boxes[i, 0], boxes[k, 0])
-            c0 = np.maximum(boxes[i, 1], boxes[k, 1])
-            r1 = np.minimum(boxes[i, 2], boxes[k, 2])
-            c1 = np.minimum(boxes[i, 3], boxes[k, 3])
-            inter = np.clip(r1 - r0, 0, None) * np.clip(c1 - c0, 0, None)
+            inter = box_intersection(boxes[i : i + 1], boxes[k])[0]  # in the network's float32, as trained
             iou = inter / (area[i] + area[k] - inter + 1e-9)
             if np.any(iou > iou_thresh) or np.any(inter / (np.minimum(area[i], area[k]) + 1e-9) > containment_thresh):
                 continue

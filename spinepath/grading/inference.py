@@ -134,7 +134,7 @@ def fuse(
 
 
 def series_chains(result, slab_mm: float | None = None) -> list[SliceChain]:
-    """Per slice, the named vertebrae of a :class:`spinepath.pipeline.DetectionResult` (top-down).
+    """Per slice, the named vertebrae of a :class:`spinepath.core.results.DetectionResult` (top-down).
 
     Args:
         result: The detection result.
@@ -143,7 +143,7 @@ def series_chains(result, slab_mm: float | None = None) -> list[SliceChain]:
 
     """
     spacing = float(result.volume.slice_spacing) if result.volume.pixels.shape[0] > 1 else 0.0
-    centre = {id(t): float(np.average(t.slices, weights=t.scores)) for t in result.vertebrae}
+    centre = {id(t): t.central_slice for t in result.vertebrae}
     chains = []
     for k in range(result.volume.pixels.shape[0]):
         on = [(t.level, t.box_on(k)) for t in result.vertebrae
@@ -162,7 +162,7 @@ def classify_detections(result, grader: Grader, spacing_known: bool = True, view
     """Classification stage: crop and classify every detected vertebra and disc on every slice.
 
     Args:
-        result: A :class:`spinepath.pipeline.DetectionResult`.
+        result: A :class:`spinepath.core.results.DetectionResult`.
         grader: The grading models.
         spacing_known: False for 2D images whose pixel spacing is a guess: the crop scale is then taken
             from the detected vertebra gap, as in training on spark_midsag.
@@ -190,7 +190,7 @@ def fuse_detections(result, scores: SliceScores, grader: Grader) -> Findings:
         ks = [k for k in t.slices if (k, t.level) in vprob]
         if not ks:
             continue
-        centre_k = float(np.average(t.slices, weights=t.scores))
+        centre_k = t.central_slice
         ps = [p for k in ks for p in vprob[(k, t.level)]]
         kmid = min(ks, key=lambda k: abs(k - centre_k))
         mid = sum(len(vprob[(k, t.level)]) for k in ks[: ks.index(kmid)])

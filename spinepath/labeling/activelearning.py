@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from spinepath.core.boxes import box_iou
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.results import Vertebra
 from spinepath.detection.grouping import group_and_name
@@ -47,14 +48,6 @@ def _binary_entropy(p: np.ndarray) -> np.ndarray:
     return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    r0, c0 = max(a[0], b[0]), max(a[1], b[1])
-    r1, c1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, r1 - r0) * max(0.0, c1 - c0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 def _named(tracks: list[Vertebra]) -> dict[str, Vertebra]:
     return {t.level: t for t in tracks if t.level != "?"}
 
@@ -63,7 +56,7 @@ def _disagreement(a: Vertebra, b: Vertebra) -> float:
     """1 - IoU of two tracks' boxes on ``a``'s best slice (``b``'s nearest slice to it)."""
     k = a.slices[int(np.argmax(a.scores))]
     j = int(np.argmin([abs(s - k) for s in b.slices]))
-    return 1.0 - _box_iou(np.asarray(a.boxes[a.slices.index(k)], float), np.asarray(b.boxes[j], float))
+    return 1.0 - float(box_iou(a.boxes[a.slices.index(k)], b.boxes[j])[0, 0])
 
 
 def _run(model: VertebraDetector, volume: SeriesVolume, zoom: float = 1.0, gamma: float = 1.0) -> list[Vertebra]:

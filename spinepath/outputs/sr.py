@@ -45,7 +45,7 @@ class Region:
 
 def central_slice(track) -> int:
     """The slice of a vertebra track nearest its score-weighted centre."""
-    c = float(np.average(track.slices, weights=track.scores))
+    c = track.central_slice
     return min(track.slices, key=lambda k: abs(k - c))
 
 
