@@ -5,7 +5,8 @@ Usage:
                                  [--num-threads N] [--quiet]
 
 ``TASK`` is ``vertebra`` or ``disc``. Each fold trains one classifier with the searched parameters of
-``configs/grading_params.json`` changed by ``--set`` (any :class:`spinepath.grading.GradingConfig` field, e.g.
+``spinepath/configs/grading_params.json`` changed by ``--set`` (any
+:class:`spinepath.grading.classifier.GradingConfig` field, e.g.
 ``--set crop_mm=56 --set epochs=96 --set mixup=0.4 --set ema=0.995``) on the other folds' studies and predicts
 the held-out studies' structures at their labelled centres (one view, superior-inferior flip averaged). Folds
 are by study, as in ``spinepath train grading``; the validation split is never used. ``--multitask`` trains one

@@ -3,7 +3,7 @@
 A crop is sampled around a structure's centre in a frame aligned with the local spine axis (rows run
 superior -> inferior along the spine, columns anterior -> posterior), at a fixed physical scale
 (``crop_mm`` square, ``crop_px`` pixels). Where the pixel spacing is unknown (spark_midsag) it is estimated
-from the gap between neighbouring vertebra centres (:data:`spinepath.data.MEAN_LEVEL_GAP_MM`).
+from the gap between neighbouring vertebra centres (:data:`spinepath.core.geometry.MEAN_LEVEL_GAP_MM`).
 
 Two tasks share the code:
 
@@ -66,7 +66,7 @@ class GradingConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of training pairs; 0 = off
     ema: float = 0.0  # decay of an exponential moving average of the weights used as the final model; 0 = off
     seed: int = 0
-    init: str = ""  # pretrained backbone (spinepath.pretrain) to start from; "" = random
+    init: str = ""  # pretrained backbone (spinepath.grading.pretraining) to start from; "" = random
 
     @classmethod
     def from_dict(cls, d: dict) -> GradingConfig:

@@ -22,7 +22,7 @@ class Grader:
     Attributes:
         configs: Hyper-parameters per task.
         models: Networks per task.
-        fusion: Per-vertebra fusion model (:class:`spinepath.fusion.FusionModel`) or None.
+        fusion: Per-vertebra fusion model (:class:`spinepath.grading.fusion.FusionModel`) or None.
         disc_decision: How a disc grade is chosen from its probabilities (``"argmax"`` or ``"ordinal"``)
             when there is no disc fusion model.
         disc_fusion: Per-disc fusion model (``kind="disc"``, with its own decision rule) or None.

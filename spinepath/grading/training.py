@@ -5,7 +5,7 @@
    on the held-out fold's images (detection -> naming -> crops of the detected structures, ``views``
    pseudo-slices each). These out-of-fold scores are the fusion model's training data.
 2. Fusion: LightGBM on the out-of-fold features; its threshold is chosen on its own cross-validated
-   predictions (see :func:`spinepath.fusion.fit_fusion`). The disc decision rule (argmax / ordinal) is chosen
+   predictions (see :func:`spinepath.grading.fusion.fit_fusion`). The disc decision rule (argmax / ordinal) is chosen
    on the out-of-fold disc probabilities.
 3. Final classifiers: one per task trained on all training studies (``ensemble="final"``), or those plus
    the cross-validation fold models as an averaged ensemble (``"folds+final"``); they, the fusion model and

@@ -26,7 +26,7 @@ def render_labels(result, label_map: dict[str, Label] | None = None) -> tuple[np
     """Label volume of a detection result: each named vertebra's box filled on every slice where it is found.
 
     Args:
-        result: A :class:`spinepath.pipeline.DetectionResult`.
+        result: A :class:`spinepath.core.results.DetectionResult`.
         label_map: Defaults to :func:`load_label_map`.
 
     Returns:
@@ -57,9 +57,9 @@ def label_study(image_path: str | Path, detector, out_path: str | Path, grader=N
 
     Args:
         image_path: DICOM series folder or volume file.
-        detector: A :class:`spinepath.detection.VertebraDetector`.
+        detector: A :class:`spinepath.detection.predictor.VertebraDetector`.
         out_path: Label volume to write (on the input's grid; values from the label map).
-        grader: Optional :class:`spinepath.grading.Grader`: adds pathology per level and disc grades.
+        grader: Optional :class:`spinepath.grading.grader.Grader`: adds pathology per level and disc grades.
         label_map: Defaults to :func:`load_label_map`.
 
     Returns:

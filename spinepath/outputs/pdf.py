@@ -53,7 +53,7 @@ def render_pdf(result, key_png: str | Path | None = None) -> bytes:
 
     Args:
         result: The graded detection result.
-        key_png: The key image already written by :func:`spinepath.pipeline.key_image`; drawn here when None.
+        key_png: The key image already written by :func:`spinepath.outputs.key_image.key_image`; drawn here when None.
 
     """
     # matplotlib is imported only where a figure is drawn (Agg backend set first)

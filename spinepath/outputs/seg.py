@@ -62,7 +62,7 @@ def seg_masks(result) -> tuple[np.ndarray, list[str]]:
     """Per-level masks of the named vertebrae of a detection result.
 
     Args:
-        result: A :class:`spinepath.pipeline.DetectionResult`.
+        result: A :class:`spinepath.core.results.DetectionResult`.
 
     Returns:
         ``(masks, levels)``: boolean ``(n_levels, n_slices, rows, cols)`` masks indexed like
@@ -100,7 +100,7 @@ def build_vertebra_seg(
     """Build the binary DICOM Segmentation of the named vertebrae, a new series in the source study.
 
     Args:
-        result: A :class:`spinepath.pipeline.DetectionResult` of a DICOM series (``result.volume.datasets``
+        result: A :class:`spinepath.core.results.DetectionResult` of a DICOM series (``result.volume.datasets``
             holds the source headers; pixel data is not needed).
         series_number: Series Number of the new series.
         manufacturer: Manufacturer of the new series.
@@ -129,7 +129,7 @@ def build_level_seg(
     """Binary DICOM Segmentation with one segment per vertebral level (colours of ``configs/labels.json``).
 
     Args:
-        volume: The source :class:`spinepath.dicom_io.SeriesVolume` with its headers (``datasets``).
+        volume: The source :class:`spinepath.core.geometry.SeriesVolume` with its headers (``datasets``).
         masks: Boolean ``(n_levels, n_slices, rows, cols)`` indexed like ``volume.pixels``.
         levels: Level name per mask.
         manual: Segments drawn or corrected by an annotator (algorithm type MANUAL) instead of AUTOMATIC.
@@ -217,7 +217,7 @@ def write_seg(result, path: str | Path, **kwargs) -> Path:
     """Build the vertebra SEG and write it atomically (temporary file in the same folder, then rename).
 
     Args:
-        result: A :class:`spinepath.pipeline.DetectionResult` of a DICOM series.
+        result: A :class:`spinepath.core.results.DetectionResult` of a DICOM series.
         path: Output file.
         **kwargs: Passed to :func:`build_vertebra_seg`.
 

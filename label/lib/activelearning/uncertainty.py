@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class VertebraeUncertainty(Strategy):
-    """Pick the unlabeled study with the highest :func:`spinepath.activelearning.study_uncertainty` score.
+    """Pick the unlabeled study with the highest :func:`spinepath.labeling.activelearning.study_uncertainty` score.
 
     Scores (and failures) are cached per study and served round in ``<model dir>/uncertainty.json``, so repeated
     requests only score new studies (or all of them again after a promoted round). At most ``max_new`` studies

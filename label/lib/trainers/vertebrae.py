@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class VertebraeTrainer(TrainTask):
     """Fine-tune the served detector on every final label in the datastore plus the base training data.
 
-    Each call is one round (:func:`spinepath.rounds.run_round`): a versioned model with its validation metrics;
+    Each call is one round (:func:`spinepath.labeling.rounds.run_round`): a versioned model with its validation metrics;
     the served model changes only if the new one measures at least as well on the fixed validation set.
     Request keys override the round defaults: ``epochs``, ``lr``, ``max_train_cases``, ``metric``, ``seed``...
     """
