@@ -97,3 +97,20 @@ def test_spark_reversed_labels_are_detected_and_get_no_s1_box(data_root):
     s1 = spark_s1_box(c)
     l5 = next(p for p in c.points if p["level"] == "L5")["xy"][1]
     assert s1 is not None and s1[0] > l5  # below L5
+
+
+def test_selection_split_is_carved_out_of_training_patients(data_root):
+    """Selection (model choice in training) and validation (reporting only) share no patient, by patient."""
+    from spinepath.data.split import split_cases, split_part
+    from spinepath.detection.training import collect_slices
+
+    for ds in ("chu_t2", "spineweb_vb", "spark_midsag"):
+        sel, val = set(split_cases(data_root / ds, "selection")), set(split_cases(data_root / ds, "validation"))
+        assert sel and val and not sel & val
+        if ds != "spark_midsag":
+            patients = {c.case: c.patient for c in load_volume_index(data_root / ds)}
+            assert not {patients[c] for c in sel} & {patients[c] for c in val}
+    assert split_part("spineweb_vb", "11", "10") == "validation" and split_part("chu_t2", "06") == "selection"
+    train = {(s.dataset, s.case) for s in collect_slices(data_root, "train", slice_step=16, max_cases=2)}
+    chosen = {(s.dataset, s.case) for s in collect_slices(data_root, "selection", max_cases=2)}
+    assert chosen and not train & chosen

@@ -34,6 +34,9 @@ def test_train_one_short_epoch_on_tiny_real_subset_and_predict(tmp_path, data_ro
     assert (tmp_path / "training_curve.png").stat().st_size > 1000
     model = VertebraDetector.load(res["best"])
     assert model.cfg.fpn_channels == 32
+    # chosen on the selection split, then measured once on the validation split (which chose nothing)
+    assert model.meta["selection_per_slice"]["mean_iou"] == hist[0]["mean_iou"]
+    assert model.meta["val_per_slice"] == res["best_val_per_slice"] and 0 <= res["best_val_per_slice"]["mean_iou"] <= 1
     case = load_volume_index(data_root / "chu_t2")[0]
     s = next(iter_volume_slices(case, [38]))
     dets = model.predict([s.image], s.spacing)

@@ -219,6 +219,10 @@ def test_correction_feeds_the_next_round_and_promotion(server: str, studies: Pat
     rec = hist[-1]
     assert rec["round"] == 1 and rec["promoted"] is True
     assert rec["metrics"]["mean_iou"] == pytest.approx(rec["served_metrics"]["mean_iou"], abs=1e-6)
+    # promotion measured on the selection split; the validation split is reported for both models
+    assert rec["selection"]["metric"] == "mean_iou" and rec["selection"]["n_slices"] > 0
+    val, served_val = rec["validation_metrics"], rec["served_validation_metrics"]
+    assert val["mean_iou"] == pytest.approx(served_val["mean_iou"], abs=1e-6)
     (corr,) = rec["training_data"]["corrections"]
     expected_levels = [lv for lv in lab_map if np.any(arr == lab_map[lv].value)]
     assert corr["image"] == "chu_t2_02" and corr["levels"] == expected_levels

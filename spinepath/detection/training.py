@@ -1,9 +1,11 @@
 """Training of the vertebral-body detector on the shared real data.
 
 Training slices: chu_t2 and spineweb_vb training cases (every lateral slice that shows a body), plus
-spark_midsag training images with boxes derived from the labelled centres. Validation: the clinical 4 mm
-slices of the validation volumes and the validation spark images, scored per slice as in
-``spinepath evaluate detection`` (without 3D grouping, to keep epochs fast).
+spark_midsag training images with boxes derived from the labelled centres. The best epoch is chosen on the
+*selection* split (training patients held out of training, ``configs/split.json``) and the chosen model is then
+measured once on the *validation* split, which chose nothing. Both give the clinical 4 mm slices of their volumes
+and their spark images, scored per slice as in ``spinepath evaluate detection`` (without 3D grouping, to keep
+epochs fast).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from spinepath.data.datasets import (
     load_volume_index,
     spark_slice,
 )
-from spinepath.data.split import is_validation, load_split
+from spinepath.data.split import PARTS, load_split, split_part
 from spinepath.detection.network import DetectorConfig
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.evaluation.matching import match_slice
@@ -56,7 +58,7 @@ class TrainConfig:
     slice_step: int = 2
     max_minutes: float = 0.0
     max_train_cases: int = 0
-    val_max_cases: int | None = None  # validation subset per dataset; None: as max_train_cases
+    val_max_cases: int | None = None  # selection / validation subset per dataset; None: as max_train_cases
     val_every: int = 1
     seed: int = 0
     num_threads: int = 0
@@ -65,6 +67,7 @@ class TrainConfig:
     init_from: str = ""
     device: str = "cpu"
     freeze_bn: bool = False  # keep batch-norm statistics fixed (fine-tuning on few images)
+    report_validation: bool = True  # measure the chosen best.pt on the validation split at the end
 
 
 @dataclass
@@ -94,17 +97,30 @@ def _to_grid_sample(s: Slice2D, cfg: DetectorConfig, lo_hi: tuple[float, float],
 def collect_slices(
     data_root: str | Path, part: str, split: dict | None = None, slice_step: int = 1, max_cases: int = 0
 ) -> list[Slice2D]:
-    """Training (``part="train"``) or validation slices of chu_t2, spineweb_vb and spark_midsag.
+    """Training, selection or validation slices of chu_t2, spineweb_vb and spark_midsag.
 
-    Validation volumes give their clinical 4 mm slices; training volumes every ``slice_step``-th slice with a
-    body. Level names of spineweb_vb are the inferred ones (lowest = S1) so the S1 class can be learned.
+    Selection and validation volumes give their clinical 4 mm slices; training volumes every ``slice_step``-th
+    slice with a body. Level names of spineweb_vb are the inferred ones (lowest = S1) so the S1 class can be
+    learned.
+
+    Args:
+        data_root: The shared data folder.
+        part: ``"train"``, ``"selection"`` or ``"validation"`` (``"val"``): a part of the split
+            (:func:`spinepath.data.split.split_part`).
+        split: The split (default ``configs/split.json``).
+        slice_step: Every n-th lateral slice of the training volumes.
+        max_cases: Cases per dataset (4 times as many spark images); 0 = all.
+
     """
     root = Path(data_root)
     split = split or load_split()
-    want_val = part == "val"
+    part = "validation" if part == "val" else part
+    if part not in PARTS:
+        raise ValueError(f"unknown split part {part!r}; expected one of {PARTS}")
+    want_val = part != "train"  # scored like the evaluation: clinical slices, no labels used for the spacing
     out: list[Slice2D] = []
     for ds in ("chu_t2", "spineweb_vb"):
-        cases = [c for c in load_volume_index(root / ds) if is_validation(ds, c.case, c.patient, split) == want_val]
+        cases = [c for c in load_volume_index(root / ds) if split_part(ds, c.case, c.patient, split) == part]
         if max_cases:
             cases = cases[:max_cases]
         for c in cases:
@@ -115,7 +131,7 @@ def collect_slices(
                 if want_val or len(s.boxes) or s.index % (2 * slice_step) == 0:
                     out.append(s)
     spark = [
-        c for c in load_spark(root / "spark_midsag") if is_validation("spark_midsag", c.case, split=split) == want_val
+        c for c in load_spark(root / "spark_midsag") if split_part("spark_midsag", c.case, split=split) == part
     ]
     if max_cases:
         spark = spark[: max_cases * 4]
@@ -240,16 +256,29 @@ def plot_history(history: list[dict], path: Path) -> None:
     ax[1].set_xlabel("epoch")
     ax[1].set_ylim(0, 1)
     ax[1].legend()
-    ax[1].set_title("validation (per slice)")
+    ax[1].set_title("selection split (per slice)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- training
+def split_samples(data_root: str | Path, cfg: DetectorConfig, part: str, max_cases: int = 0) -> list[GridSample]:
+    """The fixed ``"selection"`` or ``"validation"`` set of the split, on the detector grid.
+
+    ``max_cases`` per dataset for quick runs (0: all).
+    """
+    return to_grid_samples(collect_slices(data_root, part, max_cases=max_cases), cfg, 0.0)
+
+
 def validation_samples(data_root: str | Path, cfg: DetectorConfig, max_cases: int = 0) -> list[GridSample]:
-    """The fixed detector validation set (``configs/split.json``; ``max_cases`` per dataset for quick runs)."""
-    return to_grid_samples(collect_slices(data_root, "val", max_cases=max_cases), cfg, 0.0)
+    """The fixed validation set (reported only, never chosen on); see :func:`split_samples`."""
+    return split_samples(data_root, cfg, "validation", max_cases)
+
+
+def selection_samples(data_root: str | Path, cfg: DetectorConfig, max_cases: int = 0) -> list[GridSample]:
+    """The fixed selection set (training patients held out to choose models on); see :func:`split_samples`."""
+    return split_samples(data_root, cfg, "selection", max_cases)
 
 
 def _freeze_batch_norm(module: torch.nn.Module) -> None:
@@ -259,7 +288,10 @@ def _freeze_batch_norm(module: torch.nn.Module) -> None:
 
 
 def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[Slice2D] | None = None) -> dict:
-    """Train the detector; keeps ``best.pt`` (by validation mean IoU), ``last.pt`` and curves in ``out_dir``.
+    """Train the detector; keeps ``best.pt`` (by selection-split mean IoU), ``last.pt`` and curves in ``out_dir``.
+
+    The chosen ``best.pt`` is then measured on the validation split (``meta["val_per_slice"]``, also returned as
+    ``best_val_per_slice``); that split chooses nothing.
 
     Args:
         tc: Training options.
@@ -267,7 +299,7 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[S
         extra_train: More training slices (e.g. annotators' corrections), added to the base data.
 
     Returns:
-        The best validation metrics and paths.
+        The best selection mean IoU, its validation metrics and the paths.
 
     """
     dc = dc or DetectorConfig()
@@ -283,9 +315,9 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[S
     train_slices = collect_slices(tc.data_root, "train", slice_step=tc.slice_step, max_cases=tc.max_train_cases)
     train_slices += extra_train or []
     train_s = to_grid_samples(train_slices, dc, TRAIN_MIN_FRACTION)
-    val_s = validation_samples(tc.data_root, dc,
-                               tc.max_train_cases if tc.val_max_cases is None else tc.val_max_cases)
-    log.info("training slices: %d, validation slices: %d", len(train_s), len(val_s))
+    n_eval = tc.max_train_cases if tc.val_max_cases is None else tc.val_max_cases
+    sel_s = selection_samples(tc.data_root, dc, n_eval)
+    log.info("training slices: %d, selection slices: %d", len(train_s), len(sel_s))
 
     model = VertebraDetector.new(dc).to(tc.device)
     if tc.init_from:  # fine-tune from a saved detector (same configuration)
@@ -339,11 +371,11 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[S
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         rec: dict = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "minutes": (time.time() - t0) / 60}
         if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
-            rec.update(validate(model, val_s))
+            rec.update(validate(model, sel_s))  # choose on the selection split
             if rec["mean_iou"] > best:
                 best = rec["mean_iou"]
                 model.meta = {
-                    "val_per_slice": {k: rec[k] for k in ("mean_iou", "recall_at_iou50", "precision_at_iou50")},
+                    "selection_per_slice": {k: rec[k] for k in ("mean_iou", "recall_at_iou50", "precision_at_iou50")},
                     "epoch": epoch + 1,
                     "train_slices": len(train_s),
                 }
@@ -368,4 +400,11 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[S
         if tc.max_minutes and (time.time() - t0) / 60 > tc.max_minutes:
             log.info("time budget reached after epoch %d", epoch + 1)
             break
-    return {"best_mean_iou": best, "best": str(out / "best.pt"), "history": str(out / "history.json")}
+    res = {"best_mean_iou": best, "best": str(out / "best.pt"), "history": str(out / "history.json")}
+    # the chosen model, measured once on the validation split (which chose nothing)
+    if tc.report_validation and (out / "best.pt").is_file():
+        chosen = VertebraDetector.load(out / "best.pt", device=tc.device)
+        chosen.meta["val_per_slice"] = validate(chosen, validation_samples(tc.data_root, dc, n_eval))
+        chosen.save(out / "best.pt")
+        res["best_val_per_slice"] = chosen.meta["val_per_slice"]
+    return res

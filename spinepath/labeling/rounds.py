@@ -2,14 +2,16 @@
 
 A model folder holds::
 
-    served.json                 which round's model is served, with its validation metrics (atomic switch)
+    served.json                 which round's model is served, with its selection metrics (atomic switch)
     rounds/round-0000/model.pt  the initial model (a copy of the bundle's detector)
     rounds/round-NNNN/          model.pt, metrics.json, history.json, training_curve.png of round N
     rounds/history.json         one record per finished round; rounds/history.png plots them
 
 A round fine-tunes the served detector on the base training data plus the annotators' corrections, then
-measures the served and the new model on the same fixed validation set (the detector validation split of
-``configs/split.json``). The new model is served only if it measures at least as well on the chosen metric.
+measures the served and the new model on the same fixed *selection* set (training patients held out of
+training, ``configs/split.json``). The new model is served only if it measures at least as well there on the
+chosen metric. Both are also measured on the *validation* split, which decides nothing: those are the figures
+to report.
 A round works in a hidden ``.round-NNNN.partial`` folder, renamed when complete; the served model changes only
 by an atomic rename of ``served.json``, so a crash at any point leaves the previous model serving.
 """
@@ -33,12 +35,12 @@ import torch
 from spinepath.core.files import atomic_file
 from spinepath.data.datasets import Slice2D
 from spinepath.detection.predictor import VertebraDetector
-from spinepath.detection.training import TrainConfig, train, validate, validation_samples
+from spinepath.detection.training import TrainConfig, selection_samples, train, validate, validation_samples
 
 log = logging.getLogger(__name__)
 
 METRICS = ("mean_iou", "recall_at_iou50", "precision_at_iou50")
-#: Round options a train request may not change (data location, the fixed validation set).
+#: Round options a train request may not change (data location, the fixed selection / validation sets).
 SERVER_ONLY = ("data_root", "val_max_cases", "quiet")
 
 
@@ -47,14 +49,14 @@ class RoundConfig:
     """Options of one retraining round.
 
     Attributes:
-        data_root: The shared data folder (base training data and the fixed validation set).
+        data_root: The shared data folder (base training data, the fixed selection and validation sets).
         epochs: Fine-tuning epochs.
         lr: Peak learning rate (one-cycle schedule).
         max_train_cases: Base data subset per dataset (0 = all).
-        val_max_cases: Validation subset per dataset (0 = the whole fixed split); a server setting, not a
-            request option, so a request cannot weaken the promotion test.
+        val_max_cases: Selection and validation subset per dataset (0 = the whole fixed parts of the split); a
+            server setting, not a request option, so a request cannot weaken the promotion test.
         slice_step: Every n-th lateral slice of the base training volumes.
-        metric: Validation metric that decides promotion (one of :data:`METRICS`).
+        metric: Selection-split metric that decides promotion (one of :data:`METRICS`).
         num_threads: Torch CPU threads (0 = default).
         seed: Random seed.
         quiet: No progress bars.
@@ -216,16 +218,18 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
                 max_train_cases=cfg.max_train_cases, val_max_cases=cfg.val_max_cases, slice_step=cfg.slice_step,
                 val_every=cfg.epochs,
                 seed=cfg.seed, num_threads=cfg.num_threads, quiet=cfg.quiet, resume=False,
-                init_from=str(served_path), freeze_bn=True,
+                init_from=str(served_path), freeze_bn=True, report_validation=False,
             )
             train(tc, base.cfg, extra_train=corrections)
             (work / "best.pt").rename(work / "model.pt")
             (work / "last.pt").unlink(missing_ok=True)  # optimizer state: not kept
-            # both models on the same fixed validation set, measured now
+            # both models on the same fixed sets, measured now: selection decides, validation is reported
+            sel = selection_samples(cfg.data_root, base.cfg, cfg.val_max_cases)
             val = validation_samples(cfg.data_root, base.cfg, cfg.val_max_cases)
+            new = VertebraDetector.load(work / "model.pt")
             with torch.no_grad():
-                new_m = validate(VertebraDetector.load(work / "model.pt"), val)
-                old_m = validate(base, val)
+                new_m, old_m = validate(new, sel), validate(base, sel)
+                new_v, old_v = validate(new, val), validate(base, val)
         except Exception as exc:  # the round failed (e.g. training diverged): record it, keep serving
             shutil.rmtree(work, ignore_errors=True)
             record.update(failed=f"{type(exc).__name__}: {exc}", promoted=False,
@@ -236,9 +240,12 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
         promoted = new_m[cfg.metric] >= old_m[cfg.metric]
         record.update(
             minutes=round((time.time() - started) / 60, 3),
-            validation={"n_slices": len(val), "metric": cfg.metric, "max_cases": cfg.val_max_cases},
-            metrics=new_m,
+            selection={"n_slices": len(sel), "metric": cfg.metric, "max_cases": cfg.val_max_cases},
+            metrics=new_m,  # on the selection split: they decide the promotion
             served_metrics=old_m,
+            validation={"n_slices": len(val), "max_cases": cfg.val_max_cases},
+            validation_metrics=new_v,  # on the validation split: reported, decide nothing
+            served_validation_metrics=old_v,
             promoted=bool(promoted),
         )
         write_json(work / "metrics.json", record)
@@ -259,7 +266,7 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
 
 
 def plot_rounds(history: list[dict], path: Path, metric: str = "mean_iou") -> None:
-    """PNG of the validation metrics per round (filled markers: promoted)."""
+    """PNG of the selection-split metrics per round (filled markers: promoted)."""
     # matplotlib is imported only where a figure is drawn (Agg backend set first)
     import matplotlib
 
@@ -277,7 +284,7 @@ def plot_rounds(history: list[dict], path: Path, metric: str = "mean_iou") -> No
                edgecolors="green", linewidths=2, label="promoted")
     ax.set_xlabel("round")
     ax.set_ylim(0, 1)
-    ax.set_title("detector validation per retraining round")
+    ax.set_title("detector selection-split metrics per retraining round")
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:

@@ -24,9 +24,9 @@ def _flag(value: str | bool | None, default: bool) -> bool:
 class VertebraeConfig(TaskConfig):
     """Served detector in ``<model_dir>/vertebrae`` (round 0 = the bundle's detector), optional grading.
 
-    ``--conf`` keys: ``data_root`` (base data + fixed validation set), ``grading`` (true/false),
+    ``--conf`` keys: ``data_root`` (base data + fixed selection / validation sets), ``grading`` (true/false),
     ``round_epochs``, ``round_lr``, ``round_max_train_cases``, ``round_val_max_cases`` (0: the whole fixed
-    validation split), ``num_threads``, ``al_max_new`` (studies the
+    selection and validation parts of the split), ``num_threads``, ``al_max_new`` (studies the
     uncertainty strategy scores per request).
     """
 
