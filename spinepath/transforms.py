@@ -1,10 +1,11 @@
 """Intensity normalisation and resampling shared by training and inference.
 
-MONAI's ``ScaleIntensityRangePercentiles(d)`` is not used: the range here ignores the zero background and
-subsamples large volumes, which MONAI's does not, and the trained models depend on it. The resampling to the
-detector grid is an antialiased bilinear ``interpolate``; MONAI's ``Resize(anti_aliasing=True)`` smooths with a
-Gaussian instead, which gives different pixels. The normalisation with a given range is MONAI's
-``ScaleIntensityRange`` arithmetic, kept in place so the tensor path stays in torch.
+The scaling of a slice to [0, 1] by a range is MONAI's ``ScaleIntensityRange`` (checked bit for bit against
+the former hand-written scaling on the shared data, in both environments). Hand-written, because MONAI gives
+other numbers: the range itself (:func:`intensity_range`) ignores the zero background and subsamples large
+volumes, which ``ScaleIntensityRangePercentiles`` does not; the resampling to the detector grid is torch's
+antialiased bilinear ``interpolate``, where MONAI's ``Resize(anti_aliasing=True)`` smooths with a Gaussian.
+The trained models depend on both.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.transforms import ScaleIntensityRange
 
 
 class GridSpec(Protocol):
@@ -40,9 +42,7 @@ def to_grid(
         ``(tensor (1, H', W'), scale)`` where ``scale = (rows', cols') / (rows, cols)`` source->grid.
 
     """
-    lo, hi = lo_hi
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    x = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    x = torch.from_numpy(np.ascontiguousarray(scale_to_unit(image, lo_hi)))
     h, w = image.shape
     nh = max(16, round(h * spacing[0] / cfg.spacing_mm))
     nw = max(16, round(w * spacing[1] / cfg.spacing_mm))
@@ -52,6 +52,12 @@ def to_grid(
 
 def normalise_image(image: np.ndarray, lo_hi: tuple[float, float] | None = None) -> np.ndarray:
     """Scale intensities to [0, 1] by the robust range (1st-99.5th percentile of the non-zero pixels)."""
-    lo, hi = lo_hi or intensity_range(image, (1.0, 99.5))
-    return np.clip((np.asarray(image, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    return scale_to_unit(image, lo_hi or intensity_range(image, (1.0, 99.5)))
+
+
+def scale_to_unit(image: np.ndarray, lo_hi: tuple[float, float]) -> np.ndarray:
+    """``(image - lo) / (hi - lo)`` clipped to [0, 1], float32 (MONAI ``ScaleIntensityRange``)."""
+    lo, hi = lo_hi
+    scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
+    return np.asarray(scale(np.asarray(image, dtype=np.float32)), dtype=np.float32)
 

@@ -162,6 +162,12 @@ def augment(sample: GridSample, patch: int, rng: random.Random) -> tuple[torch.T
     Scale is wider for spark_midsag, whose pixel spacing is an estimate. Anatomy outside the labelled span
     (e.g. thoracic levels above T11 in chu_t2, the sacrum below L5) is blanked so that unlabelled vertebrae
     are never taught as background.
+
+    Hand-written rather than MONAI's ``RandAffined`` / ``RandBiasFieldd`` / ``RandGaussianNoised`` /
+    ``RandAdjustContrastd``: those draw from their own random states with other parameterisations (a
+    polynomial bias field, a centred affine grid), so a seeded training run would no longer reproduce the
+    committed detector's; and the box-aware crop (keeping the labelled boxes in the patch) has no MONAI
+    counterpart for 2D boxes with unlabelled-span blanking.
     """
     x = sample.image.clone()
     boxes = sample.boxes.copy()

@@ -208,7 +208,13 @@ def random_jitter(rng: random.Random, strength: float) -> CropJitter:
 
 
 def augment_intensity(x: np.ndarray, rng: random.Random, strength: float) -> np.ndarray:
-    """MRI intensity augmentation: gamma, contrast/brightness, smooth bias field and Rician-like noise."""
+    """MRI intensity augmentation: gamma, contrast/brightness, smooth bias field and Rician-like noise.
+
+    Hand-written rather than MONAI's ``RandAdjustContrast`` / ``RandBiasField`` / ``RandRicianNoise``: one
+    ``random.Random`` drives every draw here (and the crop jitter), which keeps the searched and committed
+    classifiers' training reproducible; MONAI's transforms draw from their own states with other
+    parameterisations.
+    """
     if strength <= 0:
         return x
     n = x.shape[0]
