@@ -104,7 +104,7 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
-    from spinepath.data.split import load_split
+    from spinepath.data.split import split_cases
     from spinepath.detection.predictor import VertebraDetector
     from spinepath.evaluation.grading import bootstrap_intervals, collect_grading, grading_metrics
     from spinepath.grading.fusion import FEATURES, best_threshold
@@ -116,9 +116,9 @@ def main() -> int:
     grader = Grader.load(args.grader)
     detector = VertebraDetector.load(args.detector)
     root = Path(args.data_root) / "spark_midsag"
-    val = load_split()["validation"]["spark_midsag"]
+    val = split_cases(root, "validation")
     thr = grader.fusion.threshold
-    report: dict = {"split": "validation (configs/split.json)", "n_images": len(val)}
+    report: dict = {"split": "validation (spinepath/configs/split.json)", "n_images": len(val)}
     e2e = collect_grading(root, grader, detector, val, progress=progress)
     ref = collect_grading(root, grader, None, val, progress=progress)
     for name, r in (("end_to_end", e2e), ("reference_locations", ref)):
