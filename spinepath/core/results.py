@@ -77,7 +77,7 @@ class DetectionResult:
     volume: SeriesVolume
     timings: dict[str, float]
     input_kind: str = "dicom"
-    findings: object | None = None  # spinepath.core.results.Findings once graded
+    findings: Findings | None = None  # once graded
 
     def to_dict(self) -> dict:
         """Return the JSON-ready result.

@@ -32,10 +32,10 @@ class Grader:
 
     configs: dict[str, GradingConfig]
     models: dict[str, list[nn.Module]]
-    fusion: object | None = None
+    fusion: FusionModel | None = None
     disc_decision: str = "argmax"
     meta: dict = field(default_factory=dict)
-    disc_fusion: object | None = None
+    disc_fusion: FusionModel | None = None
 
     @property
     def disc_rule(self) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from spinepath.core.geometry import spacing_from_gap
 from spinepath.core.levels import DISC_GRADES, VERTEBRA_LEVELS
-from spinepath.core.results import DiscFinding, Findings, SliceScores, VertebraFinding, key_slice
+from spinepath.core.results import DetectionResult, DiscFinding, Findings, SliceScores, VertebraFinding, key_slice
 from spinepath.grading.classifier import disc_grade
 from spinepath.grading.crops import Structure, chain_structures, random_jitter
 from spinepath.grading.fusion import FEATURES, VertebraScores, disc_features, study_features
@@ -133,7 +133,7 @@ def fuse(
     return vf, df, X
 
 
-def series_chains(result, slab_mm: float | None = None) -> list[SliceChain]:
+def series_chains(result: DetectionResult, slab_mm: float | None = None) -> list[SliceChain]:
     """Per slice, the named vertebrae of a :class:`spinepath.core.results.DetectionResult` (top-down).
 
     Args:
@@ -158,7 +158,9 @@ def series_chains(result, slab_mm: float | None = None) -> list[SliceChain]:
     return chains
 
 
-def classify_detections(result, grader: Grader, spacing_known: bool = True, views: int = 1) -> SliceScores:
+def classify_detections(
+    result: DetectionResult, grader: Grader, spacing_known: bool = True, views: int = 1
+) -> SliceScores:
     """Classification stage: crop and classify every detected vertebra and disc on every slice.
 
     Args:
@@ -178,7 +180,7 @@ def classify_detections(result, grader: Grader, spacing_known: bool = True, view
     return SliceScores(vprob, dprob, time.perf_counter() - t0)
 
 
-def fuse_detections(result, scores: SliceScores, grader: Grader) -> Findings:
+def fuse_detections(result: DetectionResult, scores: SliceScores, grader: Grader) -> Findings:
     """Fusion stage: one decision per vertebra (LightGBM) and one grade per disc, from the slice scores."""
     t1 = time.perf_counter()
     vol = result.volume
@@ -216,6 +218,6 @@ def fuse_detections(result, scores: SliceScores, grader: Grader) -> Findings:
     return Findings(vf, df, timings, model)
 
 
-def grade_detections(result, grader: Grader, spacing_known: bool = True, views: int = 1) -> Findings:
+def grade_detections(result: DetectionResult, grader: Grader, spacing_known: bool = True, views: int = 1) -> Findings:
     """Classification + fusion for the vertebrae of a detection result (see the two stages)."""
     return fuse_detections(result, classify_detections(result, grader, spacing_known, views), grader)

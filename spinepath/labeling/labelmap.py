@@ -18,11 +18,12 @@ import numpy as np
 from spinepath import DISCLAIMER, __version__, stages
 from spinepath.core.boxes import box_slices
 from spinepath.core.labels import Label, load_label_map
+from spinepath.core.results import DetectionResult
 from spinepath.io.volumes import load_image_volume, write_label_like
 
 
 # ------------------------------------------------------------------------------------ detections -> labels
-def render_labels(result, label_map: dict[str, Label] | None = None) -> tuple[np.ndarray, list[str]]:
+def render_labels(result: DetectionResult, label_map: dict[str, Label] | None = None) -> tuple[np.ndarray, list[str]]:
     """Label volume of a detection result: each named vertebra's box filled on every slice where it is found.
 
     Args:

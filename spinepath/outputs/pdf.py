@@ -19,7 +19,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from spinepath import DISCLAIMER, __version__
-from spinepath.core.results import key_slice
+from spinepath.core.results import DetectionResult, key_slice
 from spinepath.outputs.key_image import key_image
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -29,7 +29,7 @@ COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyIn
           "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def findings_table(result) -> list[list[str]]:
+def findings_table(result: DetectionResult) -> list[list[str]]:
     """Rows of the per-level table: level, vertebra finding, P, disc below, grade, P(abnormal)."""
     f = result.findings
     vert = {v.level: v for v in f.vertebrae} if f is not None else {}
@@ -48,7 +48,7 @@ def findings_table(result) -> list[list[str]]:
     return rows
 
 
-def render_pdf(result, key_png: str | Path | None = None) -> bytes:
+def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> bytes:
     """A one-page A4 PDF: disclaimer, table per level, key image, model versions.
 
     Args:

@@ -18,6 +18,7 @@ from spinepath import __version__
 from spinepath.core.boxes import box_slices
 from spinepath.core.labels import label_colors
 from spinepath.core.levels import VERTEBRA_LEVELS, level_index
+from spinepath.core.results import DetectionResult
 from spinepath.outputs.coding import ANATOMICAL_STRUCTURE, vertebra_code
 from spinepath.outputs.common import no_identifying_warnings, write_dataset
 
@@ -58,7 +59,7 @@ def box_mask(box, shape: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def seg_masks(result) -> tuple[np.ndarray, list[str]]:
+def seg_masks(result: DetectionResult) -> tuple[np.ndarray, list[str]]:
     """Per-level masks of the named vertebrae of a detection result.
 
     Args:
@@ -213,7 +214,7 @@ def dicom_lab(rgb: tuple[int, int, int]) -> list[int]:
     return [round(lab[0] * 65535 / 100), round((lab[1] + 128) * 65535 / 255), round((lab[2] + 128) * 65535 / 255)]
 
 
-def write_seg(result, path: str | Path, **kwargs) -> Path:
+def write_seg(result: DetectionResult, path: str | Path, **kwargs) -> Path:
     """Build the vertebra SEG and write it atomically (temporary file in the same folder, then rename).
 
     Args:
