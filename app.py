@@ -29,7 +29,10 @@ from operators import (  # noqa: E402
     VertebraDetectionOperator,
 )
 from spinepath import DISCLAIMER, __version__  # noqa: E402
-from spinepath.pipeline import default_input, resolve_grader_path, resolve_model_path, write_status  # noqa: E402
+from spinepath.core.errors import StudyError  # noqa: E402
+from spinepath.core.paths import resolve_grader_path, resolve_model_path  # noqa: E402
+from spinepath.outputs.writer import write_status  # noqa: E402
+from spinepath.run import default_input  # noqa: E402
 
 
 def _explicit(flag_short: str, flag_long: str, env: str, argv: list[str]) -> bool:
@@ -46,8 +49,11 @@ class SpineVertebraApp(Application):
     )
     version = __version__
 
-    def compose(self) -> None:
-        """Build the operator graph."""
+    def settings(self) -> tuple[Path, str, Path, Path, Path]:
+        """Input folder and kind, output folder, detector and grader files, from the arguments / SDK variables.
+
+        With no input given, the embedded default (:func:`spinepath.run.default_input`).
+        """
         argv = [a for a in self.argv if a]  # holoscan strips the program name (leaves "" when no args)
         ctx = Application.init_app_context([sys.argv[0], *argv])
         out_dir = Path(ctx.output_path)
@@ -58,7 +64,12 @@ class SpineVertebraApp(Application):
         logging.getLogger(__name__).info("input: %s (%s)", kind, "given" if kind == "dicom" else "embedded default")
         model_dir = ctx.model_path if _explicit("-m", "--model", "HOLOSCAN_MODEL_PATH", argv) else None
         model = resolve_model_path(model_dir)
-        grader_path = resolve_grader_path(model.parent if model_dir and model.is_file() else model_dir)
+        grader = resolve_grader_path(model.parent if model_dir and model.is_file() else model_dir)
+        return in_dir, kind, out_dir, model, grader
+
+    def compose(self) -> None:
+        """Wire the operators: one per stage of :mod:`spinepath.stages`, then the results writer."""
+        in_dir, kind, out_dir, model, grader_path = self.settings()
         self.input_kind = kind
         loader = StudyLoaderOperator(self, CountCondition(self, 1), input_folder=in_dir, name="study_loader")
         detector = VertebraDetectionOperator(self, model_path=model, name="vertebra_detection")
@@ -70,11 +81,8 @@ class SpineVertebraApp(Application):
         self.add_flow(classifier, fusion, {("result", "result"), ("scores", "scores")})
         self.add_flow(fusion, writer, {("result", "result")})
 
-
 def main(argv: list[str] | None = None) -> int:
     """Run the app; map failures to a one-line message, ``status.json`` and exit code 2."""
-    from spinepath.dicom_io import StudyError
-
     argv = sys.argv if argv is None else argv
     app = SpineVertebraApp(argv)
     out_dir = Path(os.environ.get("HOLOSCAN_OUTPUT_PATH") or _arg(argv, "-o", "--output") or "output")

@@ -24,7 +24,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from spinepath import DISCLAIMER, __version__
-from spinepath.labelmap import load_label_map
+from spinepath.core.labels import load_label_map
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Operator: named vertebrae -> per-slice classifier scores (spinepath.findings.classify_detections)."""
+"""Operator: named vertebrae -> per-slice classifier scores (spinepath.stages.classify)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from spinepath.findings import classify_detections
-from spinepath.grading import Grader
+from spinepath import stages
+from spinepath.grading.grader import Grader
 
 
 class VertebraClassificationOperator(Operator):
@@ -18,10 +18,10 @@ class VertebraClassificationOperator(Operator):
     the fusion operator.
 
     Named input:
-        result: :class:`spinepath.pipeline.DetectionResult`.
+        result: :class:`spinepath.core.results.DetectionResult`.
     Named outputs:
         result: the same detection result.
-        scores: :class:`spinepath.findings.SliceScores`.
+        scores: :class:`spinepath.core.results.SliceScores`.
     """
 
     def __init__(self, fragment: Fragment, *args, grader: Grader | Path, **kwargs) -> None:
@@ -38,7 +38,7 @@ class VertebraClassificationOperator(Operator):
     def compute(self, op_input, op_output, context) -> None:
         """Classify the structures of the received detection result."""
         result = op_input.receive("result")
-        scores = classify_detections(result, self.grader)
+        scores = stages.classify(result, self.grader)
         self.logger.info("classified %d vertebra and %d disc crops", len(scores.vertebra), len(scores.disc))
         op_output.emit(result, "result")
         op_output.emit(scores, "scores")

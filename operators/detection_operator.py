@@ -1,4 +1,4 @@
-"""Operator: series volume -> named vertebrae (spinepath.pipeline.detect_series)."""
+"""Operator: series volume -> named vertebrae (spinepath.stages.detect_series)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,26 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from spinepath.detection import VertebraDetector
-from spinepath.pipeline import detect_series
+from spinepath import stages
+from spinepath.core.paths import default_device
+from spinepath.detection.predictor import VertebraDetector
 
 
 class VertebraDetectionOperator(Operator):
     """Detect vertebral bodies on every slice, group them in 3D and name them.
 
-    The model is loaded once, when the operator is created.
+    The model is loaded once, when the operator is created, on ``device`` (default: CUDA when present, else the
+    CPU, as the bundle and the CLI choose it).
 
     Named input:
-        volume: :class:`spinepath.dicom_io.SeriesVolume`.
+        volume: :class:`spinepath.core.geometry.SeriesVolume`.
     Named output:
-        result: :class:`spinepath.pipeline.DetectionResult`.
+        result: :class:`spinepath.core.results.DetectionResult`.
     """
 
-    def __init__(self, fragment: Fragment, *args, model_path: Path, device: str = "cpu", **kwargs) -> None:
+    def __init__(self, fragment: Fragment, *args, model_path: Path, device: str | None = None, **kwargs) -> None:
         self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
-        self.model = VertebraDetector.load(model_path, device=device)
+        self.model = VertebraDetector.load(model_path, device=device or default_device())
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -35,6 +37,6 @@ class VertebraDetectionOperator(Operator):
     def compute(self, op_input, op_output, context) -> None:
         """Run detection + grouping on the received volume."""
         volume = op_input.receive("volume")
-        result = detect_series(volume, self.model)
+        result = stages.detect_series(volume, self.model)
         self.logger.info("found %d vertebrae: %s", len(result.vertebrae), [v.level for v in result.vertebrae])
         op_output.emit(result, "result")

@@ -1,4 +1,4 @@
-"""Operator: per-slice scores -> one decision per vertebra and a grade per disc (spinepath.findings)."""
+"""Operator: per-slice scores -> one decision per vertebra and a grade per disc (spinepath.stages.fuse)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import logging
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from spinepath.findings import fuse_detections
-from spinepath.grading import Grader
+from spinepath import stages
+from spinepath.grading.grader import Grader
 
 
 class FindingsFusionOperator(Operator):
     """Fuse the per-slice vertebra scores with LightGBM and average the disc grade probabilities.
 
     Named inputs:
-        result: :class:`spinepath.pipeline.DetectionResult`.
-        scores: :class:`spinepath.findings.SliceScores`.
+        result: :class:`spinepath.core.results.DetectionResult`.
+        scores: :class:`spinepath.core.results.SliceScores`.
     Named output:
         result: the detection result with ``findings`` set.
     """
@@ -34,7 +34,7 @@ class FindingsFusionOperator(Operator):
     def compute(self, op_input, op_output, context) -> None:
         """Fuse and attach the findings."""
         result = op_input.receive("result")
-        result.findings = fuse_detections(result, op_input.receive("scores"), self.grader)
+        result = stages.fuse(result, op_input.receive("scores"), self.grader)
         self.logger.info(
             "findings: %s", {v.level: v.label for v in result.findings.vertebrae}
         )

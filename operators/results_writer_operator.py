@@ -1,4 +1,4 @@
-"""Operator: graded result -> JSON, key image, DICOM SR/SEG/PDF (spinepath.pipeline.write_outputs)."""
+"""Operator: graded result -> JSON, key image, DICOM SR/SEG/PDF (spinepath.outputs.writer.write_outputs)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from spinepath.pipeline import write_outputs
+from spinepath.outputs.writer import write_outputs
 
 
 class ResultsWriterOperator(Operator):
@@ -15,7 +15,7 @@ class ResultsWriterOperator(Operator):
     DICOM outputs: ``dicom/sr.dcm`` (TID 1500 SR), ``dicom/seg.dcm``, ``dicom/report.dcm`` (Encapsulated PDF).
 
     Named input:
-        result: :class:`spinepath.pipeline.DetectionResult`.
+        result: :class:`spinepath.core.results.DetectionResult`.
     """
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, input_kind: str = "dicom", **kwargs) -> None:

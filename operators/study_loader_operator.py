@@ -1,4 +1,4 @@
-"""Operator: DICOM study folder -> selected sagittal T2 series volume (spinepath.dicom_io)."""
+"""Operator: DICOM study folder -> selected sagittal T2 series volume (spinepath.stages.load)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 
-from spinepath.dicom_io import load_study
+from spinepath import stages
 
 
 class StudyLoaderOperator(Operator):
@@ -18,7 +18,7 @@ class StudyLoaderOperator(Operator):
     SDK's DICOMDataLoader/SeriesSelector/SeriesToVolume chain.
 
     Named output:
-        volume: a :class:`spinepath.dicom_io.SeriesVolume`.
+        volume: a :class:`spinepath.core.geometry.SeriesVolume`.
     """
 
     def __init__(self, fragment: Fragment, *args, input_folder: Path, **kwargs) -> None:
@@ -32,4 +32,4 @@ class StudyLoaderOperator(Operator):
 
     def compute(self, op_input, op_output, context) -> None:
         """Read the study and emit the selected series volume."""
-        op_output.emit(load_study(self.input_folder), "volume")
+        op_output.emit(stages.load(self.input_folder), "volume")

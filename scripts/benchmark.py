@@ -21,11 +21,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from spinepath.detection import VertebraDetector  # noqa: E402
-from spinepath.dicom_io import load_study  # noqa: E402
-from spinepath.findings import classify_detections, fuse_detections  # noqa: E402
-from spinepath.grading import Grader  # noqa: E402
-from spinepath.pipeline import DEFAULT_GRADER, DEFAULT_MODEL, SHARED_EXAMPLES, detect_series, write_outputs  # noqa: E402
+from spinepath.core.paths import DEFAULT_GRADER, DEFAULT_MODEL, SHARED_EXAMPLES  # noqa: E402
+from spinepath.detection.predictor import VertebraDetector  # noqa: E402
+from spinepath.grading.grader import Grader  # noqa: E402
+from spinepath.grading.inference import classify_detections, fuse_detections  # noqa: E402
+from spinepath.io.dicom import load_study  # noqa: E402
+from spinepath.outputs.writer import write_outputs  # noqa: E402
+from spinepath.stages import detect_series  # noqa: E402
 
 
 class OneByOneGrader(Grader):

@@ -13,10 +13,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from spinepath.data import labels_reversed, load_spark, load_split, load_volume_index  # noqa: E402
-from spinepath.detection import VertebraDetector  # noqa: E402
-from spinepath.evaluation import evaluate_detection  # noqa: E402
-from spinepath.pipeline import SHARED_EXAMPLES, resolve_model_path  # noqa: E402
+from spinepath.core.paths import SHARED_EXAMPLES, resolve_model_path  # noqa: E402
+from spinepath.data.datasets import labels_reversed, load_spark  # noqa: E402
+from spinepath.data.split import split_cases  # noqa: E402
+from spinepath.detection.predictor import VertebraDetector  # noqa: E402
+from spinepath.evaluation.detection import evaluate_detection  # noqa: E402
 
 
 def main() -> None:
@@ -27,20 +28,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bundle" / "docs" / "metrics.json"))
     args = ap.parse_args()
     model = VertebraDetector.load(resolve_model_path(args.model))
-    split = load_split()["validation"]
     root = Path(args.data_root)
     res = {}
     for ds in ("chu_t2", "spineweb_vb", "spark_midsag"):
-        cases = split[ds]
-        if ds != "spark_midsag":
-            cases = [c.case for c in load_volume_index(root / ds) if c.patient in cases]
+        cases = split_cases(root / ds, "validation")
         res[ds] = {"cases": cases, **evaluate_detection(root / ds, model, cases=cases, progress=False)}
         print(ds, json.dumps(res[ds]), flush=True)
     # spark_midsag: ~44% of studies name the levels bottom-up against the anatomy; report the subset whose
     # names run top-down separately (the contract figure above counts all images)
-    ok = [
-        c.case for c in load_spark(root / "spark_midsag") if c.case in split["spark_midsag"] and not labels_reversed(c)
-    ]
+    val = set(res["spark_midsag"]["cases"])
+    ok = [c.case for c in load_spark(root / "spark_midsag") if c.case in val and not labels_reversed(c)]
     res["spark_midsag_top_down_labels"] = {
         "cases": ok,
         **evaluate_detection(root / "spark_midsag", model, cases=ok, progress=False),

@@ -5,7 +5,8 @@ Usage:
                                  [--num-threads N] [--quiet]
 
 ``TASK`` is ``vertebra`` or ``disc``. Each fold trains one classifier with the searched parameters of
-``configs/grading_params.json`` changed by ``--set`` (any :class:`spinepath.grading.GradingConfig` field, e.g.
+``spinepath/configs/grading_params.json`` changed by ``--set`` (any
+:class:`spinepath.grading.classifier.GradingConfig` field, e.g.
 ``--set crop_mm=56 --set epochs=96 --set mixup=0.4 --set ema=0.995``) on the other folds' studies and predicts
 the held-out studies' structures at their labelled centres (one view, superior-inferior flip averaged). Folds
 are by study, as in ``spinepath train grading``; the validation split is never used. ``--multitask`` trains one
@@ -46,8 +47,8 @@ def _parse_sets(items: list[str], cfg) -> dict:
 def _metrics(task: str, y: np.ndarray, p: np.ndarray) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    from spinepath.evaluation import disc_metrics
-    from spinepath.grading import disc_grade
+    from spinepath.evaluation.grading import disc_metrics
+    from spinepath.grading.classifier import disc_grade
 
     if task == "vertebra":
         return {"auc": round(float(roc_auc_score(y, p)), 4), "n": int(len(y))}
@@ -62,7 +63,7 @@ def _train_multitask(cfgs: dict, images: dict, train: dict, progress: bool):
     """One ConvNeXt, logit 0 = vertebra, logits 1-5 = disc grades; returns one eval-mode module per task."""
     import torch
 
-    from spinepath.grading import CropDataset, build_classifier, class_weights, loss_fn, warmup_cosine
+    from spinepath.grading.classifier import CropDataset, build_classifier, class_weights, loss_fn, warmup_cosine
 
     class Tagged(torch.utils.data.Dataset):
         def __init__(self, ds, tag: int) -> None:
@@ -130,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from spinepath.data import is_validation, load_spark
-    from spinepath.grading import normalise_image, predict_structures, spark_structures, train_classifier
-    from spinepath.search import load_params
+    from spinepath.data.datasets import load_spark
+    from spinepath.data.split import is_validation
+    from spinepath.grading.classifier import predict_structures, train_classifier
+    from spinepath.grading.crops import spark_structures
+    from spinepath.grading.search import load_params
+    from spinepath.transforms import normalise_image
 
     if a.num_threads:
         torch.set_num_threads(a.num_threads)

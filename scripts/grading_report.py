@@ -66,8 +66,11 @@ def _plots(out: Path, r: dict, thr: float, summary: dict | None) -> None:
 
 def _seed_variance(seeds: int, grader, data_root: Path, progress: bool) -> dict:
     """Retrain the crop classifiers with other seeds; score them at the reference centres (no fusion)."""
-    from spinepath.data import is_validation, load_spark
-    from spinepath.grading import normalise_image, predict_structures, spark_structures, task_metrics, train_classifier
+    from spinepath.data.datasets import load_spark
+    from spinepath.data.split import is_validation
+    from spinepath.grading.classifier import predict_structures, task_metrics, train_classifier
+    from spinepath.grading.crops import spark_structures
+    from spinepath.transforms import normalise_image
 
     cases = load_spark(data_root / "spark_midsag")
     images = {c.case: normalise_image(c.load_image()) for c in cases}
@@ -101,11 +104,11 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
-    from spinepath.data import load_split
-    from spinepath.detection import VertebraDetector
-    from spinepath.evaluation import bootstrap_intervals, collect_grading, grading_metrics
-    from spinepath.fusion import FEATURES, best_threshold
-    from spinepath.grading import Grader
+    from spinepath.data.split import split_cases
+    from spinepath.detection.predictor import VertebraDetector
+    from spinepath.evaluation.grading import bootstrap_intervals, collect_grading, grading_metrics
+    from spinepath.grading.fusion import FEATURES, best_threshold
+    from spinepath.grading.grader import Grader
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,9 +116,9 @@ def main() -> int:
     grader = Grader.load(args.grader)
     detector = VertebraDetector.load(args.detector)
     root = Path(args.data_root) / "spark_midsag"
-    val = load_split()["validation"]["spark_midsag"]
+    val = split_cases(root, "validation")
     thr = grader.fusion.threshold
-    report: dict = {"split": "validation (configs/split.json)", "n_images": len(val)}
+    report: dict = {"split": "validation (spinepath/configs/split.json)", "n_images": len(val)}
     e2e = collect_grading(root, grader, detector, val, progress=progress)
     ref = collect_grading(root, grader, None, val, progress=progress)
     for name, r in (("end_to_end", e2e), ("reference_locations", ref)):

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from spinepath import DISCLAIMER, __version__
+from spinepath.core.config import config_file
 
 log = logging.getLogger("spinepath")
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_TRAIN_CONFIG = REPO / "configs" / "detection_train.json"
+DEFAULT_TRAIN_CONFIG = config_file("detection_train.json")
 
 
 class CliError(Exception):
@@ -21,8 +21,9 @@ class CliError(Exception):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from spinepath.detection import DetectorConfig
-    from spinepath.train_detection import TrainConfig, train
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.detection.network import DetectorConfig
+    from spinepath.detection.training import TrainConfig, train
 
     cfg = json.loads(Path(args.config).read_text())
     tc_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -60,7 +61,8 @@ def _options(cls: type, args: argparse.Namespace):
 
 
 def _cmd_train_pretrain(args: argparse.Namespace) -> int:
-    from spinepath.pretrain import PretrainConfig, pretrain
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.grading.pretraining import PretrainConfig, pretrain
 
     res = pretrain(_options(PretrainConfig, args))
     print(json.dumps({k: v for k, v in res.items() if k != "history"} | {"final_loss": res["history"][-1]["loss"]}))
@@ -68,7 +70,8 @@ def _cmd_train_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_grading(args: argparse.Namespace) -> int:
-    from spinepath.train_grading import GradingTrainConfig, refit_fusion, train_grading
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.grading.training import GradingTrainConfig, refit_fusion, train_grading
 
     if args.refit_fusion:
         print(json.dumps(refit_fusion(args.out_dir or GradingTrainConfig.out_dir)))
@@ -79,7 +82,8 @@ def _cmd_train_grading(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from spinepath.search import PARAMS_FILE, run_search
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.grading.search import PARAMS_FILE, run_search
 
     res = run_search(
         args.task,
@@ -108,12 +112,27 @@ def _print_json(res: dict, out: str | None) -> None:
     print(text)
 
 
+def _evaluation_cases(root: Path, split: str) -> list[str] | None:
+    """The cases of ``--split``: the validation part of the one split (by patient for 3D data), or all."""
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.data.split import split_cases
+
+    if split != "val":
+        return None
+    cases = split_cases(root, "validation")
+    if not cases:
+        raise CliError(f"{root}: no validation cases of this folder in the split (it names datasets by folder name, "
+                       "e.g. chu_t2, spark_midsag); use --split all")
+    return cases
+
+
 def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
-    from spinepath.data import dataset_kind, load_split
-    from spinepath.detection import VertebraDetector
-    from spinepath.evaluation import evaluate_grading
-    from spinepath.grading import Grader
-    from spinepath.pipeline import resolve_grader_path, resolve_model_path
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.core.paths import resolve_grader_path, resolve_model_path
+    from spinepath.data.datasets import dataset_kind
+    from spinepath.detection.predictor import VertebraDetector
+    from spinepath.evaluation.grading import evaluate_grading
+    from spinepath.grading.grader import Grader
 
     root = Path(args.dataset_dir)
     try:
@@ -123,16 +142,19 @@ def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
         detector = None if args.from_reference_locations else VertebraDetector.load(resolve_model_path(args.model))
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    cases = load_split()["validation"].get("spark_midsag", []) if args.split == "val" else None
-    _print_json(evaluate_grading(root, grader, detector, cases=cases, progress=not args.quiet), args.out)
+    res = evaluate_grading(root, grader, detector, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
+    res["dataset"] = root.name
+    res["split"] = args.split
+    _print_json(res, args.out)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from spinepath.data import dataset_kind, load_split
-    from spinepath.detection import VertebraDetector
-    from spinepath.evaluation import evaluate_detection
-    from spinepath.pipeline import resolve_model_path
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.core.paths import resolve_model_path
+    from spinepath.data.datasets import dataset_kind
+    from spinepath.detection.predictor import VertebraDetector
+    from spinepath.evaluation.detection import evaluate_detection
 
     root = Path(args.dataset_dir)
     try:
@@ -140,15 +162,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model = VertebraDetector.load(resolve_model_path(args.model))
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    cases = None
-    if args.split == "val":
-        cases = load_split()["validation"].get(root.name, [])
-        if root.name == "spineweb_vb":  # split by patient
-            import json as _json
-
-            idx = _json.loads((root / "index.json").read_text())
-            cases = [c for c, e in idx.items() if str(e.get("patient", c)) in cases]
-    res = evaluate_detection(root, model, cases=cases, progress=not args.quiet)
+    res = evaluate_detection(root, model, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
     res["dataset"] = root.name
     res["split"] = args.split
     _print_json(res, args.out)
@@ -156,11 +170,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     import tempfile
 
-    from spinepath.dicom_io import StudyError
-    from spinepath.pacs import PacsError, fetch_study, store_files
-    from spinepath.pipeline import default_input, run_study
+    from spinepath.core.errors import StudyError
+    from spinepath.io.pacs import PacsError, fetch_study, store_files
+    from spinepath.run import default_input, run_study
 
     if args.dicomweb and args.input:
         raise CliError("give either -i/--input or --dicomweb, not both")
@@ -193,7 +208,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from spinepath.phantom import write_phantom_study
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.io.phantom import write_phantom_study
 
     print(write_phantom_study(args.output, seed=args.seed))
     return 0
@@ -203,18 +219,24 @@ def _evaluation_args(p: argparse.ArgumentParser, dataset_help: str) -> None:
     p.add_argument("dataset_dir", help=dataset_help)
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--model", help="detector weights (file or folder); default: the bundle's")
-    p.add_argument("--split", choices=["all", "val"], default="all", help="all cases, or the validation split")
+    p.add_argument("--split", choices=["val", "all"], default="val",
+                   help="the validation split (default; configs/split.json, by patient), or all cases (training "
+                   "images included)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spinepath`` command."""
     p = argparse.ArgumentParser(prog="spinepath", description=f"spinepath {__version__}. {DISCLAIMER}")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    # the same flag after the subcommand; SUPPRESS keeps the value given before it when absent here
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars, warnings only")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model")
     tsub = t.add_subparsers(dest="what", required=True)
-    td = tsub.add_parser("detection", help="train the vertebral-body detector")
+    td = tsub.add_parser("detection", help="train the vertebral-body detector", parents=[quiet])
     td.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG))
     td.add_argument("--data-root", dest="data_root")
     td.add_argument("--out-dir", dest="out_dir")
@@ -230,17 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate a model on a dataset folder; prints JSON")
     esub = e.add_subparsers(dest="what", required=True)
-    ed = esub.add_parser("detection", help="vertebral-body detection and level naming")
+    ed = esub.add_parser("detection", help="vertebral-body detection and level naming", parents=[quiet])
     _evaluation_args(ed, "a folder in the ../shared/data format (index.json or labels.json)")
     ed.set_defaults(func=_cmd_evaluate)
-    eg = esub.add_parser("grading", help="vertebra pathology and disc grades (spark_midsag format)")
+    eg = esub.add_parser("grading", help="vertebra pathology and disc grades (spark_midsag format)", parents=[quiet])
     _evaluation_args(eg, "a folder in the spark_midsag format (labels.json with grades)")
     eg.add_argument("--from-reference-locations", action="store_true",
                     help="crop at the reference centres instead of running detection")
     eg.add_argument("--grader", help="grading model (file or folder); default: the bundle's")
     eg.set_defaults(func=_cmd_evaluate_grading)
 
-    tg = tsub.add_parser("grading", help="train the grading classifiers (cross-validated) and the fusion model")
+    tg = tsub.add_parser("grading", parents=[quiet],
+                         help="train the grading classifiers (cross-validated) and the fusion model")
     tg.add_argument("--data-root", dest="data_root")
     tg.add_argument("--out-dir", dest="out_dir")
     tg.add_argument("--params-file", dest="params_file", help="searched parameters (configs/grading_params.json)")
@@ -257,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--refit-fusion", action="store_true",
                     help="only refit the fusion model from --out-dir's saved out-of-fold features")
     tg.set_defaults(func=_cmd_train_grading)
-    tp = tsub.add_parser("pretrain", help="self-supervised (SimCLR) pretraining of the grading backbone")
+    tp = tsub.add_parser("pretrain", parents=[quiet],
+                         help="self-supervised (SimCLR) pretraining of the grading backbone")
     tp.add_argument("--data-root", dest="data_root")
     tp.add_argument("--out", help="backbone file (default runs/pretrain/backbone.pt)")
     tp.add_argument("--model", help="ConvNeXt size (default convnext_atto, as the searched classifiers)")
@@ -271,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="Optuna hyper-parameter search")
     ssub = s.add_subparsers(dest="what", required=True)
-    sg = ssub.add_parser("grading", help="search the grading classifier's hyper-parameters")
+    sg = ssub.add_parser("grading", help="search the grading classifier's hyper-parameters", parents=[quiet])
     sg.add_argument("--task", choices=["vertebra", "disc"], required=True)
     sg.add_argument("--trials", type=int, default=20, help="trials run by this worker")
     sg.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/search/<task>.db); "
@@ -286,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--num-threads", dest="num_threads", type=int, default=0,
                     help="torch threads per worker (use 1 with several workers on one machine)")
     sg.set_defaults(func=_cmd_search)
-    r = sub.add_parser("run", help="run detection and grading on a DICOM study folder without Holoscan")
+    r = sub.add_parser("run", parents=[quiet],
+                       help="run detection and grading on a DICOM study folder without Holoscan")
     r.add_argument("-i", "--input", help="DICOM study folder; default: the embedded example/phantom")
     r.add_argument("-o", "--output", default="output")
     r.add_argument("-m", "--model", help="detector weights (file or folder)")
@@ -296,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--store", action="store_true", help="store the DICOM outputs back (STOW-RS) to --dicomweb")
     r.set_defaults(func=_cmd_run)
 
-    ph = sub.add_parser("phantom", help="write the synthetic phantom DICOM study")
+    ph = sub.add_parser("phantom", help="write the synthetic phantom DICOM study", parents=[quiet])
     ph.add_argument("output")
     ph.add_argument("--seed", type=int, default=0)
     ph.set_defaults(func=_cmd_phantom)

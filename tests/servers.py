@@ -287,8 +287,10 @@ def monailabel_server(studies: str, model_dir: Path, conf: dict[str, str] | None
     if not LABEL_PYTHON.is_file():
         raise ServerError(f"MONAI Label environment not found ({LABEL_PYTHON}); {LABEL_HINT}")
     log = Path(tempfile.mkdtemp(prefix="spinepath-monailabel-")) / "server.log"
+    # the server imports this checkout's spinepath (not whatever the environment was installed from)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PATH": f"{LABEL_PYTHON.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "PYTHONPATH": pythonpath}
     env.pop("VIRTUAL_ENV", None)
     proc: subprocess.Popen | None = None
     started: list[subprocess.Popen] = []

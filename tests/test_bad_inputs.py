@@ -40,11 +40,13 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from spinepath.dicom_io import StudyError, load_study
+from spinepath.core.config import config_file
+from spinepath.core.errors import StudyError
+from spinepath.io.dicom import load_study
 
 IDENTIFIERS = ("CHU02",)  # PatientName and PatientID of the example
 CENTRAL = [f"IM{i:04d}.dcm" for i in range(7, 14)]  # the 7 central slices (accepted studies)
-RULES = json.loads((REPO / "configs" / "series_selection.json").read_text())
+RULES = json.loads(config_file("series_selection.json").read_text())
 T1_REFUSED = any(re.search(p, "T1_TSE_SAG", re.I) for p in RULES.get("exclude_patterns", []))
 TIMEOUT_S = 240
 PRIVATE_TS = "1.3.6.1.4.1.99999.1.2.4.1"  # made-up vendor-private transfer syntax

@@ -1,16 +1,17 @@
+import dataclasses
+
 import numpy as np
 
-from spinepath.data import (
+from spinepath.data.datasets import (
     clinical_slice_indices,
     dataset_kind,
-    is_validation,
     iter_volume_slices,
     load_spark,
-    load_split,
     load_volume_index,
     spark_boxes,
     spark_slice,
 )
+from spinepath.data.split import is_validation, load_split
 
 
 def test_volume_loaders_every_3d_folder(data_root):
@@ -82,12 +83,34 @@ def test_split_never_mixes_patients(data_root):
 
 
 def test_spark_reversed_labels_are_detected_and_get_no_s1_box(data_root):
-    from spinepath.data import labels_reversed, spark_s1_box
+    from spinepath.data.datasets import labels_reversed, spark_s1_box
 
     cases = {c.case: c for c in load_spark(data_root / "spark_midsag")}
-    assert labels_reversed(cases["053-000"]) and spark_s1_box(cases["053-000"]) is None
+    # the shared data now names every study anatomically (its README); a study named bottom-up is still caught
+    assert not any(labels_reversed(c) for c in cases.values())
+    m = cases["053-000"]
+    flip = {"L1": "L5", "L2": "L4", "L4": "L2", "L5": "L1"}
+    m = dataclasses.replace(m, points=[{**q, "level": flip.get(q["level"], q["level"])} for q in m.points])
+    assert labels_reversed(m) and spark_s1_box(m) is None
     c = cases["002-000"]
     assert not labels_reversed(c)
     s1 = spark_s1_box(c)
     l5 = next(p for p in c.points if p["level"] == "L5")["xy"][1]
     assert s1 is not None and s1[0] > l5  # below L5
+
+
+def test_selection_split_is_carved_out_of_training_patients(data_root):
+    """Selection (model choice in training) and validation (reporting only) share no patient, by patient."""
+    from spinepath.data.split import split_cases, split_part
+    from spinepath.detection.training import collect_slices
+
+    for ds in ("chu_t2", "spineweb_vb", "spark_midsag"):
+        sel, val = set(split_cases(data_root / ds, "selection")), set(split_cases(data_root / ds, "validation"))
+        assert sel and val and not sel & val
+        if ds != "spark_midsag":
+            patients = {c.case: c.patient for c in load_volume_index(data_root / ds)}
+            assert not {patients[c] for c in sel} & {patients[c] for c in val}
+    assert split_part("spineweb_vb", "11", "10") == "validation" and split_part("chu_t2", "06") == "selection"
+    train = {(s.dataset, s.case) for s in collect_slices(data_root, "train", slice_step=16, max_cases=2)}
+    chosen = {(s.dataset, s.case) for s in collect_slices(data_root, "selection", max_cases=2)}
+    assert chosen and not train & chosen

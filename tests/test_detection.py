@@ -3,10 +3,11 @@ import json
 import numpy as np
 from conftest import MODEL
 
-from spinepath.data import iter_volume_slices, load_volume_index
-from spinepath.detection import DetectorConfig, VertebraDetector, strict_suppression
-from spinepath.grouping import group_and_name
-from spinepath.train_detection import TrainConfig, train
+from spinepath.data.datasets import iter_volume_slices, load_volume_index
+from spinepath.detection.grouping import group_and_name
+from spinepath.detection.network import DetectorConfig
+from spinepath.detection.predictor import VertebraDetector, strict_suppression
+from spinepath.detection.training import TrainConfig, train
 
 
 def test_strict_suppression_drops_contained_and_overlapping_boxes():
@@ -33,6 +34,9 @@ def test_train_one_short_epoch_on_tiny_real_subset_and_predict(tmp_path, data_ro
     assert (tmp_path / "training_curve.png").stat().st_size > 1000
     model = VertebraDetector.load(res["best"])
     assert model.cfg.fpn_channels == 32
+    # chosen on the selection split, then measured once on the validation split (which chose nothing)
+    assert model.meta["selection_per_slice"]["mean_iou"] == hist[0]["mean_iou"]
+    assert model.meta["val_per_slice"] == res["best_val_per_slice"] and 0 <= res["best_val_per_slice"]["mean_iou"] <= 1
     case = load_volume_index(data_root / "chu_t2")[0]
     s = next(iter_volume_slices(case, [38]))
     dets = model.predict([s.image], s.spacing)
@@ -45,7 +49,7 @@ def test_default_model_finds_lumbar_vertebrae_on_a_real_slice(data_root):
     case = next(c for c in load_volume_index(data_root / "chu_t2") if c.case == "04")
     s = next(iter_volume_slices(case, [38], min_fraction=0.5))
     dets = model.predict([s.image, s.image], s.spacing)
-    from spinepath.detection import box_iou
+    from spinepath.core.boxes import box_iou
 
     iou = box_iou(dets[0].boxes, s.boxes)
     assert (iou.max(axis=0) >= 0.5).mean() >= 0.85

@@ -7,7 +7,8 @@ import pytest
 from conftest import EXAMPLE, edit_all
 from pydicom.uid import generate_uid
 
-from spinepath.dicom_io import StudyError, load_series, load_study, scan_study, select_series
+from spinepath.core.errors import StudyError
+from spinepath.io.dicom import load_series, load_study, scan_study, select_series
 
 
 def test_real_example_volume_geometry():

@@ -10,15 +10,16 @@ import pydicom
 import pytest
 from conftest import EXAMPLE
 
-from spinepath.detection import VertebraDetector
-from spinepath.dicom_io import load_study
-from spinepath.findings import grade_detections
-from spinepath.grading import Grader
+from spinepath.core.paths import resolve_grader_path, resolve_model_path
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.grading.grader import Grader
+from spinepath.grading.inference import grade_detections
+from spinepath.io.dicom import load_study
 from spinepath.outputs.common import write_dataset
 from spinepath.outputs.pdf import build_pdf_dataset, read_pdf, render_pdf
 from spinepath.outputs.seg import build_vertebra_seg
 from spinepath.outputs.sr import build_sr, central_slice, read_findings
-from spinepath.pipeline import detect_series, resolve_grader_path, resolve_model_path
+from spinepath.stages import detect_series
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from conftest import EXAMPLE
 
-from spinepath.detection import VertebraDetector
-from spinepath.dicom_io import load_study
-from spinepath.levels import VERTEBRA_LEVELS
-from spinepath.outputs.seg import SEG_SERIES_DESCRIPTION, build_vertebra_seg, seg_masks, vertebra_code, write_seg
-from spinepath.pipeline import detect_series, resolve_model_path
+from spinepath.core.levels import VERTEBRA_LEVELS
+from spinepath.core.paths import resolve_model_path
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.io.dicom import load_study
+from spinepath.outputs.coding import vertebra_code
+from spinepath.outputs.seg import SEG_SERIES_DESCRIPTION, build_vertebra_seg, seg_masks, write_seg
+from spinepath.stages import detect_series
 
 
 @pytest.fixture(scope="module")

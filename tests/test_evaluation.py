@@ -1,9 +1,15 @@
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from conftest import MODEL
+from conftest import MODEL, REPO
 
-from spinepath.detection import VertebraDetector
-from spinepath.evaluation import evaluate_detection, match_slice
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.evaluation.detection import evaluate_detection
+from spinepath.evaluation.matching import match_slice
 
 
 def test_match_slice_hungarian_and_ignored_references():
@@ -50,3 +56,27 @@ def test_evaluate_detection_contract_spark(model, data_root):
     }
     assert res["n_images"] == 2 and res["n_vertebrae"] == 10
     assert res["centre_recall"] >= 0.8
+
+
+def test_cli_quiet_before_or_after_the_subcommand_and_validation_by_default():
+    from spinepath.cli import build_parser
+
+    p = build_parser()
+    for argv, quiet in ((["-q", "evaluate", "detection", "d"], True), (["evaluate", "detection", "d", "-q"], True),
+                        (["evaluate", "detection", "d"], False), (["run", "--quiet"], True), (["-q", "run"], True),
+                        (["train", "detection", "-q"], True), (["search", "grading", "--task", "disc", "-q"], True)):
+        assert p.parse_args(argv).quiet is quiet, argv
+    assert p.parse_args(["evaluate", "detection", "d"]).split == "val"
+    assert p.parse_args(["evaluate", "grading", "d"]).split == "val"
+    assert p.parse_args(["evaluate", "grading", "d", "--split", "all"]).split == "all"
+
+
+def test_cli_evaluate_says_which_split(tmp_path, data_root):
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, "-m", "spinepath", "evaluate", "detection", str(data_root / "spark_midsag"),
+                        "-q", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["split"] == "val" and res["dataset"] == "spark_midsag" and res["n_images"] == 29
+    assert "images" not in r.stderr  # -q after the subcommand: no progress bar

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,9 +12,12 @@ import pytest
 import torch
 from conftest import DATA, REPO
 
-from spinepath.data import is_validation, labels_reversed, load_spark
-from spinepath.evaluation import grading_metrics
-from spinepath.fusion import (
+from spinepath.data.datasets import labels_reversed, load_spark
+from spinepath.data.split import is_validation
+from spinepath.evaluation.grading import grading_metrics
+from spinepath.grading.classifier import GradingConfig, disc_grade, predict_structures, train_classifier
+from spinepath.grading.crops import anatomical_level, chain_structures, sample_crop, spark_structures
+from spinepath.grading.fusion import (
     FEATURES,
     FUSION_INPUTS,
     FusionModel,
@@ -22,18 +26,8 @@ from spinepath.fusion import (
     fit_fusion,
     study_features,
 )
-from spinepath.grading import (
-    Grader,
-    GradingConfig,
-    anatomical_level,
-    chain_structures,
-    disc_grade,
-    normalise_image,
-    predict_structures,
-    sample_crop,
-    spark_structures,
-    train_classifier,
-)
+from spinepath.grading.grader import Grader
+from spinepath.transforms import normalise_image
 
 SPARK = DATA / "spark_midsag"
 
@@ -72,7 +66,12 @@ def test_structures_and_crops(spark_cases):
 
 
 def test_reversed_labels_map_to_anatomy(spark_cases):
-    rev = next(c for c in spark_cases if labels_reversed(c))
+    # the shared data now names every study anatomically; a study named bottom-up is mapped back
+    c = next(c for c in spark_cases if {"L1", "L5"} <= {p["level"] for p in c.points})
+    flip = {"L1": "L5", "L2": "L4", "L4": "L2", "L5": "L1", "T12-L1": "L5-S1", "L5-S1": "T12-L1",
+            "L1-L2": "L4-L5", "L4-L5": "L1-L2"}
+    rev = dataclasses.replace(c, points=[{**q, "level": flip.get(q["level"], q["level"])} for q in c.points])
+    assert labels_reversed(rev)
     assert anatomical_level("L1", True) == "L5" and anatomical_level("L5-S1", True) == "T12-L1"
     assert anatomical_level("L3", False) == "L3"
     vs = sorted([s for s in spark_structures(rev) if s.kind == "vertebra"], key=lambda s: s.centre[0])
@@ -217,7 +216,8 @@ def test_grading_metrics_toy_values():
 @pytest.fixture(scope="module")
 def small_spark(tmp_path_factory, spark_cases):
     """A spark_midsag-format folder with three real validation studies (images linked, not copied)."""
-    root = tmp_path_factory.mktemp("spark_small")
+    root = tmp_path_factory.mktemp("spark_small") / "spark_midsag"  # named as in the split
+    root.mkdir()
     labels = json.loads((SPARK / "labels.json").read_text())
     keep = [c.case for c in spark_cases if is_validation("spark_midsag", c.case)][:3]
     (root / "images").mkdir()
@@ -237,7 +237,7 @@ def test_evaluate_grading_cli(small_spark, tmp_path, mode):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res == json.loads(out.read_text())
-    assert res["task"] == "grading" and res["n_images"] == 3
+    assert res["task"] == "grading" and res["n_images"] == 3 and res["split"] == "val"  # the default
     assert set(res["vertebra"]) == {"auc", "balanced_accuracy", "accuracy", "precision", "recall", "f1", "threshold"}
     assert set(res["disc"]) == {"accuracy", "macro_f1", "within_one_accuracy", "quadratic_kappa"}
     for k in ("accuracy", "macro_f1", "within_one_accuracy"):

@@ -1,7 +1,7 @@
 import numpy as np
 
-from spinepath.detection import SliceDetections
-from spinepath.grouping import group_and_name
+from spinepath.detection.grouping import group_and_name
+from spinepath.detection.predictor import SliceDetections
 
 
 def _dets(n_slices: int, rows: list[float], s1: list[float], extra: list | None = None) -> list[SliceDetections]:

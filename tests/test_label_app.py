@@ -18,17 +18,14 @@ import requests
 import SimpleITK as sitk
 from servers import ServerError, monailabel_server
 
-from spinepath.detection import VertebraDetector
-from spinepath.dicom_io import load_study
-from spinepath.labelmap import (
-    image_from_volume,
-    labels_on_volume,
-    load_label_map,
-    render_labels,
-    slices_from_label_file,
-    write_image,
-)
-from spinepath.pipeline import detect_series, resolve_model_path
+from spinepath.core.labels import load_label_map
+from spinepath.core.paths import resolve_model_path
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.io.dicom import load_study
+from spinepath.io.volumes import image_from_volume, labels_on_volume, write_image
+from spinepath.labeling.corrections import slices_from_label_file
+from spinepath.labeling.labelmap import render_labels
+from spinepath.stages import detect_series
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 EXAMPLES = ("chu_t2_02", "chu_t2_04")
@@ -243,6 +240,10 @@ def test_correction_feeds_the_next_round_and_promotion(server: str, studies: Pat
     rec = hist[-1]
     assert rec["round"] == 1 and rec["promoted"] is True
     assert rec["metrics"]["mean_iou"] == pytest.approx(rec["served_metrics"]["mean_iou"], abs=1e-6)
+    # promotion measured on the selection split; the validation split is reported for both models
+    assert rec["selection"]["metric"] == "mean_iou" and rec["selection"]["n_slices"] > 0
+    val, served_val = rec["validation_metrics"], rec["served_validation_metrics"]
+    assert val["mean_iou"] == pytest.approx(served_val["mean_iou"], abs=1e-6)
     (corr,) = rec["training_data"]["corrections"]
     expected_levels = [lv for lv in lab_map if np.any(arr == lab_map[lv].value)]
     assert corr["image"] == "chu_t2_02" and corr["levels"] == expected_levels

@@ -31,12 +31,15 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from servers import DICOMWEB_ROOT, ServerError, monailabel_server, orthanc_url  # noqa: F401
 
-from spinepath.detection import VertebraDetector
-from spinepath.dicom_io import load_study
-from spinepath.labelmap import labels_from_seg, labels_on_volume, load_label_map, render_labels
+from spinepath.core.labels import load_label_map
+from spinepath.core.paths import resolve_model_path
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.io.dicom import load_study
+from spinepath.io.pacs import fetch_study, find_series, store_files
+from spinepath.io.volumes import labels_on_volume
+from spinepath.labeling.labelmap import labels_from_seg, render_labels
 from spinepath.outputs.seg import build_level_seg
-from spinepath.pacs import fetch_study, find_series, store_files
-from spinepath.pipeline import detect_series, resolve_model_path
+from spinepath.stages import detect_series
 
 EXAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dicom_examples" / "chu_t2_04"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -8,20 +8,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from spinepath.detection import VertebraDetector
-from spinepath.dicom_io import StudyError, load_study
-from spinepath.labelmap import (
-    image_from_volume,
-    labels_on_volume,
-    load_label_map,
-    read_volume,
-    render_labels,
-    slices_from_label_file,
-    slices_from_labels,
-    write_image,
-    write_label_like,
-)
-from spinepath.pipeline import detect_series, resolve_model_path
+from spinepath.core.errors import StudyError
+from spinepath.core.labels import load_label_map
+from spinepath.core.paths import resolve_model_path
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.io.dicom import load_study
+from spinepath.io.volumes import image_from_volume, labels_on_volume, read_volume, write_image, write_label_like
+from spinepath.labeling.corrections import slices_from_label_file, slices_from_labels
+from spinepath.labeling.labelmap import render_labels
+from spinepath.stages import detect_series
 
 EXAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dicom_examples" / "chu_t2_02"
 

@@ -12,8 +12,8 @@ from conftest import EXAMPLE, REPO
 from dicomweb_client import DICOMwebClient
 from servers import DICOMWEB_ROOT, free_port, orthanc_url  # noqa: F401  (pytest finds the fixture by name)
 
+from spinepath.io.pacs import PacsError, fetch_study, find_series, find_studies, store_files
 from spinepath.outputs.sr import read_findings
-from spinepath.pacs import PacsError, fetch_study, find_series, find_studies, store_files
 
 SOP_CLASS = {
     "sr.dcm": "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR

@@ -1,7 +1,7 @@
 import numpy as np
 
-from spinepath.dicom_io import load_study
-from spinepath.phantom import write_phantom_study
+from spinepath.io.dicom import load_study
+from spinepath.io.phantom import write_phantom_study
 
 
 def test_phantom_is_deterministic_and_loads_as_sagittal_t2(tmp_path):

@@ -7,9 +7,12 @@ import pytest
 import torch
 from conftest import DATA
 
-from spinepath.data import is_validation, load_spark
-from spinepath.grading import GradingConfig, build_classifier, normalise_image, spark_structures, train_classifier
-from spinepath.pretrain import PretrainConfig, SimCLR, collect_unlabelled, load_backbone, nt_xent, pretrain
+from spinepath.data.datasets import load_spark
+from spinepath.data.split import is_validation
+from spinepath.grading.classifier import GradingConfig, build_classifier, load_backbone, train_classifier
+from spinepath.grading.crops import spark_structures
+from spinepath.grading.pretraining import PretrainConfig, SimCLR, collect_unlabelled, nt_xent, pretrain
+from spinepath.transforms import normalise_image
 
 
 def test_unlabelled_crops_use_training_data_only() -> None:
@@ -52,8 +55,8 @@ def test_pretrain_then_initialise_a_classifier(tmp_path) -> None:
 
 
 def test_train_grading_from_backbone_with_fold_ensemble(tmp_path) -> None:
-    from spinepath.grading import Grader
-    from spinepath.train_grading import GradingTrainConfig, train_grading
+    from spinepath.grading.grader import Grader
+    from spinepath.grading.training import GradingTrainConfig, train_grading
 
     bb = tmp_path / "backbone.pt"
     pretrain(PretrainConfig(data_root=str(DATA), out=str(bb), epochs=1, crops_per_epoch=16, batch_size=16,

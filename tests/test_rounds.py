@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from spinepath.detection import VertebraDetector
-from spinepath.pipeline import resolve_model_path
-from spinepath.rounds import ModelStore, RoundConfig, run_round
+from spinepath.core.paths import resolve_model_path
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.labeling.rounds import ModelStore, RoundConfig, run_round
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
 
 ROUND_SCRIPT = """
 import sys
-from spinepath.pipeline import resolve_model_path
-from spinepath.rounds import ModelStore, RoundConfig, run_round
+from spinepath.core.paths import resolve_model_path
+from spinepath.labeling.rounds import ModelStore, RoundConfig, run_round
 store = ModelStore(sys.argv[1], resolve_model_path())
 run_round(store, RoundConfig(data_root=sys.argv[2], epochs=20, max_train_cases=1, val_max_cases=1,
                              num_threads=1), [])

@@ -10,8 +10,8 @@ import optuna
 from conftest import REPO
 from servers import postgres_url  # noqa: F401  (fixture)
 
-from spinepath.grading import MODEL_SIZES
-from spinepath.search import load_params
+from spinepath.grading.classifier import MODEL_SIZES
+from spinepath.grading.search import load_params
 
 # the vertebra task's search dimensions
 SEARCH_DIMS = {"model", "lr", "weight_decay", "crop_mm", "aug_strength", "epochs", "class_weight_power"}

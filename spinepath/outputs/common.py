@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 
-from spinepath.files import atomic_file
+from spinepath.core.files import atomic_file
 
 
 @contextmanager

@@ -14,10 +14,13 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from spinepath import DISCLAIMER, __version__
+from spinepath.core.results import DetectionResult, key_slice
+from spinepath.outputs.key_image import key_image
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 PDF_SERIES_NUMBER = 903
@@ -26,7 +29,7 @@ COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyIn
           "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def findings_table(result) -> list[list[str]]:
+def findings_table(result: DetectionResult) -> list[list[str]]:
     """Rows of the per-level table: level, vertebra finding, P, disc below, grade, P(abnormal)."""
     f = result.findings
     vert = {v.level: v for v in f.vertebrae} if f is not None else {}
@@ -45,21 +48,20 @@ def findings_table(result) -> list[list[str]]:
     return rows
 
 
-def render_pdf(result, key_png: str | Path | None = None) -> bytes:
+def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> bytes:
     """A one-page A4 PDF: disclaimer, table per level, key image, model versions.
 
     Args:
         result: The graded detection result.
-        key_png: The key image already written by :func:`spinepath.pipeline.key_image`; drawn here when None.
+        key_png: The key image already written by :func:`spinepath.outputs.key_image.key_image`; drawn here when None.
 
     """
+    # matplotlib is imported only where a figure is drawn (Agg backend set first)
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
-    from spinepath.pipeline import key_image, key_slice
 
     with tempfile.TemporaryDirectory() as d:
         if key_png is None:

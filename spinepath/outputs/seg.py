@@ -15,8 +15,10 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from spinepath import __version__
-from spinepath.labelmap import box_slices, label_colors
-from spinepath.levels import VERTEBRA_LEVELS, level_index
+from spinepath.core.boxes import box_slices
+from spinepath.core.labels import label_colors
+from spinepath.core.levels import VERTEBRA_LEVELS, level_index
+from spinepath.core.results import DetectionResult
 from spinepath.outputs.coding import ANATOMICAL_STRUCTURE, vertebra_code
 from spinepath.outputs.common import no_identifying_warnings, write_dataset
 
@@ -57,11 +59,11 @@ def box_mask(box, shape: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def seg_masks(result) -> tuple[np.ndarray, list[str]]:
+def seg_masks(result: DetectionResult) -> tuple[np.ndarray, list[str]]:
     """Per-level masks of the named vertebrae of a detection result.
 
     Args:
-        result: A :class:`spinepath.pipeline.DetectionResult`.
+        result: A :class:`spinepath.core.results.DetectionResult`.
 
     Returns:
         ``(masks, levels)``: boolean ``(n_levels, n_slices, rows, cols)`` masks indexed like
@@ -99,7 +101,7 @@ def build_vertebra_seg(
     """Build the binary DICOM Segmentation of the named vertebrae, a new series in the source study.
 
     Args:
-        result: A :class:`spinepath.pipeline.DetectionResult` of a DICOM series (``result.volume.datasets``
+        result: A :class:`spinepath.core.results.DetectionResult` of a DICOM series (``result.volume.datasets``
             holds the source headers; pixel data is not needed).
         series_number: Series Number of the new series.
         manufacturer: Manufacturer of the new series.
@@ -128,7 +130,7 @@ def build_level_seg(
     """Binary DICOM Segmentation with one segment per vertebral level (colours of ``configs/labels.json``).
 
     Args:
-        volume: The source :class:`spinepath.dicom_io.SeriesVolume` with its headers (``datasets``).
+        volume: The source :class:`spinepath.core.geometry.SeriesVolume` with its headers (``datasets``).
         masks: Boolean ``(n_levels, n_slices, rows, cols)`` indexed like ``volume.pixels``.
         levels: Level name per mask.
         manual: Segments drawn or corrected by an annotator (algorithm type MANUAL) instead of AUTOMATIC.
@@ -212,11 +214,11 @@ def dicom_lab(rgb: tuple[int, int, int]) -> list[int]:
     return [round(lab[0] * 65535 / 100), round((lab[1] + 128) * 65535 / 255), round((lab[2] + 128) * 65535 / 255)]
 
 
-def write_seg(result, path: str | Path, **kwargs) -> Path:
+def write_seg(result: DetectionResult, path: str | Path, **kwargs) -> Path:
     """Build the vertebra SEG and write it atomically (temporary file in the same folder, then rename).
 
     Args:
-        result: A :class:`spinepath.pipeline.DetectionResult` of a DICOM series.
+        result: A :class:`spinepath.core.results.DetectionResult` of a DICOM series.
         path: Output file.
         **kwargs: Passed to :func:`build_vertebra_seg`.
 

@@ -17,6 +17,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from spinepath import __version__
+from spinepath.core.results import DetectionResult
 from spinepath.outputs.coding import (
     ABNORMAL,
     DISC_GRADE_CODES,
@@ -45,7 +46,7 @@ class Region:
 
 def central_slice(track) -> int:
     """The slice of a vertebra track nearest its score-weighted centre."""
-    c = float(np.average(track.slices, weights=track.scores))
+    c = track.central_slice
     return min(track.slices, key=lambda k: abs(k - c))
 
 
@@ -80,7 +81,7 @@ def _polyline(region: Region, source: pydicom.Dataset) -> hd.sr.ImageRegion:
     )
 
 
-def measurement_groups(result) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """One TID 1410 group per graded vertebra and disc of a graded detection result."""
     f = result.findings
     if f is None:
@@ -133,7 +134,7 @@ def measurement_groups(result) -> list[hd.sr.PlanarROIMeasurementsAndQualitative
     return groups
 
 
-def build_sr(result, series_number: int = SR_SERIES_NUMBER) -> hd.sr.Comprehensive3DSR:
+def build_sr(result: DetectionResult, series_number: int = SR_SERIES_NUMBER) -> hd.sr.Comprehensive3DSR:
     """The findings as a Comprehensive 3D SR (TID 1500) in a new series of the source study.
 
     Raises:

@@ -9,17 +9,17 @@ import threading
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from spinepath.activelearning import study_uncertainty
-from spinepath.detection import VertebraDetector
-from spinepath.dicom_io import StudyError
-from spinepath.labelmap import load_image_volume
-from spinepath.rounds import ModelStore, write_json
+from spinepath.core.errors import StudyError
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.io.volumes import load_image_volume
+from spinepath.labeling.activelearning import study_uncertainty
+from spinepath.labeling.rounds import ModelStore, write_json
 
 log = logging.getLogger(__name__)
 
 
 class VertebraeUncertainty(Strategy):
-    """Pick the unlabeled study with the highest :func:`spinepath.activelearning.study_uncertainty` score.
+    """Pick the unlabeled study with the highest :func:`spinepath.labeling.activelearning.study_uncertainty` score.
 
     Scores (and failures) are cached per study and served round in ``<model dir>/uncertainty.json``, so repeated
     requests only score new studies (or all of them again after a promoted round). At most ``max_new`` studies

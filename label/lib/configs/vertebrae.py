@@ -10,9 +10,9 @@ from monailabel.interfaces.config import TaskConfig
 from lib.activelearning.uncertainty import VertebraeUncertainty
 from lib.infers.vertebrae import VertebraeInfer
 from lib.trainers.vertebrae import VertebraeTrainer
-from spinepath.labelmap import load_label_map
-from spinepath.pipeline import resolve_grader_path, resolve_model_path
-from spinepath.rounds import ModelStore
+from spinepath.core.labels import load_label_map
+from spinepath.core.paths import resolve_grader_path, resolve_model_path
+from spinepath.labeling.rounds import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,9 @@ def _flag(value: str | bool | None, default: bool) -> bool:
 class VertebraeConfig(TaskConfig):
     """Served detector in ``<model_dir>/vertebrae`` (round 0 = the bundle's detector), optional grading.
 
-    ``--conf`` keys: ``data_root`` (base data + fixed validation set), ``grading`` (true/false),
+    ``--conf`` keys: ``data_root`` (base data + fixed selection / validation sets), ``grading`` (true/false),
     ``round_epochs``, ``round_lr``, ``round_max_train_cases``, ``round_val_max_cases`` (0: the whole fixed
-    validation split), ``num_threads``, ``al_max_new`` (studies the
+    selection and validation parts of the split), ``num_threads``, ``al_max_new`` (studies the
     uncertainty strategy scores per request).
     """
 

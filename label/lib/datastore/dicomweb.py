@@ -21,8 +21,11 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import Dataset
 
-from spinepath.dicom_io import StudyError, load_study
-from spinepath.labelmap import Label, labels_from_seg, labels_on_volume, write_label_like
+from spinepath.core.errors import StudyError
+from spinepath.core.labels import Label
+from spinepath.io.dicom import load_study
+from spinepath.io.volumes import labels_on_volume, write_label_like
+from spinepath.labeling.labelmap import labels_from_seg
 from spinepath.outputs.seg import build_level_seg
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,11 @@ from pathlib import Path
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from spinepath.detection import VertebraDetector
-from spinepath.dicom_io import StudyError
-from spinepath.labelmap import Label, label_study
-from spinepath.rounds import ModelStore
+from spinepath.core.errors import StudyError
+from spinepath.core.labels import Label
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.labeling.labelmap import label_study
+from spinepath.labeling.rounds import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class VertebraeInfer(InferTask):
             return None
         with self._lock:
             if self._grader is None:
-                from spinepath.grading import Grader
+                from spinepath.grading.grader import Grader
 
                 self._grader = Grader.load(self.grader_path)
             return self._grader

@@ -7,10 +7,11 @@ import logging
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from spinepath.dicom_io import StudyError
-from spinepath.labelmap import Label, slices_from_label_file
-from spinepath.labelmap import image_id as label_image_id
-from spinepath.rounds import ModelStore, RoundConfig, run_round
+from spinepath.core.errors import StudyError
+from spinepath.core.labels import Label
+from spinepath.io.volumes import image_id as label_image_id
+from spinepath.labeling.corrections import slices_from_label_file
+from spinepath.labeling.rounds import ModelStore, RoundConfig, run_round
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 class VertebraeTrainer(TrainTask):
     """Fine-tune the served detector on every final label in the datastore plus the base training data.
 
-    Each call is one round (:func:`spinepath.rounds.run_round`): a versioned model with its validation metrics;
+    Each call is one round (:func:`spinepath.labeling.rounds.run_round`): a versioned model with its validation metrics;
     the served model changes only if the new one measures at least as well on the fixed validation set.
     Request keys override the round defaults: ``epochs``, ``lr``, ``max_train_cases``, ``metric``, ``seed``...
     """

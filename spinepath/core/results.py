@@ -1,0 +1,239 @@
+"""The study result types, which import no stage.
+
+Vertebrae (detected and named), the detection result, the findings per vertebra and disc, the classifier
+scores, and the series' mid-sagittal slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spinepath import DISCLAIMER, __version__
+from spinepath.core.geometry import SeriesVolume
+from spinepath.core.levels import DISC_GRADE_NAMES, DISC_GRADES
+
+
+@dataclass(eq=False)
+class Vertebra:
+    """A vertebral body followed across sagittal slices.
+
+    Attributes:
+        slices: Slice indices where it is detected (sorted).
+        boxes: Box per slice ``[r0, c0, r1, c1]`` (source pixels).
+        scores: Detection score per slice.
+        s1_scores: S1-class score per slice.
+        level: Assigned level name (``"?"`` when it cannot be named).
+        name_confidence: Confidence of the name in [0, 1].
+        truncated: True when the body touches the top or bottom edge of the field of view.
+
+    """
+
+    slices: list[int] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    s1_scores: list[float] = field(default_factory=list)
+    level: str = "?"
+    name_confidence: float = 0.0
+    truncated: bool = False
+
+    @property
+    def score(self) -> float:
+        """Vertebra score: mean of the best three slice scores."""
+        return float(np.mean(sorted(self.scores)[-3:]))
+
+    @property
+    def centre(self) -> np.ndarray:
+        """Score-weighted mean box centre ``(row, col)`` over the slices."""
+        b = np.array(self.boxes)
+        w = np.array(self.scores)
+        return np.array(
+            [np.average((b[:, 0] + b[:, 2]) / 2, weights=w), np.average((b[:, 1] + b[:, 3]) / 2, weights=w)]
+        )
+
+    @property
+    def central_slice(self) -> float:
+        """Its central slice: the score-weighted mean of the slices where it is detected (continuous)."""
+        return float(np.average(self.slices, weights=self.scores))
+
+    def add(self, k: int, box: np.ndarray, score: float, s1_score: float) -> None:
+        """Append the detection on slice ``k`` (slices must stay sorted; see :func:`_merge_same_level`)."""
+        self.slices.append(k)
+        self.boxes.append(box)
+        self.scores.append(float(score))
+        self.s1_scores.append(float(s1_score))
+
+    def box_on(self, k: int) -> np.ndarray | None:
+        """The box on slice ``k`` or None."""
+        return self.boxes[self.slices.index(k)] if k in self.slices else None
+
+
+@dataclass
+class DetectionResult:
+    """Vertebrae found in one series, with timings."""
+
+    vertebrae: list[Vertebra]
+    volume: SeriesVolume
+    timings: dict[str, float]
+    input_kind: str = "dicom"
+    findings: Findings | None = None  # once graded
+
+    def to_dict(self) -> dict:
+        """Return the JSON-ready result.
+
+        Per vertebra: level, name confidence, slice range, per-slice boxes (pixels and patient mm) and scores,
+        and, once graded, ``pathology`` (fused probability, label, threshold, per-slice probabilities). Per
+        disc (graded only): grade, grade name and class probabilities.
+        """
+        v = self.volume
+        out = []
+        graded = {f.level: f for f in self.findings.vertebrae} if self.findings is not None else {}
+        for t in self.vertebrae:
+            per_slice = []
+            for k, b, s, s1 in zip(t.slices, t.boxes, t.scores, t.s1_scores):
+                r0, c0, r1, c1 = (float(x) for x in b)
+                corners = [v.pixel_to_patient(k, r0 - 0.5, c0 - 0.5), v.pixel_to_patient(k, r1 - 0.5, c1 - 0.5)]
+                centre = v.pixel_to_patient(k, (r0 + r1) / 2 - 0.5, (c0 + c1) / 2 - 0.5)
+                per_slice.append(
+                    {
+                        "slice_index": int(k),
+                        "sop_instance_uid": v.sop_instance_uids[k],
+                        "box_pixels": {"row_min": r0, "col_min": c0, "row_max": r1, "col_max": c1},
+                        "box_patient_mm": {
+                            "corner_top_anterior": [round(float(x), 2) for x in corners[0]],
+                            "corner_bottom_posterior": [round(float(x), 2) for x in corners[1]],
+                            "centre": [round(float(x), 2) for x in centre],
+                        },
+                        "score": round(float(s), 4),
+                        "s1_score": round(float(s1), 4),
+                    }
+                )
+            out.append(
+                {
+                    "level": t.level,
+                    "name_confidence": round(t.name_confidence, 4),
+                    "score": round(t.score, 4),
+                    "slice_range": [int(min(t.slices)), int(max(t.slices))],
+                    "n_slices": len(t.slices),
+                    "truncated_by_field_of_view": t.truncated,
+                    "pathology": graded[t.level].to_dict() if t.level in graded else None,
+                    "slices": per_slice,
+                }
+            )
+        extra = {}
+        if self.findings is not None:
+            extra = {"discs": [d.to_dict() for d in self.findings.discs], "grading_model": self.findings.model}
+            self.timings.update(self.findings.timings)
+        return {
+            "disclaimer": DISCLAIMER,
+            "software": {"name": "spinepath", "version": __version__},
+            "input": {
+                "kind": self.input_kind,
+                "study_instance_uid": v.study_uid,
+                "series_instance_uid": v.series_uid,
+                "series_description": v.description,
+                "n_slices": int(v.pixels.shape[0]),
+                "matrix": [int(v.pixels.shape[1]), int(v.pixels.shape[2])],
+                "pixel_spacing_mm": [float(x) for x in v.spacing],
+                "slice_spacing_mm": round(v.slice_spacing, 3),
+            },
+            "n_vertebrae": len(out),
+            "levels": [t.level for t in self.vertebrae],
+            "vertebrae": out,
+            **extra,
+            "timings_s": {k: round(x, 3) for k, x in self.timings.items()},
+        }
+
+
+def key_slice(result: DetectionResult) -> int:
+    """The mid-sagittal slice of the detected spine: the median of the vertebrae's score-weighted slice centres."""
+    if not result.vertebrae:
+        return result.volume.pixels.shape[0] // 2
+    centres = [t.central_slice for t in result.vertebrae]
+    k = int(round(float(np.median(centres))))
+    # prefer a nearby slice where most vertebrae have a box
+    cands = range(max(0, k - 1), min(result.volume.pixels.shape[0], k + 2))
+    return max(cands, key=lambda j: (sum(t.box_on(j) is not None for t in result.vertebrae), -abs(j - k)))
+
+
+@dataclass
+class VertebraFinding:
+    """Fused decision for one vertebra."""
+
+    level: str
+    probability: float
+    label: str
+    threshold: float
+    per_slice: dict[int, float]
+    features: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "level": self.level,
+            "probability": round(self.probability, 4),
+            "label": self.label,
+            "threshold": round(self.threshold, 4),
+            "per_slice_probability": {str(k): round(v, 4) for k, v in sorted(self.per_slice.items())},
+        }
+
+
+@dataclass
+class DiscFinding:
+    """Grade of one disc (probabilities averaged over the slices where it is seen)."""
+
+    level: str
+    grade: str
+    probabilities: np.ndarray
+    slices: list[int]
+    features: np.ndarray | None = None
+
+    @property
+    def grade_name(self) -> str:
+        """Human-readable grade (normal, bulge, ...)."""
+        return DISC_GRADE_NAMES[DISC_GRADES.index(self.grade)]
+
+    @property
+    def abnormal_probability(self) -> float:
+        """P(grade other than v1 normal)."""
+        return float(1.0 - self.probabilities[0])
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "level": self.level,
+            "grade": self.grade,
+            "grade_name": self.grade_name,
+            "probabilities": {g: round(float(p), 4) for g, p in zip(DISC_GRADES, self.probabilities)},
+            "abnormal_probability": round(self.abnormal_probability, 4),
+            "slices": self.slices,
+        }
+
+
+@dataclass
+class Findings:
+    """All findings of one series."""
+
+    vertebrae: list[VertebraFinding]
+    discs: list[DiscFinding]
+    timings: dict[str, float]
+    model: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "vertebrae": [v.to_dict() for v in self.vertebrae],
+            "discs": [d.to_dict() for d in self.discs],
+            "grading_model": self.model,
+        }
+
+
+@dataclass
+class SliceScores:
+    """Classifier outputs on every slice of a series (the classification stage's result)."""
+
+    vertebra: dict[tuple[int, str], list[float]]
+    disc: dict[tuple[int, str], np.ndarray]
+    seconds: float = 0.0
+

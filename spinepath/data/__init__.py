@@ -1,0 +1,1 @@
+"""The shared training data: dataset loaders (reference boxes per slice) and the one patient split."""

@@ -1,0 +1,89 @@
+"""The detector's definition: MONAI RetinaNet with a ResNet18-FPN backbone (2D), and its configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.apps.detection.networks.retinanet_network import RetinaNet
+from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.networks.blocks.backbone_fpn_utils import BackboneWithFPN
+from monai.networks.nets import resnet
+
+CLASS_NAMES = ("vertebral_body", "S1")
+
+
+@dataclass
+class DetectorConfig:
+    """Hyper-parameters that define the detector and its input grid (saved with the weights)."""
+
+    spacing_mm: float = 2.0
+    fpn_channels: int = 128
+    returned_layers: tuple[int, ...] = (1, 2)
+    #: Anchor shapes (rows, cols) in pixels of the working grid at the finest FPN level.
+    anchor_shapes: tuple[tuple[int, int], ...] = ((12, 16), (16, 20), (20, 24))
+    num_classes: int = 2
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.2
+    #: After NMS, drop a box whose intersection with a higher-scoring box exceeds this fraction of its area.
+    containment_thresh: float = 0.4
+    detections_per_img: int = 30
+    percentiles: tuple[float, float] = (1.0, 99.5)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DetectorConfig:
+        """Build from a (JSON) dict, ignoring unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("returned_layers", "percentiles"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        if "anchor_shapes" in kw:
+            kw["anchor_shapes"] = tuple(tuple(a) for a in kw["anchor_shapes"])
+        return cls(**kw)
+
+
+def build_detector(cfg: DetectorConfig) -> RetinaNetDetector:
+    """Create an untrained 2D RetinaNetDetector with a ResNet18-FPN backbone (one input channel)."""
+    backbone = resnet.ResNet(
+        block=resnet.ResNetBlock,
+        layers=[2, 2, 2, 2],
+        block_inplanes=resnet.get_inplanes(),
+        n_input_channels=1,
+        conv1_t_stride=2,
+        conv1_t_size=7,
+        spatial_dims=2,
+    )
+    in_stage2 = backbone.in_planes // 8
+    returned = list(cfg.returned_layers)
+    feature_extractor = BackboneWithFPN(
+        backbone,
+        return_layers={f"layer{k}": str(v) for v, k in enumerate(returned)},
+        in_channels_list=[in_stage2 * 2 ** (i - 1) for i in returned],
+        out_channels=cfg.fpn_channels,
+        spatial_dims=2,
+    )
+    anchor_generator = AnchorGeneratorWithAnchorShape(
+        feature_map_scales=[2**i for i in range(len(returned) + 1)],
+        base_anchor_shapes=[list(a) for a in cfg.anchor_shapes],
+    )
+    network = RetinaNet(
+        spatial_dims=2,
+        num_classes=cfg.num_classes,
+        num_anchors=anchor_generator.num_anchors_per_location()[0],
+        feature_extractor=feature_extractor,
+        size_divisible=[2 * 2 * 2 ** max(returned)] * 2,
+    )
+    det = RetinaNetDetector(network=network, anchor_generator=anchor_generator, debug=False)
+    det.set_target_keys(box_key="boxes", label_key="labels")
+    det.set_atss_matcher(num_candidates=4, center_in_gt=False)
+    det.set_hard_negative_sampler(batch_size_per_image=64, positive_fraction=0.3, pool_size=20, min_neg=16)
+    det.set_box_selector_parameters(
+        score_thresh=cfg.score_thresh,
+        topk_candidates_per_level=300,
+        nms_thresh=cfg.nms_thresh,
+        detections_per_img=cfg.detections_per_img * 3,
+    )
+    return det
+

@@ -1,0 +1,166 @@
+"""2D vertebral-body detector: MONAI RetinaNet with a ResNet18-FPN backbone, pre/post-processing, I/O.
+
+The detector works on sagittal slices resampled to a fixed isotropic grid (``DetectorConfig.spacing_mm``)
+and normalised to [0, 1] by volume percentiles. Predictions are mapped back to source pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+
+from spinepath.core.boxes import box_area, box_intersection, box_iou
+from spinepath.core.files import atomic_file
+from spinepath.detection.network import DetectorConfig, build_detector
+from spinepath.transforms import intensity_range, to_grid
+
+# -------------------------------------------------------------------------------------- post-processing
+
+
+def strict_suppression(
+    boxes: np.ndarray, scores: np.ndarray, iou_thresh: float, containment_thresh: float
+) -> np.ndarray:
+    """Greedy suppression for non-overlapping objects; returns kept indices by descending score.
+
+    A box is dropped if its IoU with a kept box exceeds ``iou_thresh`` or if more than ``containment_thresh``
+    of its own area lies inside a kept box (vertebral bodies never overlap on a sagittal slice).
+    """
+    order = np.argsort(-scores)
+    keep: list[int] = []
+    area = box_area(boxes)
+    for i in order:
+        if keep:
+            k = np.array(keep)
+            inter = box_intersection(boxes[i : i + 1], boxes[k])[0]  # in the network's float32, as trained
+            iou = inter / (area[i] + area[k] - inter + 1e-9)
+            if np.any(iou > iou_thresh) or np.any(inter / (np.minimum(area[i], area[k]) + 1e-9) > containment_thresh):
+                continue
+        keep.append(int(i))
+    return np.asarray(keep, dtype=np.int64)
+
+
+@dataclass
+class SliceDetections:
+    """Detections on one slice, in source pixel coordinates."""
+
+    boxes: np.ndarray  # (N, 4) [r0, c0, r1, c1]
+    scores: np.ndarray  # (N,) max class score
+    s1_scores: np.ndarray  # (N,) score of the S1 class (0 where not predicted)
+    labels: np.ndarray  # (N,) argmax class
+
+
+class VertebraDetector:
+    """A trained detector with its configuration; predicts vertebral bodies on sagittal slices.
+
+    Args:
+        detector: The MONAI RetinaNetDetector.
+        cfg: Its configuration.
+        meta: Free-form metadata stored with the weights (training data, metrics, version).
+
+    """
+
+    def __init__(self, detector: RetinaNetDetector, cfg: DetectorConfig, meta: dict | None = None) -> None:
+        self.detector = detector
+        self.cfg = cfg
+        self.meta = meta or {}
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def new(cls, cfg: DetectorConfig | None = None) -> VertebraDetector:
+        """An untrained detector."""
+        cfg = cfg or DetectorConfig()
+        return cls(build_detector(cfg), cfg)
+
+    def to(self, device: str | torch.device) -> VertebraDetector:
+        """Move to a device."""
+        self.device = torch.device(device)
+        self.detector.to(self.device)
+        return self
+
+    def save(self, path: str | Path, half: bool = True) -> None:
+        """Save weights (fp16 by default) with config and metadata, atomically."""
+        sd = self.detector.network.state_dict()
+        if half:
+            sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+        with atomic_file(path, ".pt") as tmp:
+            torch.save({"config": dataclasses.asdict(self.cfg), "state_dict": sd, "meta": self.meta}, tmp)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VertebraDetector:
+        """Load a detector saved by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: If the file does not exist.
+            ValueError: If the file is not a spinepath detector checkpoint.
+
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"detector weights not found: {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+            raise ValueError(f"{path} is not a spinepath detector checkpoint")
+        cfg = DetectorConfig.from_dict(ckpt["config"])
+        det = build_detector(cfg)
+        det.network.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        )
+        det.eval()
+        return cls(det, cfg, ckpt.get("meta", {})).to(device)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        slices: list[np.ndarray],
+        spacing: tuple[float, float],
+        lo_hi: tuple[float, float] | None = None,
+        batch_size: int = 8,
+    ) -> list[SliceDetections]:
+        """Detect vertebral bodies on sagittal slices of one series.
+
+        Args:
+            slices: 2D arrays ``(rows, cols)`` of equal shape (rows superior->inferior).
+            spacing: Pixel spacing (row, col) in mm.
+            lo_hi: Intensity range for normalisation; computed over all slices when None.
+            batch_size: Slices per forward pass.
+
+        Returns:
+            One :class:`SliceDetections` per slice, boxes in source pixels.
+
+        """
+        if not slices:
+            return []
+        self.detector.eval()
+        if lo_hi is None:
+            lo_hi = intensity_range(np.stack(slices), self.cfg.percentiles)
+        out: list[SliceDetections] = []
+        for start in range(0, len(slices), batch_size):
+            chunk = [to_grid(s, spacing, self.cfg, lo_hi) for s in slices[start : start + batch_size]]
+            images = [c[0].to(self.device) for c in chunk]
+            results = self.detector(images)
+            for (_, scale), res in zip(chunk, results):
+                out.append(self._postprocess(res, scale))
+        return out
+
+    def _postprocess(self, res: dict, scale: tuple[float, float]) -> SliceDetections:
+        boxes = res["boxes"].detach().float().cpu().numpy().reshape(-1, 4)
+        scores = res["labels_scores"].detach().float().cpu().numpy().reshape(-1)
+        labels = res["labels"].detach().cpu().numpy().reshape(-1)
+        # merge the class-wise detections of the same body: one box per body, S1 score kept aside
+        keep = strict_suppression(boxes, scores, self.cfg.nms_thresh, self.cfg.containment_thresh)
+        keep = keep[: self.cfg.detections_per_img]
+        s1 = np.zeros(len(keep), dtype=np.float32)
+        if len(keep):
+            iou = box_iou(boxes[keep], boxes)
+            for j in range(len(keep)):
+                same = (iou[j] > 0.5) & (labels == 1)
+                s1[j] = scores[same].max() if np.any(same) else 0.0
+        boxes = boxes[keep] / np.array([scale[0], scale[1], scale[0], scale[1]], dtype=np.float32)
+        return SliceDetections(boxes=boxes, scores=scores[keep], s1_scores=s1, labels=labels[keep])

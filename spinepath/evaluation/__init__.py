@@ -1,0 +1,1 @@
+"""Evaluation against the shared-data references: box matching, detection metrics, grading metrics."""

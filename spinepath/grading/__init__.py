@@ -1,0 +1,1 @@
+"""Grading: crops, ConvNeXt classifiers, LightGBM fusion, the grader, inference, pretraining, training."""

@@ -1,0 +1,89 @@
+"""The one writer of a study's outputs: JSON, key image, DICOM SR / SEG / PDF, then ``status.json``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from spinepath import __version__
+from spinepath.core.results import DetectionResult
+from spinepath.outputs.common import write_dataset
+from spinepath.outputs.key_image import key_image
+from spinepath.outputs.pdf import build_pdf_dataset
+from spinepath.outputs.seg import build_vertebra_seg
+from spinepath.outputs.sr import build_sr
+
+
+def write_dicom_outputs(
+    result: DetectionResult, folder: str | Path, key_png: str | Path | None = None
+) -> dict[str, str]:
+    """Write the DICOM outputs of a graded result into ``folder``.
+
+    ``sr.dcm`` (Comprehensive 3D SR, TID 1500), ``seg.dcm`` (vertebra segmentation) and ``report.dcm``
+    (Encapsulated PDF), each a new series of the source study. ``key_png``: the key image already written, for
+    the PDF (drawn again when None).
+
+    Returns:
+        ``{kind: file name}`` for the JSON.
+
+    """
+    folder = Path(folder)
+    files = {"sr": "sr.dcm", "seg": "seg.dcm", "pdf_report": "report.dcm"}
+    write_dataset(build_sr(result), folder / files["sr"])
+    write_dataset(build_vertebra_seg(result), folder / files["seg"])
+    write_dataset(build_pdf_dataset(result, key_png=key_png), folder / files["pdf_report"])
+    return files
+
+
+def write_outputs(result: DetectionResult, out_dir: str | Path, dicom: bool | None = None) -> dict:
+    """Write ``vertebrae.json``, ``key_image.png`` and the DICOM outputs atomically, then ``status.json``.
+
+    The results go through a temporary folder inside ``out_dir``; ``status.json`` (``ok: true``) is written
+    only once all are in place.
+
+    Args:
+        result: The detection result (graded when ``findings`` is set).
+        out_dir: Output folder.
+        dicom: Write ``dicom/{sr,seg,report}.dcm``; by default when the result is graded and the series
+            carries its source DICOM headers.
+
+    Returns:
+        The JSON result as written.
+
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dicom is None:
+        dicom = result.findings is not None and bool(result.volume.datasets) and bool(result.vertebrae)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    try:
+        d = result.to_dict()
+        d["key_image"] = {"file": "key_image.png", "slice_index": key_image(result, tmp / "key_image.png")}
+        if dicom:
+            t0 = time.perf_counter()
+            files = write_dicom_outputs(result, tmp / "dicom", tmp / "key_image.png")
+            d["dicom_outputs"] = {k: f"dicom/{v}" for k, v in files.items()}
+            d["timings_s"]["dicom_outputs"] = round(time.perf_counter() - t0, 3)
+        (tmp / "vertebrae.json").write_text(json.dumps(d, indent=1))
+        names = ["vertebrae.json", "key_image.png"] + (["dicom"] if dicom else [])
+        for name in names:
+            if name == "dicom" and (out / name).exists():
+                shutil.rmtree(out / name)
+            (tmp / name).replace(out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_status(out, True, "ok", n_vertebrae=len(result.vertebrae), input_kind=result.input_kind)
+    return d
+
+
+def write_status(out_dir: str | Path, ok: bool, message: str, **fields: object) -> Path:
+    """Write the machine-readable ``status.json`` (ok flag + message) into the output folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = out / "status.json"
+    p.write_text(json.dumps({"ok": ok, "message": message, "software_version": __version__, **fields}, indent=1))
+    return p
+

@@ -1,0 +1,69 @@
+"""One study from a folder to the output folder: the stages of :mod:`spinepath.stages`, then the writer.
+
+Used by ``spinepath run`` and the MONAI bundle's ``run``; the MONAI Deploy app wires the same stages as
+operators.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from spinepath import stages
+from spinepath.core.errors import StudyError
+from spinepath.core.paths import SHARED_EXAMPLES
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.grading.grader import Grader
+from spinepath.io.phantom import write_phantom_study
+from spinepath.outputs.writer import write_outputs, write_status
+
+
+def default_input(work_dir: str | Path) -> tuple[Path, str]:
+    """Return the embedded default input.
+
+    A real example series when ``../shared/data/dicom_examples`` exists, otherwise the synthetic phantom study
+    written into ``work_dir``.
+
+    Returns:
+        ``(folder, kind)`` with kind ``"real example (chu_t2_02)"`` or ``"synthetic phantom"``.
+
+    """
+    real = SHARED_EXAMPLES / "chu_t2_02"
+    if real.is_dir() and any(real.glob("*.dcm")):
+        return real, "real example (dicom_examples/chu_t2_02)"
+
+    return write_phantom_study(Path(work_dir) / "phantom"), "synthetic phantom"
+
+
+def run_study(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    model: VertebraDetector | str | Path | None = None,
+    input_kind: str = "dicom",
+    grader: Grader | str | Path | None = None,
+) -> dict:
+    """Read a DICOM study, run it through :mod:`spinepath.stages` and write the outputs.
+
+    ``model`` and ``grader`` are loaded models or paths (:func:`spinepath.stages.load_models`; by default the
+    bundle's, the grader beside the detector).
+
+    Writes ``vertebrae.json``, ``key_image.png``, the DICOM outputs and ``status.json``. On a refused study only
+    ``status.json`` (``ok: false``) is written and the error re-raised.
+
+    Returns:
+        The JSON result.
+
+    """
+    model, grader = stages.load_models(model, grader)
+    t0 = time.perf_counter()
+    try:
+        volume = stages.load(input_dir)
+    except StudyError as exc:
+        write_status(output_dir, False, str(exc))
+        raise
+    t1 = time.perf_counter()
+    result = stages.detect_series(volume, model)
+    result.input_kind = input_kind
+    result.timings = {"load": t1 - t0, **result.timings}
+    stages.grade(result, grader)
+    return write_outputs(result, output_dir)
