@@ -14,7 +14,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spinepath.core.paths import SHARED_EXAMPLES, resolve_model_path  # noqa: E402
-from spinepath.data.datasets import labels_reversed, load_spark  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
 from spinepath.detection.predictor import VertebraDetector  # noqa: E402
 from spinepath.evaluation.detection import evaluate_detection  # noqa: E402
@@ -34,15 +33,6 @@ def main() -> None:
         cases = split_cases(root / ds, "validation")
         res[ds] = {"cases": cases, **evaluate_detection(root / ds, model, cases=cases, progress=False)}
         print(ds, json.dumps(res[ds]), flush=True)
-    # spark_midsag: ~44% of studies name the levels bottom-up against the anatomy; report the subset whose
-    # names run top-down separately (the contract figure above counts all images)
-    val = set(res["spark_midsag"]["cases"])
-    ok = [c.case for c in load_spark(root / "spark_midsag") if c.case in val and not labels_reversed(c)]
-    res["spark_midsag_top_down_labels"] = {
-        "cases": ok,
-        **evaluate_detection(root / "spark_midsag", model, cases=ok, progress=False),
-    }
-    print("spark_midsag_top_down_labels", json.dumps(res["spark_midsag_top_down_labels"]), flush=True)
     res["model_meta"] = model.meta
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

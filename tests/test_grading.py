@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -12,11 +11,11 @@ import pytest
 import torch
 from conftest import DATA, REPO
 
-from spinepath.data.datasets import labels_reversed, load_spark
+from spinepath.data.datasets import load_spark
 from spinepath.data.split import is_validation
 from spinepath.evaluation.grading import grading_metrics
 from spinepath.grading.classifier import GradingConfig, disc_grade, predict_structures, train_classifier
-from spinepath.grading.crops import anatomical_level, chain_structures, sample_crop, spark_structures
+from spinepath.grading.crops import chain_structures, sample_crop, spark_structures
 from spinepath.grading.fusion import (
     FEATURES,
     FUSION_INPUTS,
@@ -65,17 +64,12 @@ def test_structures_and_crops(spark_cases):
     assert prof[28:36].mean() < max(prof[:12].max(), prof[-12:].max())
 
 
-def test_reversed_labels_map_to_anatomy(spark_cases):
-    # the shared data now names every study anatomically; a study named bottom-up is mapped back
-    c = next(c for c in spark_cases if {"L1", "L5"} <= {p["level"] for p in c.points})
-    flip = {"L1": "L5", "L2": "L4", "L4": "L2", "L5": "L1", "T12-L1": "L5-S1", "L5-S1": "T12-L1",
-            "L1-L2": "L4-L5", "L4-L5": "L1-L2"}
-    rev = dataclasses.replace(c, points=[{**q, "level": flip.get(q["level"], q["level"])} for q in c.points])
-    assert labels_reversed(rev)
-    assert anatomical_level("L1", True) == "L5" and anatomical_level("L5-S1", True) == "T12-L1"
-    assert anatomical_level("L3", False) == "L3"
-    vs = sorted([s for s in spark_structures(rev) if s.kind == "vertebra"], key=lambda s: s.centre[0])
-    assert [s.level for s in vs] == ["L1", "L2", "L3", "L4", "L5"]  # anatomical names run top-down
+def test_spark_structures_are_named_top_down(spark_cases):
+    # the shared data names every study anatomically: graded vertebrae run L1 .. L5 from the top of the image
+    for c in spark_cases:
+        vs = sorted([s for s in spark_structures(c) if s.kind == "vertebra"], key=lambda s: s.centre[0])
+        levels = [s.level for s in vs]
+        assert levels == sorted(levels, key=["L1", "L2", "L3", "L4", "L5"].index), (c.case, levels)
 
 
 def test_chain_structures_only_graded_levels():

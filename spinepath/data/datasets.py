@@ -280,16 +280,6 @@ def spark_boxes(case: SparkCase) -> tuple[np.ndarray, list[str], np.ndarray]:
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), [p["level"] for p in verts], c
 
 
-def labels_reversed(case: SparkCase) -> bool:
-    """True when the level names run bottom-up in the image (L5 above L1), against the anatomy.
-
-    About 40% of spark_midsag studies are labelled so (checked visually: upright spine, sacrum at the bottom,
-    ``L5-S1`` at the top). Their boxes are still valid vertebral bodies; their names are not.
-    """
-    v = {p["level"]: p["xy"][1] for p in case.points if p["kind"] == "vertebra"}
-    return "L1" in v and "L5" in v and v["L5"] < v["L1"]
-
-
 def spark_s1_box(case: SparkCase) -> np.ndarray | None:
     """Approximate S1 body box: L5's box mirrored through the L5-S1 disc centre (None without both points).
 
@@ -298,7 +288,7 @@ def spark_s1_box(case: SparkCase) -> np.ndarray | None:
     """
     boxes, levels, centres = spark_boxes(case)
     disc = [p for p in case.points if p["kind"] == "disc" and p["level"] == "L5-S1"]
-    if "L5" not in levels or not disc or labels_reversed(case):
+    if "L5" not in levels or not disc:
         return None
     i = levels.index("L5")
     d = np.array([disc[0]["xy"][1], disc[0]["xy"][0]], dtype=np.float32)

@@ -16,20 +16,11 @@ from scipy.ndimage import map_coordinates
 
 from spinepath.core.geometry import spacing_from_gap
 from spinepath.core.levels import DISC_GRADES, VERTEBRA_GRADES, VERTEBRA_LEVELS
-from spinepath.data.datasets import SparkCase, labels_reversed
-
-#: Lumbar levels of spark_midsag, used to map reversed labels to anatomical levels.
-_SPARK_VERTEBRAE = ("L1", "L2", "L3", "L4", "L5")
-
-
-_SPARK_DISCS = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
-
+from spinepath.data.datasets import SparkCase
 
 #: Levels the classifiers were trained on (the graded levels of spark_midsag); others are not graded.
-GRADED_VERTEBRAE = _SPARK_VERTEBRAE
-
-
-GRADED_DISCS = _SPARK_DISCS
+GRADED_VERTEBRAE = ("L1", "L2", "L3", "L4", "L5")
+GRADED_DISCS = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
 
 
 @dataclass
@@ -77,19 +68,8 @@ def local_axes(centres: np.ndarray) -> np.ndarray:
     return out
 
 
-def anatomical_level(level: str, reversed_labels: bool) -> str:
-    """Map a spark_midsag level name to the anatomical level (labels run bottom-up in some studies)."""
-    if not reversed_labels:
-        return level
-    for names in (_SPARK_VERTEBRAE, _SPARK_DISCS):
-        if level in names:
-            return names[len(names) - 1 - names.index(level)]
-    return level
-
-
 def spark_structures(case: SparkCase) -> list[Structure]:
     """All graded vertebrae and discs of a spark_midsag study, at their labelled centres."""
-    rev = labels_reversed(case)
     pts = sorted(case.points, key=lambda p: p["xy"][1])
     centres = np.array([[p["xy"][1], p["xy"][0]] for p in pts], dtype=np.float64)
     axes = local_axes(centres)
@@ -101,7 +81,7 @@ def spark_structures(case: SparkCase) -> list[Structure]:
             Structure(
                 image_key=case.case,
                 kind=p["kind"],
-                level=anatomical_level(p["level"], rev),
+                level=p["level"],
                 centre=(float(c[0]), float(c[1])),
                 axis=(float(a[0]), float(a[1])),
                 spacing_mm=sp,
