@@ -10,7 +10,7 @@
 
 Idempotent; exits non-zero naming the file when the bundle does not contain the expected code (a monailabel
 upgrade: check the panel again, ``tests/test_label_dicomweb.py`` drives it in a browser).
-Usage: ``.venv-label/bin/python label/ohif_patch.py``
+Usage: ``.venv-label/bin/python label/ohif_patch.py [OHIF_FOLDER]`` (default: monailabel's bundled OHIF)
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 import monailabel
+
+from spinepath.core.files import atomic_file
 
 MARK = "/* spinepath patch */"
 PATCHES = [
@@ -36,9 +38,9 @@ PATCHES = [
 ]
 
 
-def main() -> int:
-    """Patch the bundled OHIF in place; 0 when patched (now or before)."""
-    ohif = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif"
+def main(ohif: Path | None = None) -> int:
+    """Patch the OHIF bundles in ``ohif`` in place; 0 when patched (now or before)."""
+    ohif = ohif or Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif"
     bundles = {p: p.read_text(encoding="utf-8") for p in sorted(ohif.glob("*.bundle.*.js"))}
     for marker, old, new in PATCHES:
         hits = [p for p, text in bundles.items() if marker in text and (old in text or new in text)]
@@ -46,16 +48,19 @@ def main() -> int:
             print(f"error: OHIF bundle with {old.strip()!r} not found (or found twice) in {ohif}: "
                   f"monailabel {monailabel.__version__} is not the version this patch was written for", file=sys.stderr)
             return 1
-        text = hits[0].read_text(encoding="utf-8")
+        path = hits[0]
+        text = bundles[path]
         if new in text:
             continue
         if text.count(old) != 1:
-            print(f"error: {hits[0]}: {old.strip()!r} found {text.count(old)} times", file=sys.stderr)
+            print(f"error: {path}: {old.strip()!r} found {text.count(old)} times", file=sys.stderr)
             return 1
-        hits[0].write_text(text.replace(old, new), encoding="utf-8")
-        print(f"patched {hits[0].name}")
+        bundles[path] = text.replace(old, new)
+        with atomic_file(path, ".js") as tmp:  # an interrupted setup never leaves a half-written bundle
+            Path(tmp).write_text(bundles[path], encoding="utf-8")
+        print(f"patched {path.name}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else None))

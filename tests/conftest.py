@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -27,6 +28,12 @@ def example_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "study"
     shutil.copytree(EXAMPLE, dst)
     return dst
+
+
+def rician(pixels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Rician noise at ``fraction`` of the 99th intensity percentile: a low-SNR acquisition of the same anatomy."""
+    sd = fraction * np.percentile(pixels, 99)
+    return np.sqrt((pixels + rng.normal(0, sd, pixels.shape)) ** 2 + rng.normal(0, sd, pixels.shape) ** 2)
 
 
 def edit_all(folder: Path, fn) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
+from conftest import rician
 from servers import ServerError, monailabel_server
 
 from spinepath.core.labels import load_label_map
@@ -34,11 +35,8 @@ TIMEOUT = 300
 
 
 def _noisy(volume, seed: int = 0) -> np.ndarray:
-    """Rician noise at 25% of the 99th intensity percentile: a low-SNR acquisition of the same anatomy."""
-    rng = np.random.default_rng(seed)
-    sd = 0.25 * np.percentile(volume.pixels, 99)
-    p = volume.pixels
-    return np.sqrt((p + rng.normal(0, sd, p.shape)) ** 2 + rng.normal(0, sd, p.shape) ** 2).astype(np.float32)
+    """The volume at low SNR (Rician noise at 25% of the 99th intensity percentile)."""
+    return rician(volume.pixels, 0.25, np.random.default_rng(seed)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

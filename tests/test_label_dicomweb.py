@@ -20,6 +20,7 @@ import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
+from conftest import rician
 from PIL import Image
 from pydicom.uid import generate_uid
 from selenium import webdriver
@@ -142,9 +143,7 @@ def _copy_with_new_uids(src: Path, dst: Path, noise: float = 0.0, seed: int = 0)
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         if noise:
-            p = ds.pixel_array.astype(np.float64)
-            sd = noise * np.percentile(p, 99)
-            p = np.sqrt((p + rng.normal(0, sd, p.shape)) ** 2 + rng.normal(0, sd, p.shape) ** 2)
+            p = rician(ds.pixel_array.astype(np.float64), noise, rng)
             ds.PixelData = np.clip(p, 0, np.iinfo(ds.pixel_array.dtype).max).astype(ds.pixel_array.dtype).tobytes()
         out.append(dst / f.name)
         ds.save_as(out[-1])
@@ -314,13 +313,12 @@ def test_annotator_flow_in_ohif(server: str, orthanc_url: str, model_dir: Path, 
     flow.wait("the form to close", lambda: not d.find_elements(By.CSS_SELECTOR, ".ReactModal__Overlay"), 10)
 
     # 5. "Update Model" starts a retraining round, which trains on the exported SEG
-    rounds = len(json.loads((model_dir / "vertebrae" / "rounds" / "history.json").read_text())) \
-        if (model_dir / "vertebrae" / "rounds" / "history.json").is_file() else 0
+    history = model_dir / "vertebrae" / "rounds" / "history.json"
+    rounds = len(json.loads(history.read_text())) if history.is_file() else 0
     flow.click(xpath="//button[normalize-space()='Update Model']")
     flow.wait("the round to start", lambda: "Model update task STARTED" in d.page_source, 60)
     flow.shot("6-training")
     assert not flow.check(), flow.errors
-    history = model_dir / "vertebrae" / "rounds" / "history.json"
     flow.wait("the round to finish", lambda: history.is_file() and len(json.loads(history.read_text())) > rounds
               and requests.get(f"{server}/train/", timeout=30).json().get("status") != "RUNNING", 600)
     record = json.loads(history.read_text())[-1]

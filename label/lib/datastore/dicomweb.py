@@ -22,6 +22,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import Dataset
 
 from spinepath.core.errors import StudyError
+from spinepath.core.geometry import SeriesVolume
 from spinepath.core.labels import Label
 from spinepath.io.dicom import load_study
 from spinepath.io.volumes import labels_on_volume, write_label_like
@@ -59,7 +60,7 @@ class SpinePathDICOMWebDatastore(DICOMWebDatastore):
         return info
 
     def annotator_labels(self) -> list[dict[str, str]]:
-        """``{"image", "label"}`` (series UIDs) of the annotators' SEGs in the PACS.
+        """``{"image", "label", "study"}`` (UIDs: image series, SEG series, study) of the annotators' SEGs.
 
         An annotator's SEG has a segment that is not AUTOMATIC and references a listed image.
         """
@@ -76,7 +77,8 @@ class SpinePathDICOMWebDatastore(DICOMWebDatastore):
                 continue
             if all(str(x.get("SegmentAlgorithmType", "")) == "AUTOMATIC" for x in meta.get("SegmentSequence", [])):
                 continue  # a model's output
-            out.append({"image": str(refs[0].SeriesInstanceUID), "label": str(seg.SeriesInstanceUID)})
+            out.append({"image": str(refs[0].SeriesInstanceUID), "label": str(seg.SeriesInstanceUID),
+                        "study": str(seg.StudyInstanceUID)})
         return out
 
     def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
@@ -90,15 +92,19 @@ class SpinePathDICOMWebDatastore(DICOMWebDatastore):
             log.info("final label of %s has no SEG on the DICOMweb server any more: removed", image)
             LocalDatastore.remove_label(self, image, DefaultLabelTag.FINAL)
         for x in remote:
-            self.get_label_uri(x["label"], DefaultLabelTag.FINAL, x["image"])
+            self._label_from_seg(x["image"], x["label"], x["study"])
+
+    def _volume(self, image_id: str) -> tuple[SeriesVolume, str]:
+        """The image's series (downloaded into the cache when needed) and the path MONAI Label serves for it."""
+        uri = self.get_image_uri(image_id)
+        return load_study(os.path.join(self._datastore.image_path(), image_id)), uri
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
                    label_id: str = "") -> str:
         """Save a label; a final one also goes to the DICOMweb server as DICOM SEG."""
         if label_tag != DefaultLabelTag.FINAL or label_filename.endswith(".bin"):
             return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
-        self.get_image_uri(image_id)  # downloads the series into the cache when needed
-        volume = load_study(os.path.join(self._datastore.image_path(), image_id))
+        volume, _ = self._volume(image_id)
         try:
             labels = labels_on_volume(sitk.ReadImage(label_filename), volume)
         except RuntimeError as exc:
@@ -121,51 +127,56 @@ class SpinePathDICOMWebDatastore(DICOMWebDatastore):
         return label_id
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        """The local label file of ``image_id``, updated from the SEG series ``label_id`` when that is newer.
+        """A label file.
 
-        MONAI Label calls this for every SEG in the PACS that references an image (``label_id`` = the SEG's
-        SeriesInstanceUID). Other calls (draft labels, lookups by image id) go to the parent class.
+        A final label by image id comes from the local store (also ``remove_label``'s lookup); by SEG series UID
+        (``label_id``) of ``image_id`` through :meth:`_label_from_seg`; anything else as the parent class does.
         """
-        if label_tag == DefaultLabelTag.FINAL and (not image_id or label_id == image_id):
-            local = LocalDatastore.get_label_uri(self, label_id, label_tag)  # by image id (also remove_label's)
-            if local:
-                return local
-        if label_tag != DefaultLabelTag.FINAL or not image_id or label_id == image_id:
-            return super().get_label_uri(label_id, label_tag, image_id)
-        local = LocalDatastore.get_label_uri(self, image_id, label_tag)
-        info = LocalDatastore.get_label_info(self, image_id, label_tag) if local else {}
+        if label_tag == DefaultLabelTag.FINAL and image_id and label_id != image_id:
+            return self._label_from_seg(image_id, label_id)
+        local = LocalDatastore.get_label_uri(self, label_id, label_tag) if label_tag == DefaultLabelTag.FINAL else ""
+        return local or super().get_label_uri(label_id, label_tag, image_id)
+
+    def _label_from_seg(self, image_id: str, seg_uid: str, study: str | None = None) -> str:
+        """The local final label of ``image_id``, replaced by the SEG series ``seg_uid`` when that is newer.
+
+        Each SEG's creation time is recorded with the label (``segs_seen``), so a SEG is fetched once.
+        """
+        tag = DefaultLabelTag.FINAL
+        local = LocalDatastore.get_label_uri(self, image_id, tag)
+        info = LocalDatastore.get_label_info(self, image_id, tag) if local else {}
         seen = dict(info.get("segs_seen") or {})
-        if label_id in seen and seen[label_id] <= info.get("seg_time", ""):
+        if seg_uid in seen and seen[seg_uid] <= info.get("seg_time", ""):
             return local  # this SEG is the current label, or older than it
-        meta = self._client.search_for_series(search_filters={"SeriesInstanceUID": label_id})
-        study = str(meta[0]["0020000D"]["Value"][0]) if meta else None
-        instances = self._client.retrieve_series(study, label_id) if study else []
+        if study is None:
+            meta = self._client.search_for_series(search_filters={"SeriesInstanceUID": seg_uid})
+            study = str(meta[0]["0020000D"]["Value"][0]) if meta else None
+        instances = self._client.retrieve_series(study, seg_uid) if study else []
         if not instances:
-            log.warning("SEG %s of %s not found on the DICOMweb server", label_id, image_id)
+            log.warning("SEG %s of %s not found on the DICOMweb server", seg_uid, image_id)
             return local
         seg = instances[0]
         created = seg_time(seg)
-        seen[label_id] = created
+        seen[seg_uid] = created
         if local and info.get("seg_time", "") >= created:
-            self.update_label_info(image_id, label_tag, {**info, "segs_seen": seen})
+            self.update_label_info(image_id, tag, {**info, "segs_seen": seen})
             return local
-        self.get_image_uri(image_id)  # the series in the cache
-        volume = load_study(os.path.join(self._datastore.image_path(), image_id))
+        volume, image_uri = self._volume(image_id)
         try:
             labels = labels_from_seg(seg, volume, self.label_map)
         except StudyError as exc:
-            log.warning("SEG %s of %s not used: %s", label_id, image_id, exc)
+            log.warning("SEG %s of %s not used: %s", seg_uid, image_id, exc)
             if local:
-                self.update_label_info(image_id, label_tag, {**info, "segs_seen": seen})
+                self.update_label_info(image_id, tag, {**info, "segs_seen": seen})
             return local
         fd, tmp = tempfile.mkstemp(suffix=".nii.gz", prefix="seg-label-")
         os.close(fd)
         try:
-            write_label_like(labels, volume, sitk.ReadImage(self.get_image_uri(image_id)), tmp)
-            LocalDatastore.save_label(self, image_id, tmp, label_tag, {
-                "SeriesInstanceUID": label_id, "Modality": "SEG", "StudyInstanceUID": study, "seg_time": created,
+            write_label_like(labels, volume, sitk.ReadImage(image_uri), tmp)
+            LocalDatastore.save_label(self, image_id, tmp, tag, {
+                "SeriesInstanceUID": seg_uid, "Modality": "SEG", "StudyInstanceUID": study, "seg_time": created,
                 "segs_seen": seen, "levels": [n for n, lab in self.label_map.items() if np.any(labels == lab.value)]})
         finally:
             os.unlink(tmp)
-        log.info("final label of %s from SEG %s", image_id, label_id)
-        return LocalDatastore.get_label_uri(self, image_id, label_tag)
+        log.info("final label of %s from SEG %s", image_id, seg_uid)
+        return LocalDatastore.get_label_uri(self, image_id, tag)
