@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
@@ -42,3 +44,50 @@ def edit_all(folder: Path, fn) -> None:
         ds = pydicom.dcmread(str(p))
         fn(ds)
         ds.save_as(str(p))
+
+
+def store_as(src: Path, dst: Path, transpose: bool, flip_rows: bool, flip_cols: bool, tilt_deg: float = 0.0,
+             new_uids: bool = True) -> Path:
+    """Rewrite a series with its pixels transposed / reversed and the geometry rewritten to match.
+
+    The new geometry is derived independently of the product's code: from where the new first pixel and its
+    row / column neighbours were in the old image. ``tilt_deg`` rotates the patient geometry about the
+    superior-inferior axis: the slice normal leaves the left-right axis (an oblique sagittal acquisition).
+    """
+    dst.mkdir(parents=True)
+    series_uid = generate_uid()
+    c, s = math.cos(math.radians(tilt_deg)), math.sin(math.radians(tilt_deg))
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    for p in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(str(p))
+        arr = ds.pixel_array
+        rows, cols = np.indices(arr.shape)
+
+        def t(a):
+            a = a.T if transpose else a
+            a = a[::-1] if flip_rows else a
+            return np.ascontiguousarray(a[:, ::-1] if flip_cols else a)
+
+        new, old_r, old_c = t(arr), t(rows), t(cols)
+        iop = np.array([float(x) for x in ds.ImageOrientationPatient])
+        ipp = np.array([float(x) for x in ds.ImagePositionPatient])
+        sr, sc = (float(x) for x in ds.PixelSpacing)
+
+        def where(r, c_, ipp=ipp, iop=iop, sr=sr, sc=sc):
+            return ipp + c_ * sc * iop[:3] + r * sr * iop[3:]
+
+        o = where(old_r[0, 0], old_c[0, 0])
+        step_c = where(old_r[0, 1], old_c[0, 1]) - o  # one new column to the right
+        step_r = where(old_r[1, 0], old_c[1, 0]) - o  # one new row down
+        ds.ImageOrientationPatient = [round(float(x), 6) for x in
+                                      np.concatenate([rot @ step_c / np.linalg.norm(step_c),
+                                                      rot @ step_r / np.linalg.norm(step_r)])]
+        ds.ImagePositionPatient = [round(float(x), 4) for x in rot @ o]
+        ds.PixelSpacing = [round(float(np.linalg.norm(step_r)), 6), round(float(np.linalg.norm(step_c)), 6)]
+        ds.Rows, ds.Columns = new.shape
+        ds.PixelData = new.astype(arr.dtype).tobytes()
+        if new_uids:
+            ds.SeriesInstanceUID = series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(str(dst / p.name))
+    return dst

@@ -47,7 +47,7 @@ from spinepath.io.dicom import load_study
 IDENTIFIERS = ("CHU02",)  # PatientName and PatientID of the example
 CENTRAL = [f"IM{i:04d}.dcm" for i in range(7, 14)]  # the 7 central slices (accepted studies)
 RULES = json.loads(config_file("series_selection.json").read_text())
-T1_REFUSED = any(re.search(p, "T1_TSE_SAG", re.I) for p in RULES.get("exclude_patterns", []))
+T1_REFUSED = "t1" not in RULES.get("main_sequences", [])  # a T1 acquisition is never the main series
 TIMEOUT_S = 240
 PRIVATE_TS = "1.3.6.1.4.1.99999.1.2.4.1"  # made-up vendor-private transfer syntax
 # In the "encodings" study: slice -> how it is stored
@@ -85,7 +85,7 @@ KINDS = {
     "truncated_slice": Kind("truncated_slice", r"1 truncated or damaged image in the selected series"),
     "ct_study": Kind("ct_study", r"no MR series .*CT"),
     "axial_only_mr": Kind("axial_only_mr", r"no sagittal MR series .*axial"),
-    "sagittal_t1_only": Kind("sagittal_t1_only", r"excluded by the rules" if T1_REFUSED else None),
+    "sagittal_t1_only": Kind("sagittal_t1_only", r"no sagittal T2 series: .*T1 \(spin echo" if T1_REFUSED else None),
     "single_slice": Kind("single_slice", r"single image"),
     "missing_pixel_spacing": Kind("missing_pixel_spacing", r"missing PixelSpacing"),
     "missing_orientation": Kind("missing_orientation", r"missing ImageOrientationPatient"),
@@ -127,6 +127,11 @@ def _cut(src: Path, dst: Path, n_bytes: int | None = None) -> None:
     """Write the first ``n_bytes`` (default: half) of a file."""
     data = src.read_bytes()
     dst.write_bytes(data[: len(data) // 2 if n_bytes is None else n_bytes])
+
+
+def _t1(ds) -> None:
+    """A sagittal T1 acquisition (spin echo TR 550 TE 11), named so."""
+    ds.RepetitionTime, ds.EchoTime, ds.SeriesDescription = 550, 11, "T1_TSE_SAG"
 
 
 def _new_series(folder: Path, description: str, fn=None) -> None:
@@ -226,7 +231,7 @@ def build(run: str, root: Path) -> Path:  # noqa: C901, PLR0912, PLR0915 - one b
         _copy(d)
         _new_series(d, "T2_TSE_AX", lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]))
     elif run == "sagittal_t1_only":
-        edit_all(_copy(d, CENTRAL), lambda ds: setattr(ds, "SeriesDescription", "T1_TSE_SAG"))
+        edit_all(_copy(d, CENTRAL), _t1)
     elif run == "single_slice":
         _copy(d, ["IM0010.dcm"])
     elif run == "missing_pixel_spacing":
@@ -286,7 +291,7 @@ def build(run: str, root: Path) -> Path:  # noqa: C901, PLR0912, PLR0915 - one b
     elif run == "t1_and_t2":
         _copy(d / "t2", CENTRAL)
         _copy(d / "t1", CENTRAL)
-        _new_series(d / "t1", "T1_TSE_SAG")
+        _new_series(d / "t1", "T1_TSE_SAG", _t1)
     else:
         raise KeyError(run)
     return d
@@ -396,6 +401,8 @@ def _check_accepted(kind: str, r: Run, res: dict) -> None:
     if kind in ("t1_and_t2", "sagittal_t1_only"):
         want = "T2_TSE_SAG" if kind == "t1_and_t2" else "T1_TSE_SAG"
         assert res["input"]["series_description"] == want
+        if kind == "t1_and_t2":  # the T1 of the study is recorded for the grading that uses both
+            assert res["input"]["series_selection"]["t1"]["series_description"] == "T1_TSE_SAG"
     elif kind in ("duplicate_instances", "truncated_next_to_valid", "unreadable_files", "stray_non_dicom"):
         assert res["input"]["n_slices"] == len(CENTRAL)  # each instance once, stray files ignored
     elif kind in set(ENCODING_OF.values()):

@@ -83,9 +83,79 @@ def test_refuses_axial_only(example_copy):
     _expect(example_copy, "no sagittal MR series.*axial")
 
 
-def test_refuses_sagittal_t1_by_rule(example_copy):
+def _as_t1(ds):
+    ds.RepetitionTime, ds.EchoTime = 550, 11
+
+
+def test_refuses_sagittal_t1_by_acquisition(example_copy):
+    """A T1 acquisition is not a T2 series, whatever its name; the refusal says what the series are."""
+    edit_all(example_copy, _as_t1)
+    _expect(example_copy, r"no sagittal T2 series: the sagittal series are T2_TSE_SAG: T1 \(spin echo TR 550 TE 11\)")
+
+
+def test_sequence_by_acquisition_not_by_name(example_copy):
+    """A T2 acquisition named T1 is the T2 series (the description only breaks ties), recorded with why."""
     edit_all(example_copy, lambda ds: setattr(ds, "SeriesDescription", "T1_TSE_SAG"))
-    _expect(example_copy, "excluded by the rules")
+    vol = load_study(example_copy)
+    main = vol.selection["main"]
+    assert main["sequence"] == {"kind": "t2", "reason": "spin echo TR 3500 TE 100", "by_description": False}
+    assert main["reason"].startswith("sagittal T2") and vol.selection["t1"] is None
+
+
+def _second_series(src: Path, dst: Path, fn=None, keep: int | None = None) -> None:
+    shutil.copytree(src, dst)
+    uid = generate_uid()
+
+    def edit(ds):
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if fn is not None:
+            fn(ds)
+
+    edit_all(dst, edit)
+    for p in sorted(dst.glob("*.dcm"))[keep:] if keep is not None else []:
+        p.unlink()
+
+
+def test_t2_and_t1_of_the_study_are_chosen_and_recorded(tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(EXAMPLE, study / "t2")
+    _second_series(EXAMPLE, study / "t1", lambda ds: (_as_t1(ds), setattr(ds, "SeriesDescription", "sag T1")))
+
+    def stir(ds):
+        ds.InversionTime, ds.ScanningSequence, ds.SeriesDescription = 150, ["SE", "IR"], "sag STIR"
+
+    _second_series(EXAMPLE, study / "stir", stir)
+    vol = load_study(study)
+    sel = vol.selection
+    assert vol.description == "T2_TSE_SAG" and sel["main"]["sequence"]["kind"] == "t2"
+    assert sel["t1"]["series_description"] == "sag T1" and sel["t1"]["sequence"]["kind"] == "t1"
+    assert sel["candidates"] == 1 and sel["failed"] == []
+
+
+def test_next_candidate_when_the_chosen_series_fails(tmp_path):
+    """The best-ranked T2 (more images) has unreadable pixels: the next T2 is read, and the JSON says so."""
+    study = tmp_path / "study"
+    shutil.copytree(EXAMPLE, study / "a")
+    _second_series(EXAMPLE, study / "b", keep=12)
+    for p in sorted((study / "a").glob("*.dcm"))[3:4]:
+        ds = pydicom.dcmread(str(p))
+        ds.PixelData = ds.PixelData[:1000]
+        ds.save_as(str(p))
+    vol = load_study(study)
+    assert vol.pixels.shape[0] == 12
+    sel = vol.selection
+    assert len(sel["failed"]) == 1 and "unreadable pixel data" in sel["failed"][0]["error"]
+    assert "1 better-ranked candidate could not be read" in sel["main"]["reason"]
+    for p in sorted((study / "b").glob("*.dcm"))[:1]:
+        p.unlink()
+        (study / "b" / p.name).write_bytes(b"")
+    for p in sorted((study / "b").glob("*.dcm"))[1:2]:
+        ds = pydicom.dcmread(str(p))
+        ds.PixelData = ds.PixelData[:1000]
+        ds.save_as(str(p))
+    with pytest.raises(StudyError, match="unreadable pixel data.*and the 1 other candidate series could not be read"):
+        load_study(study)
 
 
 def test_refuses_single_image(example_copy):

@@ -13,6 +13,145 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+@dataclass(frozen=True)
+class InPlane:
+    """How a series' stored pixels map onto the canonical sagittal display (no interpolation).
+
+    Canonical display: columns toward posterior, rows toward inferior (SimpleITK/DICOM ``"PIR"`` with slices
+    toward the patient's right, as the NIfTI reader orients volumes). Stored -> canonical is: transpose (when
+    ``transpose``), then reverse the rows (``flip_rows``), then reverse the columns (``flip_cols``).
+
+    Attributes:
+        transpose: The stored rows run anterior-posterior (the columns superior-inferior).
+        flip_rows: Reverse the rows after the transpose.
+        flip_cols: Reverse the columns after the transpose.
+        source_shape: ``(rows, cols)`` as stored (None: same as the canonical shape).
+
+    """
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+    source_shape: tuple[int, int] | None = None
+
+    @property
+    def identity(self) -> bool:
+        """True when the stored pixels already are in the canonical display."""
+        return not (self.transpose or self.flip_rows or self.flip_cols)
+
+    @property
+    def canonical_shape(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` in the canonical display."""
+        if self.source_shape is None:
+            return None
+        r, c = self.source_shape
+        return (c, r) if self.transpose else (r, c)
+
+    def describe(self) -> str:
+        """E.g. ``"transposed, rows reversed"`` or ``"as stored"``."""
+        parts = [name for flag, name in ((self.transpose, "transposed"), (self.flip_rows, "rows reversed"),
+                                         (self.flip_cols, "columns reversed")) if flag]
+        return ", ".join(parts) or "as stored"
+
+    def to_canonical(self, a: np.ndarray) -> np.ndarray:
+        """Stored -> canonical for an array whose last two axes are (rows, cols) (a view where possible)."""
+        if self.transpose:
+            a = np.swapaxes(a, -1, -2)
+        if self.flip_rows:
+            a = a[..., ::-1, :]
+        if self.flip_cols:
+            a = a[..., ::-1]
+        return a
+
+    def to_source(self, a: np.ndarray) -> np.ndarray:
+        """Canonical -> stored for an array whose last two axes are (rows, cols) (inverse of :meth:`to_canonical`)."""
+        if self.flip_cols:
+            a = a[..., ::-1]
+        if self.flip_rows:
+            a = a[..., ::-1, :]
+        if self.transpose:
+            a = np.swapaxes(a, -1, -2)
+        return a
+
+    def source_orientation(self, orientation: Sequence[float]) -> np.ndarray:
+        """The stored ImageOrientationPatient, from the canonical one (inverse of :func:`canonical_geometry`)."""
+        iop = np.asarray(orientation, float)
+        r, c = iop[:3] * (-1 if self.flip_cols else 1), iop[3:] * (-1 if self.flip_rows else 1)
+        return np.concatenate([c, r] if self.transpose else [r, c])
+
+    def source_index(self, row: float, col: float) -> tuple[float, float]:
+        """The canonical pixel centre ``(row, col)`` of a stored pixel centre ``(row, col)``."""
+        if self.transpose:
+            row, col = col, row
+        rows, cols = self.canonical_shape or (0, 0)
+        return (rows - 1 - row if self.flip_rows else row), (cols - 1 - col if self.flip_cols else col)
+
+    def box_to_source(self, box: Sequence[float]) -> tuple[float, float, float, float]:
+        """A canonical box ``[r0, c0, r1, c1]`` (pixel edge coordinates) in stored pixels.
+
+        Raises:
+            ValueError: If the transform has no ``source_shape`` and flips an axis.
+
+        """
+        r0, c0, r1, c1 = (float(x) for x in box)
+        if self.flip_rows or self.flip_cols:
+            if self.source_shape is None:
+                raise ValueError("InPlane.box_to_source needs source_shape to undo a flip")
+            rows, cols = self.canonical_shape
+            if self.flip_rows:
+                r0, r1 = rows - r1, rows - r0
+            if self.flip_cols:
+                c0, c1 = cols - c1, cols - c0
+        if self.transpose:
+            r0, c0, r1, c1 = c0, r0, c1, r1
+        return r0, c0, r1, c1
+
+
+def canonical_inplane(orientation: Sequence[float], source_shape: tuple[int, int]) -> InPlane:
+    """The :class:`InPlane` map of a sagittal (or oblique sagittal) series from its ImageOrientationPatient.
+
+    The stored axis closer to the patient's anterior-posterior axis becomes the columns (toward posterior),
+    the other the rows (toward inferior); the choice is by the larger direction cosine, so tilts up to 45
+    degrees keep their axes.
+    """
+    iop = np.asarray(orientation, float)
+    r, c = iop[:3], iop[3:]  # directions of increasing column and of increasing row index (LPS)
+    transpose = abs(r[1]) + abs(c[2]) < abs(c[1]) + abs(r[2])
+    if transpose:
+        r, c = c, r
+    return InPlane(bool(transpose), flip_rows=bool(c[2] > 0), flip_cols=bool(r[1] < 0),
+                   source_shape=(int(source_shape[0]), int(source_shape[1])))
+
+
+def canonical_geometry(inplane: InPlane, orientation: Sequence[float], position: Sequence[float],
+                       spacing: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """ImageOrientationPatient, the position of the first pixel and PixelSpacing of a slice in canonical display.
+
+    Args:
+        inplane: The slice's map (with ``source_shape``).
+        orientation: Stored ImageOrientationPatient.
+        position: Stored ImagePositionPatient (centre of the first stored pixel).
+        spacing: Stored PixelSpacing ``(row spacing, column spacing)``.
+
+    Returns:
+        ``(orientation, position, spacing)`` for the canonical pixel grid; the patient geometry is unchanged.
+
+    """
+    iop = np.asarray(orientation, float)
+    r, c = iop[:3], iop[3:]
+    rows, cols = inplane.canonical_shape
+    # the stored pixel at the canonical (0, 0): undo the flips, then the transpose
+    cr, cc = (rows - 1 if inplane.flip_rows else 0), (cols - 1 if inplane.flip_cols else 0)
+    sr, sc = (cc, cr) if inplane.transpose else (cr, cc)
+    origin = np.asarray(position, float) + sc * spacing[1] * r + sr * spacing[0] * c
+    new_r, new_c, new_sp = (c, r, (spacing[1], spacing[0])) if inplane.transpose else (r, c, tuple(spacing))
+    if inplane.flip_cols:
+        new_r = -new_r
+    if inplane.flip_rows:
+        new_c = -new_c
+    return np.concatenate([new_r, new_c]), origin, (float(new_sp[0]), float(new_sp[1]))
+
+
 @dataclass
 class SeriesVolume:
     """A sagittal series as a stack of slices with its patient-coordinate geometry.
@@ -25,7 +164,12 @@ class SeriesVolume:
         sop_instance_uids: Per slice.
         series_uid / study_uid / frame_of_reference_uid / description: Identifiers of the series.
         slice_thickness: mm (None if absent).
-        datasets: Header datasets per slice (no pixel data), for writers that reference the source.
+        datasets: Header datasets per slice (no pixel data), for writers that reference the source; a
+            multi-frame source repeats its one header.
+        inplane: How the stored pixels map onto ``pixels`` (the canonical display); writers that reference the
+            source (SEG frames, SR regions, JSON boxes, key image) map back with it.
+        frame_numbers: Per slice, the frame of a multi-frame source instance (1-based); empty for single-frame.
+        selection: How the series was chosen among the study's (:func:`spinepath.io.dicom.load_study`).
 
     """
 
@@ -40,6 +184,9 @@ class SeriesVolume:
     description: str
     slice_thickness: float | None = None
     datasets: list = field(default_factory=list, repr=False)
+    inplane: InPlane = field(default_factory=InPlane)
+    frame_numbers: list[int] = field(default_factory=list)
+    selection: dict = field(default_factory=dict)
 
     @property
     def slice_spacing(self) -> float:

@@ -82,7 +82,8 @@ class DetectionResult:
     def to_dict(self) -> dict:
         """Return the JSON-ready result.
 
-        Per vertebra: level, name confidence, slice range, per-slice boxes (pixels and patient mm) and scores,
+        Per vertebra: level, name confidence, slice range, per-slice boxes (in the stored image's pixels, with
+        the frame of a multi-frame source, and in patient mm) and scores,
         and, once graded, ``pathology`` (fused probability, label, threshold, per-slice probabilities). Per
         disc (graded only): grade, grade name and class probabilities.
         """
@@ -95,11 +96,14 @@ class DetectionResult:
                 r0, c0, r1, c1 = (float(x) for x in b)
                 corners = [v.pixel_to_patient(k, r0 - 0.5, c0 - 0.5), v.pixel_to_patient(k, r1 - 0.5, c1 - 0.5)]
                 centre = v.pixel_to_patient(k, (r0 + r1) / 2 - 0.5, (c0 + c1) / 2 - 0.5)
+                sr0, sc0, sr1, sc1 = v.inplane.box_to_source(b)  # in the stored image's pixels
+                frame = {"frame_number": v.frame_numbers[k]} if v.frame_numbers else {}
                 per_slice.append(
                     {
                         "slice_index": int(k),
                         "sop_instance_uid": v.sop_instance_uids[k],
-                        "box_pixels": {"row_min": r0, "col_min": c0, "row_max": r1, "col_max": c1},
+                        **frame,
+                        "box_pixels": {"row_min": sr0, "col_min": sc0, "row_max": sr1, "col_max": sc1},
                         "box_patient_mm": {
                             "corner_top_anterior": [round(float(x), 2) for x in corners[0]],
                             "corner_bottom_posterior": [round(float(x), 2) for x in corners[1]],
@@ -134,9 +138,11 @@ class DetectionResult:
                 "series_instance_uid": v.series_uid,
                 "series_description": v.description,
                 "n_slices": int(v.pixels.shape[0]),
-                "matrix": [int(v.pixels.shape[1]), int(v.pixels.shape[2])],
-                "pixel_spacing_mm": [float(x) for x in v.spacing],
+                "matrix": [int(x) for x in (v.inplane.source_shape or v.pixels.shape[1:])],  # as stored
+                "pixel_spacing_mm": [float(x) for x in (v.spacing[::-1] if v.inplane.transpose else v.spacing)],
                 "slice_spacing_mm": round(v.slice_spacing, 3),
+                "pixels_as_stored": v.inplane.describe(),
+                **({"series_selection": v.selection} if v.selection else {}),
             },
             "n_vertebrae": len(out),
             "levels": [t.level for t in self.vertebrae],

@@ -1,4 +1,9 @@
-"""DICOM study reading: series discovery, sagittal T2 series selection and volume geometry.
+"""DICOM study reading: series discovery, sequence-based series selection and volume geometry.
+
+Single-frame series and multi-frame objects (Enhanced MR and Legacy Converted Enhanced MR Image Storage: the
+shared and per-frame functional groups) are read into one :class:`SeriesVolume` in the canonical sagittal
+display (:class:`spinepath.core.geometry.InPlane`), whatever order the scanner stored the pixels in. The
+sequence (T1, T2, ...) comes from the acquisition (:mod:`spinepath.io.sequences`); the selection is recorded.
 
 Works with pydicom 2.4 and 3.x and without Holoscan (training and the MONAI Label server use it too).
 """
@@ -22,15 +27,35 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from spinepath.core.config import config_file
 from spinepath.core.errors import StudyError
-from spinepath.core.geometry import SeriesVolume
+from spinepath.core.geometry import SeriesVolume, canonical_geometry, canonical_inplane
+from spinepath.io.sequences import Sequence, classify_sequence
 
 log = logging.getLogger(__name__)
 SELECTION_RULES = config_file("series_selection.json")
 
 
+def plane_of(orientation) -> str:
+    """``sagittal``, ``coronal``, ``axial``, ``oblique`` (normal over 37 degrees off every axis) or ``unknown``."""
+    if orientation is None or len(orientation) != 6:
+        return "unknown"
+    n = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    axis = int(np.argmax(np.abs(n)))
+    if abs(n[axis]) < 0.8:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
 @dataclass
 class SeriesInfo:
-    """Header summary of one series in a study folder."""
+    """Header summary of one series in a study folder.
+
+    Attributes:
+        orientation: ImageOrientationPatient of the first image (None when absent).
+        planes: The plane of every image (every frame of a multi-frame object), as a set.
+        n_images: Images of the series: single-frame files plus the frames of multi-frame objects.
+        header: The first file's header (no pixel data), for the sequence class.
+
+    """
 
     series_uid: str
     modality: str
@@ -39,17 +64,32 @@ class SeriesInfo:
     orientation: tuple[float, ...] | None
     study_uid: str = ""
     damaged: list[Path] = field(default_factory=list)  # truncated/damaged images of this series (not in files)
+    planes: set[str] = field(default_factory=set)
+    n_images: int = 0
+    header: pydicom.Dataset | None = field(default=None, repr=False)
+    _sequence: Sequence | None = field(default=None, repr=False)
 
     @property
     def plane(self) -> str:
-        """``sagittal``, ``coronal``, ``axial`` or ``unknown`` from ImageOrientationPatient."""
-        if self.orientation is None or len(self.orientation) != 6:
-            return "unknown"
-        n = np.cross(np.asarray(self.orientation[:3], float), np.asarray(self.orientation[3:], float))
-        axis = int(np.argmax(np.abs(n)))
-        if abs(n[axis]) < 0.8:
-            return "oblique"
-        return ("sagittal", "coronal", "axial")[axis]
+        """The plane of all its images; ``mixed`` when they differ, ``unknown`` without orientation."""
+        planes = self.planes or {plane_of(self.orientation)}
+        return planes.pop() if len(planes) == 1 else "mixed"
+
+    @property
+    def sequence(self) -> Sequence:
+        """The sequence class from the acquisition (:func:`spinepath.io.sequences.classify_sequence`)."""
+        if self._sequence is None:
+            hdr = self.header if self.header is not None else pydicom.Dataset()
+            if "SeriesDescription" not in hdr:
+                hdr.SeriesDescription = self.description
+            self._sequence = classify_sequence(hdr)
+        return self._sequence
+
+    def summary(self) -> dict:
+        """JSON-ready identification (no patient data)."""
+        return {"series_instance_uid": self.series_uid, "series_description": self.description,
+                "n_images": self.n_images or len(self.files), "plane": self.plane,
+                "sequence": self.sequence.to_dict()}
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -165,6 +205,43 @@ def _has_dicom_preamble(path: Path) -> bool:
         return False
 
 
+def _floats(value, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def is_multiframe(ds: pydicom.Dataset) -> bool:
+    """Whether a header is a multi-frame image with functional groups (Enhanced / Legacy Converted MR, ...)."""
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds or (
+        (_number(ds, "NumberOfFrames") or 1) > 1)
+
+
+def _group_item(ds: pydicom.Dataset, frame: int, name: str) -> pydicom.Dataset | None:
+    """The first item of functional group ``name`` for a frame (0-based): per-frame, else shared."""
+    for key, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(key)
+        if seq is not None and len(seq) > index:
+            inner = seq[index].get(name)
+            if inner:
+                return inner[0]
+    return None
+
+
+def _orientations(ds: pydicom.Dataset) -> list[tuple[float, ...] | None]:
+    """ImageOrientationPatient of every image in a file: one for single-frame, one per frame for multi-frame."""
+    if not is_multiframe(ds):
+        return [_floats(ds.get("ImageOrientationPatient"), 6)]
+    n = _number(ds, "NumberOfFrames") or 1
+    out = []
+    for i in range(n):
+        item = _group_item(ds, i, "PlaneOrientationSequence")
+        out.append(_floats(item.get("ImageOrientationPatient"), 6) if item is not None else None)
+    return out
+
+
 def scan_study(folder: str | Path) -> list[SeriesInfo]:
     """Find every DICOM image series under a folder (recursively; non-DICOM files are skipped).
 
@@ -203,21 +280,21 @@ def scan_study(folder: str | Path) -> list[SeriesInfo]:
             n_skipped += 1
             continue
         uid = str(getattr(ds, "SeriesInstanceUID", "") or "no-series-uid")
+        orientations = _orientations(ds)
         if uid not in groups:
-            iop = getattr(ds, "ImageOrientationPatient", None)
-            try:
-                orientation = tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None
-            except (TypeError, ValueError):
-                orientation = None
             groups[uid] = SeriesInfo(
                 series_uid=uid,
                 modality=str(getattr(ds, "Modality", "") or ""),
                 description=str(getattr(ds, "SeriesDescription", "") or ""),
                 files=[],
-                orientation=orientation,
+                orientation=orientations[0],
                 study_uid=str(getattr(ds, "StudyInstanceUID", "") or ""),
+                header=ds,
             )
-        groups[uid].files.append(p)
+        info = groups[uid]
+        info.files.append(p)
+        info.n_images += len(orientations)
+        info.planes.update(plane_of(o) for o in orientations)
     for uid, paths in damaged.items():
         if uid in groups:
             groups[uid].damaged.extend(paths)
@@ -244,13 +321,19 @@ def load_rules(path: str | Path = SELECTION_RULES) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def select_series(series: list[SeriesInfo], rules: dict | None = None) -> SeriesInfo:
-    """Pick the sagittal T2 series of a study by the configured rules.
+def _kinds_text(series: list[SeriesInfo]) -> str:
+    return ", ".join(f"{s.description or '(no description)'}: {s.sequence.kind.upper()} ({s.sequence.reason})"
+                     for s in series)
 
-    Rules: modality must be in ``modalities``; the plane (from ImageOrientationPatient) must be sagittal;
-    at least ``min_images`` images; series whose description matches an ``exclude_patterns`` entry are refused
-    (e.g. T1 when ``allow_t1`` is false); among the rest, a description matching ``prefer_patterns`` wins, then
-    the series with the most images.
+
+def rank_series(series: list[SeriesInfo], rules: dict | None = None) -> list[SeriesInfo]:
+    """The sagittal series that can be the study's main (T2) series, best first.
+
+    Rules (``configs/series_selection.json``): modality in ``modalities``; every image sagittal (oblique
+    sagittal up to about 37 degrees) by its ImageOrientationPatient; at least ``min_images`` images; not a
+    localizer (``exclude_patterns`` on the description); a sequence class (from the acquisition,
+    :mod:`spinepath.io.sequences`) in ``main_sequences``. Ranked by that list's order, then sequences decided
+    by the acquisition before those decided by the description, then ``prefer_patterns``, then image count.
 
     Raises:
         StudyError: Naming why no series qualifies.
@@ -262,12 +345,16 @@ def select_series(series: list[SeriesInfo], rules: dict | None = None) -> Series
     if not mr:
         found = sorted({s.modality or "unknown" for s in series})
         raise StudyError(f"no MR series in the study (modalities found: {', '.join(found)})")
-    with_iop = [s for s in mr if s.orientation is not None]
+    with_iop = [s for s in mr if "unknown" not in (s.planes or {plane_of(s.orientation)})]
     if not with_iop:
+        for s in mr:
+            if s.header is not None and is_multiframe(s.header):
+                raise StudyError(f"multi-frame object missing its functional groups: "
+                                 f"{'; '.join(missing_functional_groups(s.header))}")
         raise StudyError("missing ImageOrientationPatient: cannot tell the plane of any MR series")
     sag = [s for s in with_iop if s.plane == "sagittal"]
     if not sag:
-        planes = sorted({s.plane for s in with_iop})
+        planes = sorted({p for s in with_iop for p in s.planes or {s.plane}} | {s.plane for s in with_iop})
         raise StudyError(f"no sagittal MR series (planes found: {', '.join(planes)})")
     exclude = [re.compile(p, re.I) for p in rules.get("exclude_patterns", [])]
     ok = [s for s in sag if not any(e.search(s.description) for e in exclude)]
@@ -275,15 +362,63 @@ def select_series(series: list[SeriesInfo], rules: dict | None = None) -> Series
         descs = ", ".join(sorted({s.description or "(none)" for s in sag}))
         raise StudyError(f"no sagittal T2 series: the sagittal series are excluded by the rules ({descs})")
     min_images = int(rules.get("min_images", 2))
-    big = [s for s in ok if len(s.files) >= min_images]
+    big = [s for s in ok if (s.n_images or len(s.files)) >= min_images]
     if not big:
         raise StudyError(f"the sagittal series has a single image; at least {min_images} slices are needed")
+    main = list(rules.get("main_sequences", ["t2", "unknown"]))
+    usable = [s for s in big if s.sequence.kind in main]
+    if not usable:
+        raise StudyError(f"no sagittal T2 series: the sagittal series are {_kinds_text(big)}")
     prefer = [re.compile(p, re.I) for p in rules.get("prefer_patterns", [])]
 
-    def rank(s: SeriesInfo) -> tuple[int, int]:
-        return (int(any(p.search(s.description) for p in prefer)), len(s.files))
+    def rank(s: SeriesInfo) -> tuple:
+        return (-main.index(s.sequence.kind), not s.sequence.by_description,
+                any(p.search(s.description) for p in prefer), s.n_images or len(s.files))
 
-    return max(big, key=rank)
+    return sorted(usable, key=rank, reverse=True)
+
+
+def select_series(series: list[SeriesInfo], rules: dict | None = None) -> SeriesInfo:
+    """The best main series of :func:`rank_series`.
+
+    Raises:
+        StudyError: Naming why no series qualifies.
+
+    """
+    return rank_series(series, rules)[0]
+
+
+def select_companions(series: list[SeriesInfo], main: SeriesInfo, rules: dict | None = None) -> list[SeriesInfo]:
+    """The sagittal series of ``main``'s study in a ``companion_sequences`` class (the T1), best first."""
+    rules = rules or load_rules()
+    kinds = list(rules.get("companion_sequences", ["t1"]))
+    exclude = [re.compile(p, re.I) for p in rules.get("exclude_patterns", [])]
+    min_images = int(rules.get("min_images", 2))
+    out = [s for s in series if s is not main and s.study_uid == main.study_uid and s.plane == "sagittal"
+           and s.modality == main.modality and s.sequence.kind in kinds
+           and (s.n_images or len(s.files)) >= min_images and not any(e.search(s.description) for e in exclude)]
+    return sorted(out, key=lambda s: (-kinds.index(s.sequence.kind), not s.sequence.by_description,
+                                      s.n_images or len(s.files)), reverse=True)
+
+
+def missing_functional_groups(ds: pydicom.Dataset) -> list[str]:
+    """What a multi-frame header lacks to be read as a series (empty when complete)."""
+    n = _number(ds, "NumberOfFrames")
+    if not n:
+        return ["NumberOfFrames"]
+    missing = []
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        missing.append("PerFrameFunctionalGroupsSequence")
+    elif len(ds.PerFrameFunctionalGroupsSequence) != n:
+        missing.append(f"PerFrameFunctionalGroupsSequence has {len(ds.PerFrameFunctionalGroupsSequence)} items "
+                       f"for {n} frames")
+    for group, attr in (("PlaneOrientationSequence", "ImageOrientationPatient"),
+                        ("PlanePositionSequence", "ImagePositionPatient"), ("PixelMeasuresSequence", "PixelSpacing")):
+        lacking = [i for i in range(n) if (item := _group_item(ds, i, group)) is None or attr not in item]
+        if lacking:
+            where = f"all {n} frames" if len(lacking) == n else f"{len(lacking)} of {n} frames"
+            missing.append(f"{group} > {attr} ({where})")
+    return missing
 
 
 def _scrub(text: str, ds: pydicom.Dataset) -> str:
@@ -298,7 +433,8 @@ def _scrub(text: str, ds: pydicom.Dataset) -> str:
     return text
 
 
-def _pixels(ds: pydicom.Dataset) -> np.ndarray:
+def _pixels(ds: pydicom.Dataset, frames: int | None = None) -> np.ndarray:
+    """Decoded pixels (rescaled for single-frame; raw ``(frames, rows, cols)`` for a multi-frame object)."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = getattr(ts, "name", None) or str(ts or "unknown")
     try:
@@ -315,6 +451,11 @@ def _pixels(ds: pydicom.Dataset) -> np.ndarray:
         raise StudyError(_scrub(f"unreadable pixel data ({ts_name}): {_reason(exc)}", ds)) from None
     except Exception as exc:  # noqa: BLE001 - pydicom and its plugins raise many types for bad pixel data
         raise StudyError(_scrub(f"unreadable pixel data ({ts_name}): {_reason(exc)}", ds)) from None
+    if frames is not None:
+        if arr.size != frames * int(ds.Rows) * int(ds.Columns):
+            raise StudyError(f"decoded pixel data {arr.shape} differs from the header's {frames} frames of "
+                             f"{int(ds.Rows)}x{int(ds.Columns)}")
+        return arr.reshape(frames, int(ds.Rows), int(ds.Columns)).astype(np.float32)
     if arr.ndim != 2:
         raise StudyError(f"unsupported pixel data shape {arr.shape}: expected single-frame grayscale images")
     if arr.shape != (int(ds.Rows), int(ds.Columns)):
@@ -341,16 +482,79 @@ def _number(ds: pydicom.Dataset, key: str) -> int | None:
         return None
 
 
-def load_series(info: SeriesInfo, max_pixels: int = 2048 * 2048) -> SeriesVolume:
-    """Read a series into a :class:`SeriesVolume` (sorted along the slice normal, duplicates removed).
+@dataclass
+class _Image:
+    """One image of a series: a single-frame file or one frame of a multi-frame object."""
 
-    The headers are checked first (geometry, matrix size against ``max_pixels``, single-frame grayscale);
-    pixel data is read and decoded only then, so an absurd matrix is refused without allocating it.
+    path: Path
+    ds: pydicom.Dataset
+    frame: int | None  # 0-based frame of a multi-frame object
+    iop: tuple[float, ...]
+    ipp: tuple[float, ...]
+    spacing: tuple[float, ...]
+    thickness: float | None
+    rescale: tuple[float, float]
+
+
+def _float_or(value, default: float | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+_BAD_GEOMETRY = ("invalid geometry attributes (PixelSpacing / ImageOrientationPatient / "
+                 "ImagePositionPatient) in the selected series")
+
+
+def _single_image(p: Path, ds: pydicom.Dataset) -> _Image:
+    iop, ipp, sp = (_floats(ds.ImageOrientationPatient, 6), _floats(ds.ImagePositionPatient, 3),
+                    _floats(ds.PixelSpacing, 2))
+    if iop is None or ipp is None or sp is None:
+        raise StudyError(_BAD_GEOMETRY)
+    rescale = (_float_or(ds.get("RescaleSlope"), 1.0) or 1.0, _float_or(ds.get("RescaleIntercept"), 0.0))
+    return _Image(p, ds, None, iop, ipp, sp, _float_or(ds.get("SliceThickness"), None), rescale)
+
+
+def _frame_images(p: Path, ds: pydicom.Dataset) -> list[_Image]:
+    """The frames of a multi-frame object with their functional-group geometry.
 
     Raises:
-        StudyError: Missing PixelSpacing / ImageOrientationPatient / ImagePositionPatient, mixed matrix
-            sizes or orientations, too large a matrix, too few slices, truncated or damaged images, or
-            unreadable / undecodable pixel data.
+        StudyError: Naming the functional groups it lacks.
+
+    """
+    missing = missing_functional_groups(ds)
+    if missing:
+        raise StudyError(f"multi-frame object missing its functional groups: {'; '.join(missing)}")
+    out = []
+    for i in range(int(ds.NumberOfFrames)):
+        iop = _floats(_group_item(ds, i, "PlaneOrientationSequence").ImageOrientationPatient, 6)
+        ipp = _floats(_group_item(ds, i, "PlanePositionSequence").ImagePositionPatient, 3)
+        measures = _group_item(ds, i, "PixelMeasuresSequence")
+        sp = _floats(measures.PixelSpacing, 2)
+        if iop is None or ipp is None or sp is None:
+            raise StudyError(_BAD_GEOMETRY)
+        value = _group_item(ds, i, "PixelValueTransformationSequence") or ds
+        rescale = (_float_or(value.get("RescaleSlope"), 1.0) or 1.0, _float_or(value.get("RescaleIntercept"), 0.0))
+        thickness = _float_or(measures.get("SliceThickness"), _float_or(ds.get("SliceThickness"), None))
+        out.append(_Image(p, ds, i, iop, ipp, sp, thickness, rescale))
+    return out
+
+
+def load_series(info: SeriesInfo, max_pixels: int = 2048 * 2048) -> SeriesVolume:
+    """Read a series into a :class:`SeriesVolume` in the canonical sagittal display.
+
+    Single-frame files and multi-frame objects (their frames by the functional groups) are read alike. The
+    pixels are transposed and flipped (never interpolated) into the canonical display
+    (:func:`spinepath.core.geometry.canonical_inplane`, recorded in ``inplane``) and the slices sorted toward
+    the patient's right; duplicates are removed. The headers are checked first (geometry, matrix size against
+    ``max_pixels``, grayscale); pixel data is read and decoded only then, so an absurd matrix is refused
+    without allocating it.
+
+    Raises:
+        StudyError: Missing PixelSpacing / ImageOrientationPatient / ImagePositionPatient (or a multi-frame
+            object's functional groups), mixed matrix sizes or orientations, too large a matrix, too few
+            slices, truncated or damaged images, or unreadable / undecodable pixel data.
 
     """
     headers: list[tuple[Path, pydicom.Dataset]] = []
@@ -379,10 +583,10 @@ def load_series(info: SeriesInfo, max_pixels: int = 2048 * 2048) -> SeriesVolume
                 f"({len(seen)} intact images): the series is incomplete"
             )
         log.warning("ignored %d truncated copies of intact images", len(info.damaged))
-    files = [p for p, _ in seen.values()]
     dss = [ds for _, ds in seen.values()]
+    single = [ds for ds in dss if not is_multiframe(ds)]
     for key in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"):
-        if any(getattr(ds, key, None) in (None, "") for ds in dss):
+        if any(getattr(ds, key, None) in (None, "") for ds in single):
             raise StudyError(f"missing {key} in the selected series")
     if any(_number(ds, "Rows") is None or _number(ds, "Columns") is None for ds in dss):
         raise StudyError("missing Rows/Columns (image matrix) in the selected series")
@@ -394,21 +598,13 @@ def load_series(info: SeriesInfo, max_pixels: int = 2048 * 2048) -> SeriesVolume
         raise StudyError(f"invalid image matrix {rows}x{cols}")
     if rows * cols > max_pixels:
         raise StudyError(f"image matrix {rows}x{cols} exceeds the supported maximum of {max_pixels} pixels")
-    frames = {_number(ds, "NumberOfFrames") or 1 for ds in dss}
-    if frames != {1}:
-        raise StudyError("multi-frame images are not supported: expected one image per file")
     if {_number(ds, "SamplesPerPixel") or 1 for ds in dss} != {1}:
         raise StudyError("colour images are not supported: expected grayscale MR images")
-    try:
-        iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in dss])
-        spacings = {tuple(round(float(v), 4) for v in ds.PixelSpacing) for ds in dss}
-        pos = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in dss])
-    except (TypeError, ValueError):
-        raise StudyError("invalid geometry attributes (PixelSpacing / ImageOrientationPatient / "
-                         "ImagePositionPatient) in the selected series") from None
-    if iops.shape[1:] != (6,) or pos.shape[1:] != (3,) or any(len(s) != 2 for s in spacings):
-        raise StudyError("invalid geometry attributes (PixelSpacing / ImageOrientationPatient / "
-                         "ImagePositionPatient) in the selected series")
+    images: list[_Image] = []
+    for p, ds in seen.values():
+        images.extend(_frame_images(p, ds) if is_multiframe(ds) else [_single_image(p, ds)])
+    iops = np.array([im.iop for im in images])
+    spacings = {tuple(round(v, 4) for v in im.spacing) for im in images}
     if np.abs(iops - iops[0]).max() > 1e-3:
         raise StudyError("mixed orientations in one series")
     if len(spacings) > 1:
@@ -416,48 +612,88 @@ def load_series(info: SeriesInfo, max_pixels: int = 2048 * 2048) -> SeriesVolume
     spacing = spacings.pop()
     if min(spacing) <= 0:
         raise StudyError(f"invalid PixelSpacing {spacing}")
-    iop = iops[0]
+    inplane = canonical_inplane(iops[0], (rows, cols))
+    geometry = [canonical_geometry(inplane, im.iop, im.ipp, spacing) for im in images]
+    iop, c_spacing = geometry[0][0], geometry[0][2]
+    pos = np.array([g[1] for g in geometry])
     n = np.cross(iop[:3], iop[3:])
     order = np.argsort(pos @ n, kind="stable")
-    dss = [dss[i] for i in order]
-    files = [files[i] for i in order]
+    images = [images[i] for i in order]
     pos = pos[order]
-    if len(dss) < 2:
+    if len(images) < 2:
         raise StudyError("the sagittal series has a single image; at least 2 slices are needed")
     if np.min(np.abs(np.diff(pos @ n))) < 1e-3:
         raise StudyError("several images share one slice position (duplicate slices with different UIDs)")
+    decoded: dict[Path, np.ndarray] = {}
     slices = []
-    for p in files:
-        try:
-            with _quiet_pydicom():
-                full = pydicom.dcmread(str(p))
-        except Exception as exc:  # noqa: BLE001
-            raise StudyError(f"unreadable DICOM file in the selected series: {type(exc).__name__}") from None
-        slices.append(_pixels(full))
-    pixels = np.stack(slices)
-    first = dss[0]
+    for im in images:
+        if im.path not in decoded:
+            try:
+                with _quiet_pydicom():
+                    full = pydicom.dcmread(str(im.path))
+            except Exception as exc:  # noqa: BLE001
+                raise StudyError(f"unreadable DICOM file in the selected series: {type(exc).__name__}") from None
+            decoded[im.path] = _pixels(full, int(full.NumberOfFrames) if im.frame is not None else None)
+        arr = decoded[im.path] if im.frame is None else decoded[im.path][im.frame] * im.rescale[0] + im.rescale[1]
+        slices.append(arr)
+    pixels = np.ascontiguousarray(inplane.to_canonical(np.stack(slices)))
+    first = images[0]
     return SeriesVolume(
         pixels=pixels,
-        spacing=(float(spacing[0]), float(spacing[1])),
+        spacing=c_spacing,
         orientation=iop,
         positions=pos,
-        sop_instance_uids=[str(ds.SOPInstanceUID) for ds in dss],
+        sop_instance_uids=[str(im.ds.SOPInstanceUID) for im in images],
         series_uid=info.series_uid,
-        study_uid=str(getattr(first, "StudyInstanceUID", "")),
-        frame_of_reference_uid=str(getattr(first, "FrameOfReferenceUID", "")),
+        study_uid=str(getattr(first.ds, "StudyInstanceUID", "")),
+        frame_of_reference_uid=str(getattr(first.ds, "FrameOfReferenceUID", "")),
         description=info.description,
-        slice_thickness=float(first.SliceThickness) if getattr(first, "SliceThickness", None) else None,
-        datasets=dss,
+        slice_thickness=first.thickness,
+        datasets=[im.ds for im in images],
+        inplane=inplane,
+        frame_numbers=[im.frame + 1 for im in images] if first.frame is not None else [],
     )
 
 
 def load_study(folder: str | Path, rules: dict | None = None) -> SeriesVolume:
-    """Scan a study folder, select the sagittal T2 series and read it.
+    """Scan a study folder, select its main sagittal T2 series and read it; the choice is recorded.
+
+    When the best candidate cannot be read, the next one is tried (and logged). ``volume.selection`` records
+    the series used and why, the candidates that failed, and the study's sagittal T1 (the companion series
+    of :func:`select_companions`) when there is one.
 
     Raises:
-        StudyError: With the reason when the study cannot be used.
+        StudyError: With the reason when the study cannot be used (the first candidate's when none loads).
 
     """
-    info = select_series(scan_study(folder), rules)
-    log.info("selected series '%s' (%d images)", info.description, len(info.files))
-    return load_series(info)
+    rules = rules or load_rules()
+    series = scan_study(folder)
+    ranked = rank_series(series, rules)
+    failed: list[dict] = []
+    first_error: StudyError | None = None
+    for info in ranked:
+        try:
+            volume = load_series(info)
+        except StudyError as exc:
+            first_error = first_error or exc
+            failed.append({**info.summary(), "error": str(exc)})
+            log.warning("series %d of %d could not be read (%s); trying the next candidate",
+                        len(failed), len(ranked), exc)
+            continue
+        why = f"sagittal {info.sequence.kind.upper()} ({info.sequence.reason})"
+        if failed:
+            why += f"; {len(failed)} better-ranked candidate{'s' * (len(failed) > 1)} could not be read"
+        companions = select_companions(series, info, rules)
+        volume.selection = {
+            "main": {**info.summary(), "reason": why, "orientation_as_stored": volume.inplane.describe(),
+                     "multiframe": bool(volume.frame_numbers)},
+            "t1": companions[0].summary() if companions else None,
+            "failed": failed,
+            "candidates": len(ranked),
+        }
+        log.info("selected series '%s' (%d images): %s", info.description, len(info.files), why)
+        return volume
+    if len(ranked) > 1:
+        raise StudyError(f"{first_error} (and the {len(ranked) - 1} other candidate series could not be "
+                         "read)") from None
+    raise first_error

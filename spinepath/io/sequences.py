@@ -65,19 +65,32 @@ def _number(x) -> float | None:
 def acquisition(ds: pydicom.Dataset) -> dict:
     """TR, TE, TI (ms), flip angle, scanning sequence, variant and options of a header.
 
+    Legacy Converted Enhanced MR: the single-frame attributes in the unassigned converted attributes groups.
     Enhanced MR (``SharedFunctionalGroupsSequence`` / ``PerFrameFunctionalGroupsSequence``): MR Timing and
     Related Parameters (TR, flip angle), MR Echo (effective echo time), MR Modifier (inversion recovery,
     inversion times) and the image-level EchoPulseSequence / InversionRecovery / spectrally selected
     suppression attributes.
     """
-    out = {
-        "tr": _number(ds.get("RepetitionTime")), "te": _number(ds.get("EchoTime")),
-        "ti": _number(ds.get("InversionTime")), "flip": _number(ds.get("FlipAngle")),
-        "scanning": _values(ds.get("ScanningSequence")), "variant": _values(ds.get("SequenceVariant")),
-        "options": _values(ds.get("ScanOptions")),
-    }
     groups = [g for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
               for g in (ds.get(key) or [])[:1]]
+    # Legacy Converted Enhanced MR keeps the single-frame attributes in the "unassigned converted" groups
+    legacy = [item for g in groups for key in ("UnassignedSharedConvertedAttributesSequence",
+                                               "UnassignedPerFrameConvertedAttributesSequence")
+              for item in (g.get(key) or [])[:1]]
+
+    def get(keyword: str):
+        for source in (ds, *legacy):
+            value = source.get(keyword)
+            if value not in (None, ""):
+                return value
+        return None
+
+    out = {
+        "tr": _number(get("RepetitionTime")), "te": _number(get("EchoTime")),
+        "ti": _number(get("InversionTime")), "flip": _number(get("FlipAngle")),
+        "scanning": _values(get("ScanningSequence")), "variant": _values(get("SequenceVariant")),
+        "options": _values(get("ScanOptions")),
+    }
     for g in groups:
         for t in g.get("MRTimingAndRelatedParametersSequence") or []:
             out["tr"] = out["tr"] if out["tr"] is not None else _number(t.get("RepetitionTime"))

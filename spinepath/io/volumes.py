@@ -49,6 +49,27 @@ def image_from_volume(volume: SeriesVolume, pixels: np.ndarray | None = None) ->
     return img
 
 
+def source_grid_image(volume: SeriesVolume) -> sitk.Image:
+    """An empty uint8 image on the grid the series is stored on: stored rows and columns, slices along its normal.
+
+    Label volumes written on it line up voxel for voxel with the archive's images (as a viewer loads them).
+    """
+    ip = volume.inplane
+    iop = ip.source_orientation(volume.orientation)
+    normal = np.cross(iop[:3], iop[3:])
+    n = volume.pixels.shape[0]
+    reverse = float(normal @ volume.normal) < 0
+    row, col = ip.source_index(0, 0)
+    origin = volume.pixel_to_patient(n - 1 if reverse else 0, row, col)
+    spacing = volume.spacing[::-1] if ip.transpose else volume.spacing
+    rows, cols = ip.source_shape or volume.pixels.shape[1:]
+    img = sitk.Image(int(cols), int(rows), int(n), sitk.sitkUInt8)
+    img.SetSpacing((float(spacing[1]), float(spacing[0]), float(volume.slice_spacing)))
+    img.SetOrigin(tuple(float(x) for x in origin))
+    img.SetDirection(tuple(float(x) for x in np.stack([iop[:3], iop[3:], normal], axis=1).ravel()))
+    return img
+
+
 def volume_from_image(image: sitk.Image, description: str = "") -> SeriesVolume:
     """A :class:`SeriesVolume` of a 3D image, reoriented to the sagittal display.
 
@@ -146,7 +167,7 @@ def load_image_volume(path: str | Path) -> tuple[SeriesVolume, sitk.Image]:
     path = Path(path)
     if path.is_dir():
         volume = load_study(path)
-        return volume, image_from_volume(volume, np.zeros(volume.pixels.shape, np.uint8))
+        return volume, source_grid_image(volume)
     image = read_image(path)
     return volume_from_image(image, path.name), image
 

@@ -94,16 +94,23 @@ def labels_from_seg(seg, volume: SeriesVolume, label_map: dict[str, Label] | Non
         raise StudyError("the SEG has no segments")
     numbers = sorted(segments)
     try:
-        masks = doc.get_pixels_by_source_instance(
-            source_sop_instance_uids=list(volume.sop_instance_uids), segment_numbers=numbers,
-            ignore_spatial_locations=True, assert_missing_frames_are_empty=False)
+        if volume.frame_numbers:  # a multi-frame source: frames by source frame number
+            masks = doc.get_pixels_by_source_frame(
+                source_sop_instance_uid=volume.sop_instance_uids[0], source_frame_numbers=list(volume.frame_numbers),
+                segment_numbers=numbers, ignore_spatial_locations=True, assert_missing_frames_are_empty=False)
+        else:
+            masks = doc.get_pixels_by_source_instance(
+                source_sop_instance_uids=list(volume.sop_instance_uids), segment_numbers=numbers,
+                ignore_spatial_locations=True, assert_missing_frames_are_empty=False)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise StudyError(f"the SEG does not reference the instances of this series: {exc}") from exc
-    if masks.shape[1:3] != volume.pixels.shape[1:]:
-        raise StudyError(f"SEG frames {masks.shape[1:3]} do not match the image {volume.pixels.shape[1:]}")
+    stored = tuple(volume.inplane.source_shape or volume.pixels.shape[1:])
+    if masks.shape[1:3] != stored:
+        raise StudyError(f"SEG frames {masks.shape[1:3]} do not match the image {stored}")
+    masks = volume.inplane.to_canonical(np.moveaxis(masks, -1, 0))  # (segments, slices, rows, cols)
     labels = np.zeros(volume.pixels.shape, np.int64)
     for i, number in enumerate(numbers):
-        labels[masks[..., i] > 0] = label_map[segments[number]].value
+        labels[masks[i] > 0] = label_map[segments[number]].value
     return labels
 
 

@@ -28,7 +28,7 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     """
     v = result.volume
     k = key_slice(result)
-    sl = v.pixels[k]
+    sl = v.inplane.to_source(v.pixels[k])  # shown as the archive stores it (as the PACS shows the series)
     lo, hi = np.percentile(sl, [1, 99.5])
     g = np.clip((sl - lo) / max(hi - lo, 1e-6), 0, 1)
     scale = max(1, round(512 / max(sl.shape)))
@@ -44,8 +44,8 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
         b = t.box_on(k)
         if b is None:
             continue
-        r0, c0, r1, c1 = (float(x) * scale for x in b)
-        centres[t.level] = ((r0 + r1) / 2, c0)
+        r0, c0, r1, c1 = (float(x) * scale for x in v.inplane.box_to_source(b))
+        centres[t.level] = ((r0 + r1) / 2, c0, (c0 + c1) / 2, r1)
         g = graded.get(t.level)
         if g is None:  # not graded: level colour
             col, text = colors.get(t.level, (255, 255, 0)), f"{t.level} {t.name_confidence:.2f}"
@@ -57,10 +57,13 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     for lv, d in discs.items():
         a, b_ = lv.split("-")
         if a in centres and b_ in centres:
-            row = (centres[a][0] + centres[b_][0]) / 2
             text = f"{lv} {d.grade_name}"
-            # anterior (left) of the bodies, so that disc and vertebra labels never overlap
-            col = max(2.0, min(centres[a][1], centres[b_][1]) - 6 - draw.textlength(text))
+            if v.inplane.transpose:  # the spine runs across the image: below the bodies, between their centres
+                col = (centres[a][2] + centres[b_][2]) / 2 - draw.textlength(text) / 2
+                row = max(centres[a][3], centres[b_][3]) + 8
+            else:  # beside the bodies, so that disc and vertebra labels never overlap
+                row = (centres[a][0] + centres[b_][0]) / 2
+                col = max(2.0, min(centres[a][1], centres[b_][1]) - 6 - draw.textlength(text))
             draw.text((col, row - 6), text, fill=DISC_COLOURS[d.grade])
     if f is not None:
         draw.text((4, 18), "boxes: red = pathological, green = healthy; discs: grade", fill=(255, 255, 255))

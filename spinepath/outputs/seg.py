@@ -170,18 +170,34 @@ def build_level_seg(
             d.RecommendedDisplayCIELabValue = dicom_lab(colours[lv])
         d.SegmentDescription = lv
         descriptions.append(d)
-    # frame i <-> source slice i: the masks are indexed like the sorted volume and its headers
+    # frame i <-> source slice i (source frame for a multi-frame source), in the stored pixel order
     with no_identifying_warnings():
         content = "Vertebral bodies corrected by an annotator" if manual else "Vertebral bodies (detected boxes)"
         return _segmentation(v, masks, descriptions, series_number, manufacturer, series_description,
                              f"{content}, research use only")
 
 
+def source_frames(v, masks: np.ndarray) -> tuple[list[pydicom.Dataset], np.ndarray]:
+    """The source headers and the masks as their frames: ``(frames, rows, cols, segments)`` in stored pixels.
+
+    ``masks`` (``(segments, slices, rows, cols)``, canonical display) are mapped back to the stored pixel
+    order; a multi-frame source gets one frame per source frame, in its frame order.
+    """
+    stored = np.moveaxis(v.inplane.to_source(masks), 0, -1)  # (slices, rows, cols, segments)
+    if not v.frame_numbers:
+        return _source_headers(v.datasets), np.ascontiguousarray(stored)
+    n_frames = int(v.datasets[0].NumberOfFrames)
+    frames = np.zeros((n_frames, *stored.shape[1:]), dtype=stored.dtype)
+    frames[np.asarray(v.frame_numbers) - 1] = stored
+    return _source_headers(v.datasets[:1]), frames
+
+
 def _segmentation(v, masks: np.ndarray, descriptions: list, series_number: int, manufacturer: str,
                   series_description: str, content_description: str):
+    sources, frames = source_frames(v, masks)
     return hd.seg.Segmentation(
-        source_images=_source_headers(v.datasets),
-        pixel_array=np.moveaxis(masks, 0, -1),  # (slices, rows, cols, segments)
+        source_images=sources,
+        pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.sr.codedict import codes
 
 from spinepath import __version__
@@ -70,14 +69,17 @@ def disc_region(upper, lower, slices: list[int]) -> Region | None:
     return Region(k, (r0, float(min(a[1], b[1])), r1, float(max(a[3], b[3]))))
 
 
-def _polyline(region: Region, source: pydicom.Dataset) -> hd.sr.ImageRegion:
-    r0, c0, r1, c1 = region.box
+def _polyline(region: Region, volume) -> hd.sr.ImageRegion:
+    """The region as a closed polyline on its source image (the stored pixels; the frame of a multi-frame)."""
+    r0, c0, r1, c1 = volume.inplane.box_to_source(region.box)
     # SCOORD pixel coordinates are (column, row) with 0\\0 the top-left corner of the first pixel: box edges
     pts = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float32)
+    k = region.slice_index
+    frames = [volume.frame_numbers[k]] if volume.frame_numbers else None
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=pts,
-        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(volume.datasets[k], referenced_frame_numbers=frames),
     )
 
 
@@ -86,7 +88,6 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
     f = result.findings
     if f is None:
         raise ValueError("the detection result has no findings: run the grading stage first")
-    ds = result.volume.datasets
     algo = hd.sr.AlgorithmIdentification(name=ALGORITHM, version=__version__)
     tracks = {t.level: t for t in result.vertebrae}
     groups = []
@@ -98,7 +99,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{v.level} vertebra"),
-                referenced_region=_polyline(reg, ds[reg.slice_index]),
+                referenced_region=_polyline(reg, result.volume),
                 finding_type=VERTEBRA,
                 algorithm_id=algo,
                 finding_sites=[hd.sr.FindingSite(vertebra_code(v.level))],
@@ -119,7 +120,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{d.level} disc"),
-                referenced_region=_polyline(reg, ds[reg.slice_index]),
+                referenced_region=_polyline(reg, result.volume),
                 finding_type=disc_code(d.level),
                 algorithm_id=algo,
                 finding_sites=[hd.sr.FindingSite(disc_code(d.level))],
@@ -161,8 +162,9 @@ def build_sr(result: DetectionResult, series_number: int = SR_SERIES_NUMBER) -> 
 
 
 def _document(ds: list, report: hd.sr.MeasurementReport, series_number: int) -> hd.sr.Comprehensive3DSR:
+    evidence = list({str(d.SOPInstanceUID): d for d in ds}.values())  # a multi-frame source once
     return hd.sr.Comprehensive3DSR(
-        evidence=list(ds),
+        evidence=evidence,
         content=report,
         series_number=series_number,
         series_instance_uid=hd.UID(),
