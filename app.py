@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from operators import (  # noqa: E402
     FindingsFusionOperator,
+    FindingsReviewOperator,
     ResultsWriterOperator,
     StudyLoaderOperator,
     VertebraClassificationOperator,
@@ -75,11 +76,13 @@ class SpineVertebraApp(Application):
         detector = VertebraDetectionOperator(self, model_path=model, name="vertebra_detection")
         classifier = VertebraClassificationOperator(self, grader=grader_path, name="classification")
         fusion = FindingsFusionOperator(self, grader=classifier.grader, name="fusion")
+        review = FindingsReviewOperator(self, name="review")
         writer = ResultsWriterOperator(self, output_folder=out_dir, input_kind=kind, name="results_writer")
         self.add_flow(loader, detector, {("volume", "volume")})
         self.add_flow(detector, classifier, {("result", "result")})
         self.add_flow(classifier, fusion, {("result", "result"), ("scores", "scores")})
-        self.add_flow(fusion, writer, {("result", "result")})
+        self.add_flow(fusion, review, {("result", "result")})
+        self.add_flow(review, writer, {("result", "result")})
 
 def main(argv: list[str] | None = None) -> int:
     """Run the app; map failures to a one-line message, ``status.json`` and exit code 2."""

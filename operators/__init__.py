@@ -4,10 +4,12 @@ from .classification_operator import VertebraClassificationOperator
 from .detection_operator import VertebraDetectionOperator
 from .fusion_operator import FindingsFusionOperator
 from .results_writer_operator import ResultsWriterOperator
+from .review_operator import FindingsReviewOperator
 from .study_loader_operator import StudyLoaderOperator
 
 __all__ = [
     "FindingsFusionOperator",
+    "FindingsReviewOperator",
     "ResultsWriterOperator",
     "StudyLoaderOperator",
     "VertebraClassificationOperator",

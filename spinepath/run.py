@@ -66,4 +66,5 @@ def run_study(
     result.input_kind = input_kind
     result.timings = {"load": t1 - t0, **result.timings}
     stages.grade(result, grader)
+    stages.review(result)
     return write_outputs(result, output_dir)

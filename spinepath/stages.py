@@ -1,4 +1,4 @@
-"""The one orchestration of a study: load -> detect -> name -> grade -> fuse (no output writing).
+"""The one orchestration of a study: load -> detect -> name -> grade -> fuse -> review (no output writing).
 
 Every adapter runs a study through these functions: the MONAI Deploy app (one operator per stage), the MONAI
 bundle and the CLI (:func:`spinepath.run.run_study`), the MONAI Label infer task
@@ -14,11 +14,13 @@ from pathlib import Path
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.paths import default_device, resolve_grader_path, resolve_model_path
 from spinepath.core.results import DetectionResult, SliceScores
-from spinepath.detection.grouping import group_and_name
+from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.grading.grader import Grader
 from spinepath.grading.inference import classify_detections, fuse_detections
 from spinepath.io.dicom import load_study
+from spinepath.review import Review
+from spinepath.review import review as review_result
 
 
 def load_models(
@@ -64,9 +66,9 @@ def detect_series(volume: SeriesVolume, model: VertebraDetector, batch_size: int
     t0 = time.perf_counter()
     dets = model.predict(list(volume.pixels), volume.spacing, batch_size=batch_size)
     t1 = time.perf_counter()
-    verts = group_and_name(dets, volume.pixels.shape[1:])
+    verts, naming = group_and_name_with_evidence(dets, volume.pixels.shape[1:])
     t2 = time.perf_counter()
-    return DetectionResult(verts, volume, {"detection": t1 - t0, "grouping": t2 - t1})
+    return DetectionResult(verts, volume, {"detection": t1 - t0, "grouping": t2 - t1}, naming=naming)
 
 
 def classify(result: DetectionResult, grader: Grader, spacing_known: bool = True, views: int = 1) -> SliceScores:
@@ -88,7 +90,18 @@ def grade(result: DetectionResult, grader: Grader, spacing_known: bool = True, v
     return fuse(result, classify(result, grader, spacing_known, views), grader)
 
 
+def review(result: DetectionResult) -> Review:
+    """Review stage: ``needs_review`` with reasons for the study and every finding; sets ``result.review``.
+
+    See :func:`spinepath.review.review`.
+    """
+    return review_result(result)
+
+
 def analyse(volume: SeriesVolume, detector: VertebraDetector, grader: Grader | None = None) -> DetectionResult:
-    """All stages after loading: detect and name, then (with a grader) grade and fuse."""
+    """All stages after loading: detect and name, then (with a grader) grade and fuse, then review."""
     result = detect_series(volume, detector)
-    return grade(result, grader) if grader is not None else result
+    if grader is not None:
+        grade(result, grader)
+    review(result)
+    return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,11 @@ def store_as(src: Path, dst: Path, transpose: bool, flip_rows: bool, flip_cols: 
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.save_as(str(dst / p.name))
     return dst
+
+
+def dciodvfy_errors(path) -> list[str]:
+    """Lines of dciodvfy's report that are errors (warnings are allowed)."""
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy missing: run scripts/setup_system.sh (Debian dicom3tools)"
+    r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import numpy as np
 import pydicom
 import pytest
-from conftest import EXAMPLE
+from conftest import EXAMPLE, dciodvfy_errors
 
 from spinepath.core.paths import resolve_grader_path, resolve_model_path
 from spinepath.detection.predictor import VertebraDetector
@@ -28,14 +25,6 @@ def graded():
     res = detect_series(vol, VertebraDetector.load(resolve_model_path()))
     res.findings = grade_detections(res, Grader.load(resolve_grader_path()))
     return res
-
-
-def dciodvfy_errors(path) -> list[str]:
-    """Lines of dciodvfy's report that are errors (warnings are allowed)."""
-    exe = shutil.which("dciodvfy")
-    assert exe, "dciodvfy missing: run scripts/setup_system.sh (Debian dicom3tools)"
-    r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
-    return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
 
 
 def test_sr_conforms_and_round_trips(graded, tmp_path):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from spinepath.detection.grouping import group_and_name
 from spinepath.detection.predictor import SliceDetections
@@ -45,3 +46,30 @@ def test_single_detections_on_one_slice_of_a_series_are_dropped_but_2d_input_kep
     d[1].labels = np.append(d[1].labels, 0)
     assert len(group_and_name(d, (400, 400))) == 3
     assert len(group_and_name(_dets(1, [20, 60, 100], [0, 0, 0]), (400, 400))) == 3
+
+
+def test_level_naming_evidence():
+    """The highest of the lowest three passing the S1 threshold is S1 (S2 below looks alike); an S1-like
+    vertebra above it sets transitional_suspected without renaming; no anchor keeps every confidence < 0.5."""
+    from spinepath.detection.grouping import group_and_name_with_evidence
+    from spinepath.detection.naming import calibrate, load_naming_rules
+
+    rows = [20, 60, 100, 140, 180, 220, 260]
+    verts, naming = group_and_name_with_evidence(_dets(4, rows, [0, 0, 0, 0, 0, 0.7, 0.95]), (400, 400))
+    assert [v.level for v in verts][-2:] == ["L5", "S1"] and len(verts) == 6  # the S2 below is dropped
+    assert naming.anchor == "S1" and naming.anchor_confidence == pytest.approx(0.7, abs=1e-6)
+    assert not naming.transitional_suspected and naming.n_lumbar == 5 and naming.note == ""
+    verts, naming = group_and_name_with_evidence(_dets(4, rows[:6], [0, 0, 0, 0, 0.4, 0.9]), (400, 400))
+    assert naming.anchor == "S1" and naming.transitional_suspected and naming.n_lumbar == 4
+    assert "transitional" in naming.note and [v.level for v in verts][-1] == "S1"
+    assert all(v.name_confidence <= 0.5 for v in verts)
+    verts, naming = group_and_name_with_evidence(_dets(4, rows[:5], [0] * 5), (400, 400))
+    assert naming.anchor == "none" and "without a sacral anchor" in naming.note
+    assert all(v.name_confidence < 0.5 for v in verts) and naming.confidence < 0.5
+    d = naming.to_dict()
+    assert set(d) >= {"anchor", "anchor_confidence", "n_lumbar", "transitional_suspected", "confidence"}
+    # the fitted map is monotone and capped below 1
+    rules = load_naming_rules()
+    xs = np.linspace(0, 1, 21)
+    ys = [calibrate(x, True, rules) for x in xs]
+    assert all(b >= a for a, b in zip(ys, ys[1:])) and max(ys) < 1.0

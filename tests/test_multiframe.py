@@ -5,6 +5,7 @@ Enhanced MR object is read the same way; missing functional groups are refused b
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -28,8 +29,10 @@ def convert(series: Path, dst: Path, reverse_frames: bool = True) -> Path:
     dss = [pydicom.dcmread(str(p)) for p in sorted(series.glob("*.dcm"))]
     if reverse_frames:
         dss = dss[::-1]
-    mf = hd.legacy.LegacyConvertedEnhancedMRImage(dss, series_instance_uid=hd.UID(), series_number=99,
-                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    with warnings.catch_warnings():  # highdicom quotes the placeholder patient name in a warning
+        warnings.simplefilter("ignore")
+        mf = hd.legacy.LegacyConvertedEnhancedMRImage(dss, series_instance_uid=hd.UID(), series_number=99,
+                                                      sop_instance_uid=hd.UID(), instance_number=1)
     dst.mkdir(parents=True)
     mf.save_as(str(dst / "multiframe.dcm"))
     return dst

@@ -70,6 +70,48 @@ class Vertebra:
 
 
 @dataclass
+class LevelNaming:
+    """How the vertebrae were named, and how far to trust it (``level_naming`` in the JSON).
+
+    Attributes:
+        anchor: ``"S1"`` when the sacrum was identified and the names count up from it, ``"none"`` when the
+            levels were counted from the lowest vertebra in view (assumed L5) without a sacral anchor.
+        anchor_confidence: S1-class probability of the anchor (of the best S1 candidate when ``"none"``).
+        n_lumbar: Lumbar-type vertebrae between the anchor and L1 as far as the evidence goes (5 normally; 4
+            or 6 when a transitional vertebra is suspected); without anchor, the vertebrae named L1-L5.
+        transitional_suspected: The S1 evidence is split between the anchor and a neighbour (a sacralised L5
+            or a lumbarised S1): reported, the names are not changed.
+        confidence: Confidence of the naming as a whole (the anchor's name confidence).
+        evidence: Per candidate (the lowest vertebrae), its S1-class probability; the rule that decided.
+
+    """
+
+    anchor: str
+    anchor_confidence: float
+    n_lumbar: int
+    transitional_suspected: bool
+    confidence: float
+    evidence: dict = field(default_factory=dict)
+
+    @property
+    def note(self) -> str:
+        """What a reader of the report must know about the names ('' when anchored and unremarkable)."""
+        if self.anchor == "none":
+            return ("levels were counted without a sacral anchor (S1 not identified): every name may be shifted "
+                    "by one or more levels")
+        if self.transitional_suspected:
+            return (f"transitional lumbosacral vertebra suspected ({self.n_lumbar} lumbar-type vertebrae): "
+                    "names counted from the vertebra identified as S1")
+        return ""
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (the names of the contract plus ``note`` and ``evidence``)."""
+        return {"anchor": self.anchor, "anchor_confidence": round(self.anchor_confidence, 4),
+                "n_lumbar": self.n_lumbar, "transitional_suspected": self.transitional_suspected,
+                "confidence": round(self.confidence, 4), "note": self.note, "evidence": self.evidence}
+
+
+@dataclass
 class DetectionResult:
     """Vertebrae found in one series, with timings."""
 
@@ -78,19 +120,23 @@ class DetectionResult:
     timings: dict[str, float]
     input_kind: str = "dicom"
     findings: Findings | None = None  # once graded
+    naming: LevelNaming | None = None
+    review: object | None = None  # a spinepath.review.Review, once reviewed
 
     def to_dict(self) -> dict:
         """Return the JSON-ready result.
 
-        Per vertebra: level, name confidence, slice range, per-slice boxes (in the stored image's pixels, with
-        the frame of a multi-frame source, and in patient mm) and scores,
+        Per vertebra: level, name confidence, ``needs_review`` / ``review_reasons`` (once reviewed), slice
+        range, per-slice boxes (in the stored image's pixels, with the frame of a multi-frame source, and in
+        patient mm) and scores,
         and, once graded, ``pathology`` (fused probability, label, threshold, per-slice probabilities). Per
         disc (graded only): grade, grade name and class probabilities.
         """
         v = self.volume
         out = []
         graded = {f.level: f for f in self.findings.vertebrae} if self.findings is not None else {}
-        for t in self.vertebrae:
+        rev = self.review
+        for i, t in enumerate(self.vertebrae):
             per_slice = []
             for k, b, s, s1 in zip(t.slices, t.boxes, t.scores, t.s1_scores):
                 r0, c0, r1, c1 = (float(x) for x in b)
@@ -122,12 +168,15 @@ class DetectionResult:
                     "n_slices": len(t.slices),
                     "truncated_by_field_of_view": t.truncated,
                     "pathology": graded[t.level].to_dict() if t.level in graded else None,
+                    **(rev.vertebrae[i].to_dict() if rev is not None else {}),
                     "slices": per_slice,
                 }
             )
         extra = {}
         if self.findings is not None:
-            extra = {"discs": [d.to_dict() for d in self.findings.discs], "grading_model": self.findings.model}
+            discs = [{**d.to_dict(), **(rev.discs[d.level].to_dict() if rev is not None and d.level in rev.discs
+                                         else {})} for d in self.findings.discs]
+            extra = {"discs": discs, "grading_model": self.findings.model}
             self.timings.update(self.findings.timings)
         return {
             "disclaimer": DISCLAIMER,
@@ -144,8 +193,11 @@ class DetectionResult:
                 "pixels_as_stored": v.inplane.describe(),
                 **({"series_selection": v.selection} if v.selection else {}),
             },
+            **({"needs_review": rev.study.needs_review, "review_reasons": list(rev.study.reasons),
+                "image_quality": rev.quality} if rev is not None else {}),
             "n_vertebrae": len(out),
             "levels": [t.level for t in self.vertebrae],
+            "level_naming": self.naming.to_dict() if self.naming is not None else None,
             "vertebrae": out,
             **extra,
             "timings_s": {k: round(x, 3) for k, x in self.timings.items()},

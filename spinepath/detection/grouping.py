@@ -6,8 +6,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from spinepath.core.boxes import box_iou
-from spinepath.core.results import Vertebra
-from spinepath.detection.naming import name_vertebrae
+from spinepath.core.results import LevelNaming, Vertebra
+from spinepath.detection.naming import load_naming_rules, name_chain
 from spinepath.detection.predictor import SliceDetections
 
 
@@ -96,27 +96,44 @@ def group_and_name(
     image_shape: tuple[int, int],
     min_slices: int = 2,
     min_score: float = 0.5,
-    s1_threshold: float = 0.5,
+    s1_threshold: float | None = None,
 ) -> list[Vertebra]:
+    """The named vertebrae of :func:`group_and_name_with_evidence` (without the naming record)."""
+    return group_and_name_with_evidence(dets, image_shape, min_slices, min_score, s1_threshold)[0]
+
+
+def group_and_name_with_evidence(
+    dets: list[SliceDetections],
+    image_shape: tuple[int, int],
+    min_slices: int = 2,
+    min_score: float = 0.5,
+    s1_threshold: float | None = None,
+    rules: dict | None = None,
+) -> tuple[list[Vertebra], LevelNaming | None]:
     """Group per-slice detections into vertebrae and name them from the bottom up.
 
     Tracks seen on fewer than ``min_slices`` slices (1 for a single-slice input) or scoring below
-    ``min_score`` are dropped; the spinal chain is named by :func:`spinepath.detection.naming.name_vertebrae`.
+    ``min_score`` are dropped, unless their S1-class score reaches the S1 threshold; the spinal chain is named
+    by :func:`spinepath.detection.naming.name_chain`.
 
     Args:
         dets: Detections per slice, in slice order.
         image_shape: ``(rows, cols)`` of the slices.
         min_slices: Minimum slices for a vertebra.
         min_score: Minimum vertebra score.
-        s1_threshold: S1 decision threshold.
+        s1_threshold: S1 decision threshold (default: ``configs/naming.json``).
+        rules: Naming rules (default: ``configs/naming.json``).
 
     Returns:
-        Vertebrae sorted top-down with ``level`` and ``name_confidence`` set.
+        Vertebrae sorted top-down with ``level`` and ``name_confidence`` set, and how they were named.
 
     """
     tracks = _merge_same_level(link_slices(dets))
     need = 1 if len(dets) == 1 else min_slices
-    tracks = [t for t in tracks if len(t.slices) >= need and t.score >= min_score]
+    # an S1 candidate is kept at a lower detection score: the sacrum's box scores below the lumbar bodies'
+    s1_keep = float((rules or load_naming_rules())["s1_threshold"] if s1_threshold is None else s1_threshold)
+    tracks = [t for t in tracks if len(t.slices) >= need
+              and (t.score >= min_score or float(np.mean(t.s1_scores)) >= s1_keep)]
     # strict 3D suppression: two vertebrae cannot occupy the same rows on a shared slice
     tracks.sort(key=lambda t: -t.score * len(t.slices))
     kept: list[Vertebra] = []
@@ -131,4 +148,4 @@ def group_and_name(
                 break
         if not clash:
             kept.append(t)
-    return name_vertebrae(spine_chain(kept), image_shape, s1_threshold)
+    return name_chain(spine_chain(kept), image_shape, s1_threshold, rules)

@@ -1,49 +1,119 @@
-"""Naming the vertebrae of the spinal chain from the bottom up, anchored on the S1 class."""
+"""Naming the vertebrae of the spinal chain from the bottom up, anchored on the S1 class, with the evidence.
+
+Rules and the name-confidence calibration live in ``spinepath/configs/naming.json``.
+"""
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+from pathlib import Path
+
 import numpy as np
 
+from spinepath.core.config import config_file
 from spinepath.core.levels import names_from_bottom
-from spinepath.core.results import Vertebra
+from spinepath.core.results import LevelNaming, Vertebra
+
+NAMING_RULES = config_file("naming.json")
+#: Every name confidence without a sacral anchor stays below this.
+UNANCHORED_CAP = 0.49
 
 
-def name_vertebrae(kept: list[Vertebra], image_shape: tuple[int, int], s1_threshold: float = 0.5) -> list[Vertebra]:
+@lru_cache(maxsize=4)
+def load_naming_rules(path: str | Path = NAMING_RULES) -> dict:
+    """The rules of ``naming.json`` (cached)."""
+    return json.loads(Path(path).read_text())
+
+
+def raw_name_confidence(anchor_conf: float, steps: int, score: float) -> float:
+    """The uncalibrated name confidence: anchor evidence, 5% less per level away from it, times the box score."""
+    return float(np.clip(anchor_conf * (0.95**steps) * min(1.0, score / 0.5), 0, 1))
+
+
+def calibrate(raw: float, anchored: bool, rules: dict | None = None) -> float:
+    """Map a raw name confidence to the fraction of names correct at it (isotonic fit, ``calibration``).
+
+    Anchored and unanchored names have their own maps; without a fitted map the raw value is returned.
+    """
+    cal = (rules or load_naming_rules()).get("calibration") or {}
+    m = cal.get("anchored" if anchored else "unanchored")
+    if not m:
+        return raw
+    return float(np.interp(raw, m["raw"], m["correct"]))
+
+
+def name_chain(kept: list[Vertebra], image_shape: tuple[int, int], s1_threshold: float | None = None,
+               rules: dict | None = None) -> tuple[list[Vertebra], LevelNaming | None]:
     """Name a top-down chain of vertebrae from the bottom up; sets ``level``, ``name_confidence``, ``truncated``.
 
-    Among the three lowest vertebrae, the one with the highest S1-class score (mean over its slices) is S1 if
-    that score is at least ``s1_threshold``; otherwise the lowest is L5; names go upward from it. Bodies below a
-    named S1 are dropped (sacral segments). The name confidence is the S1 decision's confidence times the
-    vertebra's score, decreasing by 5% per level away from the anchor.
+    Among the three lowest vertebrae, the highest whose S1-class score (mean over its slices) is at least
+    ``s1_threshold`` is S1 (the sacral segments below it look alike); without one the levels are counted
+    without an anchor, the lowest taken as L5, and every name confidence stays below 0.5. Bodies below a
+    named S1 are dropped (sacral segments). The vertebra above the anchor with an S1 score of at least
+    ``transitional_ratio`` of the anchor's sets ``transitional_suspected`` (a sacralised L5, or S1 taken for
+    S2; reported, the names are kept). Name confidences are
+    :func:`raw_name_confidence` through the isotonic :func:`calibrate` maps (anchored / unanchored, fitted on
+    the selection split), halved when transitional, capped below 0.5 without anchor.
 
     Args:
         kept: The spinal chain, top-down.
         image_shape: ``(rows, cols)`` of the slices (a body touching the top or bottom row is truncated).
-        s1_threshold: S1 decision threshold.
+        s1_threshold: S1 decision threshold (default: the rules').
+        rules: Default :func:`load_naming_rules`.
 
     Returns:
-        The named vertebrae, top-down.
+        The named vertebrae, top-down, and the :class:`LevelNaming` (None for an empty chain).
 
     """
+    rules = rules or load_naming_rules()
     if not kept:
-        return []
-    # name from the bottom: find S1 among the three lowest vertebrae
+        return [], None
+    thr = float(rules["s1_threshold"] if s1_threshold is None else s1_threshold)
     s1p = [float(np.mean(t.s1_scores)) for t in kept]
-    low = range(max(0, len(kept) - 3), len(kept))
-    best = max(low, key=lambda i: s1p[i])
-    s1_idx = best if s1p[best] >= s1_threshold else None
-    if s1_idx is not None:
-        kept = kept[: s1_idx + 1]
-        anchor_conf = s1p[s1_idx]
+    low = list(range(max(0, len(kept) - 3), len(kept)))
+    # the sacral segments below S1 look like S1 too: the highest of the lowest three that passes is S1
+    passing = [i for i in low if s1p[i] >= thr]
+    best = passing[0] if passing else max(low, key=lambda i: s1p[i])
+    evidence = {"s1_probability_of_lowest": [round(s1p[i], 4) for i in low], "s1_threshold": thr}
+    transitional, n_lumbar = False, 5
+    if s1p[best] >= thr:
+        anchor, anchor_conf = "S1", s1p[best]
+        above = s1p[best - 1] if best > 0 else 0.0
+        ratio = float(rules["transitional_ratio"])
+        if above >= ratio * anchor_conf:  # an S1-like vertebra above S1: a sacralised L5, or S1 taken for S2
+            transitional, n_lumbar = True, 4
+            evidence["rule"] = (f"S1 evidence split: the vertebra above the anchor scores {above:.2f} "
+                                f"(>= {ratio:g} x {anchor_conf:.2f})")
+        else:
+            evidence["rule"] = f"S1 class {anchor_conf:.2f} >= {thr:g}: the highest such of the three lowest"
+        kept = kept[: best + 1]
         names = names_from_bottom(len(kept), "S1")
+        if not transitional:
+            n_lumbar = min(5, len(kept) - 1)
     else:
-        anchor_conf = 1.0 - max(s1p[-1], 0.0)
+        anchor, anchor_conf = "none", s1p[best]
+        evidence["rule"] = (f"no S1 among the three lowest vertebrae (best S1 class {anchor_conf:.2f} < {thr:g}): "
+                            "counted from the lowest vertebra in view, taken as L5")
         names = names_from_bottom(len(kept), "L5")
+        n_lumbar = sum(n.startswith("L") for n in names)
     rows = image_shape[0]
     for j, (t, n) in enumerate(zip(kept, names)):
         t.level = n
         steps = len(kept) - 1 - j
-        t.name_confidence = float(np.clip(anchor_conf * (0.95**steps) * min(1.0, t.score / 0.5), 0, 1))
+        if anchor == "S1":
+            conf = calibrate(raw_name_confidence(anchor_conf, steps, t.score), True, rules)
+            t.name_confidence = conf * (0.5 if transitional else 1.0)
+        else:  # no anchor: never trusted above chance, whatever the counting
+            raw = UNANCHORED_CAP * raw_name_confidence(1.0 - anchor_conf, steps, t.score)
+            t.name_confidence = min(UNANCHORED_CAP, calibrate(raw, False, rules))
         b = np.array(t.boxes)
         t.truncated = bool(b[:, 0].min() <= 1 or b[:, 2].max() >= rows - 1)
-    return kept
+    naming = LevelNaming(anchor=anchor, anchor_confidence=anchor_conf, n_lumbar=int(n_lumbar),
+                         transitional_suspected=transitional, confidence=kept[-1].name_confidence, evidence=evidence)
+    return kept, naming
+
+
+def name_vertebrae(kept: list[Vertebra], image_shape: tuple[int, int], s1_threshold: float = 0.5) -> list[Vertebra]:
+    """The named vertebrae of :func:`name_chain` (without the naming record)."""
+    return name_chain(kept, image_shape, s1_threshold)[0]

@@ -319,6 +319,23 @@ def disc_grade(prob: np.ndarray, decision: str = "argmax") -> np.ndarray:
     return np.where(am == 4, 4, exp)
 
 
+def disc_grade_margin(prob: np.ndarray, decision: str = "argmax") -> float:
+    """How far one disc's grade decision is from changing (see :func:`disc_grade`).
+
+    ``argmax``: the gap between the two most probable grades (probability). ``ordinal``: the distance of the
+    expected grade over v1-v4 from its rounding boundary (grades, 0-0.5); 0.5 when Schmorl's node decides.
+    """
+    prob = np.asarray(prob, dtype=np.float64).reshape(len(DISC_GRADES))
+    if decision == "argmax":
+        top = np.sort(prob)[::-1]
+        return float(top[0] - top[1])
+    if prob.argmax() == 4:
+        return 0.5
+    p4 = prob[:4] / max(prob[:4].sum(), 1e-9)
+    exp = float(p4 @ np.arange(4))
+    return float(abs(abs(exp - np.floor(exp)) - 0.5))
+
+
 def load_backbone(model: nn.Module, path: str | Path) -> None:
     """Initialise a grading classifier's backbone from :func:`pretrain` output (the head stays random).
 

@@ -131,8 +131,9 @@ def label_study(image_path: str | Path, detector, out_path: str | Path, grader=N
         compress: Compress the label file (OHIF's MONAI Label panel asks for raw NRRD).
 
     Returns:
-        JSON-ready summary: ``label_names`` (name -> value), ``levels`` drawn, per vertebra level, value, name
-        confidence, score, slice range and pathology (when graded), ``discs`` (when graded), the disclaimer.
+        JSON-ready summary: ``label_names`` (name -> value), ``levels`` drawn, ``level_naming``, the study's
+        ``needs_review`` / ``review_reasons``, per vertebra level, value, name confidence, score, slice range,
+        pathology (when graded) and its review flag, ``discs`` (when graded, with theirs), the disclaimer.
 
     """
     label_map = label_map or load_label_map()
@@ -141,17 +142,23 @@ def label_study(image_path: str | Path, detector, out_path: str | Path, grader=N
     labels, drawn = render_labels(result, label_map)
     write_label_like(labels, volume, reference, out_path, compress)
     graded = {f.level: f.to_dict() for f in result.findings.vertebrae} if result.findings is not None else {}
+    rev = result.review
     return {
         "disclaimer": DISCLAIMER,
         "software": {"name": "spinepath", "version": __version__},
         "label_names": {lab.name: lab.value for lab in label_map.values()},
         "levels": drawn,
+        "level_naming": result.naming.to_dict() if result.naming is not None else None,
+        "needs_review": rev.study.needs_review,
+        "review_reasons": list(rev.study.reasons),
         "vertebrae": [
             {"level": t.level, "value": label_map[t.level].value if t.level in label_map else None,
              "name_confidence": round(t.name_confidence, 4), "score": round(t.score, 4),
-             "slice_range": [int(min(t.slices)), int(max(t.slices))], "pathology": graded.get(t.level)}
-            for t in result.vertebrae
+             "slice_range": [int(min(t.slices)), int(max(t.slices))], "pathology": graded.get(t.level),
+             **rev.vertebrae[i].to_dict()}
+            for i, t in enumerate(result.vertebrae)
         ],
-        "discs": [d.to_dict() for d in result.findings.discs] if result.findings is not None else [],
+        "discs": [{**d.to_dict(), **rev.discs[d.level].to_dict()} for d in result.findings.discs]
+        if result.findings is not None else [],
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
     }

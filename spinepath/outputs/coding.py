@@ -74,3 +74,21 @@ def disc_code(level: str) -> hd.sr.CodedConcept:
     if level not in _DISCS:
         raise ValueError(f"no SNOMED CT code for disc {level!r}")
     return _sct(_DISCS[level], level.replace("-", "/") + " disc")
+
+
+#: Review status of a finding (qualitative evaluation): Yes / No (SNOMED CT), with coded reasons (private).
+NEEDS_REVIEW = hd.sr.CodedConcept("REVIEW", SCHEME, "Needs review")
+YES, NO = _sct("373066001", "Yes"), _sct("373067005", "No")
+REVIEW_REASON = hd.sr.CodedConcept("REVIEWWHY", SCHEME, "Reason for review")
+REVIEW_REASON_CODES = {
+    "no_anchor": hd.sr.CodedConcept("NOANCHOR", SCHEME, "Level named without a sacral anchor"),
+    "name_confidence": hd.sr.CodedConcept("NAMECONF", SCHEME, "Low level-name confidence"),
+    "detection_score": hd.sr.CodedConcept("DETSCORE", SCHEME, "Low detection score"),
+    "field_of_view": hd.sr.CodedConcept("FOVCUT", SCHEME, "Cut by the field of view"),
+    "near_threshold": hd.sr.CodedConcept("NEARTHR", SCHEME, "Probability near its decision threshold"),
+    "grade_ambiguous": hd.sr.CodedConcept("GRADEAMB", SCHEME, "Two grades nearly equally likely"),
+    "transitional": hd.sr.CodedConcept("TRANSIT", SCHEME, "Transitional lumbosacral vertebra suspected"),
+    "image_quality": hd.sr.CodedConcept("IMGQUAL", SCHEME, "Image quality outside the training range"),
+    "sequence": hd.sr.CodedConcept("SEQUENCE", SCHEME, "Sequence not known from the acquisition"),
+    "flagged_findings": hd.sr.CodedConcept("FLAGGED", SCHEME, "Findings flagged for review"),
+}

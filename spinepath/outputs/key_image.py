@@ -52,12 +52,16 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
         else:  # findings: red pathological, green healthy
             col = FINDING_COLOURS[g.label]
             text = f"{t.level} {'PATH' if g.label == 'pathological' else 'ok'} {g.probability:.2f}"
+        if result.review is not None and result.review.vertebra(t, result).needs_review:
+            text += " ?review"
         draw.rectangle([c0, r0, c1, r1], outline=col, width=3 if g is not None and g.label == "pathological" else 2)
         draw.text((c1 + 4, (r0 + r1) / 2 - 6), text, fill=col)
     for lv, d in discs.items():
         a, b_ = lv.split("-")
         if a in centres and b_ in centres:
             text = f"{lv} {d.grade_name}"
+            if result.review is not None and lv in result.review.discs and result.review.discs[lv].needs_review:
+                text += " ?"
             if v.inplane.transpose:  # the spine runs across the image: below the bodies, between their centres
                 col = (centres[a][2] + centres[b_][2]) / 2 - draw.textlength(text) / 2
                 row = max(centres[a][3], centres[b_][3]) + 8
@@ -68,6 +72,9 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     if f is not None:
         draw.text((4, 18), "boxes: red = pathological, green = healthy; discs: grade", fill=(255, 255, 255))
     draw.text((4, 4), "NOT FOR DIAGNOSTIC USE", fill=(255, 170, 0))
+    if result.review is not None and result.review.study.needs_review:
+        first = result.review.study.reasons[0]
+        draw.text((4, 32), "NEEDS REVIEW: " + (first if len(first) <= 70 else first[:67] + "..."), fill=(255, 220, 0))
     draw.text((4, im.height - 14), f"slice {k + 1}/{v.pixels.shape[0]}  spinepath {__version__}", fill=(255, 255, 255))
     im.save(path)
     return k

@@ -30,13 +30,19 @@ COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyIn
 
 
 def findings_table(result: DetectionResult) -> list[list[str]]:
-    """Rows of the per-level table: level, vertebra finding, P, disc below, grade, P(abnormal)."""
+    """Rows of the per-level table: level, vertebra finding, P, disc below, grade, P(abnormal), review."""
     f = result.findings
     vert = {v.level: v for v in f.vertebrae} if f is not None else {}
     disc = {d.level.split("-")[0]: d for d in f.discs} if f is not None else {}
+    rev = result.review
     rows = []
     for t in result.vertebrae:
         v, d = vert.get(t.level), disc.get(t.level)
+        flags = []
+        if rev is not None and rev.vertebra(t, result).needs_review:
+            flags.append("vertebra")
+        if rev is not None and d is not None and rev.discs.get(d.level) is not None and rev.discs[d.level].needs_review:
+            flags.append("disc")
         rows.append([
             t.level,
             v.label if v else "not graded",
@@ -44,8 +50,27 @@ def findings_table(result: DetectionResult) -> list[list[str]]:
             d.level if d else "",
             f"{d.grade} {d.grade_name}" if d else "",
             f"{d.abnormal_probability:.2f}" if d else "",
+            "review " + " + ".join(flags) if flags else "",
         ])  # fmt: skip
     return rows
+
+
+def review_lines(result: DetectionResult, width: int = 110) -> list[str]:
+    """The study's review reasons, and each flagged finding's, as report lines."""
+    import textwrap
+
+    rev = result.review
+    if rev is None:
+        return []
+    out = ["NEEDS REVIEW: " + "; ".join(rev.study.reasons) if rev.study.needs_review else "No study-level concern."]
+    for t in result.vertebrae:
+        f = rev.vertebra(t, result)
+        if f.needs_review:
+            out.append(f"{t.level} vertebra: {'; '.join(f.reasons)}")
+    for lv, f in rev.discs.items():
+        if f.needs_review:
+            out.append(f"{lv} disc: {'; '.join(f.reasons)}")
+    return [w for line in out for w in textwrap.wrap(line, width)]
 
 
 def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> bytes:
@@ -77,17 +102,23 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
     v = result.volume
     fig.text(0.06, 0.915, f"Series: {v.description or '(no description)'} - {v.pixels.shape[0]} slices, "
              f"{v.spacing[0]:.2f} x {v.spacing[1]:.2f} mm", fontsize=8)
-    ax = fig.add_axes([0.06, 0.56, 0.88, 0.34])
+    lines = review_lines(result)[:9]
+    for i, line in enumerate(lines):
+        fig.text(0.06, 0.9 - 0.012 * i, line, fontsize=7, color="#b05000" if i == 0 and "NEEDS" in line else "black")
+    top = 0.9 - 0.012 * len(lines)
+    ax = fig.add_axes([0.06, 0.56, 0.88, top - 0.57])
     ax.axis("off")
-    rows = findings_table(result) or [["-"] * 6]
+    rows = findings_table(result) or [["-"] * 7]
     tab = ax.table(cellText=rows, colLabels=["Level", "Vertebra", "P(path.)", "Disc below", "Disc grade",
-                                              "P(abnormal)"], loc="upper center", cellLoc="center")
+                                              "P(abnormal)", "Review"], loc="upper center", cellLoc="center")
     tab.auto_set_font_size(False)
     tab.set_fontsize(8)
     tab.scale(1, 1.25)
     for (r, _c), cell in tab.get_celld().items():
         if r > 0 and rows[r - 1][1] == "pathological":
             cell.set_facecolor("#ffe0e0")
+        if r > 0 and _c == 6 and rows[r - 1][6]:
+            cell.set_facecolor("#fff0c0")
     axk = fig.add_axes([0.15, 0.07, 0.70, 0.46])
     axk.imshow(key)
     axk.set_title(f"Key image: slice {k + 1}", fontsize=9)

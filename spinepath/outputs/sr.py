@@ -2,8 +2,8 @@
 
 One planar-ROI measurement group (TID 1410) per graded vertebra and per graded disc: tracking identifier,
 finding site (SNOMED CT level), the region as a polyline on the source slice where the structure is centred,
-the probability as a numeric measurement, qualitative evaluations (Normal/Abnormal; the disc grade) and the
-algorithm identification (name, version).
+the probability as a numeric measurement, qualitative evaluations (Normal/Abnormal; the disc grade; "Needs
+review" Yes/No with its coded reasons) and the algorithm identification (name, version).
 """
 
 from __future__ import annotations
@@ -22,10 +22,15 @@ from spinepath.outputs.coding import (
     DISC_GRADE_CODES,
     DISC_GRADE_NAME,
     FINDING,
+    NEEDS_REVIEW,
+    NO,
     NO_UNITS,
     NORMAL,
     PROBABILITY,
+    REVIEW_REASON,
+    REVIEW_REASON_CODES,
     VERTEBRA,
+    YES,
     disc_code,
     vertebra_code,
 )
@@ -83,6 +88,16 @@ def _polyline(region: Region, volume) -> hd.sr.ImageRegion:
     )
 
 
+def review_evaluations(flag) -> list[hd.sr.QualitativeEvaluation]:
+    """"Needs review" Yes / No and one coded reason per kind of a :class:`spinepath.review.Flag` (none: [])."""
+    if flag is None:
+        return []
+    out = [hd.sr.QualitativeEvaluation(NEEDS_REVIEW, YES if flag.needs_review else NO)]
+    for kind in dict.fromkeys(flag.kinds):
+        out.append(hd.sr.QualitativeEvaluation(REVIEW_REASON, REVIEW_REASON_CODES[kind]))
+    return out
+
+
 def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """One TID 1410 group per graded vertebra and disc of a graded detection result."""
     f = result.findings
@@ -90,6 +105,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
         raise ValueError("the detection result has no findings: run the grading stage first")
     algo = hd.sr.AlgorithmIdentification(name=ALGORITHM, version=__version__)
     tracks = {t.level: t for t in result.vertebrae}
+    rev = result.review
     groups = []
     for v in f.vertebrae:
         t = tracks.get(v.level)
@@ -106,7 +122,8 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
                 measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(v.probability, 4), unit=NO_UNITS,
                                                 algorithm_id=algo)],
                 qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(FINDING, ABNORMAL if v.label == "pathological" else NORMAL)
+                    hd.sr.QualitativeEvaluation(FINDING, ABNORMAL if v.label == "pathological" else NORMAL),
+                    *review_evaluations(rev.vertebra(t, result) if rev is not None else None),
                 ],
             )
         )
@@ -129,6 +146,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
                 qualitative_evaluations=[
                     hd.sr.QualitativeEvaluation(FINDING, NORMAL if d.grade == "v1" else ABNORMAL),
                     hd.sr.QualitativeEvaluation(DISC_GRADE_NAME, DISC_GRADE_CODES[d.grade]),
+                    *review_evaluations(rev.discs.get(d.level) if rev is not None else None),
                 ],
             )
         )
@@ -189,12 +207,16 @@ def read_findings(path: str | Path) -> dict:
         ident = str(g.tracking_identifier)
         level, kind = ident.rsplit(" ", 1)
         prob = g.get_measurements(name=PROBABILITY)[0].value
-        quals = {q.name.meaning: q.value.meaning for q in g.get_qualitative_evaluations()}
+        evaluations = g.get_qualitative_evaluations()
+        quals = {q.name.meaning: q.value.meaning for q in evaluations if q.name != REVIEW_REASON}
+        reasons = [q.value.meaning for q in evaluations if q.name == REVIEW_REASON]
         region = g.roi
         entry = {
             "probability": float(prob),
             "finding": quals.get(FINDING.meaning),
             "finding_site": g.finding_sites[0].value.meaning,
+            "needs_review": quals.get(NEEDS_REVIEW.meaning) == YES.meaning if NEEDS_REVIEW.meaning in quals else None,
+            "review_reasons": reasons,
             "source_sop_instance_uid": region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
             "polyline": np.asarray(region.value).reshape(-1, 2).tolist(),
         }
