@@ -25,6 +25,14 @@ def data_root() -> Path:
     return DATA
 
 
+@pytest.fixture(scope="session")
+def models():
+    """The committed detector and grading model (loaded once)."""
+    from spinepath import stages
+
+    return stages.load_models()
+
+
 @pytest.fixture
 def example_copy(tmp_path: Path) -> Path:
     """A writable copy of a real example series."""

@@ -39,11 +39,6 @@ def convert(series: Path, dst: Path, reverse_frames: bool = True) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models():
-    return stages.load_models()
-
-
-@pytest.fixture(scope="module")
 def single(models, tmp_path_factory):
     volume = load_study(EXAMPLE)
     out = tmp_path_factory.mktemp("single")

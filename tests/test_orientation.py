@@ -30,11 +30,6 @@ def _ids(v) -> str:
 
 
 @pytest.fixture(scope="module")
-def models():
-    return stages.load_models()
-
-
-@pytest.fixture(scope="module")
 def reference(models, tmp_path_factory):
     volume = load_study(EXAMPLE)
     result = stages.analyse(volume, *models)

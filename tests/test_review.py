@@ -29,11 +29,6 @@ STUDY_KINDS_THAT_EXPLAIN = ("image_quality", "field_of_view", "no_anchor", "tran
 
 
 @pytest.fixture(scope="module")
-def models():
-    return stages.load_models()
-
-
-@pytest.fixture(scope="module")
 def example():
     return load_study(EXAMPLE)
 
