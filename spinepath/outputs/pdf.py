@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import tempfile
+import textwrap
 from pathlib import Path
 
 import highdicom as hd
@@ -57,8 +58,6 @@ def findings_table(result: DetectionResult) -> list[list[str]]:
 
 def review_lines(result: DetectionResult, width: int = 110) -> list[str]:
     """The study's review reasons, and each flagged finding's, as report lines."""
-    import textwrap
-
     rev = result.review
     if rev is None:
         return []
