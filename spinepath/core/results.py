@@ -77,10 +77,10 @@ class LevelNaming:
         anchor: ``"S1"`` when the sacrum was identified and the names count up from it, ``"none"`` when the
             levels were counted from the lowest vertebra in view (assumed L5) without a sacral anchor.
         anchor_confidence: S1-class probability of the anchor (of the best S1 candidate when ``"none"``).
-        n_lumbar: Lumbar-type vertebrae between the anchor and L1 as far as the evidence goes (5 normally; 4
-            or 6 when a transitional vertebra is suspected); without anchor, the vertebrae named L1-L5.
-        transitional_suspected: The S1 evidence is split between the anchor and a neighbour (a sacralised L5
-            or a lumbarised S1): reported, the names are not changed.
+        n_lumbar: Lumbar-type vertebrae above the anchor as far as the evidence goes: those in view (at most
+            5); 4 when a transitional vertebra is suspected; without anchor, the vertebrae named L1-L5.
+        transitional_suspected: The vertebra above the anchor scores S1-like too (a sacralised L5, or S1
+            taken for S2): reported, the names are not changed.
         confidence: Confidence of the naming as a whole (the anchor's name confidence).
         evidence: Per candidate (the lowest vertebrae), its S1-class probability; the rule that decided.
 

@@ -128,12 +128,13 @@ def group_and_name_with_evidence(
         Vertebrae sorted top-down with ``level`` and ``name_confidence`` set, and how they were named.
 
     """
+    rules = rules or load_naming_rules()
+    s1_threshold = float(rules["s1_threshold"] if s1_threshold is None else s1_threshold)
     tracks = _merge_same_level(link_slices(dets))
     need = 1 if len(dets) == 1 else min_slices
     # an S1 candidate is kept at a lower detection score: the sacrum's box scores below the lumbar bodies'
-    s1_keep = float((rules or load_naming_rules())["s1_threshold"] if s1_threshold is None else s1_threshold)
     tracks = [t for t in tracks if len(t.slices) >= need
-              and (t.score >= min_score or float(np.mean(t.s1_scores)) >= s1_keep)]
+              and (t.score >= min_score or float(np.mean(t.s1_scores)) >= s1_threshold)]
     # strict 3D suppression: two vertebrae cannot occupy the same rows on a shared slice
     tracks.sort(key=lambda t: -t.score * len(t.slices))
     kept: list[Vertebra] = []

@@ -113,7 +113,3 @@ def name_chain(kept: list[Vertebra], image_shape: tuple[int, int], s1_threshold:
                          transitional_suspected=transitional, confidence=kept[-1].name_confidence, evidence=evidence)
     return kept, naming
 
-
-def name_vertebrae(kept: list[Vertebra], image_shape: tuple[int, int], s1_threshold: float = 0.5) -> list[Vertebra]:
-    """The named vertebrae of :func:`name_chain` (without the naming record)."""
-    return name_chain(kept, image_shape, s1_threshold)[0]

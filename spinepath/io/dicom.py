@@ -70,17 +70,28 @@ class SeriesInfo:
     _sequence: Sequence | None = field(default=None, repr=False)
 
     @property
+    def image_planes(self) -> set[str]:
+        """The planes of its images (from the first image's orientation when they were not scanned)."""
+        return set(self.planes) or {plane_of(self.orientation)}
+
+    @property
+    def image_count(self) -> int:
+        """Its images (frames of multi-frame objects counted), or its files when not scanned."""
+        return self.n_images or len(self.files)
+
+    @property
     def plane(self) -> str:
         """The plane of all its images; ``mixed`` when they differ, ``unknown`` without orientation."""
-        planes = self.planes or {plane_of(self.orientation)}
+        planes = self.image_planes
         return planes.pop() if len(planes) == 1 else "mixed"
 
     @property
     def sequence(self) -> Sequence:
         """The sequence class from the acquisition (:func:`spinepath.io.sequences.classify_sequence`)."""
         if self._sequence is None:
-            hdr = self.header if self.header is not None else pydicom.Dataset()
-            if "SeriesDescription" not in hdr:
+            hdr = self.header
+            if hdr is None:  # not scanned: only the description is known
+                hdr = pydicom.Dataset()
                 hdr.SeriesDescription = self.description
             self._sequence = classify_sequence(hdr)
         return self._sequence
@@ -88,7 +99,7 @@ class SeriesInfo:
     def summary(self) -> dict:
         """JSON-ready identification (no patient data)."""
         return {"series_instance_uid": self.series_uid, "series_description": self.description,
-                "n_images": self.n_images or len(self.files), "plane": self.plane,
+                "n_images": self.image_count, "plane": self.plane,
                 "sequence": self.sequence.to_dict()}
 
 
@@ -345,7 +356,7 @@ def rank_series(series: list[SeriesInfo], rules: dict | None = None) -> list[Ser
     if not mr:
         found = sorted({s.modality or "unknown" for s in series})
         raise StudyError(f"no MR series in the study (modalities found: {', '.join(found)})")
-    with_iop = [s for s in mr if "unknown" not in (s.planes or {plane_of(s.orientation)})]
+    with_iop = [s for s in mr if "unknown" not in s.image_planes]
     if not with_iop:
         for s in mr:
             if s.header is not None and is_multiframe(s.header):
@@ -354,7 +365,7 @@ def rank_series(series: list[SeriesInfo], rules: dict | None = None) -> list[Ser
         raise StudyError("missing ImageOrientationPatient: cannot tell the plane of any MR series")
     sag = [s for s in with_iop if s.plane == "sagittal"]
     if not sag:
-        planes = sorted({p for s in with_iop for p in s.planes or {s.plane}} | {s.plane for s in with_iop})
+        planes = sorted({p for s in with_iop for p in s.image_planes} | {s.plane for s in with_iop})
         raise StudyError(f"no sagittal MR series (planes found: {', '.join(planes)})")
     exclude = [re.compile(p, re.I) for p in rules.get("exclude_patterns", [])]
     ok = [s for s in sag if not any(e.search(s.description) for e in exclude)]
@@ -362,7 +373,7 @@ def rank_series(series: list[SeriesInfo], rules: dict | None = None) -> list[Ser
         descs = ", ".join(sorted({s.description or "(none)" for s in sag}))
         raise StudyError(f"no sagittal T2 series: the sagittal series are excluded by the rules ({descs})")
     min_images = int(rules.get("min_images", 2))
-    big = [s for s in ok if (s.n_images or len(s.files)) >= min_images]
+    big = [s for s in ok if s.image_count >= min_images]
     if not big:
         raise StudyError(f"the sagittal series has a single image; at least {min_images} slices are needed")
     main = list(rules.get("main_sequences", ["t2", "unknown"]))
@@ -373,7 +384,7 @@ def rank_series(series: list[SeriesInfo], rules: dict | None = None) -> list[Ser
 
     def rank(s: SeriesInfo) -> tuple:
         return (-main.index(s.sequence.kind), not s.sequence.by_description,
-                any(p.search(s.description) for p in prefer), s.n_images or len(s.files))
+                any(p.search(s.description) for p in prefer), s.image_count)
 
     return sorted(usable, key=rank, reverse=True)
 
@@ -396,9 +407,9 @@ def select_companions(series: list[SeriesInfo], main: SeriesInfo, rules: dict | 
     min_images = int(rules.get("min_images", 2))
     out = [s for s in series if s is not main and s.study_uid == main.study_uid and s.plane == "sagittal"
            and s.modality == main.modality and s.sequence.kind in kinds
-           and (s.n_images or len(s.files)) >= min_images and not any(e.search(s.description) for e in exclude)]
+           and s.image_count >= min_images and not any(e.search(s.description) for e in exclude)]
     return sorted(out, key=lambda s: (-kinds.index(s.sequence.kind), not s.sequence.by_description,
-                                      s.n_images or len(s.files)), reverse=True)
+                                      s.image_count), reverse=True)
 
 
 def missing_functional_groups(ds: pydicom.Dataset) -> list[str]:
@@ -434,7 +445,10 @@ def _scrub(text: str, ds: pydicom.Dataset) -> str:
 
 
 def _pixels(ds: pydicom.Dataset, frames: int | None = None) -> np.ndarray:
-    """Decoded pixels (rescaled for single-frame; raw ``(frames, rows, cols)`` for a multi-frame object)."""
+    """Decoded stored values as float32: ``(rows, cols)``, or ``(frames, rows, cols)`` for a multi-frame object.
+
+    The rescale (per image or per frame) is applied by the caller (:class:`_Image`).
+    """
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = getattr(ts, "name", None) or str(ts or "unknown")
     try:
@@ -460,10 +474,7 @@ def _pixels(ds: pydicom.Dataset, frames: int | None = None) -> np.ndarray:
         raise StudyError(f"unsupported pixel data shape {arr.shape}: expected single-frame grayscale images")
     if arr.shape != (int(ds.Rows), int(ds.Columns)):
         raise StudyError(f"decoded image shape {arr.shape} differs from the header's matrix")
-    arr = arr.astype(np.float32)
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    return arr * slope + inter
+    return arr.astype(np.float32)
 
 
 def _reason(exc: BaseException) -> str:
@@ -634,8 +645,8 @@ def load_series(info: SeriesInfo, max_pixels: int = 2048 * 2048) -> SeriesVolume
             except Exception as exc:  # noqa: BLE001
                 raise StudyError(f"unreadable DICOM file in the selected series: {type(exc).__name__}") from None
             decoded[im.path] = _pixels(full, int(full.NumberOfFrames) if im.frame is not None else None)
-        arr = decoded[im.path] if im.frame is None else decoded[im.path][im.frame] * im.rescale[0] + im.rescale[1]
-        slices.append(arr)
+        stored = decoded[im.path] if im.frame is None else decoded[im.path][im.frame]
+        slices.append(stored * im.rescale[0] + im.rescale[1])
     pixels = np.ascontiguousarray(inplane.to_canonical(np.stack(slices)))
     first = images[0]
     return SeriesVolume(

@@ -39,13 +39,13 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     f = result.findings
     graded = {x.level: x for x in f.vertebrae} if f is not None else {}
     discs = {d.level: d for d in f.discs} if f is not None else {}
-    centres = {}
+    drawn = {}  # level -> its box on the key image (scaled, stored pixels)
     for t in result.vertebrae:
         b = t.box_on(k)
         if b is None:
             continue
         r0, c0, r1, c1 = (float(x) * scale for x in v.inplane.box_to_source(b))
-        centres[t.level] = ((r0 + r1) / 2, c0, (c0 + c1) / 2, r1)
+        drawn[t.level] = (r0, c0, r1, c1)
         g = graded.get(t.level)
         if g is None:  # not graded: level colour
             col, text = colors.get(t.level, (255, 255, 0)), f"{t.level} {t.name_confidence:.2f}"
@@ -58,16 +58,17 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
         draw.text((c1 + 4, (r0 + r1) / 2 - 6), text, fill=col)
     for lv, d in discs.items():
         a, b_ = lv.split("-")
-        if a in centres and b_ in centres:
+        if a in drawn and b_ in drawn:
+            (ar0, ac0, ar1, ac1), (br0, bc0, br1, bc1) = drawn[a], drawn[b_]
             text = f"{lv} {d.grade_name}"
             if result.review is not None and lv in result.review.discs and result.review.discs[lv].needs_review:
                 text += " ?"
             if v.inplane.transpose:  # the spine runs across the image: below the bodies, between their centres
-                col = (centres[a][2] + centres[b_][2]) / 2 - draw.textlength(text) / 2
-                row = max(centres[a][3], centres[b_][3]) + 8
+                col = (ac0 + ac1 + bc0 + bc1) / 4 - draw.textlength(text) / 2
+                row = max(ar1, br1) + 8
             else:  # beside the bodies, so that disc and vertebra labels never overlap
-                row = (centres[a][0] + centres[b_][0]) / 2
-                col = max(2.0, min(centres[a][1], centres[b_][1]) - 6 - draw.textlength(text))
+                row = (ar0 + ar1 + br0 + br1) / 4
+                col = max(2.0, min(ac0, bc0) - 6 - draw.textlength(text))
             draw.text((col, row - 6), text, fill=DISC_COLOURS[d.grade])
     if f is not None:
         draw.text((4, 18), "boxes: red = pathological, green = healthy; discs: grade", fill=(255, 255, 255))

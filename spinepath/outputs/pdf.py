@@ -31,7 +31,7 @@ COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyIn
 
 
 def findings_table(result: DetectionResult) -> list[list[str]]:
-    """Rows of the per-level table: level, vertebra finding, P, disc below, grade, P(abnormal), review."""
+    """Rows of the per-level table: level, vertebra finding, P, disc below, grade, P(abnormal), what needs review."""
     f = result.findings
     vert = {v.level: v for v in f.vertebrae} if f is not None else {}
     disc = {d.level.split("-")[0]: d for d in f.discs} if f is not None else {}
@@ -51,7 +51,7 @@ def findings_table(result: DetectionResult) -> list[list[str]]:
             d.level if d else "",
             f"{d.grade} {d.grade_name}" if d else "",
             f"{d.abnormal_probability:.2f}" if d else "",
-            "review " + " + ".join(flags) if flags else "",
+            " + ".join(flags),
         ])  # fmt: skip
     return rows
 
