@@ -29,9 +29,10 @@ from spinepath.core.paths import SHARED_EXAMPLES, resolve_model_path  # noqa: E4
 from spinepath.data.split import split_cases  # noqa: E402
 from spinepath.detection.naming import NAMING_RULES, load_naming_rules  # noqa: E402
 from spinepath.detection.predictor import VertebraDetector  # noqa: E402
+from spinepath.evaluation.calibration import plot_reliability  # noqa: E402
 from spinepath.evaluation.naming import calibration_report, naming_outcomes  # noqa: E402
 
-DATASETS = ("spark_midsag", "chu_t2", "spineweb_vb")
+DATASETS = ("spark_midsag", "chu_t2", "spineweb_vb", "spider_seg")
 
 
 def outcomes(root: Path, model, part: str, rules: dict, quiet: bool) -> list:
@@ -63,29 +64,6 @@ def fit(raw: list) -> dict:
             "fitted_on": "selection split: " + ", ".join(DATASETS)}
 
 
-def plot(reports: dict[str, dict], path: Path) -> None:
-    """Reliability diagram (accuracy against mean confidence per bin)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for name, rep in reports.items():
-        b = rep.get("bins", [])
-        ax.plot([x["mean_confidence"] for x in b], [x["accuracy"] for x in b], "o-",
-                label=f"{name} (n={rep['n']}, ECE {rep.get('ece', 0):.3f})")
-    ax.set_xlabel("name confidence")
-    ax.set_ylabel("fraction of names correct")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("Level-name reliability (validation split)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main() -> None:
     """Entry point."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -112,7 +90,8 @@ def main() -> None:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "naming_calibration.json").write_text(json.dumps(result, indent=1))
-    plot({k: v for k, v in reports.items() if k.startswith("validation")}, docs / "naming_reliability.png")
+    plot_reliability({k: v for k, v in reports.items() if k.startswith("validation")}, docs / "naming_reliability.png",
+                     "Level-name reliability (validation split)", "name confidence", "fraction of names correct")
     if args.write:
         NAMING_RULES.write_text(json.dumps(fitted, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "validation_outcomes"}))

@@ -68,5 +68,8 @@ def test_train_grading_from_backbone_with_fold_ensemble(tmp_path) -> None:
     g = Grader.load(out / "grader.pt")
     assert all(len(g.models[t]) == 3 for t in ("vertebra", "disc"))  # final + 2 fold models
     assert g.meta["ensemble"] == "folds+final" and summary["params"]["disc"]["init"] == str(bb)
+    # calibration fitted out of fold and stored with the models
+    assert g.calibration is not None and g.calibration.disc_temperature > 0
+    assert summary["calibration"]["info"]["n_discs"] > 0
     with pytest.raises(ValueError, match="unknown ensemble"):
         train_grading(GradingTrainConfig(data_root=str(DATA), out_dir=str(out), ensemble="all"))

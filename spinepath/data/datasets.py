@@ -46,6 +46,8 @@ class Slice2D:
         centres: Optional ``(N, 2)`` reference centres (row, col), used by spark_midsag.
         span: ``(row_min, row_max)`` of the labelled anatomy; outside it anatomy is unlabelled.
         spacing_known: False when the spacing is an estimate.
+        derived: Per box, True where the box is derived rather than drawn from a mask (e.g. the unlabelled S1
+            of spider_seg): a training target, never scored. None: none is.
 
     """
 
@@ -60,6 +62,7 @@ class Slice2D:
     centres: np.ndarray | None = None
     span: tuple[float, float] | None = None
     spacing_known: bool = True
+    derived: np.ndarray | None = None
 
     @property
     def classes(self) -> np.ndarray:
@@ -68,17 +71,20 @@ class Slice2D:
 
 
 def dataset_kind(root: str | Path) -> str:
-    """Tell which shared-data format a folder holds: ``"spark"`` (2D centres) or ``"volumes"`` (3D masks).
+    """Tell which shared-data format a folder holds.
+
+    ``"spark"`` (2D centres, spark_midsag), ``"spider_midsag"`` (2D T1/T2 with disc grades, no locations),
+    ``"volumes"`` (3D masks) or ``"spider_seg"`` (2D slices with semantic masks).
 
     Raises:
         FileNotFoundError: If the folder has neither ``labels.json`` nor ``index.json``.
 
     """
     root = Path(root)
-    if (root / "labels.json").is_file():
-        return "spark"
-    if (root / "index.json").is_file():
-        return "volumes"
+    for name, kinds in (("labels.json", ("spark", "spider_midsag")), ("index.json", ("volumes", "spider_seg"))):
+        if (root / name).is_file():
+            first = next(iter(json.loads((root / name).read_text()).values()), {})
+            return kinds[1] if ("images" in first or "slices" in first) else kinds[0]
     raise FileNotFoundError(f"{root} is not a dataset folder: it has neither labels.json nor index.json")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from spinepath.core.config import config_file
 from spinepath.data.datasets import dataset_kind, load_spark, load_volume_index
+from spinepath.data.spider import load_spider_midsag, load_spider_seg
 
 SPLIT_FILE = config_file("split.json")
 #: The parts of the split (``train`` is everything not listed in the others).
@@ -23,12 +24,20 @@ def load_split(path: str | Path = SPLIT_FILE) -> dict:
     return json.loads(Path(path).read_text())
 
 
+#: Datasets whose patients share one list in the split (the same SPIDER patient in both folders).
+SPLIT_GROUPS = {"spider_midsag": "spider", "spider_seg": "spider"}
+
+
 def split_part(dataset: str, case: str, patient: str | None = None, split: dict | None = None) -> str:
-    """The part a case belongs to: ``"validation"``, ``"selection"`` or ``"train"`` (by patient for 3D data)."""
+    """The part a case belongs to: ``"validation"``, ``"selection"`` or ``"train"`` (by patient except spark).
+
+    spider_midsag and spider_seg are looked up in the one ``"spider"`` patient list.
+    """
     split = split or load_split()
     key = case if dataset == "spark_midsag" else (patient or case)
+    group = SPLIT_GROUPS.get(dataset, dataset)
     for part in ("validation", "selection"):
-        if key in split.get(part, {}).get(dataset, []):
+        if key in split.get(part, {}).get(group, []):
             return part
     return "train"
 
@@ -50,6 +59,10 @@ def split_cases(root: str | Path, part: str = "validation", split: dict | None =
         raise ValueError(f"unknown split part {part!r}; expected one of {PARTS}")
     root = Path(root)
     split = split or load_split()
-    if dataset_kind(root) == "spark":
+    kind = dataset_kind(root)
+    if kind == "spark":
         return [c.case for c in load_spark(root) if split_part(root.name, c.case, split=split) == part]
+    if kind in ("spider_seg", "spider_midsag"):
+        cases = load_spider_seg(root) if kind == "spider_seg" else load_spider_midsag(root)
+        return [c.patient for c in cases if split_part(kind, c.patient, c.patient, split) == part]
     return [c.case for c in load_volume_index(root) if split_part(root.name, c.case, c.patient, split) == part]

@@ -32,6 +32,7 @@ from spinepath.data.datasets import (
     load_volume_index,
     spark_slice,
 )
+from spinepath.data.spider import load_spider_seg, spider_seg_slices
 from spinepath.data.split import PARTS, load_split, split_part
 from spinepath.detection.network import DetectorConfig
 from spinepath.detection.predictor import VertebraDetector
@@ -89,6 +90,8 @@ def _to_grid_sample(s: Slice2D, cfg: DetectorConfig, lo_hi: tuple[float, float],
     boxes = s.boxes[keep] * np.array([fr, fc, fr, fc], dtype=np.float32)
     span = (s.span[0] * fr, s.span[1] * fr) if s.span else None
     ignore = s.area_fraction[keep] < 0.5
+    if s.derived is not None:
+        ignore |= s.derived[keep]
     return GridSample(
         x, boxes, s.classes[keep], span, s.dataset == "spark_midsag", f"{s.dataset}/{s.case}/{s.index}", ignore
     )
@@ -97,11 +100,12 @@ def _to_grid_sample(s: Slice2D, cfg: DetectorConfig, lo_hi: tuple[float, float],
 def collect_slices(
     data_root: str | Path, part: str, split: dict | None = None, slice_step: int = 1, max_cases: int = 0
 ) -> list[Slice2D]:
-    """Training, selection or validation slices of chu_t2, spineweb_vb and spark_midsag.
+    """Training, selection or validation slices of chu_t2, spineweb_vb, spark_midsag and spider_seg.
 
     Selection and validation volumes give their clinical 4 mm slices; training volumes every ``slice_step``-th
     slice with a body. Level names of spineweb_vb are the inferred ones (lowest = S1) so the S1 class can be
-    learned.
+    learned. spider_seg gives every slice of its patients, with the derived S1 box (:mod:`spinepath.data.spider`)
+    as a target that is not scored; it is skipped when the folder is absent.
 
     Args:
         data_root: The shared data folder.
@@ -138,6 +142,11 @@ def collect_slices(
     for c in spark:
         s = spark_slice(c, with_s1=True) if not want_val else spark_slice(c, spark_fov_spacing(c.size_hw))
         out.append(s)
+    if (root / "spider_seg" / "index.json").is_file():
+        spider = [c for c in load_spider_seg(root / "spider_seg")
+                  if split_part("spider_seg", c.patient, c.patient, split) == part]
+        for c in spider[: max_cases or None]:
+            out += spider_seg_slices(c)
     return out
 
 

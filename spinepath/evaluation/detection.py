@@ -16,6 +16,7 @@ from spinepath.data.datasets import (
     load_spark,
     load_volume_index,
 )
+from spinepath.data.spider import load_spider_seg, spider_seg_slices
 from spinepath.evaluation.matching import match_slice
 from spinepath.stages import detect_series
 
@@ -122,10 +123,64 @@ def evaluate_spark(root: str | Path, model, cases: list[str] | None = None, prog
     }
 
 
+def evaluate_spider_seg(root: str | Path, model, cases: list[str] | None = None, progress: bool = True) -> dict:
+    """Detection metrics on a spider_seg-format folder (2D slices with semantic masks).
+
+    Each patient's slices run through the pipeline as one series (slice distance: twice the slice thickness,
+    every 2nd slice is kept in the folder). Reference boxes are the bodies anterior to the canal
+    (:mod:`spinepath.data.spider`); the derived S1 box is not scored for IoU, but its name is: ``level_accuracy``
+    is over every reference body including S1 (names counted from the lumbosacral disc), the majority name of
+    the boxes matched to it at IoU >= 0.5 (>= 0.3 for the derived S1 box). ``s1_found`` is the fraction of
+    patients whose vertebra named S1 lies on the derived S1 box.
+    """
+    all_cases = load_spider_seg(root)
+    if cases is not None:
+        all_cases = [c for c in all_cases if c.patient in cases]
+    ious: list[float] = []
+    tp = fp = 0
+    level_ok = level_n = s1_ok = 0
+    for case in tqdm(all_cases, desc="patients", disable=not progress):
+        slices = spider_seg_slices(case)
+        res = detect_series(series_from_slices([s.image for s in slices], slices[0].spacing, 2 * case.thickness), model)
+        names: dict[str, list[str]] = {}
+        s1_hit = False
+        for k, s in enumerate(slices):
+            pred = [(t.box_on(k), t.level) for t in res.vertebrae if t.box_on(k) is not None]
+            pboxes = np.array([p[0] for p in pred]).reshape(-1, 4)
+            derived = s.derived if s.derived is not None else np.zeros(len(s.boxes), bool)
+            m = match_slice(pboxes, s.boxes, derived)
+            ious += m["ious"]
+            tp += m["tp"]
+            fp += m["fp"]
+            for p, r, v in m["pairs"]:
+                if v >= (0.3 if derived[r] else 0.5):
+                    names.setdefault(s.levels[r], []).append(pred[p][1])
+                    s1_hit |= bool(derived[r] and pred[p][1] == "S1")
+        ref_levels = {lv for s in slices for lv in s.levels}
+        for lv in ref_levels:
+            level_n += 1
+            got = names.get(lv, [])
+            level_ok += int(bool(got) and max(set(got), key=got.count) == lv)
+        s1_ok += int(s1_hit)
+    return {
+        "task": "detection",
+        "n_cases": len(all_cases),
+        "n_vertebrae": level_n,
+        "mean_iou": float(np.mean(ious)) if ious else 0.0,
+        "recall_at_iou50": tp / max(len(ious), 1),
+        "precision_at_iou50": tp / max(tp + fp, 1),
+        "level_accuracy": (level_ok / level_n) if level_n else None,
+        "s1_found": s1_ok / max(len(all_cases), 1),
+    }
+
+
 def evaluate_detection(root: str | Path, model, cases: list[str] | None = None, progress: bool = True) -> dict:
-    """Dispatch on the dataset format (3D masks or spark_midsag centres)."""
+    """Dispatch on the dataset format (3D masks, spark_midsag centres or spider_seg slices)."""
     kind = dataset_kind(root)
-    return (evaluate_spark if kind == "spark" else evaluate_volumes)(root, model, cases, progress)
+    if kind == "spider_midsag":
+        raise ValueError(f"{root}: spider_midsag has no locations to score detection on; use a spider_seg folder")
+    fn = {"spark": evaluate_spark, "spider_seg": evaluate_spider_seg}.get(kind, evaluate_volumes)
+    return fn(root, model, cases, progress)
 
 
 # ------------------------------------------------------------------------------------------------ grading

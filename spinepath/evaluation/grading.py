@@ -260,7 +260,7 @@ def evaluate_grading(
     End to end when a detector is given, else at the reference centres.
     """
     r = collect_grading(root, grader, detector, cases, views, progress)
-    thr = grader.fusion.threshold if grader.fusion is not None else 0.5
+    thr = grader.vertebra_threshold
     m = grading_metrics(r["v_true"], r["v_prob"], thr, r["d_true"], r["d_pred"])
     return {"task": "grading", "n_images": r["n_images"], **m}
 

@@ -2,7 +2,8 @@
 
 Each predicted vertebra matched to a reference vertebra gives one outcome (its name confidence, raw and as
 reported, and whether its name is right): spark_midsag by the labelled centre its box contains, chu_t2 /
-spineweb_vb (lowest labelled body = S1) by per-slice IoU >= 0.5 (the majority over its slices).
+spineweb_vb (lowest labelled body = S1) and spider_seg (bodies named from the lumbosacral disc, the derived S1 box
+matched at IoU >= 0.3) by per-slice IoU >= 0.5 (the majority over its slices).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from spinepath.data.datasets import (
     load_spark,
     load_volume_index,
 )
+from spinepath.data.spider import load_spider_seg, spider_seg_slices
 from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.naming import load_naming_rules
+from spinepath.evaluation.calibration import reliability
 from spinepath.evaluation.matching import match_slice
 
 
@@ -44,15 +47,15 @@ class Outcome:
         return self.level == self.reference
 
 
-def _detect(slices: list[np.ndarray], spacing: tuple[float, float], model, rules: dict):
-    vol = series_from_slices(slices, spacing, 4.0)
+def _detect(slices: list[np.ndarray], spacing: tuple[float, float], model, rules: dict, slice_mm: float = 4.0):
+    vol = series_from_slices(slices, spacing, slice_mm)
     dets = model.predict(list(vol.pixels), vol.spacing)
     return group_and_name_with_evidence(dets, vol.pixels.shape[1:], rules=rules)
 
 
 def naming_outcomes(root: str | Path, model, cases: list[str] | None = None, rules: dict | None = None,
                     progress: bool = True) -> list[Outcome]:
-    """Outcomes of every matched vertebra of a dataset (spark_midsag, chu_t2 or spineweb_vb format).
+    """Outcomes of every matched vertebra of a dataset (spark_midsag, chu_t2 / spineweb_vb or spider_seg format).
 
     Args:
         root: Dataset folder.
@@ -80,27 +83,42 @@ def naming_outcomes(root: str | Path, model, cases: list[str] | None = None, rul
                     out.append(Outcome(root.name, c.case, t.level, v["level"], t.name_confidence,
                                        naming is not None and naming.anchor == "S1"))
         return out
+    if dataset_kind(root) == "spider_seg":
+        for sc in tqdm([c for c in load_spider_seg(root) if cases is None or c.patient in cases], desc="patients",
+                       disable=not progress):
+            slices = spider_seg_slices(sc)
+            verts, naming = _detect([s.image for s in slices], slices[0].spacing, model, rules, 2 * sc.thickness)
+            out += _volume_outcomes(root.name, sc.patient, slices, verts, naming)
+        return out
     for case in tqdm([c for c in load_volume_index(root) if cases is None or c.case in cases], desc="cases",
                      disable=not progress):
         if case.structure != "vertebral_body":
             continue
         slices = list(iter_volume_slices(case, clinical_slice_indices(case.n_slices), inferred=True))
         verts, naming = _detect([s.image for s in slices], slices[0].spacing, model, rules)
-        votes: dict[int, list[str]] = {}
-        for k, s in enumerate(slices):
-            pred = [t for t in verts if t.box_on(k) is not None]
-            boxes = np.array([t.box_on(k) for t in pred]).reshape(-1, 4)
-            scored = s.area_fraction >= REFERENCE_AREA_FRACTION
-            m = match_slice(boxes, s.boxes, ~scored)
-            for p, r, iou in m["pairs"]:
-                if iou >= 0.5 and scored[r] and s.levels[r]:
-                    votes.setdefault(id(pred[p]), []).append(s.levels[r])
-        for t in verts:
-            v = votes.get(id(t))
-            if v:
-                out.append(Outcome(root.name, case.case, t.level, max(set(v), key=v.count), t.name_confidence,
-                                   naming is not None and naming.anchor == "S1"))
+        out += _volume_outcomes(root.name, case.case, slices, verts, naming)
     return out
+
+
+def _volume_outcomes(dataset: str, case: str, slices: list, verts: list, naming) -> list[Outcome]:
+    """Outcomes of a series' named vertebrae: each takes the majority reference name of the boxes it matched.
+
+    A match is IoU >= 0.5 with a scored reference (cross-section >= 50 % of the body's largest), or >= 0.3
+    with a derived one (spider_seg's unlabelled S1, whose box is an estimate).
+    """
+    votes: dict[int, list[str]] = {}
+    for k, s in enumerate(slices):
+        pred = [t for t in verts if t.box_on(k) is not None]
+        boxes = np.array([t.box_on(k) for t in pred]).reshape(-1, 4)
+        derived = s.derived if s.derived is not None else np.zeros(len(s.boxes), bool)
+        scored = (s.area_fraction >= REFERENCE_AREA_FRACTION) & ~derived
+        m = match_slice(boxes, s.boxes, ~scored)
+        for p, r, iou in m["pairs"]:
+            if s.levels[r] and ((scored[r] and iou >= 0.5) or (derived[r] and iou >= 0.3)):
+                votes.setdefault(id(pred[p]), []).append(s.levels[r])
+    anchored = naming is not None and naming.anchor == "S1"
+    return [Outcome(dataset, case, t.level, max(set(v), key=v.count), t.name_confidence, anchored)
+            for t in verts if (v := votes.get(id(t)))]
 
 
 def calibration_report(outcomes: list[Outcome], n_bins: int = 10) -> dict:
@@ -113,16 +131,9 @@ def calibration_report(outcomes: list[Outcome], n_bins: int = 10) -> dict:
         return {"n": 0}
     conf = np.array([o.confidence for o in outcomes])
     ok = np.array([o.correct for o in outcomes], float)
-    edges = np.linspace(0, 1, n_bins + 1)
-    bins, ece = [], 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf >= lo) & ((conf < hi) if hi < 1 else (conf <= hi))
-        if m.any():
-            bins.append({"range": [round(lo, 2), round(hi, 2)], "n": int(m.sum()),
-                         "mean_confidence": round(float(conf[m].mean()), 4), "accuracy": round(float(ok[m].mean()), 4)})
-            ece += m.mean() * abs(conf[m].mean() - ok[m].mean())
+    rel = reliability(conf, ok, n_bins)
     margins = [(float(ok[conf >= c].mean()) - float(c), float(c)) for c in np.unique(conf)]
     worst = min(margins)
-    return {"n": len(outcomes), "accuracy": round(float(ok.mean()), 4), "ece": round(float(ece), 4),
+    return {"n": len(outcomes), "accuracy": round(float(ok.mean()), 4), "ece": rel["ece"],
             "min_margin": round(worst[0], 4), "min_margin_at": round(worst[1], 4),
-            "anchored_fraction": round(float(np.mean([o.anchored for o in outcomes])), 4), "bins": bins}
+            "anchored_fraction": round(float(np.mean([o.anchored for o in outcomes])), 4), "bins": rel["bins"]}

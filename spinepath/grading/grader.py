@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from spinepath.core.files import atomic_file
+from spinepath.grading.calibration import Calibration
 from spinepath.grading.classifier import GradingConfig, build_classifier, predict_structures
 from spinepath.grading.crops import CropJitter, Structure
 from spinepath.grading.fusion import FusionModel
@@ -27,6 +28,8 @@ class Grader:
             when there is no disc fusion model.
         disc_fusion: Per-disc fusion model (``kind="disc"``, with its own decision rule) or None.
         meta: Free-form training information.
+        calibration: Out-of-fold calibration of the reported probabilities
+            (:class:`spinepath.grading.calibration.Calibration`) or None (reported as they come).
 
     """
 
@@ -36,6 +39,15 @@ class Grader:
     disc_decision: str = "argmax"
     meta: dict = field(default_factory=dict)
     disc_fusion: FusionModel | None = None
+    calibration: Calibration | None = None
+
+    @property
+    def vertebra_threshold(self) -> float:
+        """The vertebra decision threshold on the reported (calibrated) probability scale."""
+        raw = self.fusion.threshold if self.fusion is not None else 0.5
+        if self.calibration is None:
+            return float(raw)
+        return float(self.calibration.vertebra_probability(np.array([raw]))[0])
 
     @property
     def disc_rule(self) -> str:
@@ -60,6 +72,7 @@ class Grader:
             "disc_decision": self.disc_decision,
             "disc_fusion": self.disc_fusion.to_dict() if self.disc_fusion is not None else None,
             "meta": self.meta,
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
         }
         with atomic_file(path, ".pt") as tmp:
             torch.save(ckpt, tmp)
@@ -90,5 +103,6 @@ class Grader:
             models[t] = ms
         fusion = FusionModel.from_dict(ckpt["fusion"]) if ckpt.get("fusion") else None
         dfusion = FusionModel.from_dict(ckpt["disc_fusion"]) if ckpt.get("disc_fusion") else None
-        return cls(configs, models, fusion, ckpt.get("disc_decision", "argmax"), ckpt.get("meta", {}), dfusion)
+        return cls(configs, models, fusion, ckpt.get("disc_decision", "argmax"), ckpt.get("meta", {}), dfusion,
+                   Calibration.from_dict(ckpt.get("calibration")))
 

@@ -16,6 +16,7 @@ import numpy as np
 from spinepath.core.geometry import spacing_from_gap
 from spinepath.core.levels import DISC_GRADES, VERTEBRA_LEVELS
 from spinepath.core.results import DetectionResult, DiscFinding, Findings, SliceScores, VertebraFinding, key_slice
+from spinepath.grading.calibration import Calibration
 from spinepath.grading.classifier import disc_grade
 from spinepath.grading.crops import Structure, chain_structures, random_jitter
 from spinepath.grading.fusion import FEATURES, VertebraScores, disc_features, study_features
@@ -104,7 +105,7 @@ def fuse(
     Args:
         grader: Holds the fusion models (without a vertebra fusion model, the central-slice score with
             threshold 0.5 is used; without a disc fusion model, the mean probabilities and
-            ``grader.disc_decision``).
+            ``grader.disc_decision``) and the calibration the reported probabilities go through.
         vertebrae: Per-vertebra scores, top-down.
         disc_probs: Per disc level, ``(n, 5)`` probabilities over its slices / views.
 
@@ -114,10 +115,9 @@ def fuse(
     """
     dmean = {lv: p.mean(0) for lv, p in disc_probs.items()}
     X = study_features(vertebrae, {lv: float(1 - p[0]) for lv, p in dmean.items()})
-    if grader.fusion is not None:
-        prob, thr = grader.fusion.predict(X), grader.fusion.threshold
-    else:
-        prob, thr = X[:, 0], 0.5
+    raw = grader.fusion.predict(X) if grader.fusion is not None else X[:, 0]
+    cal = grader.calibration or Calibration()
+    prob, thr = cal.vertebra_probability(raw), grader.vertebra_threshold  # strictly increasing: same decisions
     vf = [
         VertebraFinding(v.level, float(p), "pathological" if p >= thr else "healthy", float(thr), {},
                         dict(zip(FEATURES, map(float, x))))
@@ -128,6 +128,7 @@ def fuse(
         dp = grader.disc_fusion.predict(Xd)
     else:
         dp = np.array([dmean[lv] for lv in levels]).reshape(-1, 5)
+    dp = cal.disc_probabilities(dp)  # the disc rule was chosen on calibrated out-of-fold probabilities
     grades = disc_grade(dp, grader.disc_rule) if len(levels) else []
     df = [DiscFinding(lv, DISC_GRADES[int(g)], p, [], x) for lv, g, p, x in zip(levels, grades, dp, Xd)]
     return vf, df, X

@@ -5,8 +5,10 @@
    on the held-out fold's images (detection -> naming -> crops of the detected structures, ``views``
    pseudo-slices each). These out-of-fold scores are the fusion model's training data.
 2. Fusion: LightGBM on the out-of-fold features; its threshold is chosen on its own cross-validated
-   predictions (see :func:`spinepath.grading.fusion.fit_fusion`). The disc decision rule (argmax / ordinal) is chosen
-   on the out-of-fold disc probabilities.
+   predictions (see :func:`spinepath.grading.fusion.fit_fusion`). Calibration (:mod:`spinepath.grading.calibration`):
+   Platt scaling of those cross-validated vertebra probabilities, a temperature for the out-of-fold disc
+   probabilities. The disc decision rule (argmax / ordinal) is chosen on the calibrated out-of-fold disc
+   probabilities.
 3. Final classifiers: one per task trained on all training studies (``ensemble="final"``), or those plus
    the cross-validation fold models as an averaged ensemble (``"folds+final"``); they, the fusion model and
    the rule are saved together (``grader.pt``). Validation studies of ``configs/split.json`` are only used for
@@ -32,6 +34,7 @@ from spinepath.data.datasets import load_spark
 from spinepath.data.split import is_validation
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.evaluation.grading import grade_spark_case
+from spinepath.grading.calibration import fit_calibration, fit_platt
 from spinepath.grading.classifier import disc_grade, train_classifier
 from spinepath.grading.crops import spark_structures
 from spinepath.grading.fusion import fit_disc_fusion, fit_fusion
@@ -122,8 +125,7 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
                 oof.append(r)
     X, y, groups = _labelled(oof)
     fusion, cv_prob = fit_fusion(X, y, groups, n_folds=min(5, len(set(groups.tolist()))))
-    # discs: decision rule on the raw out-of-fold probabilities, and a fusion model kept only if it measures
-    # better on its cross-validated predictions
+    # discs: a fusion model kept only if it measures better on its cross-validated predictions
     from sklearn.metrics import cohen_kappa_score
 
     drows = [(t, p, x, r["case"]) for r in oof for t, p, x in r["discs"] if p is not None and t >= 0]
@@ -131,13 +133,23 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
     dp = np.stack([d[1] for d in drows])
     Xd = np.stack([d[2] for d in drows])
     dg = np.array([d[3] for d in drows])
-    kappas = {rule: float(cohen_kappa_score(dt, disc_grade(dp, rule), weights="quadratic", labels=list(range(5))))
-              for rule in ("argmax", "ordinal")}
+    disc_fusion, disc_cv = fit_disc_fusion(Xd, dt, dg, n_folds=min(5, len(set(dg.tolist()))))
+    # calibration on the out-of-fold predictions (vertebra: the fusion's cross-validated probabilities), then the
+    # disc rule on the calibrated disc probabilities, with and without the disc fusion model
+    raw_cal = fit_calibration(y, cv_prob, dt, dp, "out-of-fold training predictions (spark_midsag)")
+    fused_cal = fit_calibration(y, cv_prob, dt, disc_cv, "out-of-fold training predictions (spark_midsag)")
+
+    def kappa(p: np.ndarray, r: str) -> float:
+        return float(cohen_kappa_score(dt, disc_grade(p, r), weights="quadratic", labels=list(range(5))))
+
+    kappas = {r: kappa(raw_cal.disc_probabilities(dp), r) for r in ("argmax", "ordinal")}
     rule = max(kappas, key=kappas.get)
-    disc_fusion, _ = fit_disc_fusion(Xd, dt, dg, n_folds=min(5, len(set(dg.tolist()))))
-    fused_kappa = max(disc_fusion.info["cv_quadratic_kappa"].values())
+    fused_kappa = kappa(fused_cal.disc_probabilities(disc_cv), disc_fusion.decision)
+    calibration = raw_cal
     if fused_kappa <= kappas[rule]:
         disc_fusion = None
+    else:
+        calibration = fused_cal
     final = {}
     final_hist = {}
     for task in ("vertebra", "disc"):
@@ -155,7 +167,7 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
     }
     meta["disc_fusion_cv_kappa"] = fused_kappa
     meta["disc_fusion_used"] = disc_fusion is not None
-    grader = Grader(dict(params), final, fusion, rule, meta, disc_fusion)
+    grader = Grader(dict(params), final, fusion, rule, meta, disc_fusion, calibration)
     grader.save(out / "grader.pt")
     oof_auc = _auc(y, X[:, 0]), _auc(y, cv_prob)
     summary = {
@@ -168,10 +180,11 @@ def train_grading(cfg: GradingTrainConfig) -> dict:
         "oof_disc_kappa": kappas,
         "oof_disc_fusion_kappa": fused_kappa,
         "disc_fusion_used": disc_fusion is not None,
+        "calibration": calibration.to_dict(),
         "histories": {"folds": histories, "final": final_hist},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    np.savez(out / "oof.npz", X=X, y=y, groups=groups, cv_prob=cv_prob, Xd=Xd, dt=dt, dg=dg)
+    np.savez(out / "oof.npz", X=X, y=y, groups=groups, cv_prob=cv_prob, Xd=Xd, dt=dt, dg=dg, dp=dp, disc_cv=disc_cv)
     return summary
 
 
@@ -188,6 +201,8 @@ def refit_fusion(train_dir: str | Path, grader_path: str | Path | None = None) -
     gp = Path(grader_path or d / "grader.pt")
     grader = Grader.load(gp)
     grader.fusion = fusion
+    if grader.calibration is not None:  # the vertebra map follows the new fusion's cross-validated predictions
+        grader.calibration.vertebra = fit_platt(y, cv_prob)
     grader.save(gp)
     summary = json.loads((d / "summary.json").read_text())
     summary.update({"oof_auc_fused": _auc(y, cv_prob), "fusion_threshold": fusion.threshold})

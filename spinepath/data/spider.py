@@ -1,0 +1,301 @@
+"""Loaders for the SPIDER sets: spider_seg (2D slices with vertebra, disc and canal masks) and spider_midsag.
+
+spider_seg masks are semantic (0 background, 1 vertebra with its posterior elements, 2 disc, 3 spinal canal)
+and do not label the sacrum. Vertebral-body boxes are derived per slice:
+
+* the body is the part of a vertebra component anterior to the spinal canal (the canal's anterior wall,
+  a smooth curve fitted per patient over its slices, separates body from posterior elements also on the
+  lateral slices where the pedicles join them);
+* bodies are named from the bottom: the lowest labelled disc is the lumbosacral disc, the body above it L5;
+* the S1 body, unlabelled, is the L5 body mirrored through the plane of the lumbosacral disc (the disc's
+  principal axis through its centre), so its tilt follows the disc; the sacrum below it stays unlabelled.
+
+The conventions of :mod:`spinepath.data.datasets` apply: rows superior -> inferior, columns anterior ->
+posterior, boxes ``[r0, c0, r1, c1]`` in pixel edge coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+
+from spinepath.core.levels import names_from_bottom
+from spinepath.data.datasets import Slice2D
+
+#: spider_seg mask values (``labels`` in index.json is the authority; these are the SPIDER ones).
+VERTEBRA, DISC, CANAL = 1, 2, 3
+#: The classes of a spider_seg case whose index.json names none.
+DEFAULT_LABELS = {"1": "vertebra", "2": "disc", "3": "spinal_canal"}
+#: A component smaller than this fraction of the slice's median body (or disc) is a fragment.
+MIN_COMPONENT_FRACTION = 0.3
+#: A body touching the image border and shorter than this fraction of the median body height is cut off.
+CUT_BODY_FRACTION = 0.8
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L") if im.mode not in ("L", "P", "I", "I;16") else im)
+
+
+@dataclass
+class SpiderSegCase:
+    """One spider_seg patient: its sagittal slices and masks."""
+
+    patient: str
+    root: Path
+    slices: list[str]
+    slice_numbers: list[int]
+    spacing: tuple[float, float]
+    labels: dict[int, str]
+    thickness: float = 0.9  # slice thickness (mm); the folder keeps every 2nd slice, so slices are 2x apart
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(image float32, mask int16)`` of the ``i``-th slice.
+
+        Raises:
+            ValueError: If image and mask sizes differ.
+
+        """
+        img = _read_png(self.root / "images" / self.slices[i]).astype(np.float32)
+        msk = _read_png(self.root / "masks" / self.slices[i]).astype(np.int16)
+        if img.shape != msk.shape:
+            raise ValueError(f"spider_seg/{self.slices[i]}: image {img.shape} and mask {msk.shape} differ")
+        return img, msk
+
+    def value_of(self, name: str) -> int | None:
+        """The mask value of a class name in this case (None when the case does not annotate it)."""
+        return next((v for v, n in self.labels.items() if n == name), None)
+
+
+def load_spider_seg(root: str | Path) -> list[SpiderSegCase]:
+    """Read a spider_seg-format folder's ``index.json`` (patients sorted by number).
+
+    Raises:
+        FileNotFoundError: If index.json or a listed image or mask is missing.
+        ValueError: If a case has no pixel spacing (the detector needs it).
+
+    """
+    root = Path(root)
+    index = json.loads((root / "index.json").read_text())
+    out = []
+    for pid, e in sorted(index.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        for s in e["slices"]:
+            for sub in ("images", "masks"):
+                if not (root / sub / s).is_file():
+                    raise FileNotFoundError(f"{root.name}/{pid}: missing {sub}/{s}")
+        if not e.get("pixel_spacing_mm"):
+            raise ValueError(f"{root.name}/{pid}: no pixel_spacing_mm")
+        out.append(
+            SpiderSegCase(
+                patient=str(e.get("patient", pid)),
+                root=root,
+                slices=list(e["slices"]),
+                slice_numbers=list(e.get("slice_numbers", range(len(e["slices"])))),
+                spacing=(float(e["pixel_spacing_mm"][0]), float(e["pixel_spacing_mm"][1])),
+                labels={int(k): v for k, v in (e.get("labels") or DEFAULT_LABELS).items()},
+                thickness=float(e.get("slice_thickness_mm") or 0.9),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------- body boxes
+def canal_front(masks: list[np.ndarray], canal: int = CANAL) -> np.ndarray | None:
+    """The canal's anterior wall per row (column), pooled over a patient's slices; None without a canal.
+
+    Per row, the most anterior canal column over the slices (the canal is widest at the midline); a
+    cubic fit over the rows that have canal, held constant beyond them.
+    """
+    rows_n = masks[0].shape[0]
+    front = np.full(rows_n, np.inf)
+    for m in masks:
+        c = m == canal
+        has = c.any(axis=1)
+        first = np.where(has, c.argmax(axis=1), np.inf)
+        front = np.minimum(front, first)
+    rows = np.nonzero(np.isfinite(front))[0]
+    if rows.size < 20:
+        return None
+    coef = np.polyfit(rows, front[rows], 3)
+    r = np.clip(np.arange(rows_n), rows.min(), rows.max())
+    return np.polyval(coef, r)
+
+
+def _components(binary: np.ndarray) -> list[np.ndarray]:
+    """Connected components (pixel coordinates ``(n, 2)``) above the size floor, sorted top-down."""
+    lab, n = ndi.label(binary)
+    comps = [np.argwhere(lab == i) for i in range(1, n + 1)]
+    if not comps:
+        return []
+    med = float(np.median([len(c) for c in comps if len(c) >= 20] or [1]))
+    comps = [c for c in comps if len(c) >= MIN_COMPONENT_FRACTION * med]
+    return sorted(comps, key=lambda c: float(c[:, 0].mean()))
+
+
+def _bbox(pts: np.ndarray) -> list[float]:
+    return [float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max() + 1), float(pts[:, 1].max() + 1)]
+
+
+def mirror_through_disc(body: np.ndarray, disc: np.ndarray) -> np.ndarray:
+    """Pixel coordinates of ``body`` mirrored through the plane of ``disc`` (its principal axis at its centre)."""
+    c = disc.mean(axis=0)
+    _, _, vt = np.linalg.svd(disc - c, full_matrices=False)
+    n = vt[1]  # the disc's minor axis: its normal
+    d = (body - c) @ n
+    return body - 2.0 * d[:, None] * n[None, :]
+
+
+@dataclass
+class SpiderBodies:
+    """Vertebral bodies of one spider_seg slice."""
+
+    boxes: np.ndarray  # (N, 4) top-down, S1 last when derived
+    levels: list[str]
+    cut: list[bool]  # body cut by the image border (not a training target)
+    s1_derived: bool = False
+    discs: list[np.ndarray] = field(default_factory=list)
+
+
+def body_boxes(mask: np.ndarray, front: np.ndarray | None, values: tuple[int, int] = (VERTEBRA, DISC)) -> SpiderBodies:
+    """Vertebral-body boxes of one slice, named from the lumbosacral disc up, with the derived S1 box.
+
+    Args:
+        mask: ``(rows, cols)`` semantic mask.
+        front: Canal anterior wall per row (:func:`canal_front`); None keeps whole vertebra components.
+        values: Mask values of vertebra and disc.
+
+    Returns:
+        The bodies; empty when the slice shows no body or no disc.
+
+    """
+    vert, disc_v = values
+    body = mask == vert
+    if front is not None:
+        body &= np.arange(mask.shape[1])[None, :] < front[:, None]
+    bodies = _components(body)
+    discs = _components(mask == disc_v)
+    if not bodies or not discs:
+        return SpiderBodies(np.zeros((0, 4), np.float32), [], [])
+    low_disc = discs[-1]
+    low_row = float(low_disc[:, 0].mean())
+    bodies = [b for b in bodies if float(b[:, 0].mean()) < low_row]  # nothing labelled below L5 but fragments
+    if not bodies:
+        return SpiderBodies(np.zeros((0, 4), np.float32), [], [])
+    boxes = [_bbox(b) for b in bodies]
+    heights = np.array([b[2] - b[0] for b in boxes])
+    med_h = float(np.median(heights))
+    rows_n, cols_n = mask.shape
+    cut = [bool((b[0] <= 0 or b[2] >= rows_n or b[1] <= 0 or b[3] >= cols_n) and h < CUT_BODY_FRACTION * med_h)
+           for b, h in zip(boxes, heights)]
+    levels = names_from_bottom(len(bodies), "L5")
+    s1 = mirror_through_disc(bodies[-1], low_disc)
+    derived = False
+    if not cut[-1]:
+        sb = _bbox(np.round(s1))
+        sb = [max(0.0, sb[0]), max(0.0, sb[1]), min(float(rows_n), sb[2]), min(float(cols_n), sb[3])]
+        if sb[2] - sb[0] > 0.5 * med_h:
+            boxes.append(sb)
+            levels.append("S1")
+            cut.append(False)
+            derived = True
+    return SpiderBodies(np.asarray(boxes, np.float32), levels, cut, derived, discs)
+
+
+def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None) -> list[Slice2D]:
+    """The case's slices with their body boxes (cut bodies dropped, the span above them blanked in training).
+
+    ``span`` runs from the top of the highest whole body to the bottom of the derived S1 box: anatomy above
+    (cut or unlabelled) and the sacrum below S1 are not taught as background.
+    """
+    vert, disc, canal = (case.value_of(n) for n in ("vertebra", "disc", "spinal_canal"))
+    if vert is None or disc is None:
+        raise ValueError(f"spider_seg/{case.patient}: needs vertebra and disc labels, has {case.labels}")
+    idx = list(range(len(case.slices))) if indices is None else indices
+    loaded = [case.load(i) for i in idx]
+    front = canal_front([m for _, m in loaded], canal) if canal is not None else None
+    out = []
+    for i, (img, m) in zip(idx, loaded):
+        b = body_boxes(m, front, (vert, disc))
+        keep = [not c for c in b.cut]
+        boxes = b.boxes[keep] if len(b.boxes) else b.boxes
+        levels = [lv for lv, k in zip(b.levels, keep) if k]
+        span = (float(boxes[:, 0].min()), float(boxes[:, 2].max())) if len(boxes) else None
+        derived = np.array([b.s1_derived and lv == "S1" for lv in levels], bool)
+        out.append(
+            Slice2D(
+                image=img,
+                spacing=case.spacing,
+                boxes=boxes.reshape(-1, 4),
+                levels=list(levels),
+                area_fraction=np.ones(len(boxes), np.float32),
+                case=case.patient,
+                dataset="spider_seg",
+                index=case.slice_numbers[i],
+                span=span,
+                derived=derived,
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------- spider_midsag
+@dataclass
+class SpiderStudy:
+    """One spider_midsag patient: mid-sagittal T1 and/or T2 (not registered) and the grades of every disc."""
+
+    patient: str
+    root: Path
+    images: dict[str, str]
+    spacing: dict[str, tuple[float, float]]
+    discs: list[dict]
+    num_vertebrae: int | None = None
+    scanner: dict = field(default_factory=dict)
+
+    @property
+    def sequences(self) -> list[str]:
+        """The sequences present (``"t1"``, ``"t2"``)."""
+        return sorted(self.images)
+
+    def load_image(self, sequence: str) -> np.ndarray:
+        """Return one sequence's slice as float32 ``(rows, cols)``.
+
+        Raises:
+            KeyError: If the patient has no such sequence.
+
+        """
+        if sequence not in self.images:
+            raise KeyError(f"spider_midsag/{self.patient}: no {sequence} image (has {self.sequences})")
+        return _read_png(self.root / self.images[sequence]).astype(np.float32)
+
+
+def load_spider_midsag(root: str | Path) -> list[SpiderStudy]:
+    """Read a spider_midsag-format folder's ``labels.json`` (patients sorted by number).
+
+    Raises:
+        FileNotFoundError: If labels.json or a listed image is missing.
+
+    """
+    root = Path(root)
+    labels = json.loads((root / "labels.json").read_text())
+    out = []
+    for pid, e in sorted(labels.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        for img in e["images"].values():
+            if not (root / img).is_file():
+                raise FileNotFoundError(f"{root.name}/{pid}: missing image {img}")
+        out.append(
+            SpiderStudy(
+                patient=str(e.get("patient", pid)),
+                root=root,
+                images=dict(e["images"]),
+                spacing={k: (float(v[0]), float(v[1])) for k, v in (e.get("pixel_spacing_mm") or {}).items()},
+                discs=sorted(e.get("discs", []), key=lambda d: d["index_from_bottom"]),
+                num_vertebrae=e.get("num_vertebrae"),
+                scanner=e.get("scanner") or {},
+            )
+        )
+    return out
