@@ -5,8 +5,9 @@ Usage:
                                      [--out bundle/docs] [--seeds 0] [--quiet]
 
 Writes ``grading_metrics.json`` (contract metrics end to end and at reference locations, bootstrap 95%
-intervals by image, fused vs. mid-slice / mean / max pooling, optional seed variance) and PNGs (ROC, PR,
-confusion matrices, training curves) into ``--out``. Prints the metrics JSON.
+intervals by image, fused vs. mid-slice / mean / max pooling, reliability and ECE of every output uncalibrated
+and as reported, optional seed variance) and PNGs (ROC, PR, confusion matrices, reliability diagrams, training
+curves) into ``--out``. Prints the metrics JSON.
 """
 
 from __future__ import annotations
@@ -64,6 +65,37 @@ def _plots(out: Path, r: dict, thr: float, summary: dict | None) -> None:
         plt.close(fig)
 
 
+def _calibration(out: Path, grader, e2e: dict, root: Path, detector, val: list[str], progress: bool) -> dict:
+    """Reliability (ECE, bins) of each output on the validation split end to end, uncalibrated vs as reported.
+
+    Outputs: vertebra P(pathological); disc grade (top-label confidence); disc P(abnormal) = 1 - P(v1).
+    Reference structures without a paired prediction are left out (their 0 / v1 stand-ins are not outputs).
+    Writes ``grading_reliability_<output>.png``.
+    """
+    from dataclasses import replace
+
+    from spinepath.evaluation.calibration import plot_reliability, reliability, top_label
+    from spinepath.evaluation.grading import collect_grading
+
+    def outputs(r: dict) -> dict:
+        paired_v = np.array([x is not None for x in r["v_features"]])
+        d_true, d_prob = r["d_true"] - 1, r["d_prob"]
+        paired_d = ~np.all(d_prob == np.eye(5)[0], axis=1)
+        return {"vertebra_pathological": reliability(r["v_prob"][paired_v], r["v_true"][paired_v]),
+                "disc_grade_top_label": reliability(*top_label(d_true[paired_d], d_prob[paired_d])),
+                "disc_abnormal": reliability(1 - d_prob[paired_d, 0], (d_true[paired_d] > 0).astype(float))}
+
+    raw = collect_grading(root, replace(grader, calibration=None), detector, val, progress=progress)
+    res = {"as_reported": outputs(e2e), "uncalibrated": outputs(raw),
+           "maps": grader.calibration.to_dict() if grader.calibration is not None else None}
+    names = {"vertebra_pathological": "vertebra P(pathological)", "disc_grade_top_label": "disc grade (top label)",
+             "disc_abnormal": "disc P(abnormal, >= v2)"}
+    for key, title in names.items():
+        plot_reliability({"uncalibrated": res["uncalibrated"][key], "calibrated (reported)": res["as_reported"][key]},
+                         out / f"grading_reliability_{key}.png", f"{title}, validation end to end")
+    return res
+
+
 def _seed_variance(seeds: int, grader, data_root: Path, progress: bool) -> dict:
     """Retrain the crop classifiers with other seeds; score them at the reference centres (no fusion)."""
     from spinepath.data.datasets import load_spark
@@ -117,7 +149,7 @@ def main() -> int:
     detector = VertebraDetector.load(args.detector)
     root = Path(args.data_root) / "spark_midsag"
     val = split_cases(root, "validation")
-    thr = grader.fusion.threshold
+    thr = grader.vertebra_threshold
     report: dict = {"split": "validation (spinepath/configs/split.json)", "n_images": len(val)}
     e2e = collect_grading(root, grader, detector, val, progress=progress)
     ref = collect_grading(root, grader, None, val, progress=progress)
@@ -149,6 +181,7 @@ def main() -> int:
             comp[name] = rows
         report["fusion_comparison"] = comp
         report["training"] = {k: summary[k] for k in summary if k not in ("histories",)}
+    report["calibration"] = _calibration(out, grader, e2e, root, detector, val, progress)
     if args.seeds:
         report["seed_variance_reference_locations_no_fusion"] = _seed_variance(
             args.seeds, grader, Path(args.data_root), progress)

@@ -73,3 +73,23 @@ def test_level_naming_evidence():
     xs = np.linspace(0, 1, 21)
     ys = [calibrate(x, True, rules) for x in xs]
     assert all(b >= a for a, b in zip(ys, ys[1:])) and max(ys) < 1.0
+
+
+def test_a_wide_sacrum_does_not_seed_the_chain():
+    """The sacral segment below S1 is seen on more lateral slices than any lumbar body; the chain still grows
+    from a lumbar body and keeps S1 (nearer the spacing of the column) rather than a fragment beside it."""
+    from spinepath.core.results import Vertebra
+    from spinepath.detection.grouping import spine_chain
+
+    def track(row, slices, score, col=100.0):
+        t = Vertebra()
+        for k in slices:
+            t.add(k, np.array([row, col, row + 32, col + 40], np.float32), score, 0.0)
+        return t
+
+    lumbar = [track(r, range(4, 16), 1.0) for r in (40, 80, 120, 160, 200)]
+    s1 = track(244, range(4, 16), 0.8, col=109)
+    fragment = track(254, range(4, 7), 0.6, col=115)  # a piece of S1 on three lateral slices
+    sacrum = track(292, range(0, 17), 0.9, col=122)  # S2 region: wide, on every slice
+    chain = spine_chain([*lumbar, s1, fragment, sacrum])
+    assert s1 in chain and fragment not in chain and chain[0] is lumbar[0]

@@ -193,6 +193,10 @@ def iter_volume_slices(
     # labelled span (rows) over the whole volume, used to blank unlabelled anatomy in training
     rows = np.nonzero((mask > 0).any(axis=(1, 2)))[0]
     span = (float(rows.min()), float(rows.max() + 1)) if rows.size else None
+    if span is not None and names and names[-1] == "S1":
+        # the lowest labelled body is S1: below it lie the sacral segments and the pelvis, never a vertebral
+        # body of either class, so they are taught as background (not blanked)
+        span = (span[0], float(image.shape[0]))
     for k in indices if indices is not None else range(image.shape[2]):
         boxes, present, frac = boxes_from_mask_slice(mask[:, :, k], labels, max_areas)
         keep = frac >= min_fraction

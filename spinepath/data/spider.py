@@ -8,7 +8,8 @@ and do not label the sacrum. Vertebral-body boxes are derived per slice:
   lateral slices where the pedicles join them);
 * bodies are named from the bottom: the lowest labelled disc is the lumbosacral disc, the body above it L5;
 * the S1 body, unlabelled, is the L5 body mirrored through the plane of the lumbosacral disc (the disc's
-  principal axis through its centre), so its tilt follows the disc; the sacrum below it stays unlabelled.
+  principal axis through its centre), so its tilt follows the disc; the sacrum below it holds no vertebral
+  body and is background in training.
 
 The conventions of :mod:`spinepath.data.datasets` apply: rows superior -> inferior, columns anterior ->
 posterior, boxes ``[r0, c0, r1, c1]`` in pixel edge coordinates.
@@ -209,8 +210,8 @@ def body_boxes(mask: np.ndarray, front: np.ndarray | None, values: tuple[int, in
 def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None) -> list[Slice2D]:
     """The case's slices with their body boxes (cut bodies dropped, the span above them blanked in training).
 
-    ``span`` runs from the top of the highest whole body to the bottom of the derived S1 box: anatomy above
-    (cut or unlabelled) and the sacrum below S1 are not taught as background.
+    ``span`` runs from the top of the highest whole body to the bottom of the image: anatomy above (cut or
+    unlabelled) is not taught as background; the sacrum and pelvis below the derived S1 are.
     """
     vert, disc, canal = (case.value_of(n) for n in ("vertebra", "disc", "spinal_canal"))
     if vert is None or disc is None:
@@ -224,7 +225,9 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None) -> 
         keep = [not c for c in b.cut]
         boxes = b.boxes[keep] if len(b.boxes) else b.boxes
         levels = [lv for lv, k in zip(b.levels, keep) if k]
-        span = (float(boxes[:, 0].min()), float(boxes[:, 2].max())) if len(boxes) else None
+        # above the highest whole body: cut or unlabelled bodies (blanked in training); below the derived S1:
+        # the sacrum and pelvis, which hold no vertebral body and are taught as background
+        span = (float(boxes[:, 0].min()), float(img.shape[0])) if len(boxes) else None
         derived = np.array([b.s1_derived and lv == "S1" for lv in levels], bool)
         out.append(
             Slice2D(

@@ -59,9 +59,10 @@ def _merge_same_level(tracks: list[Vertebra]) -> list[Vertebra]:
 def spine_chain(tracks: list[Vertebra]) -> list[Vertebra]:
     """Keep the vertebrae that form the spinal column: a top-down chain of neighbours.
 
-    Starting from the best vertebra, the chain grows up and down to the best-scoring vertebra whose centre
-    lies 0.6-1.8 body heights away along the rows and within one body width along the columns (curvature
-    allowed). Detections off the column (soft tissue, bowel) are dropped.
+    Starting from the surest vertebra (score times extent, the extent capped at the median track's), the chain
+    grows up and down to the best-scoring vertebra whose centre lies 0.6-1.8 body heights away along the rows
+    and within one body width along the columns (curvature allowed). Detections off the column (soft tissue,
+    bowel) are dropped.
     """
     if len(tracks) <= 1:
         return tracks
@@ -69,7 +70,10 @@ def spine_chain(tracks: list[Vertebra]) -> list[Vertebra]:
     hts = np.array([np.median([b[2] - b[0] for b in t.boxes]) for t in tracks])
     wds = np.array([np.median([b[3] - b[1] for b in t.boxes]) for t in tracks])
     h, w = float(np.median(hts)), float(np.median(wds))
-    seed = max(tracks, key=lambda t: t.score * len(t.slices))
+    # the seed is the surest body: its score times its extent, the extent capped at the median track's, so
+    # a wide sacrum seen on every lateral slice does not outrank the lumbar bodies
+    cap = float(np.median([len(t.slices) for t in tracks]))
+    seed = max(tracks, key=lambda t: t.score * min(len(t.slices), cap))
     chain = [seed]
     for direction in (-1, 1):
         cur = seed
