@@ -93,3 +93,21 @@ def test_one_spider_split_across_both_folders(data_root):
     for p in {c.patient for c in load_spider_seg(data_root / "spider_seg")}:
         assert split_part("spider_seg", p, p) == split_part("spider_midsag", p, p)
     assert val_seg <= set(split["validation"]["spider"]) and len(val_mid) >= 30
+
+
+def test_disc_index_from_bottom_counts_as_the_labels():
+    from spinepath.evaluation.spider import disc_index_from_bottom
+
+    assert [disc_index_from_bottom(x) for x in ("L5-S1", "L4-L5", "L1-L2", "T12-L1", "T10-T11")] == [1, 2, 5, 6, 8]
+
+
+def test_located_discs_on_real_spider_midsag(data_root, models):
+    """The committed detector finds the lumbosacral disc and the discs above it on real SPIDER T2 images."""
+    from spinepath.data.split import split_cases
+    from spinepath.evaluation.spider import located_fraction
+
+    cases = split_cases(data_root / "spider_midsag", "selection")[:4]
+    r = located_fraction(data_root / "spider_midsag", models[0], cases, sequences=("t2",), progress=False)
+    assert r["t2"]["n_images"] == 4 and r["t2"]["n_discs"] >= 20
+    assert 0.5 <= r["t2"]["located_fraction"] <= 1.0 and r["t2"]["anchored_fraction"] >= 0.5
+    assert all(0 <= x["located"] <= x["labelled"] for x in r["per_image"])
