@@ -111,3 +111,16 @@ def test_located_discs_on_real_spider_midsag(data_root, models):
     assert r["t2"]["n_images"] == 4 and r["t2"]["n_discs"] >= 20
     assert 0.5 <= r["t2"]["located_fraction"] <= 1.0 and r["t2"]["anchored_fraction"] >= 0.5
     assert all(0 <= x["located"] <= x["labelled"] for x in r["per_image"])
+
+
+def test_evaluate_detection_on_spider_seg(data_root, models):
+    """The contract JSON on one validation patient: bodies found and named from the lumbosacral disc."""
+    from spinepath.evaluation.detection import evaluate_detection
+
+    val = split_cases(data_root / "spider_seg", "validation")
+    r = evaluate_detection(data_root / "spider_seg", models[0], cases=val[:1], progress=False)
+    assert r["task"] == "detection" and r["n_cases"] == 1 and r["n_vertebrae"] >= 6
+    assert r["mean_iou"] > 0.7 and r["recall_at_iou50"] > 0.9 and r["level_accuracy"] > 0.8
+    assert r["s1_found"] == 1.0
+    with pytest.raises(ValueError, match="no locations"):
+        evaluate_detection(data_root / "spider_midsag", models[0])

@@ -21,6 +21,20 @@ from spinepath.evaluation.matching import match_slice
 from spinepath.stages import detect_series
 
 
+def _box_summary(n_cases: int, n_vertebrae: int, ious: list[float], tp: int, fp: int, level_ok: int,
+                 level_n: int) -> dict:
+    """The contract's JSON of a per-slice box evaluation (``level_accuracy`` None where no name is known)."""
+    return {
+        "task": "detection",
+        "n_cases": n_cases,
+        "n_vertebrae": n_vertebrae,
+        "mean_iou": float(np.mean(ious)) if ious else 0.0,
+        "recall_at_iou50": tp / max(len(ious), 1),
+        "precision_at_iou50": tp / max(tp + fp, 1),
+        "level_accuracy": (level_ok / level_n) if level_n else None,
+    }
+
+
 def evaluate_volumes(root: str | Path, model, cases: list[str] | None = None, progress: bool = True) -> dict:
     """Detection metrics on a 3D mask folder (chu_t2 / spineweb_vb format); see the CLI contract.
 
@@ -66,15 +80,7 @@ def evaluate_volumes(root: str | Path, model, cases: list[str] | None = None, pr
                 names = matched_names.get(rid, [])
                 if names and max(set(names), key=names.count) == case.level_names()[rid]:
                     level_ok += 1
-    return {
-        "task": "detection",
-        "n_cases": len(all_cases),
-        "n_vertebrae": n_vert,
-        "mean_iou": float(np.mean(ious)) if ious else 0.0,
-        "recall_at_iou50": tp / max(len(ious), 1),
-        "precision_at_iou50": tp / max(tp + fp, 1),
-        "level_accuracy": (level_ok / level_n) if level_n else None,
-    }
+    return _box_summary(len(all_cases), n_vert, ious, tp, fp, level_ok, level_n)
 
 
 def evaluate_spark(root: str | Path, model, cases: list[str] | None = None, progress: bool = True) -> dict:
@@ -162,16 +168,8 @@ def evaluate_spider_seg(root: str | Path, model, cases: list[str] | None = None,
             got = names.get(lv, [])
             level_ok += int(bool(got) and max(set(got), key=got.count) == lv)
         s1_ok += int(s1_hit)
-    return {
-        "task": "detection",
-        "n_cases": len(all_cases),
-        "n_vertebrae": level_n,
-        "mean_iou": float(np.mean(ious)) if ious else 0.0,
-        "recall_at_iou50": tp / max(len(ious), 1),
-        "precision_at_iou50": tp / max(tp + fp, 1),
-        "level_accuracy": (level_ok / level_n) if level_n else None,
-        "s1_found": s1_ok / max(len(all_cases), 1),
-    }
+    return {**_box_summary(len(all_cases), level_n, ious, tp, fp, level_ok, level_n),
+            "s1_found": s1_ok / max(len(all_cases), 1)}
 
 
 def evaluate_detection(root: str | Path, model, cases: list[str] | None = None, progress: bool = True) -> dict:
