@@ -158,7 +158,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     root = Path(args.dataset_dir)
     try:
-        dataset_kind(root)
+        if dataset_kind(root) == "spider_midsag":
+            raise CliError(f"{root}: spider_midsag has no locations to score detection on; use a spider_seg folder "
+                           "(its disc grades are scored by the grading evaluation)")
         model = VertebraDetector.load(resolve_model_path(args.model))
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None

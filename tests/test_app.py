@@ -137,6 +137,8 @@ def test_evaluate_cli_error_paths(tmp_path):
         ]
     )
     assert r.returncode == 2 and "weights not found" in r.stderr
+    r = _run(["-m", "spinepath", "evaluate", "detection", str(EXAMPLE.parent.parent / "spider_midsag")])
+    assert r.returncode == 2 and "no locations" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_app_loads_models_from_holoscan_model_path(tmp_path):
