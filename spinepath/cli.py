@@ -38,6 +38,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "device",
         "init_from",
         "lr",
+        "pseudo_t1_from",
     )
     for k in keys:
         v = getattr(args, k, None)
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--device")
     td.add_argument("--init-from", dest="init_from", help="fine-tune from these detector weights")
     td.add_argument("--lr", type=float)
+    td.add_argument("--pseudo-t1-from", dest="pseudo_t1_from",
+                    help="add spider_midsag T1 images labelled with these weights' T2 boxes (where T1 and T2 agree)")
     td.add_argument("--no-resume", action="store_true")
     td.set_defaults(func=_cmd_train)
 

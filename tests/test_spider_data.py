@@ -124,3 +124,21 @@ def test_evaluate_detection_on_spider_seg(data_root, models):
     assert r["s1_found"] == 1.0
     with pytest.raises(ValueError, match="no locations"):
         evaluate_detection(data_root / "spider_midsag", models[0])
+
+
+def test_t1_pseudo_labels_from_the_t2_boxes(data_root, models):
+    """T1 images of training patients get the T2's boxes and names where both sequences agree; never others."""
+    from spinepath.data.spider import load_spider_midsag
+    from spinepath.detection.training import t1_pseudo_slices
+
+    studies = {s.patient: s for s in load_spider_midsag(data_root / "spider_midsag")}
+    train = [p for p in studies if split_part("spider_midsag", p, p) == "train"][:8]
+    out = t1_pseudo_slices(data_root, models[0], cases=train)
+    assert 1 <= len(out) <= len(train)
+    for s in out:
+        assert s.case in train and s.dataset == "spider_midsag_t1"
+        np.testing.assert_array_equal(s.image, studies[s.case].load_image("t1"))
+        assert s.levels[-1] == "S1" and len(s.boxes) == len(s.levels) >= 4
+        assert s.span[1] == s.image.shape[0]  # the sacrum below S1 is background
+    val = split_cases(data_root / "spider_midsag", "validation")[:3]
+    assert t1_pseudo_slices(data_root, models[0], cases=val) == []  # validation patients are never used

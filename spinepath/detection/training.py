@@ -32,7 +32,7 @@ from spinepath.data.datasets import (
     load_volume_index,
     spark_slice,
 )
-from spinepath.data.spider import load_spider_seg, spider_seg_slices
+from spinepath.data.spider import load_spider_midsag, load_spider_seg, spider_seg_slices
 from spinepath.data.split import PARTS, load_split, split_part
 from spinepath.detection.network import DetectorConfig
 from spinepath.detection.predictor import VertebraDetector
@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "cpu"
     freeze_bn: bool = False  # keep batch-norm statistics fixed (fine-tuning on few images)
     report_validation: bool = True  # measure the chosen best.pt on the validation split at the end
+    pseudo_t1_from: str = ""  # detector whose spider_midsag T2 boxes become T1 pseudo-labels ("" = none)
 
 
 @dataclass
@@ -162,6 +163,55 @@ def to_grid_samples(slices: list[Slice2D], cfg: DetectorConfig, min_fraction: fl
     """Resample slices to the detector grid once (cached in memory for the epochs)."""
     ranges = _volume_ranges(slices, cfg)
     return [_to_grid_sample(s, cfg, ranges[f"{s.dataset}/{s.case}"], min_fraction) for s in slices]
+
+
+#: T1 pseudo-labels: the bodies found on T1 and on T2 must agree within this median offset (mm).
+PSEUDO_T1_MAX_OFFSET_MM = 3.0
+
+
+def t1_pseudo_slices(data_root: str | Path, detector: VertebraDetector, part: str = "train",
+                     max_offset_mm: float = PSEUDO_T1_MAX_OFFSET_MM, progress: bool = False,
+                     cases: list[str] | None = None) -> list[Slice2D]:
+    """spider_midsag T1 images of ``part``'s patients with the boxes and names the detector gives their T2.
+
+    A patient's T1 and T2 are separate acquisitions of one session; only those with the same matrix and
+    pixel spacing are used, and only when the T2 is anchored on S1 and the bodies found on both sequences
+    (matched nearest first) lie within ``max_offset_mm`` of each other in the median (at least 3 matched): then
+    the T2 boxes, which the detector finds far more completely, are the T1 targets. Below the T2's S1 the
+    sacrum is background; above its highest box the image is blanked (``span``). ``cases`` restricts the
+    patients (default: every patient of ``part``).
+    """
+    from scipy.optimize import linear_sum_assignment  # only this pseudo-labelling matches centres
+
+    from spinepath.detection.grouping import group_and_name_with_evidence
+
+    root = Path(data_root) / "spider_midsag"
+    out: list[Slice2D] = []
+    studies = [s for s in load_spider_midsag(root) if split_part("spider_midsag", s.patient, s.patient) == part
+               and s.sequences == ["t1", "t2"] and s.spacing.get("t1") == s.spacing.get("t2")
+               and (cases is None or s.patient in cases)]
+    for s in tqdm(studies, desc="T1 pseudo-labels", disable=not progress):
+        t1, t2 = s.load_image("t1"), s.load_image("t2")
+        if t1.shape != t2.shape:
+            continue
+        found = {}
+        for seq, img in (("t1", t1), ("t2", t2)):
+            found[seq] = group_and_name_with_evidence(detector.predict([img], s.spacing[seq]), img.shape)
+        (v1, _), (v2, naming2) = found["t1"], found["t2"]
+        if naming2 is None or naming2.anchor != "S1" or len(v1) < 3:
+            continue
+        c1 = np.array([v.centre for v in v1])
+        c2 = np.array([v.centre for v in v2])
+        d = np.linalg.norm(c1[:, None] - c2[None], axis=2) * s.spacing["t1"][0]
+        r, c = linear_sum_assignment(d)
+        if len(r) < 3 or float(np.median(d[r, c])) > max_offset_mm:
+            continue
+        boxes = np.array([v.boxes[0] for v in v2], dtype=np.float32).reshape(-1, 4)
+        out.append(Slice2D(image=t1, spacing=s.spacing["t1"], boxes=boxes, levels=[v.level for v in v2],
+                           area_fraction=np.ones(len(boxes), np.float32), case=s.patient, dataset="spider_midsag_t1",
+                           span=(float(boxes[:, 0].min()), float(t1.shape[0])), spacing_known=True,
+                           derived=np.ones(len(boxes), bool)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- augmentation
@@ -329,6 +379,10 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[S
 
     train_slices = collect_slices(tc.data_root, "train", slice_step=tc.slice_step, max_cases=tc.max_train_cases)
     train_slices += extra_train or []
+    if tc.pseudo_t1_from:
+        pseudo = t1_pseudo_slices(tc.data_root, VertebraDetector.load(tc.pseudo_t1_from), progress=not tc.quiet)
+        log.info("T1 pseudo-labelled images: %d", len(pseudo))
+        train_slices += pseudo
     train_s = to_grid_samples(train_slices, dc, TRAIN_MIN_FRACTION)
     n_eval = tc.max_train_cases if tc.val_max_cases is None else tc.val_max_cases
     sel_s = selection_samples(tc.data_root, dc, n_eval)
