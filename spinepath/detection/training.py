@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from spinepath.core.files import atomic_file
@@ -34,6 +35,7 @@ from spinepath.data.datasets import (
 )
 from spinepath.data.spider import load_spider_midsag, load_spider_seg, spider_seg_slices
 from spinepath.data.split import PARTS, load_split, split_part
+from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.network import DetectorConfig
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.evaluation.matching import match_slice
@@ -181,10 +183,6 @@ def t1_pseudo_slices(data_root: str | Path, detector: VertebraDetector, part: st
     sacrum is background; above its highest box the image is blanked (``span``). ``cases`` restricts the
     patients (default: every patient of ``part``).
     """
-    from scipy.optimize import linear_sum_assignment  # only this pseudo-labelling matches centres
-
-    from spinepath.detection.grouping import group_and_name_with_evidence
-
     root = Path(data_root) / "spider_midsag"
     out: list[Slice2D] = []
     studies = [s for s in load_spider_midsag(root) if split_part("spider_midsag", s.patient, s.patient) == part
