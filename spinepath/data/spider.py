@@ -159,7 +159,6 @@ class SpiderBodies:
     levels: list[str]
     cut: list[bool]  # body cut by the image border (not a training target)
     s1_derived: bool = False
-    discs: list[np.ndarray] = field(default_factory=list)
 
 
 def body_boxes(mask: np.ndarray, front: np.ndarray | None, values: tuple[int, int] = (VERTEBRA, DISC)) -> SpiderBodies:
@@ -204,7 +203,7 @@ def body_boxes(mask: np.ndarray, front: np.ndarray | None, values: tuple[int, in
             levels.append("S1")
             cut.append(False)
             derived = True
-    return SpiderBodies(np.asarray(boxes, np.float32), levels, cut, derived, discs)
+    return SpiderBodies(np.asarray(boxes, np.float32), levels, cut, derived)
 
 
 def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None) -> list[Slice2D]:
