@@ -93,3 +93,49 @@ def test_a_wide_sacrum_does_not_seed_the_chain():
     sacrum = track(292, range(0, 17), 0.9, col=122)  # S2 region: wide, on every slice
     chain = spine_chain([*lumbar, s1, fragment, sacrum])
     assert s1 in chain and fragment not in chain and chain[0] is lumbar[0]
+
+
+def _spine(heights: list[float], s1_last: float = 0.9) -> list[SliceDetections]:
+    """One slice of bodies of the given heights, 8 px apart, the lowest S1-like."""
+    boxes, r = [], 10.0
+    for h in heights:
+        boxes.append([r, 100, r + h, 140])
+        r += h + 8
+    n = len(boxes)
+    return [SliceDetections(boxes=np.array(boxes, np.float32), scores=np.full(n, 0.9, np.float32),
+                            s1_scores=np.array([0.0] * (n - 1) + [s1_last], np.float32),
+                            labels=np.zeros(n, np.int64))]
+
+
+def test_junction_features_by_hand():
+    from spinepath.core.results import Vertebra
+    from spinepath.detection.naming import JUNCTION_FEATURES, junction_features
+
+    def v(r0, h, w):
+        t = Vertebra()
+        t.add(0, np.array([r0, 0, r0 + h, w], np.float32), 1.0, 0.0)
+        return t
+
+    f = junction_features(v(0, 20, 30), v(30, 25, 40), v(65, 25, 40))  # centres (10, 15), (42.5, 20), (77.5, 20)
+    assert len(f) == len(JUNCTION_FEATURES)
+    assert f == pytest.approx([0.8, 0.75, np.hypot(32.5, 5.0) / 35.0, 1.0])
+
+
+def test_six_lumbar_type_vertebrae_are_suspected_not_renamed():
+    """A vertebra named T12 taller than the L1 below it (a lumbar-shaped junction) sets transitional_suspected
+    with six lumbar-type vertebrae and halves the name confidences; a shorter T12 (the thoracolumbar shape)
+    does not; the names stay counted from S1 either way."""
+    from spinepath.detection.grouping import group_and_name_with_evidence
+    from spinepath.detection.naming import load_naming_rules
+
+    assert "lumbar_type" in load_naming_rules()
+    normal = [24, 28, 30, 31, 32, 32, 30]  # T12 (24 / 28 = 0.86 of L1), L1..L5, S1
+    lumbar = [34, 32, 30, 31, 31, 31, 30]  # "T12" taller than "L1", as L1 is to L2 in a six-lumbar spine
+    verts, naming = group_and_name_with_evidence(_spine(normal), (400, 400))
+    assert [v.level for v in verts][0] == "T12" and naming.anchor == "S1"
+    assert not naming.transitional_suspected and naming.n_lumbar == 5
+    assert naming.evidence["lumbar_type_probability_T12"] < load_naming_rules()["lumbar_type"]["threshold"]
+    verts6, naming6 = group_and_name_with_evidence(_spine(lumbar), (400, 400))
+    assert [v.level for v in verts6] == [v.level for v in verts]
+    assert naming6.transitional_suspected and naming6.n_lumbar == 6 and "6 lumbar-type" in naming6.note
+    assert all(v.name_confidence <= 0.5 for v in verts6)

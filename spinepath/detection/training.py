@@ -72,6 +72,7 @@ class TrainConfig:
     freeze_bn: bool = False  # keep batch-norm statistics fixed (fine-tuning on few images)
     report_validation: bool = True  # measure the chosen best.pt on the validation split at the end
     pseudo_t1_from: str = ""  # detector whose spider_midsag T2 boxes become T1 pseudo-labels ("" = none)
+    pseudo_with_t2: bool = False  # the same patients' T2 images with those boxes too
 
 
 @dataclass
@@ -173,7 +174,7 @@ PSEUDO_T1_MAX_OFFSET_MM = 3.0
 
 def t1_pseudo_slices(data_root: str | Path, detector: VertebraDetector, part: str = "train",
                      max_offset_mm: float = PSEUDO_T1_MAX_OFFSET_MM, progress: bool = False,
-                     cases: list[str] | None = None) -> list[Slice2D]:
+                     cases: list[str] | None = None, with_t2: bool = False) -> list[Slice2D]:
     """spider_midsag T1 images of ``part``'s patients with the boxes and names the detector gives their T2.
 
     A patient's T1 and T2 are separate acquisitions of one session; only those with the same matrix and
@@ -181,7 +182,8 @@ def t1_pseudo_slices(data_root: str | Path, detector: VertebraDetector, part: st
     (matched nearest first) lie within ``max_offset_mm`` of each other in the median (at least 3 matched): then
     the T2 boxes, which the detector finds far more completely, are the T1 targets. Below the T2's S1 the
     sacrum is background; above its highest box the image is blanked (``span``). ``cases`` restricts the
-    patients (default: every patient of ``part``).
+    patients (default: every patient of ``part``). ``with_t2`` adds each kept patient's T2 image with the same
+    targets (self-training on these scanners' T2, so the T1 images do not pull the T2 anchor away).
     """
     root = Path(data_root) / "spider_midsag"
     out: list[Slice2D] = []
@@ -205,10 +207,11 @@ def t1_pseudo_slices(data_root: str | Path, detector: VertebraDetector, part: st
         if len(r) < 3 or float(np.median(d[r, c])) > max_offset_mm:
             continue
         boxes = np.array([v.boxes[0] for v in v2], dtype=np.float32).reshape(-1, 4)
-        out.append(Slice2D(image=t1, spacing=s.spacing["t1"], boxes=boxes, levels=[v.level for v in v2],
-                           area_fraction=np.ones(len(boxes), np.float32), case=s.patient, dataset="spider_midsag_t1",
-                           span=(float(boxes[:, 0].min()), float(t1.shape[0])), spacing_known=True,
-                           derived=np.ones(len(boxes), bool)))
+        for seq, img in (("t1", t1), ("t2", t2))[: 2 if with_t2 else 1]:
+            out.append(Slice2D(image=img, spacing=s.spacing[seq], boxes=boxes.copy(), levels=[v.level for v in v2],
+                               area_fraction=np.ones(len(boxes), np.float32), case=s.patient,
+                               dataset=f"spider_midsag_{seq}", span=(float(boxes[:, 0].min()), float(img.shape[0])),
+                               spacing_known=True, derived=np.ones(len(boxes), bool)))
     return out
 
 
@@ -378,7 +381,8 @@ def train(tc: TrainConfig, dc: DetectorConfig | None = None, extra_train: list[S
     train_slices = collect_slices(tc.data_root, "train", slice_step=tc.slice_step, max_cases=tc.max_train_cases)
     train_slices += extra_train or []
     if tc.pseudo_t1_from:
-        pseudo = t1_pseudo_slices(tc.data_root, VertebraDetector.load(tc.pseudo_t1_from), progress=not tc.quiet)
+        pseudo = t1_pseudo_slices(tc.data_root, VertebraDetector.load(tc.pseudo_t1_from), progress=not tc.quiet,
+                                  with_t2=tc.pseudo_with_t2)
         log.info("T1 pseudo-labelled images: %d", len(pseudo))
         train_slices += pseudo
     train_s = to_grid_samples(train_slices, dc, TRAIN_MIN_FRACTION)
