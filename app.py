@@ -22,6 +22,7 @@ from monai.deploy.core import Application
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from operators import (  # noqa: E402
+    DegenerationGradingOperator,
     FindingsFusionOperator,
     FindingsReviewOperator,
     ResultsWriterOperator,
@@ -31,7 +32,11 @@ from operators import (  # noqa: E402
 )
 from spinepath import DISCLAIMER, __version__  # noqa: E402
 from spinepath.core.errors import StudyError  # noqa: E402
-from spinepath.core.paths import resolve_grader_path, resolve_model_path  # noqa: E402
+from spinepath.core.paths import (  # noqa: E402
+    resolve_grader_path,
+    resolve_model_path,
+    resolve_spider_grader_path,
+)
 from spinepath.outputs.writer import write_status  # noqa: E402
 from spinepath.run import default_input  # noqa: E402
 
@@ -41,7 +46,10 @@ def _explicit(flag_short: str, flag_long: str, env: str, argv: list[str]) -> boo
 
 
 class SpineVertebraApp(Application):
-    """Load study -> select sagittal T2 series -> detect/group/name vertebrae -> classify -> fuse -> outputs."""
+    """Load study -> select sagittal T2 (and T1) -> detect/name -> classify -> fuse -> degeneration -> outputs.
+
+    The degenerative grades use the T2 and, when the study has one, the sagittal T1.
+    """
 
     name = "spinepath-vertebrae"
     description = (
@@ -50,7 +58,7 @@ class SpineVertebraApp(Application):
     )
     version = __version__
 
-    def settings(self) -> tuple[Path, str, Path, Path, Path]:
+    def settings(self) -> tuple[Path, str, Path, Path, Path, Path]:
         """Input folder and kind, output folder, detector and grader files, from the arguments / SDK variables.
 
         With no input given, the embedded default (:func:`spinepath.run.default_input`).
@@ -66,22 +74,26 @@ class SpineVertebraApp(Application):
         model_dir = ctx.model_path if _explicit("-m", "--model", "HOLOSCAN_MODEL_PATH", argv) else None
         model = resolve_model_path(model_dir)
         grader = resolve_grader_path(model.parent if model_dir and model.is_file() else model_dir)
-        return in_dir, kind, out_dir, model, grader
+        spider = resolve_spider_grader_path(model.parent if model_dir and model.is_file() else model_dir)
+        return in_dir, kind, out_dir, model, grader, spider
 
     def compose(self) -> None:
         """Wire the operators: one per stage of :mod:`spinepath.stages`, then the results writer."""
-        in_dir, kind, out_dir, model, grader_path = self.settings()
+        in_dir, kind, out_dir, model, grader_path, spider_path = self.settings()
         self.input_kind = kind
         loader = StudyLoaderOperator(self, CountCondition(self, 1), input_folder=in_dir, name="study_loader")
         detector = VertebraDetectionOperator(self, model_path=model, name="vertebra_detection")
         classifier = VertebraClassificationOperator(self, grader=grader_path, name="classification")
         fusion = FindingsFusionOperator(self, grader=classifier.grader, name="fusion")
+        degeneration = DegenerationGradingOperator(self, grader=spider_path, detector=detector.model,
+                                                   name="degeneration")
         review = FindingsReviewOperator(self, name="review")
         writer = ResultsWriterOperator(self, output_folder=out_dir, input_kind=kind, name="results_writer")
         self.add_flow(loader, detector, {("volume", "volume")})
         self.add_flow(detector, classifier, {("result", "result")})
         self.add_flow(classifier, fusion, {("result", "result"), ("scores", "scores")})
-        self.add_flow(fusion, review, {("result", "result")})
+        self.add_flow(fusion, degeneration, {("result", "result")})
+        self.add_flow(degeneration, review, {("result", "result")})
         self.add_flow(review, writer, {("result", "result")})
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "init_from",
         "lr",
         "pseudo_t1_from",
+        "pseudo_with_t2",
     )
     for k in keys:
         v = getattr(args, k, None)
@@ -82,6 +83,14 @@ def _cmd_train_grading(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_spider(args: argparse.Namespace) -> int:
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.grading.spider_training import SpiderTrainConfig, train_spider
+
+    print(json.dumps(train_spider(_options(SpiderTrainConfig, args))))
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.grading.search import PARAMS_FILE, run_search
@@ -100,6 +109,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         num_threads=args.num_threads,
     )
+    print(json.dumps(res))
+    return 0
+
+
+def _cmd_search_spider(args: argparse.Namespace) -> int:
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.grading.spider_training import SPIDER_PARAMS, run_spider_search
+
+    res = run_spider_search(args.trials, storage=args.storage, study_name=args.study or "spider",
+                            data_root=args.data_root, detector=args.detector or "", max_patients=args.max_patients,
+                            save=not args.no_save, params_file=args.params_file or SPIDER_PARAMS, seed=args.seed,
+                            progress=not args.quiet, num_threads=args.num_threads)
     print(json.dumps(res))
     return 0
 
@@ -144,6 +165,33 @@ def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     res = evaluate_grading(root, grader, detector, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
+    res["dataset"] = root.name
+    res["split"] = args.split
+    _print_json(res, args.out)
+    return 0
+
+
+def _cmd_evaluate_spider(args: argparse.Namespace) -> int:
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.core.paths import resolve_model_path, resolve_spider_grader_path
+    from spinepath.data.datasets import dataset_kind
+    from spinepath.detection.predictor import VertebraDetector
+    from spinepath.evaluation.spider import evaluate_spider
+    from spinepath.grading.spider import SpiderGrader
+
+    root = Path(args.dataset_dir)
+    seqs = tuple(s.strip().lower() for s in args.sequences.split(",") if s.strip())
+    if not seqs or any(s not in ("t1", "t2") for s in seqs):
+        raise CliError(f"--sequences {args.sequences!r}: expected t1,t2 or t2 or t1")
+    try:
+        if dataset_kind(root) != "spider_midsag":
+            raise CliError(f"{root}: SPIDER grading needs a spider_midsag-format folder (labels.json with discs)")
+        grader = SpiderGrader.load(resolve_spider_grader_path(args.grader))
+        detector = VertebraDetector.load(resolve_model_path(args.model))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    res = evaluate_spider(root, detector, grader, cases=_evaluation_cases(root, args.split), sequences=seqs,
+                          bootstrap=args.bootstrap, progress=not args.quiet)
     res["dataset"] = root.name
     res["split"] = args.split
     _print_json(res, args.out)
@@ -252,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--lr", type=float)
     td.add_argument("--pseudo-t1-from", dest="pseudo_t1_from",
                     help="add spider_midsag T1 images labelled with these weights' T2 boxes (where T1 and T2 agree)")
+    td.add_argument("--pseudo-with-t2", dest="pseudo_with_t2", action="store_true", default=None,
+                    help="with --pseudo-t1-from: the same patients' T2 images with those boxes too")
     td.add_argument("--no-resume", action="store_true")
     td.set_defaults(func=_cmd_train)
 
@@ -266,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="crop at the reference centres instead of running detection")
     eg.add_argument("--grader", help="grading model (file or folder); default: the bundle's")
     eg.set_defaults(func=_cmd_evaluate_grading)
+    es = esub.add_parser("spider", parents=[quiet],
+                         help="SPIDER disc grades and per-vertebra pathology (spider_midsag format), end to end")
+    _evaluation_args(es, "a folder in the spider_midsag format (labels.json with graded discs)")
+    es.add_argument("--sequences", default="t1,t2", help="t1,t2 (default: both where present), t2 or t1")
+    es.add_argument("--grader", help="SPIDER grader (file or folder); default: the bundle's spider_grader.pt")
+    es.add_argument("--bootstrap", type=int, default=0, help="95%% intervals from this many patient resamples")
+    es.set_defaults(func=_cmd_evaluate_spider)
 
     tg = tsub.add_parser("grading", parents=[quiet],
                          help="train the grading classifiers (cross-validated) and the fusion model")
@@ -285,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--refit-fusion", action="store_true",
                     help="only refit the fusion model from --out-dir's saved out-of-fold features")
     tg.set_defaults(func=_cmd_train_grading)
+    ts = tsub.add_parser("spider", parents=[quiet],
+                         help="SPIDER disc grading: multi-task network per disc crop (T1, T2), level fusion")
+    ts.add_argument("--data-root", dest="data_root")
+    ts.add_argument("--out-dir", dest="out_dir")
+    ts.add_argument("--params-file", dest="params_file", help="network parameters (configs/spider_params.json)")
+    ts.add_argument("--detector", help="detector weights that find the discs (default: the bundle's)")
+    ts.add_argument("--folds", type=int)
+    ts.add_argument("--epochs", type=int, help="override the stored epochs (quick runs)")
+    ts.add_argument("--max-patients", dest="max_patients", type=int, help="tiny subset (tests)")
+    ts.add_argument("--num-threads", dest="num_threads", type=int)
+    ts.set_defaults(func=_cmd_train_spider)
     tp = tsub.add_parser("pretrain", parents=[quiet],
                          help="self-supervised (SimCLR) pretraining of the grading backbone")
     tp.add_argument("--data-root", dest="data_root")
@@ -315,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--num-threads", dest="num_threads", type=int, default=0,
                     help="torch threads per worker (use 1 with several workers on one machine)")
     sg.set_defaults(func=_cmd_search)
+    ss = ssub.add_parser("spider", help="search the SPIDER multi-task network's hyper-parameters", parents=[quiet])
+    ss.add_argument("--trials", type=int, default=10, help="trials run by this worker")
+    ss.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/search/spider.db); "
+                    "postgresql://user@host/db lets several workers share a study")
+    ss.add_argument("--study", help="study name (default spider)")
+    ss.add_argument("--data-root", dest="data_root", default="../shared/data")
+    ss.add_argument("--detector", help="detector weights that find the discs (default: the bundle's)")
+    ss.add_argument("--max-patients", dest="max_patients", type=int, default=0, help="tiny subset (tests)")
+    ss.add_argument("--params-file", dest="params_file", help="where the best parameters go")
+    ss.add_argument("--no-save", action="store_true", help="do not store the best parameters")
+    ss.add_argument("--seed", type=int, help="sampler seed (default random: parallel workers differ)")
+    ss.add_argument("--num-threads", dest="num_threads", type=int, default=0,
+                    help="torch threads per worker (use 1 with several workers on one machine)")
+    ss.set_defaults(func=_cmd_search_spider)
     r = sub.add_parser("run", parents=[quiet],
                        help="run detection and grading on a DICOM study folder without Holoscan")
     r.add_argument("-i", "--input", help="DICOM study folder; default: the embedded example/phantom")

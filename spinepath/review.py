@@ -175,6 +175,15 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
             fl.add("grade_ambiguous", f"grade {d.grade} undecided: {what} {margin:.2f} from the next grade "
                                       f"(< {limit:g})")
         discs[d.level] = fl
+    for g in result.findings.degeneration if result.findings is not None else []:
+        fl = discs.setdefault(g.level, Flag())
+        for name, p in [*g.binary.items(), ("modic_any", g.modic_any)]:
+            thr = g.thresholds.get(name, 0.5)
+            if abs(p - thr) < rules["degeneration_probability_margin"]:
+                fl.add("near_threshold", f"{name.replace('_', ' ')} probability {p:.2f} near its threshold {thr:.2f}")
+        exp = float(np.dot(g.pfirrmann_probabilities, np.arange(1, 6)))
+        if abs(abs(exp - np.floor(exp)) - 0.5) < rules["disc_grade_margin"]["ordinal"]:
+            fl.add("grade_ambiguous", f"Pfirrmann {g.pfirrmann} undecided: expected grade {exp:.2f}")
     study = Flag()
     if not result.vertebrae:
         study.add("detection_score", "no vertebra found")

@@ -14,6 +14,7 @@ from spinepath.core.errors import StudyError
 from spinepath.core.paths import SHARED_EXAMPLES
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.grading.grader import Grader
+from spinepath.grading.spider import SpiderGrader
 from spinepath.io.phantom import write_phantom_study
 from spinepath.outputs.writer import write_outputs, write_status
 
@@ -41,11 +42,12 @@ def run_study(
     model: VertebraDetector | str | Path | None = None,
     input_kind: str = "dicom",
     grader: Grader | str | Path | None = None,
+    spider_grader: SpiderGrader | str | Path | None = None,
 ) -> dict:
     """Read a DICOM study, run it through :mod:`spinepath.stages` and write the outputs.
 
-    ``model`` and ``grader`` are loaded models or paths (:func:`spinepath.stages.load_models`; by default the
-    bundle's, the grader beside the detector).
+    ``model``, ``grader`` and ``spider_grader`` are loaded models or paths (:func:`spinepath.stages.load_models`,
+    :func:`spinepath.stages.load_spider_grader`; by default the bundle's, the graders beside the detector).
 
     Writes ``vertebrae.json``, ``key_image.png``, the DICOM outputs and ``status.json``. On a refused study only
     ``status.json`` (``ok: false``) is written and the error re-raised.
@@ -54,7 +56,10 @@ def run_study(
         The JSON result.
 
     """
+    near = model if isinstance(model, str | Path) else None
     model, grader = stages.load_models(model, grader)
+    if not isinstance(spider_grader, SpiderGrader):
+        spider_grader = stages.load_spider_grader(spider_grader, near)
     t0 = time.perf_counter()
     try:
         volume = stages.load(input_dir)
@@ -66,5 +71,6 @@ def run_study(
     result.input_kind = input_kind
     result.timings = {"load": t1 - t0, **result.timings}
     stages.grade(result, grader)
+    stages.grade_degeneration(result, spider_grader, model)
     stages.review(result)
     return write_outputs(result, output_dir)

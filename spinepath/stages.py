@@ -1,4 +1,6 @@
-"""The one orchestration of a study: load -> detect -> name -> grade -> fuse -> review (no output writing).
+"""The one orchestration of a study: load -> detect -> name -> grade -> fuse -> degeneration -> review.
+
+No output writing.
 
 Every adapter runs a study through these functions: the MONAI Deploy app (one operator per stage), the MONAI
 bundle and the CLI (:func:`spinepath.run.run_study`), the MONAI Label infer task
@@ -12,13 +14,21 @@ import time
 from pathlib import Path
 
 from spinepath.core.geometry import SeriesVolume
-from spinepath.core.paths import default_device, resolve_grader_path, resolve_model_path
-from spinepath.core.results import DetectionResult, SliceScores
+from spinepath.core.paths import (
+    default_device,
+    resolve_grader_path,
+    resolve_model_path,
+    resolve_spider_grader_path,
+)
+from spinepath.core.results import DetectionResult, Findings, SliceScores
 from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.grading.grader import Grader
 from spinepath.grading.inference import classify_detections, fuse_detections
-from spinepath.io.dicom import load_study
+from spinepath.grading.spider import SpiderGrader
+from spinepath.grading.spider_inference import attach_vertebra_evidence
+from spinepath.grading.spider_inference import grade_degeneration as grade_spider_discs
+from spinepath.io.dicom import load_companion, load_study
 from spinepath.review import Review
 from spinepath.review import review as review_result
 
@@ -90,6 +100,40 @@ def grade(result: DetectionResult, grader: Grader, spacing_known: bool = True, v
     return fuse(result, classify(result, grader, spacing_known, views), grader)
 
 
+def load_spider_grader(path: str | Path | None = None, near: str | Path | None = None) -> SpiderGrader:
+    """The SPIDER degenerative grader: ``path``, else the one beside ``near`` (a detector path), else the bundle's.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If it is not a SPIDER grader.
+
+    """
+    if path is None and near is not None:
+        folder = Path(near).parent if Path(near).is_file() else Path(near)
+        if (folder / "spider_grader.pt").is_file():
+            path = folder / "spider_grader.pt"
+    return SpiderGrader.load(resolve_spider_grader_path(path))
+
+
+def grade_degeneration(result: DetectionResult, grader: SpiderGrader, detector: VertebraDetector,
+                       use_t1: bool = True) -> DetectionResult:
+    """Degenerative grading stage: SPIDER grades per disc on the T2's key slice and the study's T1.
+
+    The T1 (``result.volume.companions``) is read here, when there is one and ``use_t1``; a T1 that cannot be
+    read is logged and recorded, and the T2 is graded alone. Needs the findings of :func:`grade` (or sets
+    empty ones).
+    """
+    t1 = load_companion(result.volume) if use_t1 else None
+    found, summary = grade_spider_discs(result, grader, detector, t1)
+    if result.findings is None:
+        result.findings = Findings([], [], {})
+    result.findings.degeneration = found
+    result.findings.degeneration_model = summary
+    attach_vertebra_evidence(result.findings, grader)
+    result.findings.timings["degeneration"] = summary.get("seconds", 0.0)
+    return result
+
+
 def review(result: DetectionResult) -> Review:
     """Review stage: ``needs_review`` with reasons for the study and every finding; sets ``result.review``.
 
@@ -98,10 +142,13 @@ def review(result: DetectionResult) -> Review:
     return review_result(result)
 
 
-def analyse(volume: SeriesVolume, detector: VertebraDetector, grader: Grader | None = None) -> DetectionResult:
-    """All stages after loading: detect and name, then (with a grader) grade and fuse, then review."""
+def analyse(volume: SeriesVolume, detector: VertebraDetector, grader: Grader | None = None,
+            spider_grader: SpiderGrader | None = None) -> DetectionResult:
+    """All stages after loading: detect and name, then (with graders) grade and fuse, then review."""
     result = detect_series(volume, detector)
     if grader is not None:
         grade(result, grader)
+    if spider_grader is not None:
+        grade_degeneration(result, spider_grader, detector)
     review(result)
     return result

@@ -27,10 +27,10 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def models():
-    """The committed detector and grading model (loaded once)."""
+    """The committed detector, grading model and SPIDER degenerative grader (loaded once)."""
     from spinepath import stages
 
-    return stages.load_models()
+    return (*stages.load_models(), stages.load_spider_grader())
 
 
 @pytest.fixture

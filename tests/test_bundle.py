@@ -20,13 +20,13 @@ def test_metadata_standard_keys_and_disclaimer():
 
 
 def _findings(d: dict) -> dict:
-    """What a run found: levels, per-vertebra label and probability, per-disc grade and probabilities."""
+    """What a run found: levels, per-vertebra label and probability, per-disc grades and probabilities."""
     return {
         "levels": d["levels"],
         "vertebrae": [(v["level"], v["pathology"] and (v["pathology"]["label"], v["pathology"]["probability"],
                                                         v["pathology"]["per_slice_probability"]))
                       for v in d["vertebrae"]],
-        "discs": [(x["level"], x["grade"], x["probabilities"]) for x in d["discs"]],
+        "discs": [(x["level"], x.get("grade"), x.get("probabilities"), x["pfirrmann"]) for x in d["discs"]],
         "boxes": [[s["box_pixels"] for s in v["slices"]] for v in d["vertebrae"]],
     }
 

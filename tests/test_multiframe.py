@@ -49,7 +49,7 @@ def single(models, tmp_path_factory):
 def _summary(doc: dict) -> tuple:
     verts = [(v["level"], v["pathology"] and v["pathology"]["label"], v["pathology"] and v["pathology"]["probability"],
               [s["box_patient_mm"]["centre"] for s in v["slices"]]) for v in doc["vertebrae"]]
-    return verts, [(d["level"], d["grade"], d["probabilities"]) for d in doc["discs"]]
+    return verts, [(d["level"], d.get("grade"), d.get("probabilities"), d.get("pfirrmann")) for d in doc["discs"]]
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["as-stored", "transposed-reversed"])

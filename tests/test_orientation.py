@@ -45,7 +45,7 @@ def _centres(doc: dict) -> dict[str, list]:
 def _findings(doc: dict) -> tuple:
     verts = [(v["level"], v["pathology"] and (v["pathology"]["label"], v["pathology"]["probability"]))
              for v in doc["vertebrae"]]
-    return verts, [(d["level"], d["grade"]) for d in doc["discs"]]
+    return verts, [(d["level"], d.get("grade"), (d.get("pfirrmann") or {}).get("grade")) for d in doc["discs"]]
 
 
 def _seg_centroids(seg_path: Path, series: Path) -> dict[str, np.ndarray]:

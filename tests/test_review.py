@@ -41,10 +41,13 @@ def reference(models, example):
 def _findings(result) -> dict[str, tuple]:
     out = {f.level: ("vertebra", f.label) for f in result.findings.vertebrae}
     out.update({d.level: ("disc", d.grade) for d in result.findings.discs})
+    out.update({f"{g.level} degeneration": (g.pfirrmann, *(g.positive(k) for k in (*g.binary, "modic_any")))
+                for g in result.findings.degeneration})
     return out
 
 
 def _flagged(result, level: str) -> bool:
+    level = level.removesuffix(" degeneration")
     rev = result.review
     if level in rev.discs:
         return rev.discs[level].needs_review

@@ -170,6 +170,8 @@ class SeriesVolume:
             source (SEG frames, SR regions, JSON boxes, key image) map back with it.
         frame_numbers: Per slice, the frame of a multi-frame source instance (1-based); empty for single-frame.
         selection: How the series was chosen among the study's (:func:`spinepath.io.dicom.load_study`).
+        companions: The study's other sagittal series the grading may use (the T1), best first, unread
+            (``spinepath.io.dicom.SeriesInfo``; :func:`spinepath.io.dicom.load_companion` reads one).
 
     """
 
@@ -187,6 +189,7 @@ class SeriesVolume:
     inplane: InPlane = field(default_factory=InPlane)
     frame_numbers: list[int] = field(default_factory=list)
     selection: dict = field(default_factory=dict)
+    companions: list = field(default_factory=list, repr=False)
 
     @property
     def slice_spacing(self) -> float:

@@ -8,6 +8,18 @@ VERTEBRA_LEVELS: tuple[str, ...] = (*(f"T{i}" for i in range(1, 13)), "L1", "L2"
 DISC_LEVELS: tuple[str, ...] = tuple(f"{a}-{b}" for a, b in zip(VERTEBRA_LEVELS[:-1], VERTEBRA_LEVELS[1:]))
 
 
+def disc_index_from_bottom(level: str) -> int:
+    """SPIDER's ``index_from_bottom`` of a disc level name (``"L5-S1"`` -> 1, ``"L4-L5"`` -> 2, ...).
+
+    Raises:
+        ValueError: If the name is not a known disc level.
+
+    """
+    if level not in DISC_LEVELS:
+        raise ValueError(f"unknown disc level {level!r}")
+    return DISC_LEVELS.index("L5-S1") - DISC_LEVELS.index(level) + 1
+
+
 def level_index(name: str) -> int:
     """Return the top-down index of a vertebral level name.
 

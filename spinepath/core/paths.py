@@ -13,6 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "bundle" / "models" / "model.pt"
 DEFAULT_GRADER = REPO / "bundle" / "models" / "grader.pt"
+DEFAULT_SPIDER_GRADER = REPO / "bundle" / "models" / "spider_grader.pt"
 
 
 def _resolve(model: str | Path | None, default: Path, name: str, folder: str) -> Path:
@@ -34,6 +35,11 @@ def resolve_model_path(model: str | Path | None = None) -> Path:
 def resolve_grader_path(model: str | Path | None = None) -> Path:
     """The grading model: ``model`` (file or folder), else ``$HOLOSCAN_MODEL_PATH``, else the bundle's."""
     return _resolve(model, DEFAULT_GRADER, "grader.pt", "grading")
+
+
+def resolve_spider_grader_path(model: str | Path | None = None) -> Path:
+    """The SPIDER disc grader: ``model`` (file or folder), else ``$HOLOSCAN_MODEL_PATH``, else the bundle's."""
+    return _resolve(model, DEFAULT_SPIDER_GRADER, "spider_grader.pt", "grading")
 
 
 #: The real example DICOM series of the shared data.

@@ -12,7 +12,7 @@ import numpy as np
 
 from spinepath import DISCLAIMER, __version__
 from spinepath.core.geometry import SeriesVolume
-from spinepath.core.levels import DISC_GRADE_NAMES, DISC_GRADES
+from spinepath.core.levels import DISC_GRADE_NAMES, DISC_GRADES, DISC_LEVELS
 
 
 @dataclass(eq=False)
@@ -78,9 +78,11 @@ class LevelNaming:
             levels were counted from the lowest vertebra in view (assumed L5) without a sacral anchor.
         anchor_confidence: S1-class probability of the anchor (of the best S1 candidate when ``"none"``).
         n_lumbar: Lumbar-type vertebrae above the anchor as far as the evidence goes: those in view (at most
-            5); 4 when a transitional vertebra is suspected; without anchor, the vertebrae named L1-L5.
+            5); 4 when the vertebra above S1 is S1-like, 6 when the vertebra named T12 is lumbar-shaped;
+            without anchor, the vertebrae named L1-L5.
         transitional_suspected: The vertebra above the anchor scores S1-like too (a sacralised L5, or S1
-            taken for S2): reported, the names are not changed.
+            taken for S2), or the junction named T12-L1 is shaped like a lumbar one (a sixth lumbar-type
+            vertebra): reported, the names are not changed.
         confidence: Confidence of the naming as a whole (the anchor's name confidence).
         evidence: Per candidate (the lowest vertebrae), its S1-class probability; the rule that decided.
 
@@ -99,6 +101,10 @@ class LevelNaming:
         if self.anchor == "none":
             return ("levels were counted without a sacral anchor (S1 not identified): every name may be shifted "
                     "by one or more levels")
+        if self.transitional_suspected and self.n_lumbar == 6:
+            return ("transitional anatomy suspected (6 lumbar-type vertebrae: the junction named T12-L1 is shaped "
+                    "like a lumbar one; weak evidence, confirm the count on a whole-spine localiser): names "
+                    "counted from the vertebra identified as S1")
         if self.transitional_suspected:
             return (f"transitional lumbosacral vertebra suspected ({self.n_lumbar} lumbar-type vertebrae): "
                     "names counted from the vertebra identified as S1")
@@ -174,9 +180,11 @@ class DetectionResult:
             )
         extra = {}
         if self.findings is not None:
-            discs = [{**d.to_dict(), **(rev.discs[d.level].to_dict() if rev is not None and d.level in rev.discs
-                                         else {})} for d in self.findings.discs]
+            discs = [{**d, **(rev.discs[d["level"]].to_dict() if rev is not None and d["level"] in rev.discs
+                                else {})} for d in self.findings.disc_dicts()]
             extra = {"discs": discs, "grading_model": self.findings.model}
+            if self.findings.degeneration_model:
+                extra["degeneration_model"] = self.findings.degeneration_model
             self.timings.update(self.findings.timings)
         return {
             "disclaimer": DISCLAIMER,
@@ -225,16 +233,20 @@ class VertebraFinding:
     threshold: float
     per_slice: dict[int, float]
     features: dict[str, float] = field(default_factory=dict)
+    evidence: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """JSON-ready form."""
-        return {
+        """JSON-ready form; ``evidence`` names each part behind the decision (once the degeneration stage ran)."""
+        out = {
             "level": self.level,
             "probability": round(self.probability, 4),
             "label": self.label,
             "threshold": round(self.threshold, 4),
             "per_slice_probability": {str(k): round(v, 4) for k, v in sorted(self.per_slice.items())},
         }
+        if self.evidence:
+            out["evidence"] = self.evidence
+        return out
 
 
 @dataclass
@@ -269,6 +281,63 @@ class DiscFinding:
         }
 
 
+#: JSON names of the SPIDER binary findings (the label columns' names differ for the endplates).
+DEGENERATION_JSON_NAMES = {"upper_endplate_change": "endplate_change_upper",
+                           "lower_endplate_change": "endplate_change_lower", "spondylolisthesis": "spondylolisthesis",
+                           "herniation": "herniation", "narrowing": "narrowing", "bulging": "bulging"}
+PFIRRMANN_WORDS = ("homogeneous bright disc (Pfirrmann 1)", "inhomogeneous disc, bright (Pfirrmann 2)",
+                   "inhomogeneous grey disc (Pfirrmann 3)", "dark grey disc, height reduced (Pfirrmann 4)",
+                   "black disc, collapsed (Pfirrmann 5)")
+
+
+@dataclass
+class DegenerationFinding:
+    """Degenerative grades of one disc from the SPIDER-trained grader (T2 and, when used, T1 fused by level).
+
+    Attributes:
+        level: Disc level name.
+        index_from_bottom: 1 = L5-S1, as the names are counted from S1.
+        pfirrmann: Grade 1-5 and its five probabilities.
+        modic_type: Most probable Modic type (0 none, 1-3) and the four probabilities.
+        modic_any: P(any Modic change) with its threshold.
+        binary: P(finding) per :data:`DEGENERATION_JSON_NAMES` key.
+        thresholds: Decision threshold per binary finding and ``modic_any`` (chosen out of fold).
+        sequences: The sequences whose crops were graded (``"t2"``, ``"t1"``).
+
+    """
+
+    level: str
+    index_from_bottom: int
+    pfirrmann: int
+    pfirrmann_probabilities: list[float]
+    modic_type: int
+    modic_probabilities: list[float]
+    modic_any: float
+    binary: dict[str, float]
+    thresholds: dict[str, float]
+    sequences: list[str]
+
+    def positive(self, name: str) -> bool:
+        """The decision for a binary finding (label key) or ``"modic_any"``."""
+        p = self.modic_any if name == "modic_any" else self.binary[name]
+        return p >= self.thresholds.get(name, 0.5)
+
+    def to_dict(self) -> dict:
+        """The per-disc JSON keys of the contract (issue 13, item 5)."""
+        out = {"pfirrmann": {"grade": self.pfirrmann, "words": PFIRRMANN_WORDS[self.pfirrmann - 1],
+                             "probabilities": [round(p, 4) for p in self.pfirrmann_probabilities]},
+               "modic": {"type": self.modic_type, "probability_any": round(self.modic_any, 4),
+                         "label": "present" if self.positive("modic_any") else "absent",
+                         "threshold": round(self.thresholds.get("modic_any", 0.5), 4),
+                         "probabilities": [round(p, 4) for p in self.modic_probabilities]}}
+        for k, name in DEGENERATION_JSON_NAMES.items():
+            out[name] = {"probability": round(self.binary[k], 4),
+                         "label": "present" if self.positive(k) else "absent",
+                         "threshold": round(self.thresholds.get(k, 0.5), 4)}
+        out["sequences"] = list(self.sequences)
+        return out
+
+
 @dataclass
 class Findings:
     """All findings of one series."""
@@ -277,14 +346,29 @@ class Findings:
     discs: list[DiscFinding]
     timings: dict[str, float]
     model: dict = field(default_factory=dict)
+    degeneration: list[DegenerationFinding] = field(default_factory=list)
+    degeneration_model: dict = field(default_factory=dict)
+
+    def disc_dicts(self) -> list[dict]:
+        """Per disc level, top-down: its spark grade and its degenerative grades (SPIDER grader) side by side."""
+        deg = {d.level: d for d in self.degeneration}
+        discs = []
+        for d in self.discs:
+            e = d.to_dict()
+            if d.level in deg:
+                e.update(deg.pop(d.level).to_dict())
+            discs.append(e)
+        discs += [{"level": lv, **g.to_dict()} for lv, g in deg.items()]  # levels the spark heads do not grade
+        order = {lv: i for i, lv in enumerate(DISC_LEVELS)}
+        return sorted(discs, key=lambda e: order.get(e["level"], -1))
 
     def to_dict(self) -> dict:
-        """JSON-ready form."""
-        return {
-            "vertebrae": [v.to_dict() for v in self.vertebrae],
-            "discs": [d.to_dict() for d in self.discs],
-            "grading_model": self.model,
-        }
+        """JSON-ready form (see :meth:`disc_dicts`)."""
+        out = {"vertebrae": [v.to_dict() for v in self.vertebrae], "discs": self.disc_dicts(),
+               "grading_model": self.model}
+        if self.degeneration_model:
+            out["degeneration_model"] = self.degeneration_model
+        return out
 
 
 @dataclass

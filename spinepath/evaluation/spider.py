@@ -2,9 +2,12 @@
 
 spider_midsag gives no locations, only grades per disc numbered from the bottom (``index_from_bottom``,
 1 = the lumbosacral disc). The product names its discs between neighbouring named vertebrae; a disc named
-``X-Y`` is ``index_from_bottom`` = its distance from ``L5-S1`` in :data:`spinepath.core.levels.DISC_LEVELS`
-plus one, so a missed sacrum (the lowest vertebra taken as L5) shifts every index, exactly as it would shift
-the grades. A labelled disc is *located* when the product names a disc at its index.
+``X-Y`` is ``index_from_bottom`` = its distance from ``L5-S1`` (:func:`spinepath.core.levels.disc_index_from_bottom`),
+so a missed sacrum (the lowest vertebra taken as L5) shifts every index, exactly as it would shift
+the grades. A labelled disc is *located* when the product names a disc at its index (the disc above the
+highest vertebra found included, when in view: see :func:`spinepath.grading.spider.chain_discs`).
+
+:func:`evaluate_spider` is ``spinepath evaluate spider``: the SPIDER grading contract, end to end.
 """
 
 from __future__ import annotations
@@ -12,20 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, roc_auc_score
 from tqdm.auto import tqdm
 
 from spinepath.core.geometry import series_from_slices
-from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS
+from spinepath.core.levels import disc_index_from_bottom
 from spinepath.data.spider import SpiderStudy, load_spider_midsag
+from spinepath.grading.spider import SpiderGrader, chain_discs, vertebra_parts, vertebra_probability, vertebra_reference
+from spinepath.grading.spider_training import study_samples
 from spinepath.stages import detect_series
 
-#: The lumbosacral disc, ``index_from_bottom`` 1.
-LUMBOSACRAL = DISC_LEVELS.index("L5-S1")
-
-
-def disc_index_from_bottom(level: str) -> int:
-    """``index_from_bottom`` of a disc level name (``"L5-S1"`` -> 1, ``"L4-L5"`` -> 2, ...)."""
-    return LUMBOSACRAL - DISC_LEVELS.index(level) + 1
+__all__ = ["LocatedDiscs", "disc_index_from_bottom", "evaluate_spider", "locate_discs", "located_fraction"]
 
 
 @dataclass
@@ -45,21 +46,15 @@ class LocatedDiscs:
 
 
 def locate_discs(study: SpiderStudy, sequence: str, detector) -> LocatedDiscs:
-    """Detect and name the vertebrae of one sequence's image and list the discs between named neighbours.
+    """Detect and name the vertebrae of one sequence's image and list the discs the grading would crop.
 
     The image is one slice with its DICOM pixel spacing (a single-slice series, as the product reads a 2D
-    input).
+    input); the discs are :func:`spinepath.grading.spider.chain_discs`' (edge disc included).
     """
     img = study.load_image(sequence)
     spacing = study.spacing.get(sequence) or (1.0, 1.0)
     res = detect_series(series_from_slices([img], spacing, 4.0), detector)
-    named = [t for t in res.vertebrae if t.level in VERTEBRA_LEVELS]
-    found: dict[int, tuple[float, float]] = {}
-    for a, b in zip(named, named[1:]):
-        level = f"{a.level}-{b.level}"
-        if level in DISC_LEVELS:
-            ca, cb = a.centre, b.centre
-            found[disc_index_from_bottom(level)] = (float(ca[0] + cb[0]) / 2, float(ca[1] + cb[1]) / 2)
+    found = {i: s.centre for i, s, _ in chain_discs(res.vertebrae, "", float(spacing[0]), image_rows=img.shape[0])}
     return LocatedDiscs(study.patient, sequence, res.naming.anchor if res.naming else None, found,
                         [int(d["index_from_bottom"]) for d in study.discs])
 
@@ -84,3 +79,145 @@ def located_fraction(root: str | Path, detector, cases: list[str] | None = None,
         out["per_image"] += [{"patient": r.patient, "sequence": seq, "anchor": r.anchor,
                               "labelled": len(r.labelled), "located": len(r.located)} for r in rows]
     return out
+
+
+# ------------------------------------------------------------------------------- the grading contract
+#: Binary findings of the contract and the label columns they pool.
+CONTRACT_BINARY = {"endplate_change": ("upper_endplate_change", "lower_endplate_change"),
+                   "spondylolisthesis": ("spondylolisthesis",), "herniation": ("herniation",),
+                   "narrowing": ("narrowing",), "bulging": ("bulging",)}
+
+
+@dataclass
+class GradedDisc:
+    """One labelled disc of the evaluation with the product's fused finding (None when not located)."""
+
+    patient: str
+    index: int
+    labels: dict
+    finding: dict | None
+
+
+def grade_studies(studies: list[SpiderStudy], detector, grader: SpiderGrader,
+                  sequences: tuple[str, ...] = ("t1", "t2"), progress: bool = True
+                  ) -> tuple[list[GradedDisc], dict[str, dict[int, dict]], dict[str, list[str]]]:
+    """Run the product end to end on each patient's images and pair its discs with the labels by index.
+
+    Returns:
+        ``(labelled discs with findings, fused findings per patient by index, anchors per sequence)``.
+
+    """
+    graded: list[GradedDisc] = []
+    fused: dict[str, dict[int, dict]] = {}
+    anchors: dict[str, list[str]] = {s: [] for s in sequences}
+    for st in tqdm(studies, desc="spider grading", disable=not progress):
+        images, samples, anch = study_samples(st, detector, sequences)
+        for seq, a in anch.items():
+            anchors[seq].append(a)
+        found = grader.grade(images, samples)
+        fused[st.patient] = found
+        graded += [GradedDisc(st.patient, int(d["index_from_bottom"]), d, found.get(int(d["index_from_bottom"])))
+                   for d in st.discs]
+    return graded, fused, anchors
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    return round(float(roc_auc_score(y, p)), 4) if len(set(np.asarray(y).tolist())) > 1 else None
+
+
+def spider_metrics(graded: list[GradedDisc], vertebrae: list[tuple[str, int, float]],
+                   vertebra_threshold: float) -> dict:
+    """The contract's metrics over labelled discs (a disc not located: Pfirrmann 1, probability 0 everywhere).
+
+    Args:
+        graded: Labelled discs with their findings.
+        vertebrae: ``(patient, reference 0/1, P(pathology))`` per reference vertebra.
+        vertebra_threshold: Decision threshold of the vertebra probability.
+
+    """
+    pf_true = np.array([int(g.labels["pfirrmann"]) for g in graded if g.labels.get("pfirrmann") is not None])
+    pf_pred = np.array([(g.finding["pfirrmann"]["grade"] if g.finding else 1) for g in graded
+                        if g.labels.get("pfirrmann") is not None])
+    out: dict = {"pfirrmann": {
+        "quadratic_kappa": round(float(cohen_kappa_score(pf_true, pf_pred, weights="quadratic")), 4)
+        if len(pf_true) else None,
+        "within_one_accuracy": round(float(np.mean(np.abs(pf_true - pf_pred) <= 1)), 4) if len(pf_true) else None,
+        "balanced_accuracy": round(float(balanced_accuracy_score(pf_true, pf_pred)), 4) if len(pf_true) else None,
+        "accuracy": round(float(np.mean(pf_true == pf_pred)), 4) if len(pf_true) else None}}
+    m = [g for g in graded if g.labels.get("modic") is not None]
+    out["modic"] = {"auc": _auc(np.array([int(g.labels["modic"]) > 0 for g in m]),
+                                np.array([g.finding["modic_any"] if g.finding else 0.0 for g in m]))}
+    for name, cols in CONTRACT_BINARY.items():
+        y, p = [], []
+        for c in cols:
+            for g in graded:
+                if g.labels.get(c) is not None:
+                    y.append(int(g.labels[c]))
+                    p.append(g.finding[c] if g.finding else 0.0)
+        out[name] = {"auc": _auc(np.array(y), np.array(p))}
+    yv = np.array([v[1] for v in vertebrae])
+    pv = np.array([v[2] for v in vertebrae])
+    out["vertebra"] = {"auc": _auc(yv, pv),
+                       "balanced_accuracy": round(float(balanced_accuracy_score(yv, pv >= vertebra_threshold)), 4)
+                       if len(set(yv.tolist())) > 1 else None}
+    return out
+
+
+def vertebra_rows(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]], platt: dict
+                  ) -> list[tuple[str, int, float]]:
+    """``(patient, reference, P)`` for each vertebra between two labelled discs (item 4's reference)."""
+    rows = []
+    for st in studies:
+        ref = vertebra_reference({int(d["index_from_bottom"]): d for d in st.discs})
+        f = fused.get(st.patient, {})
+        for i, y in sorted(ref.items()):
+            parts = vertebra_parts(f, i)
+            p = vertebra_probability(parts, platt) if any(v is not None for v in parts.values()) else 0.0
+            rows.append((st.patient, y, p))
+    return rows
+
+
+def evaluate_spider(root: str | Path, detector, grader: SpiderGrader, cases: list[str] | None = None,
+                    sequences: tuple[str, ...] = ("t1", "t2"), bootstrap: int = 0, progress: bool = True) -> dict:
+    """``spinepath evaluate spider``: the contract JSON, end to end from the images.
+
+    Labelled discs are matched by ``index_from_bottom`` as the product counts them; ``located_fraction`` =
+    located labelled discs / labelled discs. With ``bootstrap`` > 0, 95% intervals by patient resampling
+    (``intervals``). ``on_located`` repeats the metrics over the located discs only.
+    """
+    studies = [s for s in load_spider_midsag(root) if cases is None or s.patient in cases]
+    studies = [s for s in studies if any(q in s.sequences for q in sequences)]
+    graded, fused, anchors = grade_studies(studies, detector, grader, sequences, progress)
+    platt = grader.fusion.vertebra
+    thr = float(platt.get("threshold", 0.5))
+    vrows = vertebra_rows(studies, fused, platt)
+    res = {"task": "spider_grading", "n_patients": len(studies), "n_discs": len(graded),
+           "located_fraction": round(sum(g.finding is not None for g in graded) / max(len(graded), 1), 4),
+           **spider_metrics(graded, vrows, thr),
+           "sequences": list(sequences),
+           "anchored_fraction": {s: round(sum(a == "S1" for a in v) / max(len(v), 1), 4) for s, v in anchors.items()},
+           "vertebra_threshold": round(thr, 4), "n_vertebrae": len(vrows),
+           "on_located": spider_metrics([g for g in graded if g.finding is not None],
+                                        [v for v in vrows if v[2] > 0], thr)}
+    if bootstrap:
+        res["intervals"] = bootstrap_spider(graded, vrows, thr, bootstrap)
+    return res
+
+
+def bootstrap_spider(graded: list[GradedDisc], vrows: list, thr: float, n: int, seed: int = 0) -> dict:
+    """95% percentile intervals of :func:`spider_metrics`, resampling whole patients."""
+    rng = np.random.default_rng(seed)
+    patients = sorted({g.patient for g in graded})
+    by_d = {p: [g for g in graded if g.patient == p] for p in patients}
+    by_v = {p: [v for v in vrows if v[0] == p] for p in patients}
+    acc: dict[str, list[float]] = {}
+    for _ in range(n):
+        pick = rng.choice(len(patients), len(patients), replace=True)
+        m = spider_metrics([g for i in pick for g in by_d[patients[i]]], [v for i in pick for v in by_v[patients[i]]],
+                           thr)
+        for part, d in m.items():
+            for k, v in d.items():
+                if v is not None:
+                    acc.setdefault(f"{part}.{k}", []).append(v)
+    return {k: [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]
+            for k, v in acc.items()}

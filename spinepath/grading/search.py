@@ -77,7 +77,7 @@ def search_split(cases: list[str]) -> tuple[list[str], list[str]]:
     return [c for i, c in enumerate(cases) if i % 3], [c for i, c in enumerate(cases) if i % 3 == 0]
 
 
-def _storage(url: str):
+def optuna_storage(url: str):
     """An Optuna RDB storage.
 
     Creating the schema is retried: workers starting together on an empty database race to create the
@@ -160,7 +160,7 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name,
-        storage=_storage(storage),
+        storage=optuna_storage(storage),
         direction="maximize",
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),

@@ -666,6 +666,24 @@ def load_series(info: SeriesInfo, max_pixels: int = 2048 * 2048) -> SeriesVolume
     )
 
 
+def load_companion(volume: SeriesVolume) -> SeriesVolume | None:
+    """Read the study's sagittal T1 (the first of ``volume.companions`` that loads); None without one.
+
+    A companion that cannot be read is logged and recorded in ``volume.selection["t1"]["error"]``; the next
+    is tried. The one read is recorded as ``volume.selection["t1"]["loaded"]``.
+    """
+    for info in volume.companions:
+        try:
+            t1 = load_series(info)
+        except StudyError as exc:
+            log.warning("the sagittal T1 could not be read (%s)", exc)
+            volume.selection.setdefault("t1_failed", []).append({**info.summary(), "error": str(exc)})
+            continue
+        volume.selection["t1"] = {**info.summary(), "loaded": True}
+        return t1
+    return None
+
+
 def load_study(folder: str | Path, rules: dict | None = None) -> SeriesVolume:
     """Scan a study folder, select its main sagittal T2 series and read it; the choice is recorded.
 
@@ -702,6 +720,7 @@ def load_study(folder: str | Path, rules: dict | None = None) -> SeriesVolume:
             "failed": failed,
             "candidates": len(ranked),
         }
+        volume.companions = companions
         log.info("selected series '%s' (%d images): %s", info.description, len(info.files), why)
         return volume
     if len(ranked) > 1:

@@ -1,0 +1,578 @@
+"""Level-by-level degenerative grading learned from SPIDER: one multi-task ConvNeXt per disc crop, fused by level.
+
+A disc is found as the product finds it: between two neighbouring vertebrae of the named chain, numbered from
+the bottom (``index_from_bottom``, 1 = L5-S1) as spider_midsag's labels are. Its crop (spine-aligned, both
+endplates and the neighbouring bodies in view) goes through one network with a head per finding:
+
+* ``pfirrmann`` 1-5 (5 classes, cross-entropy plus an expected-grade penalty: ordinal-aware),
+* ``modic`` none / 1 / 2 / 3 (4 classes; "any" = 1 - P(none)),
+* ``upper_endplate_change``, ``lower_endplate_change``, ``spondylolisthesis``, ``herniation``, ``narrowing``,
+  ``bulging`` (one logit each).
+
+One network sees the T1 and the T2 crops (more images; the contrast tells the sequence). The T1 and T2 of a
+patient are separate acquisitions, so they are fused *by level*: per disc, both sequences' head
+probabilities (missing = NaN), the disc's height relative to its neighbouring bodies on each, and its index
+go through one LightGBM model per finding, fitted on out-of-fold network outputs. The per-vertebra
+endplate/marrow probability combines the fused endplate and Modic probabilities of the vertebra's two discs
+(:func:`vertebra_probability`), calibrated and thresholded on out-of-fold data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from spinepath.core.files import atomic_file
+from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
+from spinepath.core.results import Vertebra
+from spinepath.grading.calibration import fit_platt
+from spinepath.grading.classifier import GradingConfig, build_classifier, to_input, warmup_cosine
+from spinepath.grading.crops import Structure, augment_intensity, local_axes, random_jitter, sample_crop
+from spinepath.grading.fusion import best_threshold
+
+#: Heads of the network and their output sizes (1 = one logit).
+HEADS: dict[str, int] = {"pfirrmann": 5, "modic": 4, "upper_endplate_change": 1, "lower_endplate_change": 1,
+                         "spondylolisthesis": 1, "herniation": 1, "narrowing": 1, "bulging": 1}
+BINARY = tuple(k for k, n in HEADS.items() if n == 1)
+N_OUTPUTS = sum(HEADS.values())
+SEQUENCES = ("t2", "t1")
+#: Columns of a head-probability row: P(pfirrmann = 1..5), P(modic = 0..3), then one per binary finding.
+PROB_COLUMNS = (*(f"pfirrmann_{g}" for g in range(1, 6)), *(f"modic_{t}" for t in range(4)), *BINARY)
+#: Context per sequence beside the probabilities: disc height / mean neighbouring body height, both on the
+#: detector's boxes along the image rows.
+CONTEXT = ("disc_height_ratio",)
+FUSION_FEATURES = (*(f"{s}_{c}" for s in SEQUENCES for c in (*PROB_COLUMNS, *CONTEXT)), "index_from_bottom")
+#: Fused outputs: the two multi-class findings and the binaries.
+TARGETS = ("pfirrmann", "modic", *BINARY)
+
+
+def _slices() -> dict[str, slice]:
+    out, i = {}, 0
+    for k, n in HEADS.items():
+        out[k] = slice(i, i + n)
+        i += n
+    return out
+
+
+HEAD_SLICES = _slices()
+
+
+@dataclass
+class SpiderConfig:
+    """Hyper-parameters of the multi-task disc network (``configs/spider_params.json`` holds the searched)."""
+
+    model: str = "convnext_atto"
+    crop_mm: float = 64.0
+    crop_px: int = 64
+    crop_aspect: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    epochs: int = 25
+    batch_size: int = 32
+    aug_strength: float = 1.0
+    drop_path: float = 0.1
+    label_smoothing: float = 0.05
+    ordinal_weight: float = 0.5
+    binary_weight: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpiderConfig:
+        """Build from a dict, ignoring unknown keys."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def network(self) -> nn.Module:
+        """A randomly initialised network with :data:`N_OUTPUTS` outputs."""
+        return build_classifier(GradingConfig(model=self.model, drop_path=self.drop_path), N_OUTPUTS)
+
+
+# ------------------------------------------------------------------------------------------- the discs
+@dataclass
+class DiscSample:
+    """One disc on one sequence's image.
+
+    Attributes:
+        patient: Patient id.
+        sequence: ``"t1"`` or ``"t2"``.
+        index: ``index_from_bottom`` as the product counts it (1 = L5-S1).
+        structure: Where to crop (``image_key`` = ``"<patient>_<sequence>"``).
+        context: :data:`CONTEXT` values.
+        target: Labels in :data:`TARGETS` order (Pfirrmann 0-based; -1 unknown); empty at inference.
+
+    """
+
+    patient: str
+    sequence: str
+    index: int
+    structure: Structure
+    context: dict[str, float]
+    target: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+#: An edge disc (above the highest vertebra found) is kept when its centre is this far inside the image (mm).
+EDGE_DISC_MARGIN_MM = 4.0
+
+
+def chain_discs(vertebrae: list[Vertebra], image_key: str, spacing_mm: float, slice_index: int | None = None,
+                image_rows: int | None = None) -> list[tuple[int, Structure, dict[str, float]]]:
+    """The discs between neighbouring named vertebrae of a top-down chain, on one slice.
+
+    With ``image_rows`` given, the disc *above* the highest vertebra is added too (an edge disc) when its
+    extrapolated centre (half the distance to the next vertebra below, along the spine axis) lies at least
+    :data:`EDGE_DISC_MARGIN_MM` inside the image: the vertebra above it is cut by the field of view and not
+    detected, but its lower endplate and the disc are in view (spider_midsag grades that disc). Its height
+    ratio is unknown (NaN).
+
+    Args:
+        vertebrae: Named chain, top-down (``level`` set; ``"?"`` ends it).
+        image_key: Key of the slice in the image dictionary.
+        spacing_mm: Pixel size.
+        slice_index: The slice whose boxes are used (default: each vertebra's first box).
+        image_rows: Rows of the slice (enables the edge disc).
+
+    Returns:
+        ``(index_from_bottom, disc structure, context)`` per disc, top-down.
+
+    """
+    named = [v for v in vertebrae if v.level in VERTEBRA_LEVELS
+             and (slice_index is None or v.box_on(slice_index) is not None)]
+    if len(named) < 2:
+        return []
+    boxes = np.array([v.boxes[0] if slice_index is None else v.box_on(slice_index) for v in named], float)
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    axes = local_axes(centres)
+    out = []
+    top = VERTEBRA_LEVELS.index(named[0].level)
+    if image_rows is not None and top > 0:
+        mid = centres[0] - (centres[1] - centres[0]) / 2
+        if mid[0] * spacing_mm >= EDGE_DISC_MARGIN_MM and mid[0] < image_rows:
+            level = f"{VERTEBRA_LEVELS[top - 1]}-{named[0].level}"
+            out.append((disc_index_from_bottom(level),
+                        Structure(image_key, "disc", level, (float(mid[0]), float(mid[1])),
+                                  (float(axes[0][0]), float(axes[0][1])), float(spacing_mm), case=image_key),
+                        {"disc_height_ratio": float("nan")}))
+    for i in range(len(named) - 1):
+        level = f"{named[i].level}-{named[i + 1].level}"
+        if level not in DISC_LEVELS:
+            continue
+        ax = axes[i] + axes[i + 1]
+        ax = ax / max(float(np.linalg.norm(ax)), 1e-6)
+        mid = (centres[i] + centres[i + 1]) / 2
+        heights = (boxes[i, 2] - boxes[i, 0], boxes[i + 1, 2] - boxes[i + 1, 0])
+        gap = max(float(boxes[i + 1, 0] - boxes[i, 2]), 0.0)
+        s = Structure(image_key, "disc", level, (float(mid[0]), float(mid[1])), (float(ax[0]), float(ax[1])),
+                      float(spacing_mm), case=image_key)
+        out.append((disc_index_from_bottom(level), s, {"disc_height_ratio": gap / max(float(np.mean(heights)), 1e-6)}))
+    return out
+
+
+def disc_targets(disc: dict) -> np.ndarray:
+    """A spider_midsag disc row as :data:`TARGETS` labels (Pfirrmann 0-based; -1 where missing)."""
+    def get(k: str, off: int = 0) -> int:
+        v = disc.get(k)
+        return -1 if v is None else int(v) - off
+
+    return np.array([get("pfirrmann", 1), get("modic"), *(get(k) for k in BINARY)], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------ the network
+class DiscCrops(torch.utils.data.Dataset):
+    """Crops of disc samples (augmented when ``train``) with their targets."""
+
+    def __init__(self, images: dict[str, np.ndarray], samples: list[DiscSample], cfg: SpiderConfig,
+                 train: bool) -> None:
+        self.images, self.samples, self.cfg, self.train = images, samples, cfg, train
+        self.rng = random.Random(cfg.seed)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.samples[i]
+        jit = random_jitter(self.rng, self.cfg.aug_strength) if self.train else None
+        x = sample_crop(self.images[s.structure.image_key], s.structure, self.cfg.crop_mm, self.cfg.crop_px, jit,
+                        self.cfg.crop_aspect)
+        if self.train:
+            x = augment_intensity(x, self.rng, self.cfg.aug_strength)
+        return torch.from_numpy(to_input(x)), torch.from_numpy(s.target)
+
+
+def head_weights(targets: np.ndarray) -> dict[str, torch.Tensor]:
+    """Class weights (inverse square root of frequency) for the multi-class heads, positive weights for the rest."""
+    out: dict[str, torch.Tensor] = {}
+    for j, k in enumerate(TARGETS):
+        y = targets[:, j]
+        y = y[y >= 0]
+        if HEADS[k] > 1:
+            c = np.maximum(np.bincount(y, minlength=HEADS[k]).astype(float), 1.0) ** -0.5
+            out[k] = torch.tensor(c / c[y].mean() if len(y) else c, dtype=torch.float32)
+        else:
+            pos = max(float((y == 1).sum()), 1.0)
+            out[k] = torch.tensor(math.sqrt(max(float((y == 0).sum()), 1.0) / pos), dtype=torch.float32)
+    return out
+
+
+def multitask_loss(logits: torch.Tensor, target: torch.Tensor, weights: dict[str, torch.Tensor],
+                   cfg: SpiderConfig) -> torch.Tensor:
+    """Sum of the heads' losses over the labelled entries (a -1 target is skipped).
+
+    Pfirrmann: class-weighted cross-entropy plus ``ordinal_weight`` times the squared error of the expected
+    grade (near misses cost less); Modic: class-weighted cross-entropy; binaries: BCE with a positive weight,
+    times ``binary_weight``.
+    """
+    total = logits.new_zeros(())
+    for j, k in enumerate(TARGETS):
+        y = target[:, j]
+        m = y >= 0
+        if not bool(m.any()):
+            continue
+        z = logits[m, HEAD_SLICES[k]]
+        if HEADS[k] > 1:
+            total = total + F.cross_entropy(z, y[m], weight=weights[k], label_smoothing=cfg.label_smoothing)
+            if k == "pfirrmann" and cfg.ordinal_weight > 0:
+                expected = torch.softmax(z, 1) @ torch.arange(HEADS[k], dtype=z.dtype)
+                total = total + cfg.ordinal_weight * F.mse_loss(expected, y[m].to(z.dtype))
+        else:
+            t = y[m].float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / 2
+            total = total + cfg.binary_weight * F.binary_cross_entropy_with_logits(
+                z[:, 0], t, pos_weight=weights[k])
+    return total
+
+
+def head_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """``(N, 15)`` probabilities in :data:`PROB_COLUMNS` order."""
+    parts = [torch.softmax(logits[:, HEAD_SLICES[k]], 1) if HEADS[k] > 1 else torch.sigmoid(logits[:, HEAD_SLICES[k]])
+             for k in HEADS]
+    return torch.cat(parts, 1)
+
+
+def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: list[DiscSample],
+                  progress: bool = True, max_minutes: float = 0.0) -> nn.Module:
+    """Train one multi-task network (AdamW, warm-up + cosine schedule); returns it in eval mode."""
+    torch.manual_seed(cfg.seed)
+    model = cfg.network()
+    ds = DiscCrops(images, samples, cfg, train=True)
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
+                                     generator=torch.Generator().manual_seed(cfg.seed))
+    weights = head_weights(np.stack([s.target for s in samples]))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = warmup_cosine(opt, len(dl), cfg.epochs * len(dl))
+    start = time.time()
+    bar = tqdm(range(cfg.epochs), desc="spider epochs", disable=not progress, leave=False)
+    for _ in bar:
+        model.train()
+        tot, n = 0.0, 0
+        for x, y in dl:
+            loss = multitask_loss(model(x), y, weights, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(y)
+            n += len(y)
+        bar.set_postfix(loss=round(tot / max(n, 1), 4))
+        if max_minutes and time.time() - start > 60 * max_minutes:
+            break
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict_samples(models: list[nn.Module], cfg: SpiderConfig, images: dict[str, np.ndarray],
+                    samples: list[DiscSample], tta: bool = True, batch: int = 128) -> np.ndarray:
+    """Mean head probabilities ``(N, 15)`` over models (and a superior-inferior flip when ``tta``)."""
+    if not samples:
+        return np.zeros((0, N_OUTPUTS), np.float32)
+    crops = np.stack([to_input(sample_crop(images[s.structure.image_key], s.structure, cfg.crop_mm, cfg.crop_px,
+                                           None, cfg.crop_aspect)) for s in samples])
+    x = torch.from_numpy(crops)
+    views = [x, torch.flip(x, dims=[2])] if tta else [x]
+    acc = torch.zeros(len(samples), N_OUTPUTS)
+    for m in models:
+        m.eval()
+        for v in views:
+            acc += torch.cat([head_probabilities(m(v[i:i + batch])) for i in range(0, len(v), batch)])
+    return (acc / (len(models) * len(views))).numpy()
+
+
+# ------------------------------------------------------------------------------------ fusion by level
+def level_table(samples: list[DiscSample], probs: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
+    """Per ``(patient, index_from_bottom)``: the :data:`FUSION_FEATURES` row (a missing sequence is NaN)."""
+    out: dict[tuple[str, int], np.ndarray] = {}
+    width = len(PROB_COLUMNS) + len(CONTEXT)
+    for s, p in zip(samples, probs):
+        row = out.setdefault((s.patient, s.index), np.full(len(FUSION_FEATURES), np.nan))
+        j = SEQUENCES.index(s.sequence) * width
+        row[j:j + len(PROB_COLUMNS)] = p
+        row[j + len(PROB_COLUMNS):j + width] = [s.context[c] for c in CONTEXT]
+        row[-1] = s.index
+    return out
+
+
+LGB_PARAMS = {"learning_rate": 0.05, "num_leaves": 7, "max_depth": 3, "min_data_in_leaf": 20,
+              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0,
+              "verbose": -1, "seed": 0, "num_threads": 2}
+N_ROUNDS = 150
+
+
+def _fit_booster(X: np.ndarray, y: np.ndarray, n_classes: int):
+    # LightGBM is imported only where a fusion model is fitted or run
+    import lightgbm as lgb
+
+    params = dict(LGB_PARAMS, objective="multiclass", num_class=n_classes) if n_classes > 2 else \
+        dict(LGB_PARAMS, objective="binary")
+    return lgb.train(params, lgb.Dataset(X, label=y, feature_name=list(FUSION_FEATURES)), num_boost_round=N_ROUNDS)
+
+
+def _n_classes(target: str) -> int:
+    return HEADS[target] if HEADS[target] > 1 else 2
+
+
+@dataclass
+class LevelFusion:
+    """The LightGBM models that fuse a disc's sequences by level, with the decisions chosen out of fold.
+
+    Attributes:
+        boosters: LightGBM text model per :data:`TARGETS` entry.
+        thresholds: Decision threshold per binary finding and for ``modic_any`` (max balanced accuracy).
+        pfirrmann_rule: ``"argmax"`` or ``"expected"`` (the rounded expected grade), whichever had the higher
+            out-of-fold quadratic kappa.
+        vertebra: Platt ``(a, b)`` on the logit of the noisy-or of a vertebra's endplate / Modic
+            probabilities and its ``threshold`` (see :func:`vertebra_probability`).
+        info: Out-of-fold metrics.
+
+    """
+
+    boosters: dict[str, str]
+    thresholds: dict[str, float]
+    pfirrmann_rule: str = "expected"
+    vertebra: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    _parsed: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        """Per target: ``(N, classes)`` probabilities (multi-class) or ``(N,)`` P(positive)."""
+        # LightGBM is imported only where a fusion model is fitted or run
+        import lightgbm as lgb
+
+        X = np.asarray(X, dtype=np.float64).reshape(-1, len(FUSION_FEATURES))
+        out = {}
+        for k in TARGETS:
+            if k not in self._parsed:
+                self._parsed[k] = lgb.Booster(model_str=self.boosters[k])
+            out[k] = np.asarray(self._parsed[k].predict(X), np.float64) if len(X) else \
+                np.zeros((0, HEADS[k]) if HEADS[k] > 1 else 0)
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"boosters": self.boosters, "thresholds": self.thresholds, "pfirrmann_rule": self.pfirrmann_rule,
+                "vertebra": self.vertebra, "info": self.info, "features": list(FUSION_FEATURES)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LevelFusion:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: If the stored features differ from this version's.
+
+        """
+        if tuple(d.get("features", ())) != FUSION_FEATURES:
+            raise ValueError("SPIDER level fusion features do not match this version's")
+        return cls(d["boosters"], d["thresholds"], d.get("pfirrmann_rule", "expected"), d.get("vertebra", {}),
+                   d.get("info", {}))
+
+
+def pfirrmann_grade(prob: np.ndarray, rule: str) -> np.ndarray:
+    """0-based Pfirrmann grades from ``(N, 5)`` probabilities: ``argmax`` or the rounded expected grade."""
+    prob = np.asarray(prob, np.float64).reshape(-1, 5)
+    if rule == "argmax":
+        return prob.argmax(1)
+    return np.clip(np.rint(prob @ np.arange(5)), 0, 4).astype(int)
+
+
+def noisy_or(ps: list[float]) -> float:
+    """P(at least one) of independent events (missing entries skipped; 0 when none)."""
+    q = 1.0
+    for p in ps:
+        if p is not None and np.isfinite(p):
+            q *= 1.0 - float(p)
+    return 1.0 - q
+
+
+def vertebra_parts(fused: dict[int, dict[str, float]], index_below: int) -> dict[str, float | None]:
+    """The named evidence for the vertebra above disc ``index_below`` (its own endplates and marrow).
+
+    The disc above it is ``index_below + 1``: its *lower* endplate is this vertebra's upper endplate; the
+    disc below is ``index_below``: its *upper* endplate is this vertebra's lower one.
+    """
+    above, below = fused.get(index_below + 1), fused.get(index_below)
+    return {"upper_endplate": above["lower_endplate_change"] if above else None,
+            "lower_endplate": below["upper_endplate_change"] if below else None,
+            "modic_above": above["modic_any"] if above else None,
+            "modic_below": below["modic_any"] if below else None}
+
+
+def vertebra_probability(parts: dict[str, float | None], platt: dict[str, float]) -> float:
+    """Endplate / marrow P(pathology) of a vertebra: Platt-calibrated noisy-or of its :func:`vertebra_parts`."""
+    p = float(np.clip(noisy_or(list(parts.values())), 1e-6, 1 - 1e-6))
+    if not platt:
+        return p
+    z = platt["a"] * math.log(p / (1 - p)) + platt["b"]
+    return float(1 / (1 + math.exp(-z)))
+
+
+def fused_findings(probs: dict[str, np.ndarray], i: int) -> dict[str, float]:
+    """Row ``i`` of :meth:`LevelFusion.predict` as named probabilities (``modic_any`` included)."""
+    out = {k: float(probs[k][i]) for k in BINARY}
+    out["modic_any"] = float(1.0 - probs["modic"][i][0])
+    return out
+
+
+def fit_level_fusion(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_folds: int = 5
+                     ) -> tuple[LevelFusion, dict[str, np.ndarray]]:
+    """Fit one booster per target on out-of-fold network outputs; choose decisions on nested CV predictions.
+
+    Args:
+        X: ``(N, len(FUSION_FEATURES))`` rows of :func:`level_table`.
+        Y: ``(N, len(TARGETS))`` labels (-1 unknown: that row is skipped for that target).
+        groups: Patient per row (folds never split a patient).
+        n_folds: Folds of the nested predictions.
+
+    Returns:
+        ``(fusion fitted on every row, cross-validated predictions per target)``.
+
+    """
+    # scikit-learn takes about a second to import: only fitting and metrics need it
+    from sklearn.metrics import cohen_kappa_score
+    from sklearn.model_selection import GroupKFold
+
+    boosters, cv = {}, {}
+    for j, k in enumerate(TARGETS):
+        m = Y[:, j] >= 0
+        Xk, yk, gk = X[m], Y[m, j], groups[m]
+        nc = _n_classes(k)
+        pk = np.zeros((len(yk), nc)) if nc > 2 else np.zeros(len(yk))
+        for tr, te in GroupKFold(n_splits=n_folds).split(Xk, yk, gk):
+            pk[te] = _fit_booster(Xk[tr], yk[tr], nc).predict(Xk[te])
+        full = np.full((len(Y), nc) if nc > 2 else len(Y), np.nan)
+        full[m] = pk
+        cv[k] = full
+        boosters[k] = _fit_booster(Xk, yk, nc).model_to_string()
+    thresholds = {}
+    for k in BINARY:
+        m = Y[:, TARGETS.index(k)] >= 0
+        thresholds[k] = best_threshold(Y[m, TARGETS.index(k)], cv[k][m])
+    jm = TARGETS.index("modic")
+    m = Y[:, jm] >= 0
+    thresholds["modic_any"] = best_threshold((Y[m, jm] > 0).astype(int), 1 - cv["modic"][m, 0])
+    jp = TARGETS.index("pfirrmann")
+    m = Y[:, jp] >= 0
+    kappa = {r: float(cohen_kappa_score(Y[m, jp], pfirrmann_grade(cv["pfirrmann"][m], r), weights="quadratic"))
+             for r in ("argmax", "expected")}
+    rule = max(kappa, key=kappa.get)
+    info = {"n_levels": int(len(Y)), "cv_pfirrmann_quadratic_kappa": kappa}
+    return LevelFusion(boosters, thresholds, rule, {}, info), cv
+
+
+def fit_vertebra_decision(parts: list[dict[str, float | None]], y: np.ndarray) -> dict[str, float]:
+    """Platt map and threshold (max balanced accuracy) of the vertebra noisy-or, on out-of-fold parts."""
+    p = np.array([vertebra_probability(q, {}) for q in parts])
+    a, b = fit_platt(np.asarray(y, int), p)
+    cal = np.array([vertebra_probability(q, {"a": a, "b": b}) for q in parts])
+    return {"a": float(a), "b": float(b), "threshold": best_threshold(np.asarray(y, int), cal)}
+
+
+def vertebra_reference(discs: dict[int, dict]) -> dict[int, int]:
+    """SPIDER per-vertebra reference, keyed by the index of the disc below the vertebra.
+
+    Positive when its own endplates are involved: the lower-endplate change of the disc above it, the
+    upper-endplate change of the disc below it, or a Modic change at either. Only vertebrae between two
+    labelled discs.
+    """
+    out = {}
+    for i, below in discs.items():
+        above = discs.get(i + 1)
+        if above is None:
+            continue
+        out[i] = int(bool(above.get("lower_endplate_change")) or bool(below.get("upper_endplate_change"))
+                     or (above.get("modic") or 0) > 0 or (below.get("modic") or 0) > 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- saved model
+@dataclass
+class SpiderGrader:
+    """The SPIDER disc grader: the networks (one per cross-validation fold) and the level fusion."""
+
+    cfg: SpiderConfig
+    models: list[nn.Module]
+    fusion: LevelFusion
+    meta: dict = field(default_factory=dict)
+
+    FORMAT = "spinepath-spider-grader-1"
+
+    def save(self, path: str | Path) -> None:
+        """Write fp16 weights, configuration and fusion, atomically."""
+        sds = [{k: (v.half() if v.is_floating_point() else v) for k, v in m.state_dict().items()} for m in self.models]
+        with atomic_file(path, ".pt") as tmp:
+            torch.save({"format": self.FORMAT, "cfg": asdict(self.cfg), "state_dicts": sds,
+                        "fusion": self.fusion.to_dict(), "meta": self.meta}, tmp)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpiderGrader:
+        """Inverse of :meth:`save`.
+
+        Raises:
+            FileNotFoundError: If the file is missing.
+            ValueError: If it is not a SPIDER grader of this version.
+
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"SPIDER grader not found: {p}")
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+        if not isinstance(ck, dict) or ck.get("format") != cls.FORMAT:
+            raise ValueError(f"{p} is not a spinepath SPIDER grader")
+        cfg = SpiderConfig.from_dict(ck["cfg"])
+        models = []
+        for sd in ck["state_dicts"]:
+            m = cfg.network()
+            m.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+            models.append(m.eval())
+        return cls(cfg, models, LevelFusion.from_dict(ck["fusion"]), ck.get("meta", {}))
+
+    def grade(self, images: dict[str, np.ndarray], samples: list[DiscSample]) -> dict[int, dict]:
+        """Fused findings per disc index of one study (samples of one patient, any sequences).
+
+        Returns:
+            ``{index_from_bottom: {"pfirrmann": {"grade", "probabilities"}, "modic": {...}, <binary>: p,
+            "modic_any": p, "sequences": [...], "level": name}}``.
+
+        """
+        probs = predict_samples(self.models, self.cfg, images, samples)
+        table = level_table(samples, probs)
+        keys = sorted(table)
+        fused = self.fusion.predict(np.stack([table[k] for k in keys])) if keys else {}
+        out = {}
+        for i, (_, idx) in enumerate(keys):
+            f = fused_findings(fused, i)
+            pf = fused["pfirrmann"][i]
+            f["pfirrmann"] = {"grade": int(pfirrmann_grade(pf, self.fusion.pfirrmann_rule)[0]) + 1,
+                              "probabilities": [round(float(v), 4) for v in pf]}
+            f["modic"] = {"type": int(np.argmax(fused["modic"][i])),
+                          "probabilities": [round(float(v), 4) for v in fused["modic"][i]]}
+            f["sequences"] = sorted(s.sequence for s in samples if s.index == idx)
+            f["level"] = next(s.structure.level for s in samples if s.index == idx)
+            out[idx] = f
+        return out

@@ -1,0 +1,162 @@
+"""The degenerative grading stage of the product: SPIDER-trained grades per disc from the T2 and the T1.
+
+The grader was trained on one mid-sagittal slice per sequence, so the product grades one slice per
+sequence too: the T2's key slice (the mid-sagittal slice of the detected spine) with the T2's named chain,
+and, when the study has a sagittal T1, the T1 slice nearest that slice in patient space, on which the
+detector runs once more (the two series are separate acquisitions: their boxes are not shared). A T1 chain is
+used only when it is anchored on S1 like the T2's (its disc indices then count from the same vertebra);
+otherwise the T2 alone is graded and the finding says so. The fused grades attach to the disc levels of the
+T2's names (``index_from_bottom`` 1 = L5-S1).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from spinepath.core.geometry import SeriesVolume
+from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
+from spinepath.core.results import DegenerationFinding, DetectionResult, Findings, key_slice
+from spinepath.detection.grouping import group_and_name_with_evidence
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.grading.spider import (
+    BINARY,
+    DiscSample,
+    SpiderGrader,
+    chain_discs,
+    vertebra_parts,
+    vertebra_probability,
+)
+from spinepath.transforms import intensity_range, normalise_image
+
+
+def disc_level(index_from_bottom: int) -> str:
+    """Disc level name of an ``index_from_bottom`` (1 -> ``"L5-S1"``)."""
+    return DISC_LEVELS[DISC_LEVELS.index("L5-S1") - (index_from_bottom - 1)]
+
+
+def _slice_samples(volume: SeriesVolume, k: int, vertebrae, sequence: str, key: str
+                   ) -> tuple[dict[str, np.ndarray], list[DiscSample]]:
+    img = volume.pixels[k]
+    images = {key: normalise_image(img, intensity_range(volume.pixels, (1.0, 99.5)))}
+    discs = chain_discs(vertebrae, key, float(volume.spacing[0]), slice_index=k, image_rows=img.shape[0])
+    return images, [DiscSample("study", sequence, i, s, ctx) for i, s, ctx in discs]
+
+
+def nearest_slice(volume: SeriesVolume, point: np.ndarray) -> int:
+    """The slice of ``volume`` nearest a patient-space point along its slice normal."""
+    d = (volume.positions - point) @ volume.normal
+    return int(np.argmin(np.abs(d)))
+
+
+def t1_samples(t2: DetectionResult, t1: SeriesVolume, detector: VertebraDetector
+               ) -> tuple[dict[str, np.ndarray], list[DiscSample], str]:
+    """Detect and name the vertebrae on the T1 slice nearest the T2's key slice; its discs as samples.
+
+    Returns:
+        ``(images, samples, anchor)``; no samples when the T1 chain is not anchored on S1.
+
+    """
+    k2 = key_slice(t2)
+    k1 = nearest_slice(t1, t2.volume.positions[k2])
+    dets = detector.predict([t1.pixels[k1]], t1.spacing)
+    verts, naming = group_and_name_with_evidence(dets, t1.pixels.shape[1:])
+    anchor = naming.anchor if naming is not None else "none"
+    if anchor != "S1":
+        return {}, [], anchor
+    single = SeriesVolume(t1.pixels[k1:k1 + 1], t1.spacing, t1.orientation, t1.positions[k1:k1 + 1],
+                          t1.sop_instance_uids[k1:k1 + 1], t1.series_uid, t1.study_uid, t1.frame_of_reference_uid,
+                          t1.description, t1.slice_thickness)
+    images, samples = _slice_samples(single, 0, verts, "t1", "t1")
+    return images, samples, anchor
+
+
+def grade_degeneration(result: DetectionResult, grader: SpiderGrader, detector: VertebraDetector | None = None,
+                       t1: SeriesVolume | None = None) -> tuple[list[DegenerationFinding], dict]:
+    """Grade every disc of the T2's named chain (and of the T1 when given and anchored), fused by level.
+
+    Args:
+        result: The T2 detection result (named).
+        grader: The SPIDER grader.
+        detector: Runs on the T1 slice (needed with ``t1``).
+        t1: The study's sagittal T1, or None.
+
+    Returns:
+        ``(findings top-down, model summary with the sequences used and the seconds taken)``.
+
+    """
+    t0 = time.perf_counter()
+    summary: dict = {"sequences": [], "t1": "none in the study" if t1 is None else ""}
+    if not result.vertebrae or result.naming is None:
+        return [], summary
+    k = key_slice(result)
+    images, samples = _slice_samples(result.volume, k, result.vertebrae, "t2", "t2")
+    summary["sequences"].append("t2")
+    summary["t2_slice"] = k
+    if t1 is not None and detector is not None:
+        im1, s1, anchor = t1_samples(result, t1, detector)
+        if result.naming.anchor != "S1":
+            summary["t1"] = "not used: the T2 names have no sacral anchor"
+        elif not s1:
+            summary["t1"] = f"not used: its vertebrae were not anchored on S1 (anchor {anchor})"
+        else:
+            images.update(im1)
+            samples += s1
+            summary["sequences"].append("t1")
+            summary["t1"] = "used"
+    graded = grader.grade(images, samples)
+    out = []
+    for idx in sorted(graded, reverse=True):
+        g = graded[idx]
+        if not 1 <= idx <= DISC_LEVELS.index("L5-S1") + 1:
+            continue
+        out.append(DegenerationFinding(
+            level=disc_level(idx), index_from_bottom=idx, pfirrmann=int(g["pfirrmann"]["grade"]),
+            pfirrmann_probabilities=[float(p) for p in g["pfirrmann"]["probabilities"]],
+            modic_type=int(g["modic"]["type"]), modic_probabilities=[float(p) for p in g["modic"]["probabilities"]],
+            modic_any=float(g["modic_any"]), binary={k: float(g[k]) for k in BINARY},
+            thresholds=dict(grader.fusion.thresholds), sequences=list(g["sequences"])))
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary["pfirrmann_rule"] = grader.fusion.pfirrmann_rule
+    summary.update({k: v for k, v in grader.meta.items() if k in ("version", "trained")})
+    return out, summary
+
+
+def endplate_marrow(findings: Findings, grader: SpiderGrader) -> dict[str, dict]:
+    """Per vertebra level above a graded disc: the SPIDER endplate / marrow probability and its parts.
+
+    The SPIDER reference of issue 13: a vertebra's own endplates (the lower-endplate change of the disc above,
+    the upper-endplate change of the disc below) and Modic at either disc; Platt-calibrated noisy-or with its
+    out-of-fold threshold.
+    """
+    fused = {g.index_from_bottom: {"lower_endplate_change": g.binary["lower_endplate_change"],
+                                   "upper_endplate_change": g.binary["upper_endplate_change"],
+                                   "modic_any": g.modic_any} for g in findings.degeneration}
+    platt = grader.fusion.vertebra
+    thr = float(platt.get("threshold", 0.5))
+    out = {}
+    for lv in VERTEBRA_LEVELS[:-1]:
+        below = f"{lv}-{VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1]}"
+        parts = vertebra_parts(fused, disc_index_from_bottom(below))
+        if all(v is None for v in parts.values()):
+            continue
+        p = vertebra_probability(parts, platt)
+        out[lv] = {"probability": round(p, 4), "threshold": round(thr, 4), "positive": p >= thr,
+                   "parts": {k: (round(v, 4) if v is not None else None) for k, v in parts.items()}}
+    return out
+
+
+def attach_vertebra_evidence(findings: Findings, grader: SpiderGrader) -> None:
+    """Name the parts behind each vertebra's pathology decision (``VertebraFinding.evidence``).
+
+    ``spark_degenerative``: the spark-trained fused probability that decides ``label`` today.
+    ``endplate_marrow``: :func:`endplate_marrow`. It is reported beside the decision, not yet part of it: no data
+    is graded on both scales to choose their combination on.
+    """
+    em = endplate_marrow(findings, grader)
+    for f in findings.vertebrae:
+        f.evidence["spark_degenerative"] = {"probability": round(f.probability, 4), "threshold": round(f.threshold, 4),
+                                            "positive": f.probability >= f.threshold}
+        if f.level in em:
+            f.evidence["endplate_marrow"] = em[f.level]

@@ -1,0 +1,308 @@
+"""Training of the SPIDER disc grader (``spinepath train spider``).
+
+1. The discs of every spider_midsag image of the training and selection patients are found as the product
+   finds them (detector -> naming -> discs between named neighbours, numbered from the bottom) and matched to
+   the labels by ``index_from_bottom``; images named without a sacral anchor are left out (their indices
+   are a guess); the validation patients are never read.
+2. Cross-validation by patient (``folds``): per fold, one multi-task network is trained on the other folds'
+   discs (T1 and T2 crops together) and predicts the held-out fold: the out-of-fold head probabilities.
+3. Level fusion: per disc, both sequences' out-of-fold probabilities and context through one LightGBM model
+   per finding; decisions (thresholds, the Pfirrmann rule) and the per-vertebra Platt map and threshold are
+   chosen on nested cross-validated predictions.
+4. The fold networks are kept as the ensemble; with the fusion they are saved as ``spider_grader.pt``.
+Each fold's network is checkpointed, so an interrupted run resumes at the next fold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from spinepath.core.config import config_file
+from spinepath.core.geometry import series_from_slices
+from spinepath.core.paths import resolve_model_path
+from spinepath.data.spider import SpiderStudy, load_spider_midsag
+from spinepath.data.split import split_part
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.grading.search import optuna_storage
+from spinepath.grading.spider import (
+    BINARY,
+    N_OUTPUTS,
+    TARGETS,
+    DiscSample,
+    SpiderConfig,
+    SpiderGrader,
+    chain_discs,
+    disc_targets,
+    fit_level_fusion,
+    fit_vertebra_decision,
+    fused_findings,
+    level_table,
+    pfirrmann_grade,
+    predict_samples,
+    train_network,
+    vertebra_parts,
+    vertebra_reference,
+)
+from spinepath.stages import detect_series
+from spinepath.transforms import normalise_image
+
+log = logging.getLogger(__name__)
+
+SPIDER_PARAMS = config_file("spider_params.json")
+
+
+@dataclass
+class SpiderTrainConfig:
+    """Options of ``spinepath train spider``."""
+
+    data_root: str = "../shared/data"
+    out_dir: str = "runs/spider"
+    detector: str = ""
+    params_file: str = ""
+    folds: int = 5
+    epochs: int = 0
+    max_patients: int = 0
+    num_threads: int = 0
+    quiet: bool = False
+
+
+def load_spider_params(path: str | Path = SPIDER_PARAMS) -> SpiderConfig:
+    """The stored (searched) network hyper-parameters; defaults where the file has none."""
+    p = Path(path)
+    d = json.loads(p.read_text()) if p.is_file() else {}
+    return SpiderConfig.from_dict(d.get("params", d))
+
+
+def study_samples(study: SpiderStudy, detector: VertebraDetector, sequences: tuple[str, ...] = ("t1", "t2"),
+                  labelled_only: bool = False, anchored_only: bool = False
+                  ) -> tuple[dict[str, np.ndarray], list[DiscSample], dict[str, str]]:
+    """The discs the product finds on one patient's images, with the labels of the same index where known.
+
+    ``labelled_only`` keeps the discs with a label; ``anchored_only`` drops the images whose names have no
+    sacral anchor (their indices are a guess: training labels would be shifted).
+
+    Returns:
+        ``(normalised images by key, disc samples, anchor per sequence)``.
+
+    """
+    labels = {int(d["index_from_bottom"]): d for d in study.discs}
+    images, samples, anchors = {}, [], {}
+    for seq in sequences:
+        if seq not in study.sequences:
+            continue
+        img = study.load_image(seq)
+        sp = study.spacing.get(seq) or (1.0, 1.0)
+        res = detect_series(series_from_slices([img], sp, 4.0), detector)
+        anchors[seq] = res.naming.anchor if res.naming else "none"
+        if anchored_only and anchors[seq] != "S1":
+            continue
+        key = f"{study.patient}_{seq}"
+        images[key] = normalise_image(img)
+        for idx, s, ctx in chain_discs(res.vertebrae, key, float(sp[0]), image_rows=img.shape[0]):
+            if labelled_only and idx not in labels:
+                continue
+            t = disc_targets(labels[idx]) if idx in labels else np.full(len(TARGETS), -1, np.int64)
+            samples.append(DiscSample(study.patient, seq, idx, s, ctx, t))
+    return images, samples, anchors
+
+
+def collect(studies: list[SpiderStudy], detector: VertebraDetector, progress: bool = True, **kw
+            ) -> tuple[dict[str, np.ndarray], list[DiscSample]]:
+    """:func:`study_samples` over many patients."""
+    images: dict[str, np.ndarray] = {}
+    samples: list[DiscSample] = []
+    for st in tqdm(studies, desc="spider discs", disable=not progress):
+        im, sm, _ = study_samples(st, detector, **kw)
+        images.update(im)
+        samples += sm
+    return images, samples
+
+
+def _folds(patients: list[str], k: int) -> dict[str, int]:
+    """Patient -> fold, every k-th patient in numeric order (deterministic)."""
+    order = sorted(set(patients), key=lambda p: (len(p), p))
+    return {p: i % k for i, p in enumerate(order)}
+
+
+def train_spider(tc: SpiderTrainConfig) -> dict:
+    """Run the whole training; returns the summary written to ``<out_dir>/summary.json``."""
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    out = Path(tc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_spider_params(tc.params_file or SPIDER_PARAMS)
+    if tc.epochs:
+        cfg.epochs = tc.epochs
+    det_path = resolve_model_path(tc.detector or None)
+    detector = VertebraDetector.load(det_path)
+    studies = [s for s in load_spider_midsag(Path(tc.data_root) / "spider_midsag")
+               if split_part("spider_midsag", s.patient, s.patient) != "validation"]
+    if tc.max_patients:
+        studies = studies[: tc.max_patients]
+    images, samples = collect(studies, detector, progress=not tc.quiet, labelled_only=True, anchored_only=True)
+    fold_of = _folds([s.patient for s in samples], tc.folds)
+    log.info("SPIDER discs: %d samples of %d patients", len(samples), len(fold_of))
+    oof = np.full((len(samples), N_OUTPUTS), np.nan, np.float32)
+    models = []
+    for k in tqdm(range(tc.folds), desc="folds", disable=tc.quiet):
+        ck = out / f"fold{k}.pt"
+        tr = [s for s in samples if fold_of[s.patient] != k]
+        te = [i for i, s in enumerate(samples) if fold_of[s.patient] == k]
+        if ck.is_file():
+            m = cfg.network()
+            m.load_state_dict(torch.load(ck, map_location="cpu"))
+            m.eval()
+        else:
+            m = train_network(cfg, images, tr, progress=not tc.quiet)
+            torch.save(m.state_dict(), ck)
+        models.append(m)
+        oof[te] = predict_samples([m], cfg, images, [samples[i] for i in te])
+    table = level_table(samples, oof)
+    keys = sorted(table)
+    labels = {(s.patient, s.index): s.target for s in samples}
+    X = np.stack([table[k] for k in keys])
+    Y = np.stack([labels[k] for k in keys])
+    groups = np.array([k[0] for k in keys])
+    fusion, cv = fit_level_fusion(X, Y, groups, n_folds=tc.folds)
+    # the vertebra decision on the nested cross-validated fused probabilities
+    by_patient: dict[str, dict[int, dict]] = {}
+    for i, (p, idx) in enumerate(keys):
+        by_patient.setdefault(p, {})[idx] = fused_findings(cv, i)
+    parts, yv = [], []
+    spiders = {s.patient: s for s in studies}
+    for p, fused in by_patient.items():
+        ref = vertebra_reference({int(d["index_from_bottom"]): d for d in spiders[p].discs})
+        for i, y in ref.items():
+            if i in fused or i + 1 in fused:
+                parts.append(vertebra_parts(fused, i))
+                yv.append(y)
+    fusion.vertebra = fit_vertebra_decision(parts, np.array(yv))
+    grader = SpiderGrader(cfg, models, fusion, {
+        "detector": str(det_path), "patients": len(fold_of), "discs": len(samples), "levels": len(keys),
+        "folds": tc.folds, "cfg": asdict(cfg)})
+    grader.save(out / "spider_grader.pt")
+    summary = {"spider_grader": str(out / "spider_grader.pt"), "patients": len(fold_of), "samples": len(samples),
+               "levels": len(keys), "fusion": fusion.info, "thresholds": fusion.thresholds,
+               "pfirrmann_rule": fusion.pfirrmann_rule, "vertebra": fusion.vertebra,
+               "oof": oof_metrics(Y, cv)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    np.savez_compressed(out / "oof.npz", X=X, Y=Y, groups=groups)
+    return summary
+
+
+def oof_metrics(Y: np.ndarray, cv: dict[str, np.ndarray]) -> dict:
+    """Located-disc metrics of the nested cross-validated fused predictions (for the summary)."""
+    # scikit-learn takes about a second to import: only fitting and metrics need it
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    out = {}
+    j = TARGETS.index("pfirrmann")
+    m = Y[:, j] >= 0
+    for rule in ("argmax", "expected"):
+        out[f"pfirrmann_kappa_{rule}"] = round(float(cohen_kappa_score(
+            Y[m, j], pfirrmann_grade(cv["pfirrmann"][m], rule), weights="quadratic")), 4)
+    j = TARGETS.index("modic")
+    m = Y[:, j] >= 0
+    out["modic_any_auc"] = round(float(roc_auc_score(Y[m, j] > 0, 1 - cv["modic"][m, 0])), 4)
+    for k in BINARY:
+        j = TARGETS.index(k)
+        m = Y[:, j] >= 0
+        if len(set(Y[m, j].tolist())) > 1:
+            out[f"{k}_auc"] = round(float(roc_auc_score(Y[m, j], cv[k][m])), 4)
+    return out
+
+
+def network_score(samples: list[DiscSample], probs: np.ndarray) -> dict[str, float]:
+    """Per-crop quality of the network alone (no fusion), what the search maximises.
+
+    Pfirrmann quadratic kappa of the expected grade, any-Modic AUC, mean AUC of the binary findings, and
+    their mean (``score``).
+    """
+    # scikit-learn takes about a second to import: only fitting and metrics need it
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    Y = np.stack([s.target for s in samples])
+    j = TARGETS.index("pfirrmann")
+    m = Y[:, j] >= 0
+    kappa = float(cohen_kappa_score(Y[m, j], pfirrmann_grade(probs[m, :5], "expected"), weights="quadratic"))
+    j = TARGETS.index("modic")
+    m = Y[:, j] >= 0
+    modic = float(roc_auc_score(Y[m, j] > 0, 1 - probs[m, 5]))
+    aucs = []
+    for c, k in enumerate(BINARY):
+        j = TARGETS.index(k)
+        m = Y[:, j] >= 0
+        if len(set(Y[m, j].tolist())) > 1:
+            aucs.append(float(roc_auc_score(Y[m, j], probs[m, 9 + c])))
+    binary = float(np.mean(aucs)) if aucs else 0.5
+    return {"pfirrmann_kappa": kappa, "modic_auc": modic, "binary_auc": binary, "score": (kappa + modic + binary) / 3}
+
+
+def run_spider_search(n_trials: int, storage: str | None = None, study_name: str = "spider",
+                      data_root: str = "../shared/data", detector: str = "", max_patients: int = 0,
+                      save: bool = True, params_file: str | Path = SPIDER_PARAMS, seed: int | None = None,
+                      progress: bool = True, num_threads: int = 0) -> dict:
+    """Optuna search of the multi-task network's hyper-parameters (``spinepath search spider``).
+
+    A trial trains on four of the five cross-validation folds of the training and selection patients and is
+    scored on the fifth (:func:`network_score`); the validation patients are never read. Storage as for the
+    grading search: SQLite by default, a PostgreSQL URL for several workers.
+    """
+    # Optuna is imported only where a search runs
+    import optuna
+
+    if storage is None:
+        Path("runs/search").mkdir(parents=True, exist_ok=True)
+        storage = "sqlite:///runs/search/spider.db"
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    det = VertebraDetector.load(resolve_model_path(detector or None))
+    studies = [s for s in load_spider_midsag(Path(data_root) / "spider_midsag")
+               if split_part("spider_midsag", s.patient, s.patient) != "validation"]
+    if max_patients:
+        studies = studies[:max_patients]
+    images, samples = collect(studies, det, progress=progress, labelled_only=True, anchored_only=True)
+    fold_of = _folds([s.patient for s in samples], 5)
+    train = [s for s in samples if fold_of[s.patient] != 0]
+    held = [s for s in samples if fold_of[s.patient] == 0]
+    base = load_spider_params(params_file)
+
+    def objective(trial) -> float:
+        cfg = SpiderConfig.from_dict({
+            **asdict(base),
+            "model": trial.suggest_categorical("model", ["convnext_zepto", "convnext_atto"]),
+            "lr": trial.suggest_float("lr", 3e-4, 3e-3, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-3, 0.2, log=True),
+            "crop_mm": trial.suggest_int("crop_mm", 48, 96, step=8),
+            "aug_strength": trial.suggest_float("aug_strength", 0.3, 1.5),
+            "epochs": trial.suggest_int("epochs", 10, 30, step=5),
+            "ordinal_weight": trial.suggest_float("ordinal_weight", 0.0, 1.0),
+        })
+        m = train_network(cfg, images, train, progress=False)
+        sc = network_score(held, predict_samples([m], cfg, images, held))
+        trial.set_user_attr("metrics", sc)
+        return sc["score"]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name, storage=optuna_storage(storage), direction="maximize",
+                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4))
+    study.optimize(objective, n_trials=n_trials, show_progress_bar=progress, gc_after_trial=True)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    out = {"study": study_name, "storage": storage.split("@")[-1], "n_trials": len(study.trials),
+           "n_complete": len(done), "best_value": study.best_value if done else None,
+           "best_params": study.best_params if done else None,
+           "best_metrics": study.best_trial.user_attrs.get("metrics") if done else None}
+    if save and done:
+        p = Path(params_file)
+        d = json.loads(p.read_text()) if p.is_file() else {}
+        d["params"] = {**asdict(base), **study.best_params}
+        d["search"] = {k: out[k] for k in ("study", "n_trials", "n_complete", "best_value", "best_metrics")}
+        p.write_text(json.dumps(d, indent=1) + "\n")
+    return out

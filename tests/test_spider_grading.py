@@ -1,0 +1,205 @@
+"""SPIDER disc grading: disc finding and numbering, the multi-task loss, the per-vertebra reference, and a
+real (tiny) training run through to the evaluation contract."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.uid import generate_uid
+
+from spinepath.core.results import Vertebra
+from spinepath.grading.spider import (
+    HEADS,
+    N_OUTPUTS,
+    TARGETS,
+    SpiderConfig,
+    chain_discs,
+    disc_targets,
+    head_probabilities,
+    head_weights,
+    multitask_loss,
+    noisy_or,
+    pfirrmann_grade,
+    vertebra_parts,
+    vertebra_probability,
+    vertebra_reference,
+)
+
+
+def _vert(level: str, r0: float, h: float) -> Vertebra:
+    v = Vertebra(level=level)
+    v.add(0, np.array([r0, 50, r0 + h, 90], np.float32), 0.9, 0.0)
+    return v
+
+
+def test_chain_discs_number_from_the_bottom_with_the_height_ratio():
+    chain = [_vert("L3", 0, 30), _vert("L4", 40, 30), _vert("L5", 76, 30), _vert("S1", 112, 20)]
+    discs = chain_discs(chain, "k", 0.5)
+    assert [(i, s.level) for i, s, _ in discs] == [(3, "L3-L4"), (2, "L4-L5"), (1, "L5-S1")]
+    assert discs[0][2]["disc_height_ratio"] == pytest.approx(10 / 30)
+    assert discs[1][2]["disc_height_ratio"] == pytest.approx(6 / 30)
+    assert discs[2][2]["disc_height_ratio"] == pytest.approx(6 / 25)
+    assert discs[0][1].centre == pytest.approx((35.0, 70.0)) and discs[0][1].spacing_mm == 0.5
+    # the edge disc: above the highest vertebra, half a pitch up, kept only well inside the image
+    low = [_vert(v.level, v.boxes[0][0] + 30, v.boxes[0][2] - v.boxes[0][0]) for v in chain]
+    edge = chain_discs(low, "k", 0.5, image_rows=200)
+    assert [(i, s.level) for i, s, _ in edge][:2] == [(4, "L2-L3"), (3, "L3-L4")]
+    assert edge[0][1].centre == pytest.approx((45.0 - 20.0, 70.0)) and np.isnan(edge[0][2]["disc_height_ratio"])
+    assert [i for i, _, _ in chain_discs(chain, "k", 0.5, image_rows=200)] == [3, 2, 1]  # centre above the top
+    # an unnamed vertebra ends the chain: no disc is invented across it
+    assert chain_discs([_vert("?", 0, 30), _vert("L5", 40, 30)], "k", 1.0) == []
+
+
+def test_disc_targets_and_the_vertebra_reference():
+    d = {"index_from_bottom": 1, "pfirrmann": 4, "modic": 2, "upper_endplate_change": 1,
+         "lower_endplate_change": 0, "spondylolisthesis": 0, "herniation": 1, "narrowing": None, "bulging": 1}
+    assert disc_targets(d).tolist() == [3, 2, 1, 0, 0, 1, -1, 1]
+    discs = {1: {"modic": 0, "upper_endplate_change": 0, "lower_endplate_change": 1},
+             2: {"modic": 0, "upper_endplate_change": 0, "lower_endplate_change": 1},
+             3: {"modic": 0, "upper_endplate_change": 1, "lower_endplate_change": 0},
+             4: {"modic": 2, "upper_endplate_change": 0, "lower_endplate_change": 0}}
+    # the vertebra above disc i: the lower endplate change of disc i+1, the upper of disc i, Modic at either.
+    # L5 (above disc 1) is positive through disc 2's lower endplate; disc 1's lower endplate is S1's.
+    # L4 (above disc 2): disc 3's lower and disc 2's upper endplates are clear, no Modic -> negative
+    assert vertebra_reference(discs) == {1: 1, 2: 0, 3: 1}
+    discs[2]["lower_endplate_change"] = 0
+    assert vertebra_reference(discs)[1] == 0
+    fused = {1: {"lower_endplate_change": 0.9, "upper_endplate_change": 0.1, "modic_any": 0.2},
+             2: {"lower_endplate_change": 0.3, "upper_endplate_change": 0.4, "modic_any": 0.5}}
+    assert vertebra_parts(fused, 1) == {"upper_endplate": 0.3, "lower_endplate": 0.1, "modic_above": 0.5,
+                                        "modic_below": 0.2}
+    assert vertebra_parts(fused, 2)["lower_endplate"] == 0.4 and vertebra_parts(fused, 2)["upper_endplate"] is None
+    assert noisy_or([0.5, 0.5, None]) == pytest.approx(0.75)
+    assert vertebra_probability({"a": 0.5, "b": 0.5}, {}) == pytest.approx(0.75)
+    assert vertebra_probability({"a": 0.5}, {"a": 1.0, "b": 0.0}) == pytest.approx(0.5)
+
+
+def test_multitask_loss_skips_unknown_labels_and_probabilities_add_up():
+    torch.manual_seed(0)
+    logits = torch.randn(4, N_OUTPUTS, requires_grad=True)
+    y = torch.tensor([[0, 0, 1, 0, 0, 0, 1, 0], [4, 3, 0, 1, 1, 1, 0, 1], [2, -1, -1, -1, -1, -1, -1, -1],
+                      [-1] * 8])
+    w = head_weights(y.numpy())
+    loss = multitask_loss(logits, y, w, SpiderConfig())
+    loss.backward()
+    assert torch.isfinite(loss) and logits.grad[3].abs().sum() == 0  # the unlabelled disc adds nothing
+    assert logits.grad[2, 5:].abs().sum() == 0  # nor do the unknown heads of the third
+    p = head_probabilities(logits.detach())
+    assert p[:, :5].sum(1) == pytest.approx(torch.ones(4)) and p[:, 5:9].sum(1) == pytest.approx(torch.ones(4))
+    assert len(TARGETS) == len(HEADS) == y.shape[1]
+    prob = np.array([[0.1, 0.2, 0.3, 0.4, 0.0], [0.0, 0.0, 0.6, 0.0, 0.4]])
+    assert pfirrmann_grade(prob, "argmax").tolist() == [3, 2]
+    assert pfirrmann_grade(prob, "expected").tolist() == [2, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_spider(tmp_path_factory, data_root):
+    """A real SPIDER grader trained for one epoch on 8 training patients (2 folds)."""
+    out = tmp_path_factory.mktemp("spider")
+    res = subprocess.run([sys.executable, "-m", "spinepath", "-q", "train", "spider", "--data-root", str(data_root),
+                          "--out-dir", str(out), "--max-patients", "8", "--folds", "2", "--epochs", "1",
+                          "--num-threads", "2"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out, json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_training_saves_a_grader_that_grades_a_study(tiny_spider, data_root, models):
+    from spinepath.data.spider import load_spider_midsag
+    from spinepath.data.split import split_part
+    from spinepath.grading.spider import SpiderGrader
+    from spinepath.grading.spider_training import study_samples
+
+    out, summary = tiny_spider
+    assert summary["patients"] == 8 and summary["samples"] > 40
+    assert (out / "fold0.pt").is_file() and (out / "fold1.pt").is_file()
+    g = SpiderGrader.load(out / "spider_grader.pt")
+    assert len(g.models) == 2 and set(g.fusion.thresholds) >= {"narrowing", "modic_any"}
+    study = next(s for s in load_spider_midsag(data_root / "spider_midsag")
+                 if split_part("spider_midsag", s.patient, s.patient) == "validation" and len(s.sequences) == 2)
+    images, samples, anchors = study_samples(study, models[0])
+    found = g.grade(images, samples)
+    assert found and set(anchors) == {"t1", "t2"}
+    f = found[min(found)]
+    assert 1 <= f["pfirrmann"]["grade"] <= 5 and len(f["pfirrmann"]["probabilities"]) == 5
+    assert sum(f["modic"]["probabilities"]) == pytest.approx(1.0, abs=1e-3)
+    assert 0 <= f["modic_any"] <= 1 and 0 <= f["herniation"] <= 1 and f["sequences"]
+    # T2 alone: the T1 columns are missing and the fusion still answers
+    t2 = [s for s in samples if s.sequence == "t2"]
+    assert g.grade(images, t2)
+    with pytest.raises(ValueError, match="not a spinepath SPIDER grader"):
+        torch.save({"format": "other"}, out / "bad.pt")
+        SpiderGrader.load(out / "bad.pt")
+
+
+def test_evaluate_spider_contract(tiny_spider, data_root, tmp_path):
+    out, _ = tiny_spider
+    res = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "spider",
+                          str(data_root / "spider_midsag"), "--grader", str(out / "spider_grader.pt"),
+                          "--sequences", "t2", "--out", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    from spinepath.data.spider import load_spider_midsag
+    from spinepath.data.split import split_cases
+
+    val = split_cases(data_root / "spider_midsag", "validation")
+    with_t2 = [s for s in load_spider_midsag(data_root / "spider_midsag") if s.patient in val and "t2" in s.sequences]
+    assert r["task"] == "spider_grading" and r["n_patients"] == len(with_t2) and r["sequences"] == ["t2"]
+    assert set(r["pfirrmann"]) == {"quadratic_kappa", "within_one_accuracy", "balanced_accuracy", "accuracy"}
+    for k in ("modic", "endplate_change", "spondylolisthesis", "herniation", "narrowing", "bulging"):
+        assert set(r[k]) == {"auc"}
+    assert set(r["vertebra"]) == {"auc", "balanced_accuracy"}
+    assert 0.7 < r["located_fraction"] <= 1.0 and r["n_discs"] > 200
+    bad = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "spider",
+                          str(data_root / "spark_midsag"), "--grader", str(out / "spider_grader.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "spider_midsag-format" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "spider",
+                          str(data_root / "spider_midsag"), "--sequences", "t3"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--sequences" in bad.stderr
+
+
+def _add_t1_companion(study: Path) -> None:
+    """A second series of the same study with T1 acquisition parameters (the example's pixels, shifted 2 mm
+    along the slice normal): a crafted T1 for the plumbing, since the shared data has no T1 DICOM series."""
+    uid = generate_uid()
+    for f in sorted(study.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesDescription, ds.SeriesNumber = "T1_TSE_SAG", 5
+        ds.RepetitionTime, ds.EchoTime = 600, 10
+        ds.ImagePositionPatient = [float(v) + (2.0 if i == 0 else 0.0) for i, v in enumerate(ds.ImagePositionPatient)]
+        ds.save_as(study / f"t1_{f.name}")
+
+
+def test_the_product_reports_degenerative_grades_per_disc(example_copy, tmp_path, models):
+    from spinepath.run import run_study
+
+    out = run_study(example_copy, tmp_path / "t2", model=models[0], grader=models[1])
+    deg = out["degeneration_model"]
+    assert deg["sequences"] == ["t2"] and deg["t1"] == "none in the study"
+    discs = {d["level"]: d for d in out["discs"]}
+    for lv in ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"):
+        d = discs[lv]
+        assert 1 <= d["pfirrmann"]["grade"] <= 5 and "Pfirrmann" in d["pfirrmann"]["words"]
+        assert 0 <= d["modic"]["probability_any"] <= 1 and d["modic"]["label"] in ("present", "absent")
+        for k in ("endplate_change_upper", "endplate_change_lower", "spondylolisthesis", "herniation", "narrowing",
+                  "bulging"):
+            assert set(d[k]) == {"probability", "label", "threshold"}
+        assert d["sequences"] == ["t2"] and "grade" in d  # beside the spark grade of the same disc
+    _add_t1_companion(example_copy)
+    out2 = run_study(example_copy, tmp_path / "t1", model=models[0], grader=models[1])
+    deg2 = out2["degeneration_model"]
+    assert deg2["sequences"] == ["t2", "t1"] and deg2["t1"] == "used", deg2
+    assert out2["input"]["series_selection"]["t1"]["loaded"]
+    d2 = {d["level"]: d for d in out2["discs"]}
+    assert d2["L4-L5"]["sequences"] == ["t1", "t2"]
+    # the main series is still the T2, and its findings are the same as without the T1
+    assert [v["level"] for v in out2["vertebrae"]] == [v["level"] for v in out["vertebrae"]]
