@@ -203,3 +203,18 @@ def test_the_product_reports_degenerative_grades_per_disc(example_copy, tmp_path
     assert d2["L4-L5"]["sequences"] == ["t1", "t2"]
     # the main series is still the T2, and its findings are the same as without the T1
     assert [v["level"] for v in out2["vertebrae"]] == [v["level"] for v in out["vertebrae"]]
+
+
+def test_pfirrmann_labels_can_be_kept_to_the_t2_crops():
+    from spinepath.grading.crops import Structure
+    from spinepath.grading.spider import DiscSample, training_targets
+
+    st = Structure("k", "disc", "L4-L5", (0.0, 0.0), (1.0, 0.0), 1.0)
+    t = np.array([2, 1, 0, 0, 0, 1, 0, 1])
+    samples = [DiscSample("p", seq, 2, st, {}, t.copy()) for seq in ("t1", "t2")]
+    both = training_targets(samples, SpiderConfig())
+    assert [s.target[0] for s in both] == [2, 2]
+    cfg = SpiderConfig.from_dict({"pfirrmann_sequences": ["t2"]})
+    t2 = training_targets(samples, cfg)
+    assert [s.target[0] for s in t2] == [-1, 2] and t2[0].target[1:].tolist() == t[1:].tolist()
+    assert samples[0].target[0] == 2  # the caller's samples are left as they were

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +83,15 @@ class SpiderConfig:
     label_smoothing: float = 0.05
     ordinal_weight: float = 0.5
     binary_weight: float = 1.0
+    pfirrmann_sequences: tuple[str, ...] = ("t1", "t2")  # crops whose Pfirrmann label is trained on
     seed: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> SpiderConfig:
         """Build from a dict, ignoring unknown keys."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: (tuple(v) if k == "pfirrmann_sequences" else v) for k, v in d.items() if k in names}
+        return cls(**d)
 
     def network(self) -> nn.Module:
         """A randomly initialised network with :data:`N_OUTPUTS` outputs."""
@@ -256,9 +258,27 @@ def head_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
+def training_targets(samples: list[DiscSample], cfg: SpiderConfig) -> list[DiscSample]:
+    """The samples with the Pfirrmann label hidden (-1) on sequences outside ``cfg.pfirrmann_sequences``.
+
+    Pfirrmann grades the T2 signal of the nucleus: a T1 crop cannot show it.
+    """
+    j = TARGETS.index("pfirrmann")
+    out = []
+    for s in samples:
+        if s.sequence in cfg.pfirrmann_sequences or s.target[j] < 0:
+            out.append(s)
+            continue
+        t = s.target.copy()
+        t[j] = -1
+        out.append(replace(s, target=t))
+    return out
+
+
 def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: list[DiscSample],
                   progress: bool = True, max_minutes: float = 0.0) -> nn.Module:
     """Train one multi-task network (AdamW, warm-up + cosine schedule); returns it in eval mode."""
+    samples = training_targets(samples, cfg)
     torch.manual_seed(cfg.seed)
     model = cfg.network()
     ds = DiscCrops(images, samples, cfg, train=True)
