@@ -20,6 +20,19 @@ def disc_index_from_bottom(level: str) -> int:
     return DISC_LEVELS.index("L5-S1") - DISC_LEVELS.index(level) + 1
 
 
+def disc_level_from_bottom(index_from_bottom: int) -> str:
+    """Disc level name of an ``index_from_bottom`` (1 -> ``"L5-S1"``); the inverse of :func:`disc_index_from_bottom`.
+
+    Raises:
+        ValueError: If no disc of :data:`DISC_LEVELS` has that index.
+
+    """
+    i = DISC_LEVELS.index("L5-S1") - (index_from_bottom - 1)
+    if not 0 <= i < len(DISC_LEVELS):
+        raise ValueError(f"no disc level at index_from_bottom {index_from_bottom}")
+    return DISC_LEVELS[i]
+
+
 def level_index(name: str) -> int:
     """Return the top-down index of a vertebral level name.
 

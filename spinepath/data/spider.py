@@ -259,6 +259,11 @@ class SpiderStudy:
     scanner: dict = field(default_factory=dict)
 
     @property
+    def discs_by_index(self) -> dict[int, dict]:
+        """The disc rows keyed by ``index_from_bottom``."""
+        return {int(d["index_from_bottom"]): d for d in self.discs}
+
+    @property
     def sequences(self) -> list[str]:
         """The sequences present (``"t1"``, ``"t2"``)."""
         return sorted(self.images)

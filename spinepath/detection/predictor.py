@@ -16,6 +16,7 @@ from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 
 from spinepath.core.boxes import box_area, box_intersection, box_iou
 from spinepath.core.files import atomic_file
+from spinepath.core.weights import float_state, half_state
 from spinepath.detection.network import DetectorConfig, build_detector
 from spinepath.transforms import intensity_range, to_grid
 
@@ -86,7 +87,7 @@ class VertebraDetector:
         """Save weights (fp16 by default) with config and metadata, atomically."""
         sd = self.detector.network.state_dict()
         if half:
-            sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+            sd = half_state(sd)
         with atomic_file(path, ".pt") as tmp:
             torch.save({"config": dataclasses.asdict(self.cfg), "state_dict": sd, "meta": self.meta}, tmp)
 
@@ -109,9 +110,7 @@ class VertebraDetector:
             raise ValueError(f"{path} is not a spinepath detector checkpoint")
         cfg = DetectorConfig.from_dict(ckpt["config"])
         det = build_detector(cfg)
-        det.network.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-        )
+        det.network.load_state_dict(float_state(ckpt["state_dict"]))
         det.eval()
         return cls(det, cfg, ckpt.get("meta", {})).to(device)
 

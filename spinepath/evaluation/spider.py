@@ -168,11 +168,11 @@ def vertebra_rows(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]],
     """``(patient, reference, P)`` for each vertebra between two labelled discs (item 4's reference)."""
     rows = []
     for st in studies:
-        ref = vertebra_reference({int(d["index_from_bottom"]): d for d in st.discs})
+        ref = vertebra_reference(st.discs_by_index)
         f = fused.get(st.patient, {})
         for i, y in sorted(ref.items()):
             parts = vertebra_parts(f, i)
-            p = vertebra_probability(parts, platt) if any(v is not None for v in parts.values()) else 0.0
+            p = vertebra_probability(parts, platt) if parts is not None else 0.0
             rows.append((st.patient, y, p))
     return rows
 

@@ -24,6 +24,11 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def apply_platt(p: np.ndarray, a: float, b: float) -> np.ndarray:
+    """``sigmoid(a * logit(p) + b)``: a Platt map applied (``p`` clipped to [1e-6, 1 - 1e-6] first)."""
+    return 1.0 / (1.0 + np.exp(-(a * _logit(p) + b)))
+
+
 def fit_platt(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     """Maximum-likelihood ``(a, b)`` of ``sigmoid(a * logit(p) + b)`` for binary labels ``y`` (``a`` kept > 0).
 
@@ -84,8 +89,7 @@ class Calibration:
         p = np.asarray(p, dtype=np.float64)
         if self.vertebra is None:
             return p
-        a, b = self.vertebra
-        return 1.0 / (1.0 + np.exp(-(a * _logit(p) + b)))
+        return apply_platt(p, *self.vertebra)
 
     def disc_probabilities(self, probs: np.ndarray) -> np.ndarray:
         """Calibrated ``(N, 5)`` grade probabilities (identity without a temperature)."""

@@ -271,19 +271,25 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict_crops(models: list[nn.Module], task: str, crops: np.ndarray, tta: bool = True, batch: int = 128):
-    """Mean probabilities over models (and a superior-inferior flip when ``tta``) for ``(N, H, W)`` crops."""
-    if len(crops) == 0:
-        return np.zeros((0,) if task == "vertebra" else (0, len(DISC_GRADES)), dtype=np.float32)
+def ensemble_mean(models: list[nn.Module], crops: np.ndarray, to_probs, tta: bool = True, batch: int = 128
+                  ) -> np.ndarray:
+    """Mean of ``to_probs(logits)`` over models (and a superior-inferior flip when ``tta``), ``(N, H, W)`` crops."""
     x = torch.from_numpy(np.stack([to_input(c) for c in crops]))
     views = [x, torch.flip(x, dims=[2])] if tta else [x]
     acc = None
     for m in models:
         m.eval()
         for v in views:
-            p = torch.cat([probabilities(task, m(v[i : i + batch])) for i in range(0, len(v), batch)])
+            p = torch.cat([to_probs(m(v[i : i + batch])) for i in range(0, len(v), batch)])
             acc = p if acc is None else acc + p
     return (acc / (len(models) * len(views))).numpy()
+
+
+def predict_crops(models: list[nn.Module], task: str, crops: np.ndarray, tta: bool = True, batch: int = 128):
+    """Mean probabilities over models (and a superior-inferior flip when ``tta``) for ``(N, H, W)`` crops."""
+    if len(crops) == 0:
+        return np.zeros((0,) if task == "vertebra" else (0, len(DISC_GRADES)), dtype=np.float32)
+    return ensemble_mean(models, crops, lambda z: probabilities(task, z), tta, batch)
 
 
 def predict_structures(

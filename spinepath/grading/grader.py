@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from spinepath.core.files import atomic_file
+from spinepath.core.weights import float_state, half_state
 from spinepath.grading.calibration import Calibration
 from spinepath.grading.classifier import GradingConfig, build_classifier, predict_structures
 from spinepath.grading.crops import CropJitter, Structure
@@ -62,7 +63,7 @@ class Grader:
     def save(self, path: str | Path, half: bool = True) -> None:
         """Write one file with all networks (fp16 by default), configs and the fusion model."""
         def sd(m: nn.Module) -> dict:
-            return {k: (v.half() if half and v.is_floating_point() else v) for k, v in m.state_dict().items()}
+            return half_state(m.state_dict()) if half else m.state_dict()
 
         ckpt = {
             "format": "spinepath-grader-1",
@@ -98,7 +99,7 @@ class Grader:
             ms = []
             for sdict in sds:
                 m = build_classifier(configs[t])
-                m.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sdict.items()})
+                m.load_state_dict(float_state(sdict))
                 ms.append(m.eval())
             models[t] = ms
         fusion = FusionModel.from_dict(ckpt["fusion"]) if ckpt.get("fusion") else None

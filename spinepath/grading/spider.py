@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 from spinepath.core.files import atomic_file
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
 from spinepath.core.results import Vertebra
-from spinepath.grading.calibration import fit_platt
-from spinepath.grading.classifier import GradingConfig, build_classifier, to_input, warmup_cosine
+from spinepath.core.weights import float_state, half_state
+from spinepath.grading.calibration import apply_platt, fit_platt
+from spinepath.grading.classifier import GradingConfig, build_classifier, ensemble_mean, to_input, warmup_cosine
 from spinepath.grading.crops import Structure, augment_intensity, local_axes, random_jitter, sample_crop
 from spinepath.grading.fusion import best_threshold
 
@@ -307,22 +308,14 @@ def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: lis
     return model
 
 
-@torch.no_grad()
 def predict_samples(models: list[nn.Module], cfg: SpiderConfig, images: dict[str, np.ndarray],
                     samples: list[DiscSample], tta: bool = True, batch: int = 128) -> np.ndarray:
     """Mean head probabilities ``(N, 15)`` over models (and a superior-inferior flip when ``tta``)."""
     if not samples:
         return np.zeros((0, N_OUTPUTS), np.float32)
-    crops = np.stack([to_input(sample_crop(images[s.structure.image_key], s.structure, cfg.crop_mm, cfg.crop_px,
-                                           None, cfg.crop_aspect)) for s in samples])
-    x = torch.from_numpy(crops)
-    views = [x, torch.flip(x, dims=[2])] if tta else [x]
-    acc = torch.zeros(len(samples), N_OUTPUTS)
-    for m in models:
-        m.eval()
-        for v in views:
-            acc += torch.cat([head_probabilities(m(v[i:i + batch])) for i in range(0, len(v), batch)])
-    return (acc / (len(models) * len(views))).numpy()
+    crops = np.stack([sample_crop(images[s.structure.image_key], s.structure, cfg.crop_mm, cfg.crop_px, None,
+                                  cfg.crop_aspect) for s in samples])
+    return ensemble_mean(models, crops, head_probabilities, tta, batch)
 
 
 # ------------------------------------------------------------------------------------ fusion by level
@@ -430,13 +423,16 @@ def noisy_or(ps: list[float]) -> float:
     return 1.0 - q
 
 
-def vertebra_parts(fused: dict[int, dict[str, float]], index_below: int) -> dict[str, float | None]:
+def vertebra_parts(fused: dict[int, dict[str, float]], index_below: int) -> dict[str, float | None] | None:
     """The named evidence for the vertebra above disc ``index_below`` (its own endplates and marrow).
 
     The disc above it is ``index_below + 1``: its *lower* endplate is this vertebra's upper endplate; the
-    disc below is ``index_below``: its *upper* endplate is this vertebra's lower one.
+    disc below is ``index_below``: its *upper* endplate is this vertebra's lower one. None when neither disc
+    was graded.
     """
     above, below = fused.get(index_below + 1), fused.get(index_below)
+    if above is None and below is None:
+        return None
     return {"upper_endplate": above["lower_endplate_change"] if above else None,
             "lower_endplate": below["upper_endplate_change"] if below else None,
             "modic_above": above["modic_any"] if above else None,
@@ -446,10 +442,7 @@ def vertebra_parts(fused: dict[int, dict[str, float]], index_below: int) -> dict
 def vertebra_probability(parts: dict[str, float | None], platt: dict[str, float]) -> float:
     """Endplate / marrow P(pathology) of a vertebra: Platt-calibrated noisy-or of its :func:`vertebra_parts`."""
     p = float(np.clip(noisy_or(list(parts.values())), 1e-6, 1 - 1e-6))
-    if not platt:
-        return p
-    z = platt["a"] * math.log(p / (1 - p)) + platt["b"]
-    return float(1 / (1 + math.exp(-z)))
+    return float(apply_platt(p, platt["a"], platt["b"])) if platt else p
 
 
 def fused_findings(probs: dict[str, np.ndarray], i: int) -> dict[str, float]:
@@ -544,7 +537,7 @@ class SpiderGrader:
 
     def save(self, path: str | Path) -> None:
         """Write fp16 weights, configuration and fusion, atomically."""
-        sds = [{k: (v.half() if v.is_floating_point() else v) for k, v in m.state_dict().items()} for m in self.models]
+        sds = [half_state(m.state_dict()) for m in self.models]
         with atomic_file(path, ".pt") as tmp:
             torch.save({"format": self.FORMAT, "cfg": asdict(self.cfg), "state_dicts": sds,
                         "fusion": self.fusion.to_dict(), "meta": self.meta}, tmp)
@@ -568,7 +561,7 @@ class SpiderGrader:
         models = []
         for sd in ck["state_dicts"]:
             m = cfg.network()
-            m.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+            m.load_state_dict(float_state(sd))
             models.append(m.eval())
         return cls(cfg, models, LevelFusion.from_dict(ck["fusion"]), ck.get("meta", {}))
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from spinepath.core.geometry import SeriesVolume
-from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
+from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom, disc_level_from_bottom
 from spinepath.core.results import DegenerationFinding, DetectionResult, Findings, key_slice
 from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.predictor import VertebraDetector
@@ -31,16 +31,14 @@ from spinepath.grading.spider import (
 from spinepath.transforms import intensity_range, normalise_image
 
 
-def disc_level(index_from_bottom: int) -> str:
-    """Disc level name of an ``index_from_bottom`` (1 -> ``"L5-S1"``)."""
-    return DISC_LEVELS[DISC_LEVELS.index("L5-S1") - (index_from_bottom - 1)]
+def _slice_samples(img: np.ndarray, intensity_from: np.ndarray, spacing_mm: float, vertebrae, box_slice: int,
+                   sequence: str) -> tuple[dict[str, np.ndarray], list[DiscSample]]:
+    """One slice, normalised by the intensity range of ``intensity_from``, and the discs of its chain.
 
-
-def _slice_samples(volume: SeriesVolume, k: int, vertebrae, sequence: str, key: str
-                   ) -> tuple[dict[str, np.ndarray], list[DiscSample]]:
-    img = volume.pixels[k]
-    images = {key: normalise_image(img, intensity_range(volume.pixels, (1.0, 99.5)))}
-    discs = chain_discs(vertebrae, key, float(volume.spacing[0]), slice_index=k, image_rows=img.shape[0])
+    ``box_slice`` is the index of the vertebrae's boxes on that slice; the image key is the sequence name.
+    """
+    images = {sequence: normalise_image(img, intensity_range(intensity_from, (1.0, 99.5)))}
+    discs = chain_discs(vertebrae, sequence, spacing_mm, slice_index=box_slice, image_rows=img.shape[0])
     return images, [DiscSample("study", sequence, i, s, ctx) for i, s, ctx in discs]
 
 
@@ -65,10 +63,8 @@ def t1_samples(t2: DetectionResult, t1: SeriesVolume, detector: VertebraDetector
     anchor = naming.anchor if naming is not None else "none"
     if anchor != "S1":
         return {}, [], anchor
-    single = SeriesVolume(t1.pixels[k1:k1 + 1], t1.spacing, t1.orientation, t1.positions[k1:k1 + 1],
-                          t1.sop_instance_uids[k1:k1 + 1], t1.series_uid, t1.study_uid, t1.frame_of_reference_uid,
-                          t1.description, t1.slice_thickness)
-    images, samples = _slice_samples(single, 0, verts, "t1", "t1")
+    # the detections are of this one slice: their boxes are on slice 0
+    images, samples = _slice_samples(t1.pixels[k1], t1.pixels[k1], float(t1.spacing[0]), verts, 0, "t1")
     return images, samples, anchor
 
 
@@ -91,20 +87,22 @@ def grade_degeneration(result: DetectionResult, grader: SpiderGrader, detector: 
     if not result.vertebrae or result.naming is None:
         return [], summary
     k = key_slice(result)
-    images, samples = _slice_samples(result.volume, k, result.vertebrae, "t2", "t2")
+    vol = result.volume
+    images, samples = _slice_samples(vol.pixels[k], vol.pixels, float(vol.spacing[0]), result.vertebrae, k, "t2")
     summary["sequences"].append("t2")
     summary["t2_slice"] = k
     if t1 is not None and detector is not None:
-        im1, s1, anchor = t1_samples(result, t1, detector)
-        if result.naming.anchor != "S1":
+        if result.naming.anchor != "S1":  # T1 indices could not be matched: not worth a detector pass
             summary["t1"] = "not used: the T2 names have no sacral anchor"
-        elif not s1:
-            summary["t1"] = f"not used: its vertebrae were not anchored on S1 (anchor {anchor})"
         else:
-            images.update(im1)
-            samples += s1
-            summary["sequences"].append("t1")
-            summary["t1"] = "used"
+            im1, s1, anchor = t1_samples(result, t1, detector)
+            if not s1:
+                summary["t1"] = f"not used: its vertebrae were not anchored on S1 (anchor {anchor})"
+            else:
+                images.update(im1)
+                samples += s1
+                summary["sequences"].append("t1")
+                summary["t1"] = "used"
     graded = grader.grade(images, samples)
     out = []
     for idx in sorted(graded, reverse=True):
@@ -112,7 +110,7 @@ def grade_degeneration(result: DetectionResult, grader: SpiderGrader, detector: 
         if not 1 <= idx <= DISC_LEVELS.index("L5-S1") + 1:
             continue
         out.append(DegenerationFinding(
-            level=disc_level(idx), index_from_bottom=idx, pfirrmann=int(g["pfirrmann"]["grade"]),
+            level=disc_level_from_bottom(idx), index_from_bottom=idx, pfirrmann=int(g["pfirrmann"]["grade"]),
             pfirrmann_probabilities=[float(p) for p in g["pfirrmann"]["probabilities"]],
             modic_type=int(g["modic"]["type"]), modic_probabilities=[float(p) for p in g["modic"]["probabilities"]],
             modic_any=float(g["modic_any"]), binary={k: float(g[k]) for k in BINARY},
@@ -139,7 +137,7 @@ def endplate_marrow(findings: Findings, grader: SpiderGrader) -> dict[str, dict]
     for lv in VERTEBRA_LEVELS[:-1]:
         below = f"{lv}-{VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1]}"
         parts = vertebra_parts(fused, disc_index_from_bottom(below))
-        if all(v is None for v in parts.values()):
+        if parts is None:
             continue
         p = vertebra_probability(parts, platt)
         out[lv] = {"probability": round(p, 4), "threshold": round(thr, 4), "positive": p >= thr,

@@ -34,6 +34,7 @@ from spinepath.grading.search import optuna_storage
 from spinepath.grading.spider import (
     BINARY,
     N_OUTPUTS,
+    PROB_COLUMNS,
     TARGETS,
     DiscSample,
     SpiderConfig,
@@ -92,7 +93,7 @@ def study_samples(study: SpiderStudy, detector: VertebraDetector, sequences: tup
         ``(normalised images by key, disc samples, anchor per sequence)``.
 
     """
-    labels = {int(d["index_from_bottom"]): d for d in study.discs}
+    labels = study.discs_by_index
     images, samples, anchors = {}, [], {}
     for seq in sequences:
         if seq not in study.sequences:
@@ -178,10 +179,11 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
     parts, yv = [], []
     spiders = {s.patient: s for s in studies}
     for p, fused in by_patient.items():
-        ref = vertebra_reference({int(d["index_from_bottom"]): d for d in spiders[p].discs})
+        ref = vertebra_reference(spiders[p].discs_by_index)
         for i, y in ref.items():
-            if i in fused or i + 1 in fused:
-                parts.append(vertebra_parts(fused, i))
+            q = vertebra_parts(fused, i)
+            if q is not None:
+                parts.append(q)
                 yv.append(y)
     fusion.vertebra = fit_vertebra_decision(parts, np.array(yv))
     grader = SpiderGrader(cfg, models, fusion, {
@@ -197,8 +199,17 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
     return summary
 
 
-def oof_metrics(Y: np.ndarray, cv: dict[str, np.ndarray]) -> dict:
-    """Located-disc metrics of the nested cross-validated fused predictions (for the summary)."""
+def target_metrics(Y: np.ndarray, pfirrmann: np.ndarray, modic_none: np.ndarray, binary: dict[str, np.ndarray]
+                   ) -> dict[str, float]:
+    """Pfirrmann quadratic κ (argmax and expected grade), any-Modic AUC and the binary AUCs over labelled rows.
+
+    Args:
+        Y: ``(N, len(TARGETS))`` labels (-1 unknown: skipped per target).
+        pfirrmann: ``(N, 5)`` grade probabilities.
+        modic_none: ``(N,)`` P(no Modic change).
+        binary: ``(N,)`` P(finding) per :data:`BINARY` name (a finding with one class only is left out).
+
+    """
     # scikit-learn takes about a second to import: only fitting and metrics need it
     from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
@@ -206,17 +217,23 @@ def oof_metrics(Y: np.ndarray, cv: dict[str, np.ndarray]) -> dict:
     j = TARGETS.index("pfirrmann")
     m = Y[:, j] >= 0
     for rule in ("argmax", "expected"):
-        out[f"pfirrmann_kappa_{rule}"] = round(float(cohen_kappa_score(
-            Y[m, j], pfirrmann_grade(cv["pfirrmann"][m], rule), weights="quadratic")), 4)
+        out[f"pfirrmann_kappa_{rule}"] = float(cohen_kappa_score(Y[m, j], pfirrmann_grade(pfirrmann[m], rule),
+                                                                 weights="quadratic"))
     j = TARGETS.index("modic")
     m = Y[:, j] >= 0
-    out["modic_any_auc"] = round(float(roc_auc_score(Y[m, j] > 0, 1 - cv["modic"][m, 0])), 4)
+    out["modic_any_auc"] = float(roc_auc_score(Y[m, j] > 0, 1 - modic_none[m]))
     for k in BINARY:
         j = TARGETS.index(k)
         m = Y[:, j] >= 0
         if len(set(Y[m, j].tolist())) > 1:
-            out[f"{k}_auc"] = round(float(roc_auc_score(Y[m, j], cv[k][m])), 4)
+            out[f"{k}_auc"] = float(roc_auc_score(Y[m, j], binary[k][m]))
     return out
+
+
+def oof_metrics(Y: np.ndarray, cv: dict[str, np.ndarray]) -> dict:
+    """Located-disc metrics of the nested cross-validated fused predictions (for the summary)."""
+    m = target_metrics(Y, cv["pfirrmann"], cv["modic"][:, 0], {k: cv[k] for k in BINARY})
+    return {k: round(v, 4) for k, v in m.items()}
 
 
 def network_score(samples: list[DiscSample], probs: np.ndarray) -> dict[str, float]:
@@ -225,22 +242,11 @@ def network_score(samples: list[DiscSample], probs: np.ndarray) -> dict[str, flo
     Pfirrmann quadratic kappa of the expected grade, any-Modic AUC, mean AUC of the binary findings, and
     their mean (``score``).
     """
-    # scikit-learn takes about a second to import: only fitting and metrics need it
-    from sklearn.metrics import cohen_kappa_score, roc_auc_score
-
     Y = np.stack([s.target for s in samples])
-    j = TARGETS.index("pfirrmann")
-    m = Y[:, j] >= 0
-    kappa = float(cohen_kappa_score(Y[m, j], pfirrmann_grade(probs[m, :5], "expected"), weights="quadratic"))
-    j = TARGETS.index("modic")
-    m = Y[:, j] >= 0
-    modic = float(roc_auc_score(Y[m, j] > 0, 1 - probs[m, 5]))
-    aucs = []
-    for c, k in enumerate(BINARY):
-        j = TARGETS.index(k)
-        m = Y[:, j] >= 0
-        if len(set(Y[m, j].tolist())) > 1:
-            aucs.append(float(roc_auc_score(Y[m, j], probs[m, 9 + c])))
+    col = {c: i for i, c in enumerate(PROB_COLUMNS)}
+    m = target_metrics(Y, probs[:, :5], probs[:, col["modic_0"]], {k: probs[:, col[k]] for k in BINARY})
+    kappa, modic = m["pfirrmann_kappa_expected"], m["modic_any_auc"]
+    aucs = [m[f"{k}_auc"] for k in BINARY if f"{k}_auc" in m]
     binary = float(np.mean(aucs)) if aucs else 0.5
     return {"pfirrmann_kappa": kappa, "modic_auc": modic, "binary_auc": binary, "score": (kappa + modic + binary) / 3}
 
