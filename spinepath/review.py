@@ -19,6 +19,7 @@ from scipy.ndimage import convolve
 
 from spinepath.core.config import config_file
 from spinepath.core.results import DetectionResult, Vertebra, key_slice
+from spinepath.grading.calibration import logit
 from spinepath.grading.classifier import disc_grade_margin
 
 REVIEW_RULES = config_file("review.json")
@@ -179,8 +180,8 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
         fl = discs.setdefault(g.level, Flag())
         for name, p in [*g.binary.items(), ("modic_any", g.modic_any)]:
             thr = g.thresholds.get(name, 0.5)
-            if abs(p - thr) < rules["degeneration_probability_margin"]:
-                fl.add("near_threshold", f"{name.replace('_', ' ')} probability {p:.2f} near its threshold {thr:.2f}")
+            if abs(float(logit(p) - logit(thr))) < rules["degeneration_logit_margin"].get(name, 0.0):
+                fl.add("near_threshold", f"{name.replace('_', ' ')} probability {p:.3f} near its threshold {thr:.3f}")
         exp = float(np.dot(g.pfirrmann_probabilities, np.arange(1, 6)))
         if abs(abs(exp - np.floor(exp)) - 0.5) < rules["disc_grade_margin"]["ordinal"]:
             fl.add("grade_ambiguous", f"Pfirrmann {g.pfirrmann} undecided: expected grade {exp:.2f}")

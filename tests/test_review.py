@@ -207,3 +207,27 @@ def test_unknown_sequence_is_flagged(models, example_copy):
     assert vol.selection["main"]["sequence"]["kind"] == "unknown"
     result = stages.analyse(vol, *models)
     assert "sequence" in result.review.study.kinds and result.review.study.needs_review
+
+
+def test_degenerative_near_threshold_is_measured_in_log_odds(reference):
+    """Rare findings have thresholds near 0.01: a margin in log-odds flags only the discs near them."""
+    from spinepath.grading.calibration import logit
+    from spinepath.review import load_review_rules, review
+
+    margins = load_review_rules()["degeneration_logit_margin"]
+    g = reference.findings.degeneration[0]
+    thr = {**g.thresholds, "spondylolisthesis": 0.006}
+    sig = lambda z: float(1 / (1 + np.exp(-z)))  # noqa: E731
+    far = {k: sig(logit(thr[k]) + 3.0) for k in g.binary}  # clearly positive, 0.1-0.9 away in probability
+    near = dict(far, spondylolisthesis=sig(logit(0.006) + margins["spondylolisthesis"] / 2))  # 0.0068
+    clear = [0.02, 0.9, 0.06, 0.01, 0.01]  # Pfirrmann 2, expected grade 2.1: not undecided
+
+    def reasons(binary: dict) -> list[str]:
+        deg = dataclasses.replace(g, binary=binary, thresholds=thr, modic_any=sig(logit(thr["modic_any"]) - 3.0),
+                                  pfirrmann=2, pfirrmann_probabilities=clear)
+        res = dataclasses.replace(reference, findings=dataclasses.replace(reference.findings, degeneration=[deg]))
+        return [r for r in review(res).discs[g.level].reasons if "probability" in r and "near" in r]
+
+    assert reasons(far) == []
+    got = reasons(near)
+    assert len(got) == 1 and got[0].startswith("spondylolisthesis probability 0.007 near its threshold 0.006"), got

@@ -19,14 +19,15 @@ import numpy as np
 _EPS = 1e-6
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit(p: np.ndarray | float) -> np.ndarray:
+    """Log-odds of ``p``, clipped to [1e-6, 1 - 1e-6] first (margins near 0 or 1 stay comparable)."""
     p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
     return np.log(p / (1 - p))
 
 
 def apply_platt(p: np.ndarray, a: float, b: float) -> np.ndarray:
     """``sigmoid(a * logit(p) + b)``: a Platt map applied (``p`` clipped to [1e-6, 1 - 1e-6] first)."""
-    return 1.0 / (1.0 + np.exp(-(a * _logit(p) + b)))
+    return 1.0 / (1.0 + np.exp(-(a * logit(p) + b)))
 
 
 def fit_platt(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -42,7 +43,7 @@ def fit_platt(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     y = np.asarray(y, dtype=np.float64)
     if len(set(y.tolist())) < 2:
         raise ValueError("Platt scaling needs both classes in the out-of-fold labels")
-    z = _logit(p)
+    z = logit(p)
 
     def nll(w: np.ndarray) -> float:
         s = np.exp(w[0]) * z + w[1]
