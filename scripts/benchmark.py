@@ -1,4 +1,6 @@
-"""Benchmark: time the whole chain on one example study, batched vs. a naive per-slice loop, and peak RAM.
+"""Benchmark: the whole chain on one example study (batched vs. a naive per-slice loop), the grading stages.
+
+Also what the degenerative grading stage adds, with the T2 alone and with a T1, and the peak RAM.
 
 Usage: python scripts/benchmark.py [--study DIR] [--repeats N] [--threads N] [--json]
 Runs on CPU, and also on the GPU when one is available. Prints figures as JSON.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,8 +29,9 @@ from spinepath.detection.predictor import VertebraDetector  # noqa: E402
 from spinepath.grading.grader import Grader  # noqa: E402
 from spinepath.grading.inference import classify_detections, fuse_detections  # noqa: E402
 from spinepath.io.dicom import load_study  # noqa: E402
+from spinepath.io.phantom import add_t1_companion  # noqa: E402
 from spinepath.outputs.writer import write_outputs  # noqa: E402
-from spinepath.stages import detect_series  # noqa: E402
+from spinepath.stages import detect_series, grade_degeneration, load_spider_grader  # noqa: E402
 
 
 class OneByOneGrader(Grader):
@@ -84,6 +88,33 @@ def bench(study: Path, device: str, repeats: int, naive: bool = False) -> dict:
     return out
 
 
+def bench_degeneration(study: Path, repeats: int) -> dict:
+    """What the degenerative grading stage adds per study, T2 alone and with a T1 (issue 13: <= 1 s on 2 cores).
+
+    The study is copied with a crafted T1 companion (:func:`spinepath.io.phantom.add_t1_companion`); the
+    stage (T1 read, second detector pass, crops, 5 fold networks with flip, fusion) is timed after detection.
+    """
+    model = VertebraDetector.load(DEFAULT_MODEL)
+    grader = load_spider_grader()
+    out: dict = {"repeats": repeats}
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d) / "study"
+        shutil.copytree(study, copy)
+        add_t1_companion(copy)
+        vol = load_study(copy)
+        for name, use_t1 in (("t2_only_s", False), ("t1_t2_s", True)):
+            times = []
+            for _ in range(repeats + 1):  # first run is warm-up
+                res = detect_series(vol, model)
+                a = time.perf_counter()
+                grade_degeneration(res, grader, model, use_t1=use_t1)
+                times.append(time.perf_counter() - a)
+            out[name] = round(statistics.median(times[1:]), 3)
+            out[name.replace("_s", "_sequences")] = res.findings.degeneration_model["sequences"]
+    out["n_discs"] = len(res.findings.degeneration)
+    return out
+
+
 def main() -> None:
     """Entry point."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -99,6 +130,7 @@ def main() -> None:
     if torch.cuda.is_available():
         results["runs"].append(bench(Path(args.study), "cuda", args.repeats))
         results["gpu"] = torch.cuda.get_device_name(0)
+    results["degeneration"] = bench_degeneration(Path(args.study), args.repeats)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(results, indent=1))
 

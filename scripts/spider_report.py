@@ -27,7 +27,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
 from spinepath.core.geometry import series_from_slices  # noqa: E402
-from spinepath.core.paths import SHARED_EXAMPLES, resolve_model_path, resolve_spider_grader_path  # noqa: E402
+from spinepath.core.paths import (  # noqa: E402
+    SHARED_EXAMPLES,
+    resolve_grader_path,
+    resolve_model_path,
+    resolve_spider_grader_path,
+)
 from spinepath.data.datasets import iter_volume_slices, load_volume_index  # noqa: E402
 from spinepath.data.spider import load_spider_midsag  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
@@ -37,34 +42,40 @@ from spinepath.evaluation.spider import (  # noqa: E402
     CONTRACT_BINARY,
     bootstrap_spider,
     grade_studies,
+    spark_probabilities,
     spider_metrics,
     vertebra_rows,
 )
+from spinepath.grading.grader import Grader  # noqa: E402
 from spinepath.grading.spider import SpiderGrader  # noqa: E402
-from spinepath.grading.spider_inference import endplate_marrow  # noqa: E402
-from spinepath.stages import detect_series, grade_degeneration  # noqa: E402
+from spinepath.grading.spider_inference import endplate_marrow, load_vertebra_decision  # noqa: E402
+from spinepath.stages import detect_series, grade, grade_degeneration  # noqa: E402
 
 DOCS = REPO / "bundle" / "docs"
 
 
-def chu_sanity(det: VertebraDetector, grader: SpiderGrader, quiet: bool) -> dict:
-    """Lumbar vertebrae of the chu_t2 volumes (healthy volunteers) called positive by the endplate / marrow evidence.
+def chu_sanity(det: VertebraDetector, spark: Grader, grader: SpiderGrader, quiet: bool) -> dict:
+    """Lumbar vertebrae of the chu_t2 volumes (healthy volunteers) called pathological.
 
-    Every 4th 1 mm slice, as the DICOM examples are cut; with the Pfirrmann grades of their lumbar discs.
+    By the product's decision (item 4: endplate / marrow evidence with the spark score) and by the endplate /
+    marrow evidence alone. Every 4th 1 mm slice, as the DICOM examples are cut; with the Pfirrmann grades of
+    their lumbar discs.
     """
-    flagged, n, pf = 0, 0, []
+    flagged, n, pf, decided = 0, 0, [], 0
     for case in load_volume_index(SHARED_EXAMPLES.parent / "chu_t2"):
         k = case.n_slices
         sl = list(iter_volume_slices(case, list(range((k % 4) // 2, k, 4))))
         res = detect_series(series_from_slices([s.image for s in sl], sl[0].spacing, 4.0), det)
+        grade(res, spark)
         grade_degeneration(res, grader, det, use_t1=False)
+        decided += sum(f.label == "pathological" for f in res.findings.vertebrae)
         for lv, e in endplate_marrow(res.findings, grader).items():
             if lv in ("L1", "L2", "L3", "L4", "L5"):
                 n += 1
                 flagged += e["positive"]
         lumbar_discs = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
         pf += [g.pfirrmann for g in res.findings.degeneration if g.level in lumbar_discs]
-    return {"lumbar_vertebrae": n, "endplate_marrow_positive": int(flagged),
+    return {"lumbar_vertebrae": n, "endplate_marrow_positive": int(flagged), "pathological": int(decided),
             "pfirrmann_counts": {str(g): pf.count(g) for g in range(1, 6)}}
 
 
@@ -79,18 +90,23 @@ def main() -> None:
     root = SHARED_EXAMPLES.parent / "spider_midsag"
     grader = SpiderGrader.load(resolve_spider_grader_path(args.grader))
     det = VertebraDetector.load(resolve_model_path(args.model))
+    spark = Grader.load(resolve_grader_path())
+    decision = load_vertebra_decision()
     cases = split_cases(root, "validation")
     studies_all = [s for s in load_spider_midsag(root) if s.patient in cases]
-    thr = float(grader.fusion.vertebra.get("threshold", 0.5))
-    report: dict = {"grader": grader.meta, "n_patients": len(studies_all)}
+    report: dict = {"grader": grader.meta, "n_patients": len(studies_all), "vertebra_decision": decision}
+    spark_p = {st.patient: spark_probabilities(st, det, spark) for st in studies_all}
     keep = {}
     for name, seqs in (("t1_t2", ("t1", "t2")), ("t2_only", ("t2",))):
         studies = [s for s in studies_all if any(q in s.sequences for q in seqs)]
         graded, fused, _ = grade_studies(studies, det, grader, seqs, progress=not args.quiet)
-        vrows = vertebra_rows(studies, fused, grader.fusion.vertebra)
-        m = spider_metrics(graded, vrows, thr)
+        vrows = vertebra_rows(studies, fused, grader.fusion.vertebra, spark_p, decision)
+        m = spider_metrics(graded, vrows)
+        # the endplate / marrow evidence alone, beside the product's decision
+        m["vertebra_endplate_marrow_only"] = spider_metrics([], vertebra_rows(studies, fused, grader.fusion.vertebra))[
+            "vertebra"]
         m["located_fraction"] = round(sum(g.finding is not None for g in graded) / len(graded), 4)
-        m["intervals"] = bootstrap_spider(graded, vrows, thr, args.bootstrap)
+        m["intervals"] = bootstrap_spider(graded, vrows, args.bootstrap)
         report[name] = m
         keep[name] = (graded, vrows)
     graded, vrows = keep["t1_t2"]
@@ -99,7 +115,7 @@ def main() -> None:
     for idx in sorted({g.index for g in graded}):
         sub = [g for g in graded if g.index == idx]
         if len(sub) >= 10:
-            m = spider_metrics(sub, [], thr)
+            m = spider_metrics(sub, [])
             located = round(sum(g.finding is not None for g in sub) / len(sub), 3)
             per_level[str(idx)] = {"n": len(sub), "located": located,
                                    "pfirrmann_kappa": m["pfirrmann"]["quadratic_kappa"],
@@ -143,7 +159,7 @@ def main() -> None:
             ps += pp
     yv, pv = [v[1] for v in vrows], [v[2] for v in vrows]
     fpr, tpr, _ = roc_curve(yv, pv)
-    ax.plot(fpr, tpr, "k--", label="vertebra (endplate / marrow)")
+    ax.plot(fpr, tpr, "k--", label="vertebra (product decision)")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
@@ -156,7 +172,7 @@ def main() -> None:
     report["binary_reliability"] = rel
     plot_reliability({"binary findings (pooled)": rel}, DOCS / "spider_reliability.png",
                      "SPIDER validation: binary findings")
-    report["chu_t2_sanity"] = chu_sanity(det, grader, args.quiet)
+    report["chu_t2_sanity"] = chu_sanity(det, spark, grader, args.quiet)
     (DOCS / "spider_metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: report[k] for k in ("t1_t2", "t2_only")}))
 

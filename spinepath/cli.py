@@ -173,10 +173,11 @@ def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate_spider(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
-    from spinepath.core.paths import resolve_model_path, resolve_spider_grader_path
+    from spinepath.core.paths import resolve_grader_path, resolve_model_path, resolve_spider_grader_path
     from spinepath.data.datasets import dataset_kind
     from spinepath.detection.predictor import VertebraDetector
     from spinepath.evaluation.spider import evaluate_spider
+    from spinepath.grading.grader import Grader
     from spinepath.grading.spider import SpiderGrader
 
     root = Path(args.dataset_dir)
@@ -188,10 +189,12 @@ def _cmd_evaluate_spider(args: argparse.Namespace) -> int:
             raise CliError(f"{root}: SPIDER grading needs a spider_midsag-format folder (labels.json with discs)")
         grader = SpiderGrader.load(resolve_spider_grader_path(args.grader))
         detector = VertebraDetector.load(resolve_model_path(args.model))
+        # the product's spark grader: the per-vertebra decision combines its score with the SPIDER evidence
+        spark = Grader.load(resolve_grader_path())
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     res = evaluate_spider(root, detector, grader, cases=_evaluation_cases(root, args.split), sequences=seqs,
-                          bootstrap=args.bootstrap, progress=not args.quiet)
+                          bootstrap=args.bootstrap, progress=not args.quiet, spark_grader=spark)
     res["dataset"] = root.name
     res["split"] = args.split
     _print_json(res, args.out)

@@ -136,7 +136,7 @@ def test_infer_vertebrae_label_map(server: str, studies: Path) -> None:
     lab_map = load_label_map()
     assert params["label_names"] == {n: lab.value for n, lab in lab_map.items()}
     assert "NOT FOR DIAGNOSTIC USE" in params["disclaimer"]
-    assert params["model"] == {"detector_round": 0, "graded": True}
+    assert params["model"] == {"detector_round": 0, "graded": True, "degeneration": True}
     # the same levels as the core pipeline on the DICOM series, at the same places
     volume = load_study(DATA / "dicom_examples" / "chu_t2_02")
     got = labels_on_volume(label, volume)
@@ -158,6 +158,13 @@ def test_infer_vertebrae_label_map(server: str, studies: Path) -> None:
                 assert rr.size >= 0.9 * (np.ptp(rr) + 1) * (np.ptp(cc) + 1)
     by_level = {v["level"]: v for v in params["vertebrae"]}
     assert by_level["L3"]["pathology"]["label"] in ("healthy", "pathological")
+    # the degenerative grades per disc, as in the JSON output, with each disc's review flag
+    discs = {d["level"]: d for d in params["discs"]}
+    assert {"L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"} <= set(discs)
+    for d in discs.values():
+        assert 1 <= d["pfirrmann"]["grade"] <= 5 and d["modic"]["label"] in ("present", "absent")
+        assert d["herniation"]["label"] in ("present", "absent") and isinstance(d["needs_review"], bool)
+    assert params["degeneration_model"]["sequences"] == ["t2"]
 
 
 def test_infer_raw_nrrd_as_ohif_asks(server: str, studies: Path, tmp_path: Path) -> None:

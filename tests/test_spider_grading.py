@@ -2,15 +2,13 @@
 real (tiny) training run through to the evaluation contract."""
 
 import json
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
-from pydicom.uid import generate_uid
 
 from spinepath.core.results import Vertebra
 from spinepath.grading.spider import (
@@ -29,6 +27,7 @@ from spinepath.grading.spider import (
     vertebra_probability,
     vertebra_reference,
 )
+from spinepath.io.phantom import add_t1_companion
 
 
 def _vert(level: str, r0: float, h: float) -> Vertebra:
@@ -165,20 +164,6 @@ def test_evaluate_spider_contract(tiny_spider, data_root, tmp_path):
     assert bad.returncode != 0 and "--sequences" in bad.stderr
 
 
-def _add_t1_companion(study: Path) -> None:
-    """A second series of the same study with T1 acquisition parameters (the example's pixels, shifted 2 mm
-    along the slice normal): a crafted T1 for the plumbing, since the shared data has no T1 DICOM series."""
-    uid = generate_uid()
-    for f in sorted(study.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.SeriesInstanceUID = uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SeriesDescription, ds.SeriesNumber = "T1_TSE_SAG", 5
-        ds.RepetitionTime, ds.EchoTime = 600, 10
-        ds.ImagePositionPatient = [float(v) + (2.0 if i == 0 else 0.0) for i, v in enumerate(ds.ImagePositionPatient)]
-        ds.save_as(study / f"t1_{f.name}")
-
-
 def test_the_product_reports_degenerative_grades_per_disc(example_copy, tmp_path, models):
     from spinepath.run import run_study
 
@@ -194,7 +179,7 @@ def test_the_product_reports_degenerative_grades_per_disc(example_copy, tmp_path
                   "bulging"):
             assert set(d[k]) == {"probability", "label", "threshold"}
         assert d["sequences"] == ["t2"] and "grade" in d  # beside the spark grade of the same disc
-    _add_t1_companion(example_copy)
+    add_t1_companion(example_copy)  # the example's pixels with T1 timing: the T1 plumbing
     out2 = run_study(example_copy, tmp_path / "t1", model=models[0], grader=models[1])
     deg2 = out2["degeneration_model"]
     assert deg2["sequences"] == ["t2", "t1"] and deg2["t1"] == "used", deg2
@@ -218,3 +203,115 @@ def test_pfirrmann_labels_can_be_kept_to_the_t2_crops():
     t2 = training_targets(samples, cfg)
     assert [s.target[0] for s in t2] == [-1, 2] and t2[0].target[1:].tolist() == t[1:].tolist()
     assert samples[0].target[0] == 2  # the caller's samples are left as they were
+
+
+@pytest.fixture(scope="module")
+def graded_example(models):
+    from conftest import EXAMPLE
+
+    from spinepath import stages
+    from spinepath.io.dicom import load_study
+
+    return stages.analyse(load_study(EXAMPLE), *models)
+
+
+def test_degenerative_grades_in_the_sr(graded_example, tmp_path):
+    """One TID 1410 group per graded disc: Pfirrmann and Modic as coded values, each finding Present / Absent with
+    its probability, SNOMED CT where verified (disc degeneration, spondylolisthesis, herniation)."""
+    from conftest import dciodvfy_errors
+
+    from spinepath.core.results import key_slice
+    from spinepath.outputs.common import write_dataset
+    from spinepath.outputs.sr import build_sr, read_findings
+
+    res = graded_example
+    p = write_dataset(build_sr(res), tmp_path / "sr.dcm")
+    assert dciodvfy_errors(p) == []
+    back = read_findings(p)["degeneration"]
+    assert set(back) == {g.level for g in res.findings.degeneration}
+    key_uid = res.volume.sop_instance_uids[key_slice(res)]
+    for g in res.findings.degeneration:
+        b = back[g.level]
+        assert b["finding_type"] == "Degeneration of intervertebral disc"
+        assert b["finding_site"].replace("/", "-").startswith(g.level.split("-")[0])
+        assert b["pfirrmann"] == g.pfirrmann and b["modic_type"] == g.modic_type
+        assert (g.modic_type > 0) == g.positive("modic_any")  # the type follows the any-change decision
+        for k, p_ in {**g.binary, "modic_any": g.modic_any}.items():
+            assert b["present"][k] == g.positive(k) and b["probability"][k] == round(p_, 4)
+        assert b["coding"]["spondylolisthesis"] == ("SCT", "274152003")
+        assert b["coding"]["herniation"] == ("SCT", "73589001")
+        assert b["needs_review"] == res.review.discs[g.level].needs_review
+        assert b["source_sop_instance_uid"] == key_uid  # drawn on the key slice the grades were read from
+
+
+def test_degenerative_grades_in_the_pdf_and_key_image(graded_example, tmp_path):
+    from PIL import Image
+
+    from spinepath.outputs.key_image import disc_grades_text, key_image
+    from spinepath.outputs.pdf import DEGENERATION_HEADER, PFIRRMANN_SHORT, degeneration_table, render_pdf
+
+    res = graded_example
+    rows = degeneration_table(res)
+    assert [r[0] for r in rows] == [g.level for g in res.findings.degeneration]
+    for r, g in zip(rows, res.findings.degeneration):
+        assert len(r) == len(DEGENERATION_HEADER) and r[1] == PFIRRMANN_SHORT[g.pfirrmann - 1]
+        assert r[5].startswith("suspected") == g.positive("herniation")
+        assert (r[8] == "yes") == res.review.discs[g.level].needs_review
+    pdf = render_pdf(res)
+    assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type /Page[^s]", pdf)) == 2  # findings, key image
+    g = res.findings.degeneration[-1]
+    text = disc_grades_text(g)
+    assert text.startswith(f"Pf{g.pfirrmann}") and ("H" in text.split(" ")[-1]) == g.positive("herniation")
+    k = key_image(res, tmp_path / "key.png")
+    with Image.open(tmp_path / "key.png") as im:
+        assert im.size[1] > res.volume.pixels.shape[1] and k == res.findings.degeneration_model["t2_slice"]
+
+
+def test_vertebra_pathology_combines_its_named_evidence(graded_example):
+    """Item 4: where the endplate / marrow evidence exists the decision is the fitted combination with the spark
+    score (threshold chosen out of fold), and both parts stay named beside it."""
+    from spinepath.grading.spider_inference import combined_probability, load_vertebra_decision
+
+    decision = load_vertebra_decision()
+    assert decision["fitted_on"]["vertebrae"] > 100 and 0 < decision["threshold"] < 1
+    combined = 0
+    for f in graded_example.findings.vertebrae:
+        ev = f.evidence
+        spark = ev["spark_degenerative"]
+        if "endplate_marrow" not in ev:
+            assert ev["decision"] == {"rule": "spark_degenerative"} and abs(f.probability - spark["probability"]) < 1e-4
+            continue
+        combined += 1
+        p = combined_probability(ev["endplate_marrow"]["probability"], spark["probability"], decision)
+        assert abs(f.probability - p) < 1e-3 and f.threshold == decision["threshold"]
+        assert f.label == ("pathological" if f.probability >= f.threshold else "healthy")
+        assert ev["decision"]["rule"] == "combined" and f.to_dict()["evidence"]["endplate_marrow"]["parts"]
+    assert combined >= 4  # L1-L5 of the example, each between two graded discs
+    # the weights move the decision the way the evidence points
+    lo, hi = combined_probability(0.1, 0.5, decision), combined_probability(0.9, 0.5, decision)
+    assert lo < decision["threshold"] < hi
+
+
+def test_spark_heads_share_the_backbone(data_root):
+    """With ``spark_heads`` the network also learns the spark_midsag grades; the SPIDER outputs are unchanged."""
+    from spinepath.grading.classifier import to_input
+    from spinepath.grading.crops import sample_crop
+    from spinepath.grading.spider import SPARK_TARGETS
+    from spinepath.grading.spider_training import spark_samples
+
+    images, extra = spark_samples(data_root)
+    assert len(extra) > 500 and all(len(s.target) == len(SPARK_TARGETS) for s in extra)
+    assert all((s.target[: len(TARGETS)] == -1).all() and (s.target[len(TARGETS):] >= 0).sum() == 1 for s in extra)
+    kinds = {s.structure.kind for s in extra}
+    assert kinds == {"disc", "vertebra"}
+    cfg = SpiderConfig(model="convnext_zepto", spark_heads=True)
+    net = cfg.network()
+    batch = extra[:6]
+    x = torch.from_numpy(np.stack([to_input(sample_crop(images[s.structure.image_key], s.structure, cfg.crop_mm,
+                                                        cfg.crop_px)) for s in batch]))
+    logits = net(x)
+    assert logits.shape == (6, N_OUTPUTS + 6) and head_probabilities(logits).shape == (6, N_OUTPUTS)
+    y = torch.from_numpy(np.stack([s.target for s in batch]))
+    loss = multitask_loss(logits, y, head_weights(y.numpy()), cfg)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0

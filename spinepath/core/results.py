@@ -298,7 +298,8 @@ class DegenerationFinding:
         level: Disc level name.
         index_from_bottom: 1 = L5-S1, as the names are counted from S1.
         pfirrmann: Grade 1-5 and its five probabilities.
-        modic_type: Most probable Modic type (0 none, 1-3) and the four probabilities.
+        modic_type: 0 when no Modic change is decided (``modic_any`` below its threshold), else the likeliest of
+            types 1-3; and the four probabilities.
         modic_any: P(any Modic change) with its threshold.
         binary: P(finding) per :data:`DEGENERATION_JSON_NAMES` key.
         thresholds: Decision threshold per binary finding and ``modic_any`` (chosen out of fold).

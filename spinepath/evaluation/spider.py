@@ -20,11 +20,12 @@ from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, roc_auc_
 from tqdm.auto import tqdm
 
 from spinepath.core.geometry import series_from_slices
-from spinepath.core.levels import disc_index_from_bottom
+from spinepath.core.levels import VERTEBRA_LEVELS, disc_index_from_bottom
 from spinepath.data.spider import SpiderStudy, load_spider_midsag
 from spinepath.grading.spider import SpiderGrader, chain_discs, vertebra_parts, vertebra_probability, vertebra_reference
+from spinepath.grading.spider_inference import combined_probability, load_vertebra_decision
 from spinepath.grading.spider_training import study_samples
-from spinepath.stages import detect_series
+from spinepath.stages import detect_series, grade
 
 __all__ = ["LocatedDiscs", "disc_index_from_bottom", "evaluate_spider", "locate_discs", "located_fraction"]
 
@@ -125,14 +126,12 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
     return round(float(roc_auc_score(y, p)), 4) if len(set(np.asarray(y).tolist())) > 1 else None
 
 
-def spider_metrics(graded: list[GradedDisc], vertebrae: list[tuple[str, int, float]],
-                   vertebra_threshold: float) -> dict:
+def spider_metrics(graded: list[GradedDisc], vertebrae: list[tuple[str, int, float, float]]) -> dict:
     """The contract's metrics over labelled discs (a disc not located: Pfirrmann 1, probability 0 everywhere).
 
     Args:
         graded: Labelled discs with their findings.
-        vertebrae: ``(patient, reference 0/1, P(pathology))`` per reference vertebra.
-        vertebra_threshold: Decision threshold of the vertebra probability.
+        vertebrae: ``(patient, reference 0/1, P(pathology), its decision threshold)`` per reference vertebra.
 
     """
     pf_true = np.array([int(g.labels["pfirrmann"]) for g in graded if g.labels.get("pfirrmann") is not None])
@@ -157,54 +156,96 @@ def spider_metrics(graded: list[GradedDisc], vertebrae: list[tuple[str, int, flo
         out[name] = {"auc": _auc(np.array(y), np.array(p))}
     yv = np.array([v[1] for v in vertebrae])
     pv = np.array([v[2] for v in vertebrae])
+    decided = np.array([v[2] >= v[3] for v in vertebrae])
     out["vertebra"] = {"auc": _auc(yv, pv),
-                       "balanced_accuracy": round(float(balanced_accuracy_score(yv, pv >= vertebra_threshold)), 4)
+                       "balanced_accuracy": round(float(balanced_accuracy_score(yv, decided)), 4)
                        if len(set(yv.tolist())) > 1 else None}
     return out
 
 
-def vertebra_rows(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]], platt: dict
-                  ) -> list[tuple[str, int, float]]:
-    """``(patient, reference, P)`` for each vertebra between two labelled discs (item 4's reference)."""
+def spark_probabilities(study: SpiderStudy, detector, grader) -> dict[int, float]:
+    """The spark grader's fused P(pathological) per vertebra of an anchored T2, by the index of the disc below.
+
+    The spark heads grade L1-L5; an image whose names have no sacral anchor gives none.
+    """
+    if "t2" not in study.sequences:
+        return {}
+    res = detect_series(series_from_slices([study.load_image("t2")], study.spacing.get("t2") or (1.0, 1.0), 4.0),
+                        detector)
+    if res.naming is None or res.naming.anchor != "S1":
+        return {}
+    grade(res, grader)
+    below = {lv: disc_index_from_bottom(f"{lv}-{VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1]}")
+             for lv in VERTEBRA_LEVELS[:-1]}
+    return {below[f.level]: f.probability for f in res.findings.vertebrae if f.level in below}
+
+
+def vertebra_rows(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]], platt: dict,
+                  spark: dict[str, dict[int, float]] | None = None, decision: dict | None = None
+                  ) -> list[tuple[str, int, float, float]]:
+    """``(patient, reference, P, threshold)`` for each vertebra between two labelled discs (item 4's reference).
+
+    P is the product's per-vertebra decision: :func:`combined_probability` of the endplate / marrow evidence
+    and the spark score where the spark heads graded that vertebra (``spark``, with ``decision``), else the
+    endplate / marrow probability alone; 0 where no neighbouring disc was graded.
+    """
     rows = []
+    thr_em = float(platt.get("threshold", 0.5))
     for st in studies:
         ref = vertebra_reference(st.discs_by_index)
         f = fused.get(st.patient, {})
+        sp = (spark or {}).get(st.patient, {})
         for i, y in sorted(ref.items()):
             parts = vertebra_parts(f, i)
-            p = vertebra_probability(parts, platt) if parts is not None else 0.0
-            rows.append((st.patient, y, p))
+            if parts is None:
+                rows.append((st.patient, y, 0.0, thr_em))
+                continue
+            p = vertebra_probability(parts, platt)
+            if i in sp and decision is not None:
+                rows.append((st.patient, y, combined_probability(p, sp[i], decision), float(decision["threshold"])))
+            else:
+                rows.append((st.patient, y, p, thr_em))
     return rows
 
 
 def evaluate_spider(root: str | Path, detector, grader: SpiderGrader, cases: list[str] | None = None,
-                    sequences: tuple[str, ...] = ("t1", "t2"), bootstrap: int = 0, progress: bool = True) -> dict:
+                    sequences: tuple[str, ...] = ("t1", "t2"), bootstrap: int = 0, progress: bool = True,
+                    spark_grader=None) -> dict:
     """``spinepath evaluate spider``: the contract JSON, end to end from the images.
 
     Labelled discs are matched by ``index_from_bottom`` as the product counts them; ``located_fraction`` =
     located labelled discs / labelled discs. With ``bootstrap`` > 0, 95% intervals by patient resampling
-    (``intervals``). ``on_located`` repeats the metrics over the located discs only.
+    (``intervals``). ``on_located`` repeats the metrics over the located discs only. With ``spark_grader`` the
+    vertebra figures are the product's combined decision where the spark heads grade (L1-L5 of an anchored T2;
+    ``configs/vertebra_decision.json``), the endplate / marrow evidence alone elsewhere (``vertebra_decision``).
     """
     studies = [s for s in load_spider_midsag(root) if cases is None or s.patient in cases]
     studies = [s for s in studies if any(q in s.sequences for q in sequences)]
     graded, fused, anchors = grade_studies(studies, detector, grader, sequences, progress)
     platt = grader.fusion.vertebra
     thr = float(platt.get("threshold", 0.5))
-    vrows = vertebra_rows(studies, fused, platt)
+    spark, decision = None, None
+    if spark_grader is not None and "t2" in sequences:
+        decision = load_vertebra_decision()
+        spark = {st.patient: spark_probabilities(st, detector, spark_grader)
+                 for st in tqdm(studies, desc="spark scores", disable=not progress)}
+    vrows = vertebra_rows(studies, fused, platt, spark, decision)
     res = {"task": "spider_grading", "n_patients": len(studies), "n_discs": len(graded),
            "located_fraction": round(sum(g.finding is not None for g in graded) / max(len(graded), 1), 4),
-           **spider_metrics(graded, vrows, thr),
+           **spider_metrics(graded, vrows),
            "sequences": list(sequences),
            "anchored_fraction": {s: round(sum(a == "S1" for a in v) / max(len(v), 1), 4) for s, v in anchors.items()},
            "vertebra_threshold": round(thr, 4), "n_vertebrae": len(vrows),
+           "vertebra_decision": "combined with the spark score on L1-L5, endplate/marrow elsewhere" if spark
+           else "endplate/marrow",
            "on_located": spider_metrics([g for g in graded if g.finding is not None],
-                                        [v for v in vrows if v[2] > 0], thr)}
+                                        [v for v in vrows if v[2] > 0])}
     if bootstrap:
-        res["intervals"] = bootstrap_spider(graded, vrows, thr, bootstrap)
+        res["intervals"] = bootstrap_spider(graded, vrows, bootstrap)
     return res
 
 
-def bootstrap_spider(graded: list[GradedDisc], vrows: list, thr: float, n: int, seed: int = 0) -> dict:
+def bootstrap_spider(graded: list[GradedDisc], vrows: list, n: int, seed: int = 0) -> dict:
     """95% percentile intervals of :func:`spider_metrics`, resampling whole patients."""
     rng = np.random.default_rng(seed)
     patients = sorted({g.patient for g in graded})
@@ -213,8 +254,7 @@ def bootstrap_spider(graded: list[GradedDisc], vrows: list, thr: float, n: int, 
     acc: dict[str, list[float]] = {}
     for _ in range(n):
         pick = rng.choice(len(patients), len(patients), replace=True)
-        m = spider_metrics([g for i in pick for g in by_d[patients[i]]], [v for i in pick for v in by_v[patients[i]]],
-                           thr)
+        m = spider_metrics([g for i in pick for g in by_d[patients[i]]], [v for i in pick for v in by_v[patients[i]]])
         for part, d in m.items():
             for k, v in d.items():
                 if v is not None:

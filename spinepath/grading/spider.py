@@ -54,11 +54,17 @@ CONTEXT = ("disc_height_ratio",)
 FUSION_FEATURES = (*(f"{s}_{c}" for s in SEQUENCES for c in (*PROB_COLUMNS, *CONTEXT)), "index_from_bottom")
 #: Fused outputs: the two multi-class findings and the binaries.
 TARGETS = ("pfirrmann", "modic", *BINARY)
+#: Optional heads trained on spark_midsag crops beside the SPIDER ones (``SpiderConfig.spark_heads``): the disc
+#: grade v1-v5 and the vertebra's pathological logit. They share the backbone only: nothing downstream reads them.
+SPARK_HEADS: dict[str, int] = {"spark_disc": 5, "spark_vertebra": 1}
+#: Training targets with the spark heads (SPIDER samples carry -1 there, spark samples -1 in :data:`TARGETS`).
+SPARK_TARGETS = (*TARGETS, *SPARK_HEADS)
+ALL_HEADS = {**HEADS, **SPARK_HEADS}
 
 
 def _slices() -> dict[str, slice]:
     out, i = {}, 0
-    for k, n in HEADS.items():
+    for k, n in ALL_HEADS.items():
         out[k] = slice(i, i + n)
         i += n
     return out
@@ -85,6 +91,8 @@ class SpiderConfig:
     ordinal_weight: float = 0.5
     binary_weight: float = 1.0
     pfirrmann_sequences: tuple[str, ...] = ("t1", "t2")  # crops whose Pfirrmann label is trained on
+    spark_heads: bool = False  # also train the spark_midsag disc / vertebra heads on the same backbone
+    crop_norm: str = "image"  # "image": the slice's intensity range; "crop": each crop's own 1st-99.5th pct
     seed: int = 0
 
     @classmethod
@@ -95,8 +103,9 @@ class SpiderConfig:
         return cls(**d)
 
     def network(self) -> nn.Module:
-        """A randomly initialised network with :data:`N_OUTPUTS` outputs."""
-        return build_classifier(GradingConfig(model=self.model, drop_path=self.drop_path), N_OUTPUTS)
+        """A randomly initialised network: :data:`N_OUTPUTS` outputs, then the spark heads' when enabled."""
+        n = N_OUTPUTS + (sum(SPARK_HEADS.values()) if self.spark_heads else 0)
+        return build_classifier(GradingConfig(model=self.model, drop_path=self.drop_path), n)
 
 
 # ------------------------------------------------------------------------------------------- the discs
@@ -189,6 +198,19 @@ def disc_targets(disc: dict) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ the network
+def disc_crop(image: np.ndarray, structure: Structure, cfg: SpiderConfig, jitter=None) -> np.ndarray:
+    """The network's crop of one structure: spine-aligned, ``cfg.crop_mm`` over ``cfg.crop_px``.
+
+    With ``cfg.crop_norm == "crop"`` it is rescaled to its own 1st-99.5th percentiles (contrast from the crop
+    alone, whatever the rest of the slice holds: bowel, fat saturation, coil shading).
+    """
+    x = sample_crop(image, structure, cfg.crop_mm, cfg.crop_px, jitter, cfg.crop_aspect)
+    if cfg.crop_norm == "crop":
+        lo, hi = np.percentile(x, (1.0, 99.5))
+        x = np.clip((x - lo) / max(float(hi - lo), 1e-3), 0.0, 1.0).astype(np.float32)
+    return x
+
+
 class DiscCrops(torch.utils.data.Dataset):
     """Crops of disc samples (augmented when ``train``) with their targets."""
 
@@ -203,8 +225,7 @@ class DiscCrops(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.samples[i]
         jit = random_jitter(self.rng, self.cfg.aug_strength) if self.train else None
-        x = sample_crop(self.images[s.structure.image_key], s.structure, self.cfg.crop_mm, self.cfg.crop_px, jit,
-                        self.cfg.crop_aspect)
+        x = disc_crop(self.images[s.structure.image_key], s.structure, self.cfg, jit)
         if self.train:
             x = augment_intensity(x, self.rng, self.cfg.aug_strength)
         return torch.from_numpy(to_input(x)), torch.from_numpy(s.target)
@@ -213,11 +234,11 @@ class DiscCrops(torch.utils.data.Dataset):
 def head_weights(targets: np.ndarray) -> dict[str, torch.Tensor]:
     """Class weights (inverse square root of frequency) for the multi-class heads, positive weights for the rest."""
     out: dict[str, torch.Tensor] = {}
-    for j, k in enumerate(TARGETS):
+    for j, k in enumerate(SPARK_TARGETS[: targets.shape[1]]):
         y = targets[:, j]
         y = y[y >= 0]
-        if HEADS[k] > 1:
-            c = np.maximum(np.bincount(y, minlength=HEADS[k]).astype(float), 1.0) ** -0.5
+        if ALL_HEADS[k] > 1:
+            c = np.maximum(np.bincount(y, minlength=ALL_HEADS[k]).astype(float), 1.0) ** -0.5
             out[k] = torch.tensor(c / c[y].mean() if len(y) else c, dtype=torch.float32)
         else:
             pos = max(float((y == 1).sum()), 1.0)
@@ -231,19 +252,19 @@ def multitask_loss(logits: torch.Tensor, target: torch.Tensor, weights: dict[str
 
     Pfirrmann: class-weighted cross-entropy plus ``ordinal_weight`` times the squared error of the expected
     grade (near misses cost less); Modic: class-weighted cross-entropy; binaries: BCE with a positive weight,
-    times ``binary_weight``.
+    times ``binary_weight``. Targets wider than :data:`TARGETS` train the spark heads too (:data:`SPARK_TARGETS`).
     """
     total = logits.new_zeros(())
-    for j, k in enumerate(TARGETS):
+    for j, k in enumerate(SPARK_TARGETS[: target.shape[1]]):
         y = target[:, j]
         m = y >= 0
         if not bool(m.any()):
             continue
         z = logits[m, HEAD_SLICES[k]]
-        if HEADS[k] > 1:
+        if ALL_HEADS[k] > 1:
             total = total + F.cross_entropy(z, y[m], weight=weights[k], label_smoothing=cfg.label_smoothing)
             if k == "pfirrmann" and cfg.ordinal_weight > 0:
-                expected = torch.softmax(z, 1) @ torch.arange(HEADS[k], dtype=z.dtype)
+                expected = torch.softmax(z, 1) @ torch.arange(ALL_HEADS[k], dtype=z.dtype)
                 total = total + cfg.ordinal_weight * F.mse_loss(expected, y[m].to(z.dtype))
         else:
             t = y[m].float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / 2
@@ -278,8 +299,15 @@ def training_targets(samples: list[DiscSample], cfg: SpiderConfig) -> list[DiscS
 
 def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: list[DiscSample],
                   progress: bool = True, max_minutes: float = 0.0) -> nn.Module:
-    """Train one multi-task network (AdamW, warm-up + cosine schedule); returns it in eval mode."""
+    """Train one multi-task network (AdamW, warm-up + cosine schedule); returns it in eval mode.
+
+    With ``cfg.spark_heads`` the SPIDER samples' targets are padded with -1 for the spark heads.
+    """
     samples = training_targets(samples, cfg)
+    if cfg.spark_heads:
+        pad = len(SPARK_TARGETS) - len(TARGETS)
+        samples = [s if len(s.target) == len(SPARK_TARGETS) else
+                   replace(s, target=np.concatenate([s.target, np.full(pad, -1, np.int64)])) for s in samples]
     torch.manual_seed(cfg.seed)
     model = cfg.network()
     ds = DiscCrops(images, samples, cfg, train=True)
@@ -313,8 +341,7 @@ def predict_samples(models: list[nn.Module], cfg: SpiderConfig, images: dict[str
     """Mean head probabilities ``(N, 15)`` over models (and a superior-inferior flip when ``tta``)."""
     if not samples:
         return np.zeros((0, N_OUTPUTS), np.float32)
-    crops = np.stack([sample_crop(images[s.structure.image_key], s.structure, cfg.crop_mm, cfg.crop_px, None,
-                                  cfg.crop_aspect) for s in samples])
+    crops = np.stack([disc_crop(images[s.structure.image_key], s.structure, cfg) for s in samples])
     return ensemble_mean(models, crops, head_probabilities, tta, batch)
 
 
@@ -583,7 +610,9 @@ class SpiderGrader:
             pf = fused["pfirrmann"][i]
             f["pfirrmann"] = {"grade": int(pfirrmann_grade(pf, self.fusion.pfirrmann_rule)[0]) + 1,
                               "probabilities": [round(float(v), 4) for v in pf]}
-            f["modic"] = {"type": int(np.argmax(fused["modic"][i])),
+            # the type follows the any-change decision: the likeliest of types 1-3 when present, else 0
+            present = f["modic_any"] >= self.fusion.thresholds.get("modic_any", 0.5)
+            f["modic"] = {"type": int(np.argmax(fused["modic"][i][1:])) + 1 if present else 0,
                           "probabilities": [round(float(v), 4) for v in fused["modic"][i]]}
             f["sequences"] = sorted(s.sequence for s in samples if s.index == idx)
             f["level"] = next(s.structure.level for s in samples if s.index == idx)

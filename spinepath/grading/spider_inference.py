@@ -11,15 +11,20 @@ T2's names (``index_from_bottom`` 1 = L5-S1).
 
 from __future__ import annotations
 
+import json
 import time
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
+from spinepath.core.config import config_file
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom, disc_level_from_bottom
 from spinepath.core.results import DegenerationFinding, DetectionResult, Findings, key_slice
 from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.predictor import VertebraDetector
+from spinepath.grading.calibration import logit
 from spinepath.grading.spider import (
     BINARY,
     DiscSample,
@@ -145,16 +150,41 @@ def endplate_marrow(findings: Findings, grader: SpiderGrader) -> dict[str, dict]
     return out
 
 
-def attach_vertebra_evidence(findings: Findings, grader: SpiderGrader) -> None:
-    """Name the parts behind each vertebra's pathology decision (``VertebraFinding.evidence``).
+@lru_cache(maxsize=2)
+def load_vertebra_decision(path: str | None = None) -> dict:
+    """The per-vertebra decision of ``configs/vertebra_decision.json`` (``scripts/fit_vertebra_decision.py``)."""
+    return json.loads(Path(path or config_file("vertebra_decision.json")).read_text())
 
-    ``spark_degenerative``: the spark-trained fused probability that decides ``label`` today.
-    ``endplate_marrow``: :func:`endplate_marrow`. It is reported beside the decision, not yet part of it: no data
-    is graded on both scales to choose their combination on.
+
+def combined_probability(endplate_marrow_p: float, spark_p: float, decision: dict | None = None) -> float:
+    """P(pathological vertebra) from its endplate / marrow evidence and its spark score (logistic on log-odds)."""
+    d = decision or load_vertebra_decision()
+    z = (d["intercept"] + d["coef_endplate_marrow"] * float(logit(endplate_marrow_p))
+         + d["coef_spark_degenerative"] * float(logit(spark_p)))
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
+def attach_vertebra_evidence(findings: Findings, grader: SpiderGrader) -> None:
+    """Decide each vertebra's pathology from its named evidence (issue 13, item 4), keeping every part.
+
+    ``evidence["spark_degenerative"]``: the spark-trained fused probability (the decision when no degenerative
+    grades exist). ``evidence["endplate_marrow"]``: :func:`endplate_marrow`. Where both exist the vertebra's
+    ``probability`` / ``threshold`` / ``label`` become :func:`combined_probability` and the out-of-fold threshold
+    of ``configs/vertebra_decision.json`` (``evidence["decision"]`` says which rule decided).
     """
     em = endplate_marrow(findings, grader)
+    decision = load_vertebra_decision()
     for f in findings.vertebrae:
         f.evidence["spark_degenerative"] = {"probability": round(f.probability, 4), "threshold": round(f.threshold, 4),
                                             "positive": f.probability >= f.threshold}
-        if f.level in em:
-            f.evidence["endplate_marrow"] = em[f.level]
+        if f.level not in em:
+            f.evidence["decision"] = {"rule": "spark_degenerative"}
+            continue
+        f.evidence["endplate_marrow"] = em[f.level]
+        f.probability = combined_probability(em[f.level]["probability"], f.probability, decision)
+        f.threshold = float(decision["threshold"])
+        f.label = "pathological" if f.probability >= f.threshold else "healthy"
+        f.evidence["decision"] = {"rule": "combined", "probability": round(f.probability, 4),
+                                  "threshold": round(f.threshold, 4),
+                                  "weights": {"endplate_marrow": round(decision["coef_endplate_marrow"], 4),
+                                              "spark_degenerative": round(decision["coef_spark_degenerative"], 4)}}

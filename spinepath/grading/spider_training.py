@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +27,17 @@ from tqdm.auto import tqdm
 from spinepath.core.config import config_file
 from spinepath.core.geometry import series_from_slices
 from spinepath.core.paths import resolve_model_path
+from spinepath.data.datasets import load_spark
 from spinepath.data.spider import SpiderStudy, load_spider_midsag
-from spinepath.data.split import split_part
+from spinepath.data.split import is_validation, split_part
 from spinepath.detection.predictor import VertebraDetector
+from spinepath.grading.crops import spark_structures
 from spinepath.grading.search import optuna_storage
 from spinepath.grading.spider import (
     BINARY,
     N_OUTPUTS,
     PROB_COLUMNS,
+    SPARK_TARGETS,
     TARGETS,
     DiscSample,
     SpiderConfig,
@@ -126,6 +129,28 @@ def collect(studies: list[SpiderStudy], detector: VertebraDetector, progress: bo
     return images, samples
 
 
+def spark_samples(data_root: str | Path) -> tuple[dict[str, np.ndarray], list[DiscSample]]:
+    """The graded spark_midsag training studies (validation excluded) as samples of the spark heads only.
+
+    Disc and vertebra crops at their labelled centres, cropped as the SPIDER discs are; targets are -1 in
+    :data:`TARGETS` and the disc grade / vertebra label in the spark heads (:data:`SPARK_TARGETS`).
+    """
+    images: dict[str, np.ndarray] = {}
+    out: list[DiscSample] = []
+    for case in load_spark(Path(data_root) / "spark_midsag"):
+        if is_validation("spark_midsag", case.case):
+            continue
+        key = f"spark_{case.case}"
+        images[key] = normalise_image(case.load_image())
+        for st in spark_structures(case):
+            if st.grade < 0:
+                continue
+            t = np.full(len(SPARK_TARGETS), -1, np.int64)
+            t[SPARK_TARGETS.index("spark_disc" if st.kind == "disc" else "spark_vertebra")] = st.grade
+            out.append(DiscSample(key, "t2", 0, replace(st, image_key=key), {}, t))
+    return images, out
+
+
 def _folds(patients: list[str], k: int) -> dict[str, int]:
     """Patient -> fold, every k-th patient in numeric order (deterministic)."""
     order = sorted(set(patients), key=lambda p: (len(p), p))
@@ -148,13 +173,18 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
     if tc.max_patients:
         studies = studies[: tc.max_patients]
     images, samples = collect(studies, detector, progress=not tc.quiet, labelled_only=True, anchored_only=True)
+    extra: list[DiscSample] = []
+    if cfg.spark_heads:  # every fold also trains the spark heads on the spark_midsag training crops
+        spark_images, extra = spark_samples(tc.data_root)
+        images.update(spark_images)
+        log.info("spark heads: %d spark_midsag crops", len(extra))
     fold_of = _folds([s.patient for s in samples], tc.folds)
     log.info("SPIDER discs: %d samples of %d patients", len(samples), len(fold_of))
     oof = np.full((len(samples), N_OUTPUTS), np.nan, np.float32)
     models = []
     for k in tqdm(range(tc.folds), desc="folds", disable=tc.quiet):
         ck = out / f"fold{k}.pt"
-        tr = [s for s in samples if fold_of[s.patient] != k]
+        tr = [s for s in samples if fold_of[s.patient] != k] + extra
         te = [i for i, s in enumerate(samples) if fold_of[s.patient] == k]
         if ck.is_file():
             m = cfg.network()

@@ -147,3 +147,25 @@ def _write_kwargs() -> dict:
     """``dcmwrite`` keywords that work on pydicom 2.4 and 3.x."""
     major = int(pydicom.__version__.split(".")[0])
     return {"enforce_file_format": True} if major >= 3 else {"write_like_original": False}
+
+
+def add_t1_companion(study: str | Path, shift_mm: float = 2.0) -> str:
+    """Write a crafted sagittal T1 series into a study folder, beside its T2; returns its SeriesInstanceUID.
+
+    The T2's own pixels under a new series with T1 timing (TR 600 ms, TE 10 ms) and positions shifted
+    ``shift_mm`` along the first patient axis: it exercises the T1 plumbing (series selection, the nearest
+    slice, a second detector pass, fusion by level) in tests and benchmarks, since the shared data has no T1
+    DICOM series. Its grades mean nothing clinically.
+    """
+    study = Path(study)
+    uid = generate_uid()
+    for f in sorted(study.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesDescription, ds.SeriesNumber = "T1_TSE_SAG", 5
+        ds.RepetitionTime, ds.EchoTime = 600, 10
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [ipp[0] + shift_mm, ipp[1], ipp[2]]
+        ds.save_as(study / f"t1_{f.name}")
+    return uid

@@ -118,7 +118,7 @@ def labels_from_seg(seg, volume: SeriesVolume, label_map: dict[str, Label] | Non
 
 
 def label_study(image_path: str | Path, detector, out_path: str | Path, grader=None,
-                label_map: dict[str, Label] | None = None, compress: bool = True) -> dict:
+                label_map: dict[str, Label] | None = None, compress: bool = True, spider_grader=None) -> dict:
     """Detect, name (and grade, with ``grader``) the vertebrae of a study; write its label volume.
 
     Args:
@@ -129,16 +129,20 @@ def label_study(image_path: str | Path, detector, out_path: str | Path, grader=N
         grader: Optional :class:`spinepath.grading.grader.Grader`: adds pathology per level and disc grades.
         label_map: Defaults to :func:`load_label_map`.
         compress: Compress the label file (OHIF's MONAI Label panel asks for raw NRRD).
+        spider_grader: Optional :class:`spinepath.grading.spider.SpiderGrader`: adds the degenerative grades per
+            disc (Pfirrmann, Modic, endplates, listhesis, herniation, narrowing, bulging), as in the JSON output.
 
     Returns:
         JSON-ready summary: ``label_names`` (name -> value), ``levels`` drawn, ``level_naming``, the study's
         ``needs_review`` / ``review_reasons``, per vertebra level, value, name confidence, score, slice range,
-        pathology (when graded) and its review flag, ``discs`` (when graded, with theirs), the disclaimer.
+        pathology (when graded) and its review flag, ``discs`` (when graded, with theirs: the spark grade and
+        the degenerative grades per disc level, as :meth:`spinepath.core.results.Findings.disc_dicts`),
+        ``degeneration_model`` (when graded for degeneration), the disclaimer.
 
     """
     label_map = label_map or load_label_map()
     volume, reference = load_image_volume(image_path)
-    result = stages.analyse(volume, detector, grader)
+    result = stages.analyse(volume, detector, grader, spider_grader)
     labels, drawn = render_labels(result, label_map)
     write_label_like(labels, volume, reference, out_path, compress)
     graded = {f.level: f.to_dict() for f in result.findings.vertebrae} if result.findings is not None else {}
@@ -158,7 +162,8 @@ def label_study(image_path: str | Path, detector, out_path: str | Path, grader=N
              **rev.vertebrae[i].to_dict()}
             for i, t in enumerate(result.vertebrae)
         ],
-        "discs": [{**d.to_dict(), **rev.discs[d.level].to_dict()} for d in result.findings.discs]
+        "discs": [{**d, **rev.discs[d["level"]].to_dict()} for d in result.findings.disc_dicts()]
         if result.findings is not None else [],
+        "degeneration_model": result.findings.degeneration_model if result.findings is not None else {},
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
     }

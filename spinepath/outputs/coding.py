@@ -1,4 +1,4 @@
-"""Coded concepts of the DICOM outputs: SNOMED CT vertebra and disc levels, findings and disc grades.
+"""Coded concepts of the DICOM outputs: SNOMED CT vertebra and disc levels, findings, disc grades, degenerative grades.
 
 Codes are spelled out rather than looked up by name in ``pydicom.sr.codedict``: pydicom 2.4 (the MONAI
 Label environment) lacks some names and finds several values for others (``Normal``).
@@ -91,4 +91,40 @@ REVIEW_REASON_CODES = {
     "image_quality": hd.sr.CodedConcept("IMGQUAL", SCHEME, "Image quality outside the training range"),
     "sequence": hd.sr.CodedConcept("SEQUENCE", SCHEME, "Sequence not known from the acquisition"),
     "flagged_findings": hd.sr.CodedConcept("FLAGGED", SCHEME, "Findings flagged for review"),
+}
+
+# ------------------------------------------------------------------------- degenerative findings (SPIDER grader)
+#: Finding type of a disc's degenerative grades: SNOMED CT "Degeneration of intervertebral disc" (disorder).
+DISC_DEGENERATION = _sct("77547008", "Degeneration of intervertebral disc")
+PRESENT, ABSENT = _sct("52101004", "Present"), _sct("272519000", "Absent")
+#: The Pfirrmann grade (a five-point scale with no standard codes): private name and coded values.
+PFIRRMANN_GRADE = hd.sr.CodedConcept("PFIRRMANN", SCHEME, "Pfirrmann grade")
+PFIRRMANN_CODES = {g: hd.sr.CodedConcept(f"PFIRRMANN{g}", SCHEME, f"Pfirrmann grade {r}")
+                   for g, r in zip(range(1, 6), ("I", "II", "III", "IV", "V"))}
+#: Modic type of the endplates next to a disc (private: no verified SNOMED CT concept per type).
+MODIC_TYPE = hd.sr.CodedConcept("MODIC", SCHEME, "Modic change type")
+MODIC_CODES = {0: hd.sr.CodedConcept("MODIC0", SCHEME, "No Modic change"),
+               **{t: hd.sr.CodedConcept(f"MODIC{t}", SCHEME, f"Modic type {t} change") for t in (1, 2, 3)}}
+#: Each binary degenerative finding (``DegenerationFinding.binary`` keys and ``modic_any``) as a concept whose
+#: value is Present / Absent. SNOMED CT where this project could verify the concept (spondylolisthesis
+#: 274152003, herniation of intervertebral disc 73589001); private otherwise. SPIDER's endplate change includes
+#: Schmorl's nodes with other endplate irregularities, so it is not coded as a Schmorl's node.
+DEGENERATION_CODES = {
+    "upper_endplate_change": hd.sr.CodedConcept("EPUPPER", SCHEME, "Upper endplate change (Schmorl's node included)"),
+    "lower_endplate_change": hd.sr.CodedConcept("EPLOWER", SCHEME, "Lower endplate change (Schmorl's node included)"),
+    "spondylolisthesis": _sct("274152003", "Spondylolisthesis"),
+    "herniation": _sct("73589001", "Herniation of intervertebral disc"),
+    "narrowing": hd.sr.CodedConcept("DISCNARROW", SCHEME, "Disc space narrowing"),
+    "bulging": hd.sr.CodedConcept("DISCBULGE", SCHEME, "Disc bulging"),
+    "modic_any": hd.sr.CodedConcept("MODICANY", SCHEME, "Modic change"),
+}  # fmt: skip
+#: Probability of each finding (numeric measurement names; private, one per finding).
+DEGENERATION_PROBABILITY_CODES = {
+    k: hd.sr.CodedConcept(code, SCHEME, f"Probability of {words}")
+    for k, code, words in (("upper_endplate_change", "PEPUPPER", "upper endplate change"),
+                           ("lower_endplate_change", "PEPLOWER", "lower endplate change"),
+                           ("spondylolisthesis", "PLISTHESIS", "spondylolisthesis"),
+                           ("herniation", "PHERNIATION", "disc herniation"),
+                           ("narrowing", "PNARROWING", "disc space narrowing"),
+                           ("bulging", "PBULGING", "disc bulging"), ("modic_any", "PMODIC", "a Modic change"))
 }

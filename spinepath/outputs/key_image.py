@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from spinepath import __version__
 from spinepath.core.labels import label_colors
-from spinepath.core.results import DetectionResult, key_slice
+from spinepath.core.levels import DISC_LEVELS
+from spinepath.core.results import DegenerationFinding, DetectionResult, key_slice
 
 #: Key-image colours of vertebra findings and disc grades.
 FINDING_COLOURS = {"pathological": (255, 48, 48), "healthy": (64, 220, 64)}
@@ -17,6 +18,22 @@ FINDING_COLOURS = {"pathological": (255, 48, 48), "healthy": (64, 220, 64)}
 
 DISC_COLOURS = {"v1": (160, 200, 255), "v2": (255, 220, 64), "v3": (255, 150, 40), "v4": (255, 48, 48),
                 "v5": (220, 120, 255)}
+
+
+#: Long side of the key image's picture (pixels; small matrices are enlarged) and its font height.
+KEY_IMAGE_SIZE = 768
+FONT_PX = 13
+#: Key-image colour of a disc with degenerative grades only (no Spark grade at that level).
+DEGENERATION_COLOUR = (200, 200, 200)
+#: Key-image abbreviations of the degenerative findings (the PDF's key-image legend spells them out).
+DEGENERATION_ABBREVIATIONS = {"upper_endplate_change": "E", "lower_endplate_change": "E", "spondylolisthesis": "L",
+                              "herniation": "H", "narrowing": "N", "bulging": "B"}
+
+
+def disc_grades_text(g: DegenerationFinding) -> str:
+    """The degenerative grades beside a disc: ``Pf3 M2 EHN`` (Pfirrmann, Modic type, findings present)."""
+    present = "".join(dict.fromkeys(a for k, a in DEGENERATION_ABBREVIATIONS.items() if g.positive(k)))
+    return " ".join(x for x in (f"Pf{g.pfirrmann}", f"M{g.modic_type}" if g.modic_type else "", present) if x)
 
 
 def key_image(result: DetectionResult, path: str | Path) -> int:
@@ -31,20 +48,45 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     sl = v.inplane.to_source(v.pixels[k])  # shown as the archive stores it (as the PACS shows the series)
     lo, hi = np.percentile(sl, [1, 99.5])
     g = np.clip((sl - lo) / max(hi - lo, 1e-6), 0, 1)
-    scale = max(1, round(512 / max(sl.shape)))
-    im = Image.fromarray((g * 255).astype(np.uint8)).convert("RGB")
-    im = im.resize((sl.shape[1] * scale, sl.shape[0] * scale), Image.BILINEAR)
-    draw = ImageDraw.Draw(im)
-    colors = label_colors()
+    scale = max(1.0, KEY_IMAGE_SIZE / max(sl.shape))
+    img = Image.fromarray((g * 255).astype(np.uint8)).convert("RGB")
+    img = img.resize((round(sl.shape[1] * scale), round(sl.shape[0] * scale)), Image.BILINEAR)
+    # a header band above the image and a footer below: the text never covers the anatomy there
+    font = ImageFont.load_default(size=FONT_PX)
+    line = FONT_PX + 4
     f = result.findings
+    head = [("NOT FOR DIAGNOSTIC USE", (255, 170, 0))]
+    if f is not None:
+        head.append(("boxes: red = pathological, green = healthy; beside each disc: its grade", (255, 255, 255)))
+        if f.degeneration:
+            head.append(("Pf Pfirrmann, M Modic type, E endplate change, L listhesis, H herniation, N narrowing, "
+                         "B bulging", (255, 255, 255)))
+    if result.review is not None and result.review.study.needs_review:
+        first = result.review.study.reasons[0]
+        head.append(("NEEDS REVIEW: " + (first if len(first) <= 90 else first[:87] + "..."), (255, 220, 0)))
+    top = line * len(head) + 6
+    im = Image.new("RGB", (img.width, img.height + top + line + 4))
+    im.paste(img, (0, top))
+    draw = ImageDraw.Draw(im)
+
+    def label(xy: tuple[float, float], text: str, colour: tuple[int, int, int]) -> None:
+        """Text on a dark box: legible on bright tissue."""
+        x0, y0, x1, y1 = draw.textbbox(xy, text, font=font)
+        draw.rectangle([x0 - 2, y0 - 1, x1 + 2, y1 + 1], fill=(0, 0, 0))
+        draw.text(xy, text, fill=colour, font=font)
+
+    for i, (text, colour) in enumerate(head):
+        draw.text((4, 3 + line * i), text, fill=colour, font=font)
+    colors = label_colors()
     graded = {x.level: x for x in f.vertebrae} if f is not None else {}
     discs = {d.level: d for d in f.discs} if f is not None else {}
-    drawn = {}  # level -> its box on the key image (scaled, stored pixels)
+    drawn = {}  # level -> its box on the key image (scaled, stored pixels, below the header)
     for t in result.vertebrae:
         b = t.box_on(k)
         if b is None:
             continue
         r0, c0, r1, c1 = (float(x) * scale for x in v.inplane.box_to_source(b))
+        r0, r1 = r0 + top, r1 + top
         drawn[t.level] = (r0, c0, r1, c1)
         g = graded.get(t.level)
         if g is None:  # not graded: level colour
@@ -55,28 +97,29 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
         if result.review is not None and result.review.vertebra(t, result).needs_review:
             text += " ?review"
         draw.rectangle([c0, r0, c1, r1], outline=col, width=3 if g is not None and g.label == "pathological" else 2)
-        draw.text((c1 + 4, (r0 + r1) / 2 - 6), text, fill=col)
-    for lv, d in discs.items():
+        label((c1 + 4, (r0 + r1) / 2 - FONT_PX / 2), text, col)
+    deg = {g.level: g for g in f.degeneration} if f is not None else {}
+    for lv in sorted(set(discs) | set(deg), key=lambda x: DISC_LEVELS.index(x) if x in DISC_LEVELS else -1):
         a, b_ = lv.split("-")
-        if a in drawn and b_ in drawn:
-            (ar0, ac0, ar1, ac1), (br0, bc0, br1, bc1) = drawn[a], drawn[b_]
-            text = f"{lv} {d.grade_name}"
-            if result.review is not None and lv in result.review.discs and result.review.discs[lv].needs_review:
-                text += " ?"
-            if v.inplane.transpose:  # the spine runs across the image: below the bodies, between their centres
-                col = (ac0 + ac1 + bc0 + bc1) / 4 - draw.textlength(text) / 2
-                row = max(ar1, br1) + 8
-            else:  # beside the bodies, so that disc and vertebra labels never overlap
-                row = (ar0 + ar1 + br0 + br1) / 4
-                col = max(2.0, min(ac0, bc0) - 6 - draw.textlength(text))
-            draw.text((col, row - 6), text, fill=DISC_COLOURS[d.grade])
-    if f is not None:
-        draw.text((4, 18), "boxes: red = pathological, green = healthy; discs: grade", fill=(255, 255, 255))
-    draw.text((4, 4), "NOT FOR DIAGNOSTIC USE", fill=(255, 170, 0))
-    if result.review is not None and result.review.study.needs_review:
-        first = result.review.study.reasons[0]
-        draw.text((4, 32), "NEEDS REVIEW: " + (first if len(first) <= 70 else first[:67] + "..."), fill=(255, 220, 0))
-    draw.text((4, im.height - 14), f"slice {k + 1}/{v.pixels.shape[0]}  spinepath {__version__}", fill=(255, 255, 255))
+        if b_ not in drawn or (a not in drawn and lv not in deg):
+            continue
+        br0, bc0, br1, bc1 = drawn[b_]
+        # an edge disc whose upper vertebra is out of view: just above the lower body
+        ar0, ac0, ar1, ac1 = drawn.get(a, (br0 - 0.4 * (br1 - br0), bc0, br0, bc1))
+        d = discs.get(lv)
+        text = " ".join(x for x in (lv, d.grade_name if d else "", disc_grades_text(deg[lv]) if lv in deg else "") if x)
+        if result.review is not None and lv in result.review.discs and result.review.discs[lv].needs_review:
+            text += " ?"
+        width = draw.textlength(text, font=font)
+        if v.inplane.transpose:  # the spine runs across the image: below the bodies, between their centres
+            col = (ac0 + ac1 + bc0 + bc1) / 4 - width / 2
+            row = max(ar1, br1) + 8
+        else:  # beside the bodies, so that disc and vertebra labels never overlap
+            row = (ar0 + ar1 + br0 + br1) / 4
+            col = max(2.0, min(ac0, bc0) - 6 - width)
+        label((col, row - FONT_PX / 2), text, DISC_COLOURS[d.grade] if d else DEGENERATION_COLOUR)
+    draw.text((4, im.height - line), f"slice {k + 1}/{v.pixels.shape[0]}  spinepath {__version__}",
+              fill=(255, 255, 255), font=font)
     im.save(path)
     return k
 

@@ -56,6 +56,41 @@ def findings_table(result: DetectionResult) -> list[list[str]]:
     return rows
 
 
+#: Pfirrmann grades in the words of a report (roman numeral first, as radiologists write them).
+PFIRRMANN_SHORT = ("I, homogeneous bright", "II, inhomogeneous bright", "III, grey", "IV, dark grey, lower",
+                   "V, black, collapsed")
+DEGENERATION_HEADER = ["Disc", "Pfirrmann", "Modic", "Endplate change", "Listhesis", "Herniation", "Narrowing",
+                       "Bulging", "Review"]
+
+
+def _yes_no(g, name: str) -> str:
+    p = g.modic_any if name == "modic_any" else g.binary[name]
+    return f"suspected ({p:.2f})" if g.positive(name) else "no"
+
+
+def degeneration_table(result: DetectionResult) -> list[list[str]]:
+    """Rows of the degenerative table per disc, top-down (columns :data:`DEGENERATION_HEADER`).
+
+    Pfirrmann grade in words, Modic type, which endplates changed, then listhesis / herniation / narrowing /
+    bulging as "suspected (probability)" or "no", and whether the disc needs review.
+    """
+    f = result.findings
+    rev = result.review
+    rows = []
+    for g in f.degeneration if f is not None else []:
+        ends = [w for w, k in (("upper", "upper_endplate_change"), ("lower", "lower_endplate_change")) if g.positive(k)]
+        flag = rev.discs.get(g.level) if rev is not None else None
+        rows.append([
+            g.level,
+            PFIRRMANN_SHORT[g.pfirrmann - 1],
+            f"type {g.modic_type} ({g.modic_any:.2f})" if g.modic_type else "none",
+            " + ".join(ends) or "none",
+            *(_yes_no(g, k) for k in ("spondylolisthesis", "herniation", "narrowing", "bulging")),
+            "yes" if flag is not None and flag.needs_review else "",
+        ])  # fmt: skip
+    return rows
+
+
 def review_lines(result: DetectionResult, width: int = 110) -> list[str]:
     """The study's review reasons, and each flagged finding's, as report lines."""
     rev = result.review
@@ -72,8 +107,25 @@ def review_lines(result: DetectionResult, width: int = 110) -> list[str]:
     return [w for line in out for w in textwrap.wrap(line, width)]
 
 
+def _table(fig, rect: list[float], rows: list[list[str]], header: list[str], fontsize: float = 7.5,
+           widths: list[float] | None = None):
+    """A matplotlib table of ``rows`` under ``header`` in the figure rectangle ``rect`` (relative column widths)."""
+    ax = fig.add_axes(rect)
+    ax.axis("off")
+    w = np.asarray(widths or [1.0] * len(header), float)
+    tab = ax.table(cellText=rows or [["-"] * len(header)], colLabels=header, loc="upper center", cellLoc="center",
+                   colWidths=list(w / w.sum()))
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(fontsize)
+    tab.scale(1, 1.25)
+    return tab
+
+
 def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> bytes:
-    """A one-page A4 PDF: disclaimer, table per level, key image, model versions.
+    """A two-page A4 PDF: the findings, then the key image.
+
+    Page 1: disclaimer, review reasons, the table per level, the degenerative table per disc. Page 2: the key
+    image and the software version.
 
     Args:
         result: The graded detection result.
@@ -85,7 +137,7 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after the backend is chosen
-
+    from matplotlib.backends.backend_pdf import PdfPages  # two pages: the findings, then the key image
 
     with tempfile.TemporaryDirectory() as d:
         if key_png is None:
@@ -101,34 +153,64 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
     v = result.volume
     fig.text(0.06, 0.915, f"Series: {v.description or '(no description)'} - {v.pixels.shape[0]} slices, "
              f"{v.spacing[0]:.2f} x {v.spacing[1]:.2f} mm", fontsize=8)
-    lines = review_lines(result)[:9]
+    lines = review_lines(result, width=150)[:24]
     for i, line in enumerate(lines):
-        fig.text(0.06, 0.9 - 0.012 * i, line, fontsize=7, color="#b05000" if i == 0 and "NEEDS" in line else "black")
-    top = 0.9 - 0.012 * len(lines)
-    ax = fig.add_axes([0.06, 0.56, 0.88, top - 0.57])
-    ax.axis("off")
-    rows = findings_table(result) or [["-"] * 7]
-    tab = ax.table(cellText=rows, colLabels=["Level", "Vertebra", "P(path.)", "Disc below", "Disc grade",
-                                              "P(abnormal)", "Review"], loc="upper center", cellLoc="center")
-    tab.auto_set_font_size(False)
-    tab.set_fontsize(8)
-    tab.scale(1, 1.25)
-    for (r, _c), cell in tab.get_celld().items():
-        if r > 0 and rows[r - 1][1] == "pathological":
+        fig.text(0.06, 0.9 - 0.0105 * i, line, fontsize=6.5,
+                 color="#b05000" if i == 0 and "NEEDS" in line else "black")
+    top = 0.895 - 0.0105 * len(lines)
+    rows = findings_table(result)
+    fig.text(0.06, top - 0.012, "Vertebrae and disc morphology", fontsize=9, weight="bold")
+    h1 = 0.0185 * (len(rows) + 1)
+    tab = _table(fig, [0.06, top - 0.02 - h1, 0.88, h1], rows, ["Level", "Vertebra", "P(path.)", "Disc below",
+                                                                   "Disc grade", "P(abnormal)", "Review"])
+    for (r, c), cell in tab.get_celld().items():
+        if r > 0 and rows and rows[r - 1][1] == "pathological":
             cell.set_facecolor("#ffe0e0")
-        if r > 0 and _c == 6 and rows[r - 1][6]:
+        if r > 0 and c == 6 and rows and rows[r - 1][6]:
             cell.set_facecolor("#fff0c0")
-    axk = fig.add_axes([0.15, 0.07, 0.70, 0.46])
-    axk.imshow(key)
-    axk.set_title(f"Key image: slice {k + 1}", fontsize=9)
-    axk.axis("off")
+    deg = degeneration_table(result)
+    y = top - 0.045 - h1
+    if deg:
+        seq = ", ".join(s.upper() for s in (result.findings.degeneration_model or {}).get("sequences", []))
+        fig.text(0.06, y, f"Degenerative findings per disc (from {seq or 'T2'})", fontsize=9, weight="bold")
+        h2 = 0.0185 * (len(deg) + 1)
+        tab = _table(fig, [0.03, y - 0.008 - h2, 0.94, h2], deg, DEGENERATION_HEADER, fontsize=6.5,
+                     widths=[0.7, 1.6, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 0.6])
+        for (r, c), cell in tab.get_celld().items():
+            if r > 0 and c == 8 and deg[r - 1][8]:
+                cell.set_facecolor("#fff0c0")
+            if r > 0 and 2 <= c <= 7 and deg[r - 1][c] not in ("none", "no"):
+                cell.set_facecolor("#ffe0e0")
+        y -= h2 + 0.03
     f = result.findings
     thr = f"{f.vertebrae[0].threshold:.2f}" if f is not None and f.vertebrae else "n/a"
-    fig.text(0.06, 0.035, f"spinepath {__version__}; vertebra decision threshold {thr}; disc grades v1 normal, v2 "
-             "bulge, v3 protrusion, v4 extrusion, v5 Schmorl's node. Research prototype.", fontsize=7)
+    notes = [f"Vertebra decision threshold {thr}. Disc grades v1 normal, v2 bulge, v3 protrusion, v4 extrusion, "
+             "v5 Schmorl's node (Spark scheme).",
+             "Degenerative findings: Pfirrmann grade I-V of the nucleus on T2; Modic type of the endplate marrow "
+             "(T1 with T2); endplate change includes Schmorl's nodes.",
+             "Suspected: probability (in brackets) above a sensitive operating point chosen on out-of-fold data "
+             "(maximum balanced accuracy); for the rare",
+             "findings (listhesis, herniation) most suspected discs are not confirmed: see the model card. "
+             "Research prototype."]
+    for i, line in enumerate(notes):
+        fig.text(0.06, max(y, 0.08) - 0.012 * i, line, fontsize=6.5)
+    page2 = plt.figure(figsize=(8.27, 11.69))
+    page2.text(0.5, 0.965, "Key image", ha="center", fontsize=13, weight="bold")
+    page2.text(0.5, 0.945, DISCLAIMER, ha="center", fontsize=8, color="#b00000", weight="bold", wrap=True)
+    axk = page2.add_axes([0.05, 0.12, 0.90, 0.80])
+    axk.imshow(key)
+    axk.set_title(f"slice {k + 1} of {v.pixels.shape[0]}", fontsize=9)
+    axk.axis("off")
+    page2.text(0.06, 0.07, "Beside each disc: Spark grade, then Pfirrmann grade (Pf) and the degenerative findings "
+               "present (M Modic type, E endplate change, L listhesis, H herniation, N narrowing, B bulging).",
+               fontsize=7, wrap=True)
+    page2.text(0.06, 0.045, f"spinepath {__version__}", fontsize=7)
     buf = io.BytesIO()
-    fig.savefig(buf, format="pdf")
+    with PdfPages(buf) as pdf:
+        pdf.savefig(fig)
+        pdf.savefig(page2)
     plt.close(fig)
+    plt.close(page2)
     return buf.getvalue()
 
 

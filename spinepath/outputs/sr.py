@@ -3,7 +3,9 @@
 One planar-ROI measurement group (TID 1410) per graded vertebra and per graded disc: tracking identifier,
 finding site (SNOMED CT level), the region as a polyline on the source slice where the structure is centred,
 the probability as a numeric measurement, qualitative evaluations (Normal/Abnormal; the disc grade; "Needs
-review" Yes/No with its coded reasons) and the algorithm identification (name, version).
+review" Yes/No with its coded reasons) and the algorithm identification (name, version). One more group per
+disc with degenerative grades (finding type: degeneration of intervertebral disc, SNOMED CT 77547008): the
+Pfirrmann grade and the Modic type as coded values, each finding Present / Absent with its probability.
 """
 
 from __future__ import annotations
@@ -16,16 +18,25 @@ import numpy as np
 from pydicom.sr.codedict import codes
 
 from spinepath import __version__
-from spinepath.core.results import DetectionResult
+from spinepath.core.results import DegenerationFinding, DetectionResult, key_slice
 from spinepath.outputs.coding import (
     ABNORMAL,
+    ABSENT,
+    DEGENERATION_CODES,
+    DEGENERATION_PROBABILITY_CODES,
+    DISC_DEGENERATION,
     DISC_GRADE_CODES,
     DISC_GRADE_NAME,
     FINDING,
+    MODIC_CODES,
+    MODIC_TYPE,
     NEEDS_REVIEW,
     NO,
     NO_UNITS,
     NORMAL,
+    PFIRRMANN_CODES,
+    PFIRRMANN_GRADE,
+    PRESENT,
     PROBABILITY,
     REVIEW_REASON,
     REVIEW_REASON_CODES,
@@ -72,6 +83,24 @@ def disc_region(upper, lower, slices: list[int]) -> Region | None:
         m = (r0 + r1) / 2
         r0, r1 = m - 2, m + 2
     return Region(k, (r0, float(min(a[1], b[1])), r1, float(max(a[3], b[3]))))
+
+
+def degeneration_region(result: DetectionResult, g: DegenerationFinding) -> Region | None:
+    """The graded disc on the key slice (None where its lower vertebra is not on it).
+
+    Between its two vertebrae, or, for an edge disc whose upper vertebra is out of view, a band above the lower
+    one of 40% of that body's height.
+    """
+    tracks = {t.level: t for t in result.vertebrae}
+    k = key_slice(result)
+    upper, lower = (tracks.get(lv) for lv in g.level.split("-"))
+    if upper is not None and lower is not None:
+        return disc_region(upper, lower, [k])
+    b = lower.box_on(k) if lower is not None else None
+    if b is None:
+        return None
+    h = float(b[2] - b[0])
+    return Region(k, (float(b[0]) - 0.4 * h, float(b[1]), float(b[0]), float(b[3])))
 
 
 def _polyline(region: Region, volume) -> hd.sr.ImageRegion:
@@ -150,6 +179,29 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
                 ],
             )
         )
+    for g in f.degeneration:
+        reg = degeneration_region(result, g)
+        if reg is None:
+            continue
+        probs = {**g.binary, "modic_any": g.modic_any}
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{g.level} degeneration"),
+                referenced_region=_polyline(reg, result.volume),
+                finding_type=DISC_DEGENERATION,
+                algorithm_id=algo,
+                finding_sites=[hd.sr.FindingSite(disc_code(g.level))],
+                measurements=[hd.sr.Measurement(name=DEGENERATION_PROBABILITY_CODES[k], value=round(p, 4),
+                                                unit=NO_UNITS, algorithm_id=algo) for k, p in probs.items()],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(PFIRRMANN_GRADE, PFIRRMANN_CODES[g.pfirrmann]),
+                    hd.sr.QualitativeEvaluation(MODIC_TYPE, MODIC_CODES[g.modic_type]),
+                    *(hd.sr.QualitativeEvaluation(DEGENERATION_CODES[k], PRESENT if g.positive(k) else ABSENT)
+                      for k in probs),
+                    *review_evaluations(rev.discs.get(g.level) if rev is not None else None),
+                ],
+            )
+        )
     return groups
 
 
@@ -198,28 +250,35 @@ def _document(ds: list, report: hd.sr.MeasurementReport, series_number: int) -> 
 
 
 def read_findings(path: str | Path) -> dict:
-    """Read an SR written by :func:`build_sr` back into ``{"vertebrae": {level: {...}}, "discs": {...}}``."""
+    """Read an SR written by :func:`build_sr` back: ``{"vertebrae", "discs", "degeneration"}``, each by level."""
     sr = hd.sr.srread(path)
     report = sr.content
-    out: dict = {"vertebrae": {}, "discs": {}}
-    groups = report.get_planar_roi_measurement_groups()
-    for g in groups:
-        ident = str(g.tracking_identifier)
-        level, kind = ident.rsplit(" ", 1)
-        prob = g.get_measurements(name=PROBABILITY)[0].value
+    out: dict = {"vertebrae": {}, "discs": {}, "degeneration": {}}
+    for g in report.get_planar_roi_measurement_groups():
+        level, kind = str(g.tracking_identifier).rsplit(" ", 1)
         evaluations = g.get_qualitative_evaluations()
         quals = {q.name.meaning: q.value.meaning for q in evaluations if q.name != REVIEW_REASON}
-        reasons = [q.value.meaning for q in evaluations if q.name == REVIEW_REASON]
         region = g.roi
         entry = {
-            "probability": float(prob),
-            "finding": quals.get(FINDING.meaning),
             "finding_site": g.finding_sites[0].value.meaning,
             "needs_review": quals.get(NEEDS_REVIEW.meaning) == YES.meaning if NEEDS_REVIEW.meaning in quals else None,
-            "review_reasons": reasons,
+            "review_reasons": [q.value.meaning for q in evaluations if q.name == REVIEW_REASON],
             "source_sop_instance_uid": region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
             "polyline": np.asarray(region.value).reshape(-1, 2).tolist(),
         }
+        if kind == "degeneration":
+            entry["finding_type"] = g.finding_type.meaning
+            pf, modic = quals[PFIRRMANN_GRADE.meaning], quals[MODIC_TYPE.meaning]
+            entry["pfirrmann"] = next(k for k, c in PFIRRMANN_CODES.items() if c.meaning == pf)
+            entry["modic_type"] = next(k for k, c in MODIC_CODES.items() if c.meaning == modic)
+            entry["present"] = {k: quals[c.meaning] == PRESENT.meaning for k, c in DEGENERATION_CODES.items()}
+            entry["coding"] = {k: (c.scheme_designator, c.value) for k, c in DEGENERATION_CODES.items()}
+            entry["probability"] = {k: float(g.get_measurements(name=c)[0].value)
+                                    for k, c in DEGENERATION_PROBABILITY_CODES.items()}
+            out["degeneration"][level] = entry
+            continue
+        entry["probability"] = float(g.get_measurements(name=PROBABILITY)[0].value)
+        entry["finding"] = quals.get(FINDING.meaning)
         if kind == "disc":
             entry["grade"] = next(k for k, c in DISC_GRADE_CODES.items() if c.meaning == quals[DISC_GRADE_NAME.meaning])
         out["vertebrae" if kind == "vertebra" else "discs"][level] = entry

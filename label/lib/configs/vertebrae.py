@@ -11,7 +11,7 @@ from lib.activelearning.uncertainty import VertebraeUncertainty
 from lib.infers.vertebrae import VertebraeInfer
 from lib.trainers.vertebrae import VertebraeTrainer
 from spinepath.core.labels import load_label_map
-from spinepath.core.paths import resolve_grader_path, resolve_model_path
+from spinepath.core.paths import resolve_grader_path, resolve_model_path, resolve_spider_grader_path
 from spinepath.labeling.rounds import ModelStore
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class VertebraeConfig(TaskConfig):
     """Served detector in ``<model_dir>/vertebrae`` (round 0 = the bundle's detector), optional grading.
 
     ``--conf`` keys: ``data_root`` (base data + fixed selection / validation sets), ``grading`` (true/false),
+    ``degeneration`` (true/false: the SPIDER degenerative grades per disc in the infer result),
     ``round_epochs``, ``round_lr``, ``round_max_train_cases``, ``round_val_max_cases`` (0: the whole fixed
     selection and validation parts of the split), ``num_threads``, ``al_max_new`` (studies the
     uncertainty strategy scores per request).
@@ -37,6 +38,7 @@ class VertebraeConfig(TaskConfig):
         self.labels = {n: lab.value for n, lab in self.label_map.items()}
         self.store = ModelStore(Path(model_dir) / name, resolve_model_path())
         self.grader_path = resolve_grader_path() if _flag(conf.get("grading"), True) else None
+        self.spider_grader_path = resolve_spider_grader_path() if _flag(conf.get("degeneration"), True) else None
         self.round_defaults = {
             "data_root": conf["data_root"],
             "epochs": int(conf.get("round_epochs", 4)),
@@ -48,7 +50,7 @@ class VertebraeConfig(TaskConfig):
 
     def infer(self) -> VertebraeInfer:
         """The infer task."""
-        return VertebraeInfer(self.store, self.label_map, self.grader_path)
+        return VertebraeInfer(self.store, self.label_map, self.grader_path, self.spider_grader_path)
 
     def trainer(self) -> VertebraeTrainer:
         """The train task."""

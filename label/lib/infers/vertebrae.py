@@ -28,10 +28,11 @@ class VertebraeInfer(InferTask):
 
     The detector is the one the model store serves now: after a promoted retraining round the next request
     uses the new model. The grading model, when given, adds per-level pathology and disc grades to the result
-    parameters (the label map itself holds levels only).
+    parameters, and the SPIDER grader the degenerative grades per disc (the label map itself holds levels only).
     """
 
-    def __init__(self, store: ModelStore, label_map: dict[str, Label], grader_path: Path | None = None) -> None:
+    def __init__(self, store: ModelStore, label_map: dict[str, Label], grader_path: Path | None = None,
+                 spider_grader_path: Path | None = None) -> None:
         super().__init__(
             type=InferType.SEGMENTATION,
             labels={name: lab.value for name, lab in label_map.items()},
@@ -42,9 +43,11 @@ class VertebraeInfer(InferTask):
         self.store = store
         self.label_map = label_map
         self.grader_path = grader_path
+        self.spider_grader_path = spider_grader_path
         self._lock = threading.Lock()
         self._detector: tuple[Path, float, VertebraDetector] | None = None
         self._grader = None
+        self._spider_grader = None
 
     def is_valid(self) -> bool:
         """The served model exists."""
@@ -71,6 +74,17 @@ class VertebraeInfer(InferTask):
                 self._grader = Grader.load(self.grader_path)
             return self._grader
 
+    def spider_grader(self):
+        """The SPIDER degenerative grader or None."""
+        if self.spider_grader_path is None or not self.spider_grader_path.is_file():
+            return None
+        with self._lock:
+            if self._spider_grader is None:
+                from spinepath.grading.spider import SpiderGrader
+
+                self._spider_grader = SpiderGrader.load(self.spider_grader_path)
+            return self._spider_grader
+
     def __call__(self, request: dict) -> tuple[str, dict]:
         """Run on ``request["image"]`` (a volume file or a DICOM series folder).
 
@@ -87,14 +101,16 @@ class VertebraeInfer(InferTask):
         compress = str(request.get("result_compress", True)).lower() not in ("false", "0", "no")
         detector, served = self.detector()
         grader = self.grader()
+        spider = self.spider_grader()
         fd, out = tempfile.mkstemp(suffix=suffix, prefix="vertebrae-")
         os.close(fd)
         try:
-            params = label_study(request["image"], detector, out, grader, self.label_map, compress)
+            params = label_study(request["image"], detector, out, grader, self.label_map, compress, spider)
         except Exception as exc:
             os.unlink(out)
             if isinstance(exc, StudyError):
                 raise HTTPException(422, f"cannot label this image: {exc}") from exc
             raise
-        params["model"] = {"detector_round": served["round"], "graded": grader is not None}
+        params["model"] = {"detector_round": served["round"], "graded": grader is not None,
+                           "degeneration": spider is not None}
         return out, params
