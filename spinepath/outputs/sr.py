@@ -127,81 +127,64 @@ def review_evaluations(flag) -> list[hd.sr.QualitativeEvaluation]:
     return out
 
 
+def _group(identifier: str, region: Region, volume, finding_type: hd.sr.CodedConcept, site: hd.sr.CodedConcept,
+           measurements: list[tuple[hd.sr.CodedConcept, float]], evaluations: list[hd.sr.QualitativeEvaluation],
+           algo: hd.sr.AlgorithmIdentification) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One TID 1410 group: a tracked region on its source image, a finding site, unitless numbers, evaluations."""
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier),
+        referenced_region=_polyline(region, volume),
+        finding_type=finding_type,
+        algorithm_id=algo,
+        finding_sites=[hd.sr.FindingSite(site)],
+        measurements=[hd.sr.Measurement(name=n, value=round(float(v), 4), unit=NO_UNITS, algorithm_id=algo)
+                      for n, v in measurements],
+        qualitative_evaluations=evaluations,
+    )
+
+
 def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """One TID 1410 group per graded vertebra and disc of a graded detection result."""
+    """One TID 1410 group per graded vertebra, per graded disc and per disc with degenerative grades."""
     f = result.findings
     if f is None:
         raise ValueError("the detection result has no findings: run the grading stage first")
     algo = hd.sr.AlgorithmIdentification(name=ALGORITHM, version=__version__)
     tracks = {t.level: t for t in result.vertebrae}
     rev = result.review
+    vol = result.volume
     groups = []
     for v in f.vertebrae:
         t = tracks.get(v.level)
         if t is None:
             continue
-        reg = vertebra_region(t)
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{v.level} vertebra"),
-                referenced_region=_polyline(reg, result.volume),
-                finding_type=VERTEBRA,
-                algorithm_id=algo,
-                finding_sites=[hd.sr.FindingSite(vertebra_code(v.level))],
-                measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(v.probability, 4), unit=NO_UNITS,
-                                                algorithm_id=algo)],
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(FINDING, ABNORMAL if v.label == "pathological" else NORMAL),
-                    *review_evaluations(rev.vertebra(t, result) if rev is not None else None),
-                ],
-            )
-        )
+        groups.append(_group(
+            f"{v.level} vertebra", vertebra_region(t), vol, VERTEBRA, vertebra_code(v.level),
+            [(PROBABILITY, v.probability)],
+            [hd.sr.QualitativeEvaluation(FINDING, ABNORMAL if v.label == "pathological" else NORMAL),
+             *review_evaluations(rev.vertebra(t, result) if rev is not None else None)], algo))
     for d in f.discs:
         a, b = d.level.split("-")
-        if a not in tracks or b not in tracks:
-            continue
-        reg = disc_region(tracks[a], tracks[b], d.slices)
+        reg = disc_region(tracks[a], tracks[b], d.slices) if a in tracks and b in tracks else None
         if reg is None:
             continue
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{d.level} disc"),
-                referenced_region=_polyline(reg, result.volume),
-                finding_type=disc_code(d.level),
-                algorithm_id=algo,
-                finding_sites=[hd.sr.FindingSite(disc_code(d.level))],
-                measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(d.abnormal_probability, 4),
-                                                unit=NO_UNITS, algorithm_id=algo)],
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(FINDING, NORMAL if d.grade == "v1" else ABNORMAL),
-                    hd.sr.QualitativeEvaluation(DISC_GRADE_NAME, DISC_GRADE_CODES[d.grade]),
-                    *review_evaluations(rev.discs.get(d.level) if rev is not None else None),
-                ],
-            )
-        )
+        groups.append(_group(
+            f"{d.level} disc", reg, vol, disc_code(d.level), disc_code(d.level),
+            [(PROBABILITY, d.abnormal_probability)],
+            [hd.sr.QualitativeEvaluation(FINDING, NORMAL if d.grade == "v1" else ABNORMAL),
+             hd.sr.QualitativeEvaluation(DISC_GRADE_NAME, DISC_GRADE_CODES[d.grade]),
+             *review_evaluations(rev.discs.get(d.level) if rev is not None else None)], algo))
     for g in f.degeneration:
         reg = degeneration_region(result, g)
         if reg is None:
             continue
         probs = {**g.binary, "modic_any": g.modic_any}
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{g.level} degeneration"),
-                referenced_region=_polyline(reg, result.volume),
-                finding_type=DISC_DEGENERATION,
-                algorithm_id=algo,
-                finding_sites=[hd.sr.FindingSite(disc_code(g.level))],
-                measurements=[hd.sr.Measurement(name=DEGENERATION_PROBABILITY_CODES[k], value=round(p, 4),
-                                                unit=NO_UNITS, algorithm_id=algo) for k, p in probs.items()],
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(PFIRRMANN_GRADE, PFIRRMANN_CODES[g.pfirrmann]),
-                    hd.sr.QualitativeEvaluation(MODIC_TYPE, MODIC_CODES[g.modic_type]),
-                    *(hd.sr.QualitativeEvaluation(DEGENERATION_CODES[k], PRESENT if g.positive(k) else ABSENT)
-                      for k in probs),
-                    *review_evaluations(rev.discs.get(g.level) if rev is not None else None),
-                ],
-            )
-        )
+        groups.append(_group(
+            f"{g.level} degeneration", reg, vol, DISC_DEGENERATION, disc_code(g.level),
+            [(DEGENERATION_PROBABILITY_CODES[k], p) for k, p in probs.items()],
+            [hd.sr.QualitativeEvaluation(PFIRRMANN_GRADE, PFIRRMANN_CODES[g.pfirrmann]),
+             hd.sr.QualitativeEvaluation(MODIC_TYPE, MODIC_CODES[g.modic_type]),
+             *(hd.sr.QualitativeEvaluation(DEGENERATION_CODES[k], PRESENT if g.positive(k) else ABSENT) for k in probs),
+             *review_evaluations(rev.discs.get(g.level) if rev is not None else None)], algo))
     return groups
 
 
