@@ -1,0 +1,1 @@
+"""Segmentation of vertebral bodies, posterior elements, discs and the spinal canal (issue 14)."""

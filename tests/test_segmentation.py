@@ -1,0 +1,71 @@
+"""Segmentation (issue 14): partial labels, each dataset supervising only the classes it annotates."""
+
+import numpy as np
+import pytest
+import torch
+
+from spinepath.segmentation.partial import CLASSES, group_log_probs, label_groups, partial_label_loss
+
+
+def test_label_groups_of_each_dataset():
+    spider = label_groups(["vertebra", "disc", "spinal_canal"])
+    assert spider.shape == (4, len(CLASSES))
+    assert spider[0].tolist() == [1, 0, 0, 0, 0]  # SPIDER annotates everything else: background is background
+    assert spider[1].tolist() == [0, 1, 1, 0, 0]  # its vertebra = body or posterior elements
+    body = label_groups(["vertebral_body"])  # chu_t2 / spineweb_vb
+    assert body[0].tolist() == [1, 0, 1, 1, 1] and body[1].tolist() == [0, 1, 0, 0, 0]
+    disc = label_groups(["disc"])  # ivd_t2
+    assert disc[0].tolist() == [1, 1, 1, 0, 1]
+    with pytest.raises(ValueError, match="unknown annotation"):
+        label_groups(["ribs"])
+    with pytest.raises(ValueError, match="twice"):
+        label_groups(["vertebra", "vertebral_body"])
+
+
+def _logits(cls: int, shape=(1, 4, 4), strength: float = 8.0) -> torch.Tensor:
+    z = torch.zeros(shape[0], len(CLASSES), *shape[1:])
+    z[:, cls] = strength
+    return z
+
+
+def test_an_unannotated_class_is_not_pushed_to_background():
+    """On a body-only mask, posterior elements where the mask says 0 cost nothing; a body there costs."""
+    groups = torch.from_numpy(label_groups(["vertebral_body"]))[None]
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    posterior = partial_label_loss(_logits(CLASSES.index("posterior_elements")), target, groups, dice_weight=0)
+    body = partial_label_loss(_logits(CLASSES.index("vertebral_body")), target, groups, dice_weight=0)
+    assert posterior < 0.01 < 5 < body
+    # SPIDER's vertebra is satisfied by either the body or the posterior elements, not by the disc
+    sg = torch.from_numpy(label_groups(["vertebra", "disc", "spinal_canal"]))[None]
+    t1 = torch.ones(1, 4, 4, dtype=torch.long)
+    for c in ("vertebral_body", "posterior_elements"):
+        assert partial_label_loss(_logits(CLASSES.index(c)), t1, sg, dice_weight=0) < 0.01
+    assert partial_label_loss(_logits(CLASSES.index("disc")), t1, sg, dice_weight=0) > 5
+
+
+def test_marginals_sum_to_one_and_mixed_batches_pad_groups():
+    """Samples of different datasets in one batch: groups padded with zero rows; ignored pixels cost nothing."""
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, len(CLASSES), 6, 6, generator=rng, requires_grad=True)
+    a = label_groups(["vertebra", "disc", "spinal_canal"])
+    b = np.zeros_like(a)
+    b[:2] = label_groups(["disc"])
+    groups = torch.from_numpy(np.stack([a, b]))
+    lg = group_log_probs(logits, groups)
+    assert torch.allclose(lg[0].exp().sum(0), torch.ones(6, 6), atol=1e-5)
+    assert torch.allclose(lg[1, :2].exp().sum(0), torch.ones(6, 6), atol=1e-5) and (lg[1, 2:].exp() == 0).all()
+    target = torch.randint(0, 4, (2, 6, 6), generator=rng)
+    target[1] = target[1].clamp(max=1)
+    target[1, :3] = -1
+    loss = partial_label_loss(logits, target, groups)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert logits.grad[1, :, :3].abs().sum() == 0  # ignored rows
+    perfect = torch.where(_onehot(target[0], 4) > 0, 20.0, -20.0)  # SPIDER sample predicted exactly
+    z = torch.full((1, len(CLASSES), 6, 6), -20.0)
+    z[0, 0], z[0, 1], z[0, 3], z[0, 4] = perfect[0], perfect[1], perfect[2], perfect[3]
+    assert partial_label_loss(z, target[:1], groups[:1]) < 1e-3
+
+
+def _onehot(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(t, n).permute(2, 0, 1)
