@@ -69,3 +69,25 @@ def test_marginals_sum_to_one_and_mixed_batches_pad_groups():
 
 def _onehot(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(t, n).permute(2, 0, 1)
+
+
+def test_real_slices_on_the_grid_keep_their_size_and_labels(data_root):
+    from spinepath.data.datasets import load_volume_index
+    from spinepath.data.spider import load_spider_seg
+    from spinepath.segmentation.data import GRID_MM, spider_seg_slices, volume_seg_slices
+
+    case = load_spider_seg(data_root / "spider_seg")[0]
+    img, msk = case.load(0)
+    (s,) = list(spider_seg_slices(case, [0]))
+    assert s.annotated == ["vertebra", "disc", "spinal_canal"] and s.groups.shape == (4, len(CLASSES))
+    assert s.image.dtype == np.float32 and 0 <= s.image.min() and s.image.max() <= 1
+    assert abs(s.image.shape[0] * GRID_MM - img.shape[0] * case.spacing[0]) <= GRID_MM
+    for v, g in ((1, 1), (2, 2), (3, 3)):  # areas in mm^2 kept within 5%
+        a, b = (msk == v).sum() * np.prod(case.spacing), (s.target == g).sum() * GRID_MM**2
+        assert abs(a - b) <= 0.05 * a, (v, a, b)
+    vol = next(c for c in load_volume_index(data_root / "ivd_t2"))
+    slices = list(volume_seg_slices(vol))
+    n = vol.n_slices
+    assert [x.index for x in slices] == list(range((n % 4) // 2, n, 4))
+    assert all(x.annotated == ["disc"] and set(np.unique(x.target)) <= {0, 1} for x in slices)
+    assert any((x.target == 1).sum() > 100 for x in slices)

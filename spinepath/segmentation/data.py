@@ -1,0 +1,91 @@
+"""Segmentation slices of the four annotated sources, on one millimetre grid, with their partial labels.
+
+Every source becomes :class:`SegSlice`: the sagittal slice resampled to :data:`GRID_MM` pixels (intensities
+bilinear and scaled to [0, 1] by the slice's robust range; masks nearest), and the mask as *group indices*
+(:func:`spinepath.segmentation.partial.label_groups`): spider_seg annotates the whole vertebra, the disc and the
+canal; chu_t2 and spineweb_vb the vertebral bodies; ivd_t2 the discs. The 3D sets give every ``step``-th
+lateral slice (the evaluation contract takes every 4th, starting at ``(n % 4) // 2``, as the detection one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from spinepath.data.datasets import VolumeCase
+from spinepath.data.spider import SpiderSegCase
+from spinepath.segmentation.partial import label_groups
+from spinepath.transforms import normalise_image
+
+#: Pixel size of the segmentation grid (mm).
+GRID_MM = 0.75
+
+
+@dataclass
+class SegSlice:
+    """One sagittal slice on the segmentation grid with its partial labels.
+
+    Attributes:
+        image: ``(rows, cols)`` float32 in [0, 1] on the grid.
+        target: ``(rows, cols)`` int64 group index (0 = what the mask leaves unlabelled).
+        groups: ``(G, C)`` 0/1 matrix of the source's label groups.
+        annotated: The annotation names of groups 1..G-1.
+        source: Dataset folder name.
+        case: Case id.
+        patient: Patient id (the split is by patient).
+        index: Slice index in the source (lateral index for 3D sets, position in the case for spider_seg).
+        spacing_mm: The source pixel spacing ``(row, col)``.
+
+    """
+
+    image: np.ndarray
+    target: np.ndarray
+    groups: np.ndarray
+    annotated: list[str]
+    source: str
+    case: str
+    patient: str
+    index: int
+    spacing_mm: tuple[float, float]
+
+
+def to_grid(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], grid_mm: float = GRID_MM
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a slice (bilinear, normalised to [0, 1]) and its mask (nearest) to ``grid_mm`` pixels."""
+    zoom = (float(spacing[0]) / grid_mm, float(spacing[1]) / grid_mm)
+    img = ndi.zoom(normalise_image(image), zoom, order=1, mode="nearest")
+    msk = ndi.zoom(mask.astype(np.int16), zoom, order=0, mode="nearest")
+    return np.clip(img, 0, 1).astype(np.float32), msk.astype(np.int64)
+
+
+def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,
+                      grid_mm: float = GRID_MM) -> Iterator[SegSlice]:
+    """The slices of a spider_seg case; the case's ``labels`` name the mask values (the authority)."""
+    values = sorted(case.labels)
+    annotated = [case.labels[v] for v in values]
+    groups = label_groups(annotated)
+    lut = np.zeros(max(values) + 1, np.int64)
+    for g, v in enumerate(values, start=1):
+        lut[v] = g
+    for i in indices if indices is not None else range(len(case.slices)):
+        img, msk = case.load(i)
+        msk = np.where((msk >= 0) & (msk < len(lut)), msk, 0)
+        gi, gm = to_grid(img, lut[msk], case.spacing, grid_mm)
+        yield SegSlice(gi, gm, groups, annotated, "spider_seg", case.patient, case.patient, i, case.spacing)
+
+
+def volume_seg_slices(case: VolumeCase, step: int = 4, grid_mm: float = GRID_MM) -> Iterator[SegSlice]:
+    """Every ``step``-th lateral slice of a chu_t2 / spineweb_vb / ivd_t2 volume (from ``(n % step) // 2``).
+
+    The mask's instances (1..N top-down) become one group: the volume's ``structure``.
+    """
+    image, mask, spacing = case.load()
+    groups = label_groups([case.structure])
+    n = image.shape[2]
+    for k in range((n % step) // 2, n, step):
+        gi, gm = to_grid(image[:, :, k], (mask[:, :, k] > 0).astype(np.int64), spacing[:2], grid_mm)
+        yield SegSlice(gi, gm, groups, [case.structure], case.dataset, case.case, case.patient, k,
+                       (float(spacing[0]), float(spacing[1])))
