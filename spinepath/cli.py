@@ -91,6 +91,21 @@ def _cmd_train_spider(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_segmentation(args: argparse.Namespace) -> int:
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.core.paths import SHARED_EXAMPLES
+    from spinepath.segmentation.network import SegNetConfig
+    from spinepath.segmentation.training import train_segmentation
+
+    cfg = SegNetConfig(**{k: v for k, v in (("epochs", args.epochs), ("patch", args.patch),
+                                             ("batch_size", args.batch_size)) if v})
+    res = train_segmentation(args.data_root or SHARED_EXAMPLES.parent, args.out_dir, cfg, step=args.step,
+                             max_cases=args.max_cases or 0, num_threads=args.num_threads or 0,
+                             progress=not args.quiet)
+    print(json.dumps({k: v for k, v in res.items() if k != "history"}))
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.grading.search import PARAMS_FILE, run_search
@@ -356,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--max-patients", dest="max_patients", type=int, help="tiny subset (tests)")
     ts.add_argument("--num-threads", dest="num_threads", type=int)
     ts.set_defaults(func=_cmd_train_spider)
+    tsg = tsub.add_parser("segmentation", parents=[quiet],
+                          help="segmentation of bodies, posterior elements, discs and canal (partial labels, "
+                               "best epoch on the selection split)")
+    tsg.add_argument("--data-root", dest="data_root")
+    tsg.add_argument("--out-dir", dest="out_dir", default="runs/segmentation")
+    tsg.add_argument("--epochs", type=int)
+    tsg.add_argument("--patch", type=int, help="training patch size (grid pixels)")
+    tsg.add_argument("--batch-size", dest="batch_size", type=int)
+    tsg.add_argument("--step", type=int, default=2, help="every N-th lateral slice of the 3D volumes")
+    tsg.add_argument("--max-cases", dest="max_cases", type=int, help="at most N cases per source (quick runs)")
+    tsg.add_argument("--num-threads", dest="num_threads", type=int)
+    tsg.set_defaults(func=_cmd_train_segmentation)
     tp = tsub.add_parser("pretrain", parents=[quiet],
                          help="self-supervised (SimCLR) pretraining of the grading backbone")
     tp.add_argument("--data-root", dest="data_root")

@@ -91,3 +91,40 @@ def test_real_slices_on_the_grid_keep_their_size_and_labels(data_root):
     assert [x.index for x in slices] == list(range((n % 4) // 2, n, 4))
     assert all(x.annotated == ["disc"] and set(np.unique(x.target)) <= {0, 1} for x in slices)
     assert any((x.target == 1).sum() > 100 for x in slices)
+
+
+def test_group_dice_merges_classes_as_the_mask_does():
+    from spinepath.segmentation.metrics import group_dice
+
+    groups = label_groups(["vertebra", "disc", "spinal_canal"])
+    target = np.zeros((4, 4), np.int64)
+    target[:2] = 1  # vertebra
+    target[2, :2] = 2  # disc
+    pred = np.zeros((4, 4), np.int64)
+    pred[0] = CLASSES.index("vertebral_body")
+    pred[1] = CLASSES.index("posterior_elements")  # still the vertebra
+    pred[2, :1] = CLASSES.index("disc")
+    d = group_dice(pred, target, groups, ["vertebra", "disc", "spinal_canal"])
+    assert d["vertebra"] == 1.0 and abs(d["disc"] - 2 / 3) < 1e-9 and d["spinal_canal"] is None
+    body = group_dice(pred, (target == 1).astype(np.int64), label_groups(["vertebral_body"]), ["vertebral_body"])
+    assert body["vertebral_body"] == 2 * 4 / (4 + 8)  # the posterior elements are not body
+
+
+def test_a_short_training_run_writes_a_model_that_segments(data_root, tmp_path):
+    """Real data, 2 cases per source, 1 epoch: the loop, the selection Dice, the fp16 model and the curves."""
+    from spinepath.core.weights import float_state
+    from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities
+    from spinepath.segmentation.training import load_slices, train_segmentation
+
+    cfg = SegNetConfig(filters=(8, 16, 32, 64, 64), epochs=1, batch_size=4, patch=128)
+    res = train_segmentation(data_root, tmp_path, cfg, step=8, max_cases=2, num_threads=2, progress=False)
+    assert res["best_epoch"] == 1 and res["train_slices"] > 20
+    assert set(res["best_selection_dice"]) >= {"vertebra", "disc", "spinal_canal", "vertebral_body"}
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    saved = torch.load(tmp_path / "segmentation.pt", weights_only=False)
+    assert all(v.dtype == torch.float16 for v in saved["state"].values() if v.is_floating_point())
+    model = build_segnet(SegNetConfig.from_dict(saved["cfg"]))
+    model.load_state_dict(float_state(saved["state"]))
+    s = load_slices(data_root, "selection", step=8, max_cases=1)[0]
+    p = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
+    assert p.shape == (1, len(CLASSES), *s.image.shape) and torch.allclose(p.sum(1), torch.ones(1), atol=1e-4)

@@ -1,0 +1,30 @@
+"""Dice of a predicted class map against a partial-label mask, per annotated class (issue 14, item 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def group_dice(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, annotated: list[str],
+               totals: bool = False) -> dict[str, float | None | np.ndarray]:
+    """Dice of each annotated group: the predicted classes merged as the mask merges them.
+
+    Args:
+        pred: ``(H, W)`` predicted class indices.
+        target: ``(H, W)`` group indices of the mask (0 = unlabelled group).
+        groups: ``(G, C)`` 0/1 (each class in one group).
+        annotated: Names of groups 1..G-1.
+        totals: Return ``[intersection, |pred| + |target|]`` per name instead (to pool slices of a case).
+
+    Returns:
+        ``{name: Dice}`` (None where neither has the class) or the totals.
+
+    """
+    cls2group = np.argmax(groups[: len(annotated) + 1], axis=0)
+    pg = cls2group[pred]
+    out: dict[str, float | None | np.ndarray] = {}
+    for g, name in enumerate(annotated, start=1):
+        a, b = pg == g, target == g
+        inter, denom = float((a & b).sum()), float(a.sum() + b.sum())
+        out[name] = np.array([inter, denom]) if totals else (2 * inter / denom if denom else None)
+    return out

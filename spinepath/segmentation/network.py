@@ -1,0 +1,68 @@
+"""The segmentation network: a 2D MONAI DynUNet (nnU-Net layout) over sagittal slices on the mm grid.
+
+Five resolution levels, instance norm, leaky ReLU; deep supervision during training (the two coarser decoder
+outputs, upsampled, weighted 1/2 and 1/4 as in nnU-Net). Input: one channel in [0, 1] centred on zero;
+output: :data:`spinepath.segmentation.partial.CLASSES` logits. Sizes divisible by :data:`DIVISOR` pass through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from monai.networks.nets import DynUNet
+
+from spinepath.segmentation.partial import CLASSES
+
+#: Total down-sampling of the network (height and width must be multiples of it).
+DIVISOR = 16
+
+
+@dataclass
+class SegNetConfig:
+    """Network and training hyper-parameters of the segmentation model."""
+
+    filters: tuple[int, ...] = (16, 32, 64, 128, 192)
+    deep_supr_num: int = 2
+    patch: int = 192  # training patch (pixels of the grid)
+    batch_size: int = 8
+    epochs: int = 40
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    dice_weight: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SegNetConfig:
+        """Build from a dict, ignoring unknown keys."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "filters" else v) for k, v in d.items() if k in names})
+
+
+def build_segnet(cfg: SegNetConfig) -> DynUNet:
+    """A randomly initialised 2D DynUNet for :data:`CLASSES`."""
+    n = len(cfg.filters)
+    return DynUNet(spatial_dims=2, in_channels=1, out_channels=len(CLASSES), kernel_size=[3] * n,
+                   strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1), filters=list(cfg.filters),
+                   norm_name=("INSTANCE", {"affine": True}), deep_supervision=cfg.deep_supr_num > 0,
+                   deep_supr_num=max(cfg.deep_supr_num, 1))
+
+
+def to_input(image: torch.Tensor) -> torch.Tensor:
+    """Network input from [0, 1] images ``(B, 1, H, W)``: centred on zero."""
+    return (image - 0.5) / 0.25
+
+
+def pad_to_divisor(x: torch.Tensor, divisor: int = DIVISOR) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad ``(B, C, H, W)`` at the bottom / right to multiples of ``divisor``; returns the original size."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % divisor, (-w) % divisor
+    return torch.nn.functional.pad(x, (0, pw, 0, ph)), (h, w)
+
+
+@torch.no_grad()
+def predict_probabilities(model: DynUNet, image: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``(B, C, H, W)`` of whole slices ``(B, 1, H, W)`` in [0, 1] (eval mode, no padding left)."""
+    model.eval()
+    x, (h, w) = pad_to_divisor(to_input(image))
+    return torch.softmax(model(x), 1)[..., :h, :w]

@@ -1,0 +1,205 @@
+"""Training of the segmentation network on the four annotated sources with partial labels (issue 14, item 1).
+
+Split by patient (``configs/split.json``; SPIDER patients on the same side as in the grading issue): the
+training part trains, the *selection* part chooses the best epoch (mean Dice of the annotated classes), the
+validation part is never read here. Patches of :attr:`SegNetConfig.patch` pixels with MONAI dictionary
+augmentation (affine, contrast, bias field, noise); the loss is
+:func:`spinepath.segmentation.partial.partial_label_loss` on the full-resolution output plus the deep-supervision
+outputs (weights 1, 1/2, 1/4). Writes ``<out>/segmentation.pt`` (fp16, best epoch), ``history.json`` and
+``curves.png``; progress with tqdm, quiet on request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandSpatialCropd,
+    SpatialPadd,
+)
+from tqdm.auto import tqdm
+
+from spinepath.core.files import atomic_file
+from spinepath.core.weights import half_state
+from spinepath.data.datasets import load_volume_index
+from spinepath.data.spider import load_spider_seg
+from spinepath.data.split import split_part
+from spinepath.grading.classifier import warmup_cosine
+from spinepath.segmentation.data import SegSlice, spider_seg_slices, volume_seg_slices
+from spinepath.segmentation.metrics import group_dice
+from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities, to_input
+from spinepath.segmentation.partial import partial_label_loss
+
+log = logging.getLogger(__name__)
+
+#: The annotated sources and the folder names in the shared data.
+SOURCES = ("spider_seg", "chu_t2", "spineweb_vb", "ivd_t2")
+#: Most groups of a source (spider_seg: background, vertebra, disc, canal): batches pad to it.
+MAX_GROUPS = 4
+#: Deep-supervision weights of the outputs (full resolution first), nnU-Net style.
+DS_WEIGHTS = (1.0, 0.5, 0.25)
+
+
+def load_slices(data_root: str | Path, part: str, step: int = 2, max_cases: int = 0) -> list[SegSlice]:
+    """The slices of one part of the split (``train`` / ``selection`` / ``validation``) from every source.
+
+    ``step``: every ``step``-th lateral slice of the 3D volumes (spider_seg keeps all its slices);
+    ``max_cases``: at most that many cases per source (0 = all), for quick runs.
+    """
+    root = Path(data_root)
+    out: list[SegSlice] = []
+    cases = [c for c in load_spider_seg(root / "spider_seg") if split_part("spider_seg", c.patient, c.patient) == part]
+    for c in cases[: max_cases or None]:
+        out += list(spider_seg_slices(c))
+    for src in SOURCES[1:]:
+        vols = [v for v in load_volume_index(root / src) if split_part(src, v.case, v.patient) == part]
+        for v in vols[: max_cases or None]:
+            out += [s for s in volume_seg_slices(v, step=step) if (s.target > 0).any()]
+    return out
+
+
+def augmentation(cfg: SegNetConfig) -> Compose:
+    """MONAI dictionary transforms of a training patch (``image`` and ``target``, channel first)."""
+    keys = ("image", "target")
+    t = Compose([
+        SpatialPadd(keys, (cfg.patch, cfg.patch)),
+        RandSpatialCropd(keys, (cfg.patch, cfg.patch), random_size=False),
+        RandAffined(keys, prob=0.6, rotate_range=0.2, scale_range=0.15, mode=("bilinear", "nearest"),
+                    padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.2, prob=0.5),
+        RandAdjustContrastd("image", prob=0.5, gamma=(0.7, 1.5)),
+        RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.2)),
+        RandGaussianNoised("image", prob=0.3, std=0.03),
+    ])
+    t.set_random_state(seed=cfg.seed)
+    return t
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Augmented patches of segmentation slices: ``(image, target, groups padded to MAX_GROUPS)``."""
+
+    def __init__(self, slices: list[SegSlice], cfg: SegNetConfig) -> None:
+        self.slices, self.transform = slices, augmentation(cfg)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.slices[i]
+        d = self.transform({"image": s.image[None], "target": s.target[None].astype(np.float32)})
+        groups = np.zeros((MAX_GROUPS, s.groups.shape[1]), np.float32)
+        groups[: len(s.groups)] = s.groups
+        img = torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32)
+        tgt = torch.as_tensor(np.asarray(d["target"])[0]).round().long()
+        return img, tgt, torch.from_numpy(groups)
+
+
+def evaluate_slices(model: torch.nn.Module, slices: list[SegSlice]) -> dict[str, float | None]:
+    """Mean Dice per annotation name over cases (each case's Dice over all its slices)."""
+    per_case: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
+    for s in slices:
+        prob = predict_probabilities(model, torch.from_numpy(s.image)[None, None])[0].numpy()
+        inter_union = group_dice(prob.argmax(0), s.target, s.groups, s.annotated, totals=True)
+        acc = per_case.setdefault((s.source, s.case), {})
+        for name, v in inter_union.items():
+            acc.setdefault(name, []).append(v)
+    dice: dict[str, list[float]] = {}
+    for acc in per_case.values():
+        for name, parts in acc.items():
+            tot = np.sum(parts, axis=0)
+            if tot[1] > 0:
+                dice.setdefault(name, []).append(2 * tot[0] / tot[1])
+    return {k: round(float(np.mean(v)), 4) for k, v in dice.items()}
+
+
+def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetConfig | None = None,
+                       step: int = 2, max_cases: int = 0, num_threads: int = 0, progress: bool = True) -> dict:
+    """Train, choose the best epoch on the selection part, write the model, history and curves.
+
+    Returns:
+        The history summary (best epoch, its selection Dice per class, slices used).
+
+    """
+    cfg = cfg or SegNetConfig()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = load_slices(data_root, "train", step, max_cases)
+    select = load_slices(data_root, "selection", 4, max_cases)
+    log.info("segmentation: %d training and %d selection slices", len(train), len(select))
+    torch.manual_seed(cfg.seed)
+    model = build_segnet(cfg)
+    dl = torch.utils.data.DataLoader(PatchDataset(train, cfg), batch_size=cfg.batch_size, shuffle=True,
+                                     drop_last=len(train) > cfg.batch_size,
+                                     generator=torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = warmup_cosine(opt, len(dl), cfg.epochs * len(dl))
+    history: list[dict] = []
+    best = (-1.0, -1)
+    bar = tqdm(range(cfg.epochs), desc="segmentation epochs", disable=not progress)
+    for epoch in bar:
+        model.train()
+        t0, tot, n = time.time(), 0.0, 0
+        for img, tgt, groups in dl:
+            outs = model(to_input(img))
+            outs = outs.unbind(1) if outs.dim() == 5 else (outs,)
+            loss = sum(w * partial_label_loss(o, tgt, groups, cfg.dice_weight) for w, o in zip(DS_WEIGHTS, outs))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss.detach()) * len(img)
+            n += len(img)
+        dice = evaluate_slices(model, select)
+        score = float(np.mean(list(dice.values()))) if dice else 0.0
+        history.append({"epoch": epoch + 1, "loss": round(tot / max(n, 1), 4), "selection_dice": dice,
+                        "selection_score": round(score, 4), "seconds": round(time.time() - t0, 1)})
+        bar.set_postfix(loss=history[-1]["loss"], dice=round(score, 3))
+        if score > best[0]:
+            best = (score, epoch + 1)
+            with atomic_file(out / "segmentation.pt", ".pt") as tmp:
+                torch.save({"format": "spinepath-segmentation-1", "cfg": asdict(cfg),
+                            "state": half_state(model.state_dict()), "epoch": epoch + 1, "selection_dice": dice},
+                           tmp)
+    summary = {"best_epoch": best[1], "best_selection_score": round(best[0], 4),
+               "best_selection_dice": history[best[1] - 1]["selection_dice"] if history else {},
+               "train_slices": len(train), "selection_slices": len(select), "cfg": asdict(cfg), "history": history}
+    (out / "history.json").write_text(json.dumps(summary, indent=1))
+    plot_curves(history, out / "curves.png")
+    return summary
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training loss and selection Dice per class by epoch (PNG)."""
+    # matplotlib only where a figure is drawn
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after the backend is chosen
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ep = [h["epoch"] for h in history]
+    a.plot(ep, [h["loss"] for h in history])
+    a.set_xlabel("epoch")
+    a.set_ylabel("training loss")
+    for name in sorted({k for h in history for k in h["selection_dice"]}):
+        b.plot(ep, [h["selection_dice"].get(name) for h in history], label=name)
+    b.set_xlabel("epoch")
+    b.set_ylabel("selection Dice")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
