@@ -1,0 +1,1 @@
+"""Measurements per level from the segmentation masks (issue 14, item 3)."""

@@ -1,0 +1,197 @@
+"""Measurements on sagittal masks (issue 14, item 3): chords, heights, endplates, offsets and angles.
+
+Every function works on one 2D binary mask (rows superior -> inferior, columns anterior -> posterior, the
+canonical orientation) with its pixel spacing ``(row_mm, col_mm)`` and returns millimetres together with the
+line it was measured on (pixel coordinates ``(row, col)``, pixel centres), so that every number can be drawn
+and checked.
+
+* A structure's axes come from its own shape: ``ap`` is the principal axis of the mask in millimetres (a lumbar
+  body and a disc are wider than tall), oriented towards posterior; ``si`` is perpendicular to it, oriented
+  towards inferior.
+* A *height* at a fraction ``f`` of the structure's anteroposterior extent is the length of the mask's run
+  along ``si`` through the point at ``f`` (0 anterior, 1 posterior) on the ``ap`` line through the centroid:
+  anterior, middle and posterior heights at 0.15, 0.5 and 0.85 (inside the rounded corners).
+* An *endplate line* is the straight line fitted (least squares, in mm) to the superior (or inferior) boundary
+  of the mask over the central 80% of its anteroposterior extent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Positions of the anterior, middle and posterior heights along the anteroposterior extent.
+HEIGHT_POSITIONS = {"anterior": 0.15, "middle": 0.5, "posterior": 0.85}
+
+
+@dataclass
+class Line:
+    """A measured segment: end points ``(row, col)`` in pixels and its length in mm."""
+
+    start: tuple[float, float]
+    end: tuple[float, float]
+    mm: float
+
+
+@dataclass
+class Axes:
+    """A structure's centroid (pixels) and unit axes in mm space ``(row_mm, col_mm)`` components."""
+
+    centre: tuple[float, float]
+    ap: np.ndarray  # towards posterior
+    si: np.ndarray  # towards inferior
+
+
+def _points_mm(mask: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+    r, c = np.nonzero(mask)
+    return np.stack([r * spacing[0], c * spacing[1]], 1).astype(np.float64)
+
+
+def structure_axes(mask: np.ndarray, spacing: tuple[float, float]) -> Axes:
+    """Centroid and principal axes of a mask (``ap`` = the longer axis, pointing posterior).
+
+    Raises:
+        ValueError: For an empty mask.
+
+    """
+    pts = _points_mm(mask, spacing)
+    if len(pts) < 3:
+        raise ValueError("empty mask")
+    c = pts.mean(0)
+    w, v = np.linalg.eigh(np.cov((pts - c).T))
+    ap = v[:, int(np.argmax(w))]
+    if ap[1] < 0:  # columns run anterior -> posterior
+        ap = -ap
+    si = np.array([ap[1], -ap[0]])
+    if si[0] < 0:  # rows run superior -> inferior
+        si = -si
+    return Axes((c[0] / spacing[0], c[1] / spacing[1]), ap, si)
+
+
+def chord(mask: np.ndarray, spacing: tuple[float, float], through: tuple[float, float], direction: np.ndarray,
+          step_mm: float = 0.1, max_mm: float = 200.0) -> Line | None:
+    """The mask's run along ``direction`` (mm components) through the pixel point ``through``.
+
+    The run is the contiguous stretch of mask containing the point nearest ``through`` (so a neighbouring
+    structure on the same line is not added); None when the line misses the mask.
+    """
+    d = np.asarray(direction, float) / max(float(np.linalg.norm(direction)), 1e-9)
+    t = np.arange(-max_mm / 2, max_mm / 2 + step_mm, step_mm)
+    rows = through[0] + t * d[0] / spacing[0]
+    cols = through[1] + t * d[1] / spacing[1]
+    ri, ci = np.rint(rows).astype(int), np.rint(cols).astype(int)
+    inside = (ri >= 0) & (ri < mask.shape[0]) & (ci >= 0) & (ci < mask.shape[1])
+    on = np.zeros(len(t), bool)
+    on[inside] = mask[ri[inside], ci[inside]] > 0
+    if not on.any():
+        return None
+    idx = np.flatnonzero(on)
+    centre = idx[np.argmin(np.abs(t[idx]))]
+    lo = hi = centre
+    while lo > 0 and on[lo - 1]:
+        lo -= 1
+    while hi < len(t) - 1 and on[hi + 1]:
+        hi += 1
+    # the run's ends are the pixel edges: half a sample beyond the first and last sample inside
+    a, b = t[lo] - step_mm / 2, t[hi] + step_mm / 2
+    start = (through[0] + a * d[0] / spacing[0], through[1] + a * d[1] / spacing[1])
+    end = (through[0] + b * d[0] / spacing[0], through[1] + b * d[1] / spacing[1])
+    return Line(start, end, float(b - a))
+
+
+def heights(mask: np.ndarray, spacing: tuple[float, float], axes: Axes | None = None) -> dict[str, Line | None]:
+    """Anterior, middle and posterior heights (:data:`HEIGHT_POSITIONS`) along the structure's ``si`` axis.
+
+    ``axes`` default to the mask's own (:func:`structure_axes`); a disc may pass its neighbours' axes.
+    """
+    ax = axes or structure_axes(mask, spacing)
+    depth = chord(mask, spacing, ax.centre, ax.ap)
+    if depth is None:
+        return dict.fromkeys(HEIGHT_POSITIONS)
+    s = np.array([depth.start[0] * spacing[0], depth.start[1] * spacing[1]])
+    out = {}
+    for name, f in HEIGHT_POSITIONS.items():
+        p = s + ax.ap * f * depth.mm
+        out[name] = chord(mask, spacing, (p[0] / spacing[0], p[1] / spacing[1]), ax.si)
+    return out
+
+
+def endplate_line(mask: np.ndarray, spacing: tuple[float, float], side: str = "superior",
+                  axes: Axes | None = None) -> tuple[np.ndarray, Line] | None:
+    """The superior or inferior endplate of a mask as a fitted line.
+
+    Returns:
+        ``(unit direction in mm towards posterior, the segment over the fitted extent)``; None when fewer than
+        3 boundary points.
+
+    """
+    ax = axes or structure_axes(mask, spacing)
+    depth = chord(mask, spacing, ax.centre, ax.ap)
+    if depth is None:
+        return None
+    s = np.array([depth.start[0] * spacing[0], depth.start[1] * spacing[1]])
+    pts = []
+    for f in np.linspace(0.1, 0.9, 33):
+        p = s + ax.ap * f * depth.mm
+        ln = chord(mask, spacing, (p[0] / spacing[0], p[1] / spacing[1]), ax.si)
+        if ln is not None:
+            q = ln.start if side == "superior" else ln.end
+            pts.append((q[0] * spacing[0], q[1] * spacing[1]))
+    if len(pts) < 3:
+        return None
+    pts_a = np.asarray(pts)
+    c = pts_a.mean(0)
+    _, _, vt = np.linalg.svd(pts_a - c)
+    d = vt[0] if vt[0] @ ax.ap >= 0 else -vt[0]
+    proj = (pts_a - c) @ d
+    a, b = c + d * proj.min(), c + d * proj.max()
+    return d, Line((a[0] / spacing[0], a[1] / spacing[1]), (b[0] / spacing[0], b[1] / spacing[1]),
+                   float(proj.max() - proj.min()))
+
+
+def angle_deg(u: np.ndarray, v: np.ndarray) -> float:
+    """Signed angle (degrees) from direction ``u`` to ``v`` in the sagittal plane (mm components)."""
+    return float(np.degrees(np.arctan2(u[0] * v[1] - u[1] * v[0], u @ v)))
+
+
+def posterior_corner(mask: np.ndarray, spacing: tuple[float, float], side: str) -> tuple[float, float] | None:
+    """The posterior-superior (``side="superior"``) or posterior-inferior corner of a body, in pixels.
+
+    The ends of its posterior height line.
+    """
+    h = heights(mask, spacing)["posterior"]
+    if h is None:
+        return None
+    return h.start if side == "superior" else h.end
+
+
+def listhesis(upper: np.ndarray, lower: np.ndarray, spacing: tuple[float, float]) -> dict | None:
+    """Offset of the upper body's posterior-inferior corner against the lower body's posterior-superior corner.
+
+    Measured along the lower body's superior endplate (positive = the upper body lies anterior:
+    anterolisthesis), in mm and in % of that endplate's length, with its Meyerding grade (0 below 1%,
+    then I <= 25%, II <= 50%, III <= 75%, IV <= 100%, V beyond).
+    """
+    a = posterior_corner(upper, spacing, "inferior")
+    b = posterior_corner(lower, spacing, "superior")
+    ep = endplate_line(lower, spacing, "superior")
+    if a is None or b is None or ep is None:
+        return None
+    d, line = ep
+    delta = np.array([(b[0] - a[0]) * spacing[0], (b[1] - a[1]) * spacing[1]])
+    mm = float(delta @ d)  # b - a along the endplate towards posterior: positive when a is anterior of b
+    pct = 100.0 * mm / max(line.mm, 1e-6)
+    m = abs(pct)
+    grade = 0 if m < 1 else 1 if m <= 25 else 2 if m <= 50 else 3 if m <= 75 else 4 if m <= 100 else 5
+    return {"offset_mm": mm, "percent": pct, "meyerding": grade, "line": Line(a, b, abs(mm))}
+
+
+def genant_grade(loss: float) -> int:
+    """Genant's semi-quantitative grade of a height loss fraction: 0 below 0.20, 1 below 0.25, 2 below 0.40, 3."""
+    return 0 if loss < 0.20 else 1 if loss < 0.25 else 2 if loss < 0.40 else 3
+
+
+def canal_stenosis(ap_mm: float) -> str:
+    """The usual sagittal canal thresholds: ``"absolute"`` below 10 mm, ``"relative"`` 10-12 mm, else ``"none"``."""
+    return "absolute" if ap_mm < 10 else "relative" if ap_mm <= 12 else "none"
