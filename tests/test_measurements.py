@@ -108,3 +108,54 @@ def test_a_real_spider_vertebra_by_hand(data_root):
     assert [round(h[k].mm, 1) for k in ("anterior", "middle", "posterior")] == pytest.approx([29.1, 24.9, 26.2],
                                                                                                abs=0.3)
     assert h["middle"].mm / h["posterior"].mm == pytest.approx(0.95, abs=0.01)  # biconcavity ratio
+
+
+def synthetic_spine():
+    """L1-L5 bodies 25 mm tall (L3 crushed to 17.5 mm in front: a 30% wedge), 40 mm deep, 10 mm discs, S1;
+    a 14 mm canal behind, narrowed to 9 mm at L4-L5; L4 shifted 6 mm forward over L5."""
+    shape = (700, 300)
+    bodies, discs = {}, {}
+    top = 20.0
+    for lv in ("L1", "L2", "L3", "L4", "L5", "S1"):
+        c0 = 30.0 - (6.0 if lv == "L4" else 0.0)
+        m = box(shape, top, c0, 25.0, 40.0)
+        if lv == "L3":  # anterior part shortened from above: 17.5 mm anterior, 25 mm posterior
+            rr, cc = np.mgrid[0:shape[0], 0:shape[1]]
+            y, x = rr * SP[0], cc * SP[1]
+            m &= y >= top + 7.5 * (1 - np.clip((x - c0) / 40.0, 0, 1))
+        bodies[lv] = m
+        top += 25.0
+        if lv != "S1":
+            nxt = {"L1": "L2", "L2": "L3", "L3": "L4", "L4": "L5", "L5": "S1"}[lv]
+            discs[f"{lv}-{nxt}"] = box(shape, top, 30.0, 10.0, 40.0)
+            top += 10.0
+    canal = box(shape, 0, 75.0, 340.0, 14.0)
+    l45 = discs["L4-L5"]
+    rows = np.flatnonzero(l45.any(1))
+    canal[rows.min():rows.max() + 1] = box(shape, 0, 75.0, 340.0, 9.0)[rows.min():rows.max() + 1]
+    image = np.where(canal, 200.0, 0.0) + np.where(np.any(list(discs.values()), axis=0), 100.0, 0.0)
+    return bodies, discs, canal, image
+
+
+def test_measurements_of_a_synthetic_spine():
+    from spinepath.measurements.spine import measure_spine
+
+    bodies, discs, canal, image = synthetic_spine()
+    m = measure_spine(bodies, discs, canal, SP, image)
+    assert m["vertebrae"]["L2"]["middle"]["mm"] == pytest.approx(25.0, abs=0.5)
+    assert m["vertebrae"]["L2"]["wedge_ratio"] == pytest.approx(1.0, abs=0.03)
+    l3 = m["vertebrae"]["L3"]
+    assert l3["anterior"]["mm"] < l3["posterior"]["mm"] and l3["genant_grade"] >= 1
+    assert m["vertebrae"]["L2"]["genant_grade"] == 0
+    d = m["discs"]["L2-L3"]
+    assert d["middle"]["mm"] == pytest.approx(10.0, abs=0.6)
+    assert m["discs"]["L1-L2"]["disc_height_index"] == pytest.approx(10.0 / 25.0, abs=0.03)
+    assert d["disc_height_index"] > 0.42  # L3 is shorter: the same disc is relatively higher
+    assert d["canal_ap"]["mm"] == pytest.approx(14.0, abs=0.6) and d["canal_ap"]["stenosis"] == "none"
+    assert m["discs"]["L4-L5"]["canal_ap"]["mm"] == pytest.approx(9.0, abs=0.6)
+    assert m["discs"]["L4-L5"]["canal_ap"]["stenosis"] == "absolute"
+    assert d["t2_signal_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert m["listhesis"]["L4-L5"]["offset_mm"] == pytest.approx(6.0, abs=0.8)
+    assert m["listhesis"]["L4-L5"]["meyerding"] == 1 and abs(m["listhesis"]["L2-L3"]["offset_mm"]) < 0.8
+    assert m["lordosis_deg"] == pytest.approx(0.0, abs=1.5)  # a straight synthetic spine
+    assert m["vertebrae"]["L2"]["canal_ap_mid_body"]["mm"] == pytest.approx(14.0, abs=0.6)

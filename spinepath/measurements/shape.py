@@ -155,36 +155,70 @@ def angle_deg(u: np.ndarray, v: np.ndarray) -> float:
     return float(np.degrees(np.arctan2(u[0] * v[1] - u[1] * v[0], u @ v)))
 
 
-def posterior_corner(mask: np.ndarray, spacing: tuple[float, float], side: str) -> tuple[float, float] | None:
+def corner(mask: np.ndarray, spacing: tuple[float, float], side: str, axes: Axes | None = None
+           ) -> tuple[float, float]:
     """The posterior-superior (``side="superior"``) or posterior-inferior corner of a body, in pixels.
 
-    The ends of its posterior height line.
+    Its mask point furthest along ``ap - si`` (or ``ap + si``).
     """
-    h = heights(mask, spacing)["posterior"]
+    ax = axes or structure_axes(mask, spacing)
+    pts = _points_mm(mask, spacing)
+    k = int(np.argmax(pts @ (ax.ap + (ax.si if side == "inferior" else -ax.si))))
+    return (pts[k, 0] / spacing[0], pts[k, 1] / spacing[1])
+
+
+def posterior_wall(mask: np.ndarray, spacing: tuple[float, float], axes: Axes | None = None
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The posterior wall of a body as a fitted line ``(a point in mm, unit direction towards inferior)``.
+
+    Fitted to the posterior ends of the AP chords over the central 80% of its height.
+    """
+    ax = axes or structure_axes(mask, spacing)
+    h = chord(mask, spacing, ax.centre, ax.si)
     if h is None:
         return None
-    return h.start if side == "superior" else h.end
+    s = np.array([h.start[0] * spacing[0], h.start[1] * spacing[1]])
+    pts = []
+    for f in np.linspace(0.1, 0.9, 33):
+        p = s + ax.si * f * h.mm
+        ln = chord(mask, spacing, (p[0] / spacing[0], p[1] / spacing[1]), ax.ap)
+        if ln is not None:
+            pts.append((ln.end[0] * spacing[0], ln.end[1] * spacing[1]))
+    if len(pts) < 3:
+        return None
+    pa = np.asarray(pts)
+    c = pa.mean(0)
+    _, _, vt = np.linalg.svd(pa - c)
+    d = vt[0] if vt[0] @ ax.si >= 0 else -vt[0]
+    return c, d
 
 
 def listhesis(upper: np.ndarray, lower: np.ndarray, spacing: tuple[float, float]) -> dict | None:
-    """Offset of the upper body's posterior-inferior corner against the lower body's posterior-superior corner.
+    """Slip of the upper body over the lower one (Meyerding).
 
-    Measured along the lower body's superior endplate (positive = the upper body lies anterior:
-    anterolisthesis), in mm and in % of that endplate's length, with its Meyerding grade (0 below 1%,
-    then I <= 25%, II <= 50%, III <= 75%, IV <= 100%, V beyond).
+    The distance of the upper body's posterior-inferior corner from the line of the lower body's posterior
+    wall (positive = the corner lies anterior of it: anterolisthesis), in mm and in % of the lower body's
+    anteroposterior depth, with the Meyerding grade (0 below 1%, then I <= 25%, II <= 50%, III <= 75%,
+    IV <= 100%, V beyond). The line runs from the corner to its foot on the wall.
     """
-    a = posterior_corner(upper, spacing, "inferior")
-    b = posterior_corner(lower, spacing, "superior")
-    ep = endplate_line(lower, spacing, "superior")
-    if a is None or b is None or ep is None:
+    lax = structure_axes(lower, spacing)
+    wall = posterior_wall(lower, spacing, lax)
+    depth = chord(lower, spacing, lax.centre, lax.ap)
+    if wall is None or depth is None:
         return None
-    d, line = ep
-    delta = np.array([(b[0] - a[0]) * spacing[0], (b[1] - a[1]) * spacing[1]])
-    mm = float(delta @ d)  # b - a along the endplate towards posterior: positive when a is anterior of b
-    pct = 100.0 * mm / max(line.mm, 1e-6)
+    a = corner(upper, spacing, "inferior")
+    c, d = wall
+    n = np.array([d[1], -d[0]])
+    if n @ lax.ap < 0:  # the wall's normal towards posterior
+        n = -n
+    p = np.array([a[0] * spacing[0], a[1] * spacing[1]])
+    mm = float((c - p) @ n)  # positive when the corner is anterior of the wall
+    foot = p + n * mm
+    pct = 100.0 * mm / max(depth.mm, 1e-6)
     m = abs(pct)
     grade = 0 if m < 1 else 1 if m <= 25 else 2 if m <= 50 else 3 if m <= 75 else 4 if m <= 100 else 5
-    return {"offset_mm": mm, "percent": pct, "meyerding": grade, "line": Line(a, b, abs(mm))}
+    return {"offset_mm": mm, "percent": pct, "meyerding": grade,
+            "line": Line(a, (foot[0] / spacing[0], foot[1] / spacing[1]), abs(mm))}
 
 
 def genant_grade(loss: float) -> int:

@@ -1,0 +1,153 @@
+"""The measurements of one sagittal slice, level by level (issue 14, item 3), from named instance masks.
+
+Inputs are the masks of the named vertebral bodies and discs and of the spinal canal on one slice (the
+mid-sagittal slice of the spine), with the pixel spacing and, for the signal ratio, the T2 image. Definitions
+(:mod:`spinepath.measurements.shape` for the geometry):
+
+* vertebral body: anterior / middle / posterior height; wedge ratio = anterior / posterior; biconcavity ratio =
+  middle / posterior; height loss = the largest relative shortfall of its three heights against the mean of
+  the same heights of its named neighbours, graded as Genant's (>= 20 / 25 / 40 %);
+* disc: anterior / middle / posterior height along the mean axis of its two bodies; disc height index =
+  middle height / mean middle height of the two bodies; T2 signal ratio = median disc intensity (mask eroded by
+  one pixel) / median canal (CSF) intensity over the disc's rows;
+* canal: anteroposterior diameter through each disc's centre and each body's centre, along that structure's
+  AP axis, flagged < 10 mm absolute, 10-12 mm relative stenosis (a cross-sectional area needs axial images);
+* listhesis: the upper body's posterior-inferior corner against the lower body's posterior-superior corner,
+  along the lower body's superior endplate (mm, % of that endplate, Meyerding grade);
+* lumbar lordosis: the angle between the L1 superior endplate and the S1 superior endplate (the S1 body's,
+  else the inferior boundary of the L5-S1 disc).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from spinepath.core.levels import VERTEBRA_LEVELS
+from spinepath.measurements.shape import (
+    Axes,
+    Line,
+    angle_deg,
+    canal_stenosis,
+    chord,
+    endplate_line,
+    genant_grade,
+    heights,
+    listhesis,
+    structure_axes,
+)
+
+POSITIONS = ("anterior", "middle", "posterior")
+
+
+def _line(ln: Line | None) -> dict | None:
+    return None if ln is None else {"mm": round(ln.mm, 2), "points": [list(map(float, ln.start)),
+                                                                        list(map(float, ln.end))]}
+
+
+def _mean_axes(a: Axes, b: Axes, centre: tuple[float, float]) -> Axes:
+    ap = a.ap + b.ap
+    ap = ap / max(float(np.linalg.norm(ap)), 1e-9)
+    si = np.array([ap[1], -ap[0]])
+    return Axes(centre, ap, si if si[0] >= 0 else -si)
+
+
+def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], canal: np.ndarray | None,
+                  spacing: tuple[float, float], image: np.ndarray | None = None) -> dict:
+    """Measurements per level (see the module docstring); every value with the line(s) it was measured on.
+
+    Returns:
+        ``{"vertebrae": {level: {...}}, "discs": {level: {...}}, "listhesis": {"L4-L5": {...}},
+        "lordosis_deg": float | None, "lordosis_lines": {...}}``.
+
+    """
+    out: dict = {"vertebrae": {}, "discs": {}, "listhesis": {}, "lordosis_deg": None, "lordosis_lines": None}
+    order = sorted(bodies, key=VERTEBRA_LEVELS.index)
+    axes = {lv: structure_axes(m, spacing) for lv, m in bodies.items() if m.sum() >= 3}
+    hts = {lv: heights(bodies[lv], spacing, axes[lv]) for lv in axes}
+    for lv in order:
+        if lv not in hts:
+            continue
+        h = hts[lv]
+        e: dict = {p: _line(h[p]) for p in POSITIONS}
+        if all(h[p] is not None for p in POSITIONS):
+            e["wedge_ratio"] = round(h["anterior"].mm / h["posterior"].mm, 3)
+            e["biconcavity_ratio"] = round(h["middle"].mm / h["posterior"].mm, 3)
+            i = VERTEBRA_LEVELS.index(lv)
+            nb = [hts[n] for n in (VERTEBRA_LEVELS[i - 1] if i else None, VERTEBRA_LEVELS[i + 1]
+                                   if i + 1 < len(VERTEBRA_LEVELS) else None) if n in hts]
+            nb = [n for n in nb if all(n[p] is not None for p in POSITIONS)]
+            if nb:
+                loss = max(1 - h[p].mm / np.mean([n[p].mm for n in nb]) for p in POSITIONS)
+                e["height_loss"] = round(float(max(loss, 0.0)), 3)
+                e["genant_grade"] = genant_grade(float(loss))
+        if canal is not None:
+            e["canal_ap_mid_body"] = _canal(canal, spacing, axes[lv])
+        out["vertebrae"][lv] = e
+    for lv, m in discs.items():
+        if m.sum() < 3:
+            continue
+        a, b = lv.split("-")
+        own = structure_axes(m, spacing)
+        ax = _mean_axes(axes[a], axes[b], own.centre) if a in axes and b in axes else own
+        h = heights(m, spacing, ax)
+        e = {p: _line(h[p]) for p in POSITIONS}
+        mids = [hts[n]["middle"].mm for n in (a, b) if n in hts and hts[n]["middle"] is not None]
+        if h["middle"] is not None and mids:
+            e["disc_height_index"] = round(h["middle"].mm / float(np.mean(mids)), 3)
+        if canal is not None:
+            e["canal_ap"] = _canal(canal, spacing, ax)
+            if image is not None:
+                e["t2_signal_ratio"] = _signal_ratio(image, m, canal)
+        out["discs"][lv] = e
+    for up, lo in zip(order[:-1], order[1:]):
+        if VERTEBRA_LEVELS.index(lo) - VERTEBRA_LEVELS.index(up) != 1:
+            continue
+        r = listhesis(bodies[up], bodies[lo], spacing)
+        if r is not None:
+            out["listhesis"][f"{up}-{lo}"] = {"offset_mm": round(r["offset_mm"], 2), "percent": round(r["percent"], 1),
+                                              "meyerding": r["meyerding"], "line": _line(r["line"])}
+    l1 = endplate_line(bodies["L1"], spacing, "superior") if "L1" in bodies else None
+    if "S1" in bodies:
+        s1 = endplate_line(bodies["S1"], spacing, "superior")
+    elif "L5-S1" in discs:
+        s1 = endplate_line(discs["L5-S1"], spacing, "inferior")
+    else:
+        s1 = None
+    if l1 is not None and s1 is not None:
+        out["lordosis_deg"] = round(abs(angle_deg(l1[0], s1[0])), 1)
+        out["lordosis_lines"] = {"L1_superior": _line(l1[1]), "S1_superior": _line(s1[1])}
+    return out
+
+
+def _canal(canal: np.ndarray, spacing: tuple[float, float], ax: Axes) -> dict | None:
+    """The canal's AP chord at the height of a structure's centre, posterior of it, along its AP axis."""
+    c = np.array([ax.centre[0] * spacing[0], ax.centre[1] * spacing[1]])
+    rows, cols = np.nonzero(canal)
+    if not len(rows):
+        return None
+    pts = np.stack([rows * spacing[0], cols * spacing[1]], 1)
+    # the canal point nearest the line through the centre along ap, posterior of the centre
+    rel = pts - c
+    along, across = rel @ ax.ap, np.abs(rel @ ax.si)
+    ok = (along > 0) & (across < 2.0)
+    if not ok.any():
+        return None
+    start = pts[ok][np.argmin(along[ok])]
+    ln = chord(canal, spacing, (start[0] / spacing[0], start[1] / spacing[1]), ax.ap)
+    if ln is None:
+        return None
+    return {**_line(ln), "stenosis": canal_stenosis(ln.mm)}
+
+
+def _signal_ratio(image: np.ndarray, disc: np.ndarray, canal: np.ndarray) -> float | None:
+    """Median disc intensity (eroded mask) over median CSF intensity in the canal rows of the disc."""
+    core = ndi.binary_erosion(disc)
+    rows = np.flatnonzero(disc.any(1))
+    csf = canal.copy()
+    csf[: rows.min()] = False
+    csf[rows.max() + 1:] = False
+    if not core.any() or not csf.any():
+        return None
+    den = float(np.median(image[csf]))
+    return round(float(np.median(image[core])) / den, 3) if den > 0 else None
