@@ -128,3 +128,27 @@ def test_a_short_training_run_writes_a_model_that_segments(data_root, tmp_path):
     s = load_slices(data_root, "selection", step=8, max_cases=1)[0]
     p = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
     assert p.shape == (1, len(CLASSES), *s.image.shape) and torch.allclose(p.sum(1), torch.ones(1), atol=1e-4)
+
+
+def test_level_instances_follow_the_named_chain():
+    """Bodies matched to the named boxes, discs between consecutive named bodies, the canal as one structure."""
+    from spinepath.segmentation.instances import level_instances
+
+    cls = np.zeros((200, 120), np.int64)
+    body, disc, canal = (CLASSES.index(c) for c in ("vertebral_body", "disc", "spinal_canal"))
+    boxes = {}
+    for i, lv in enumerate(("L3", "L4", "L5")):
+        r0 = 20 + i * 50
+        cls[r0:r0 + 35, 20:70] = body
+        boxes[lv] = (r0 - 2, 18, r0 + 37, 72)
+        if i < 2:
+            cls[r0 + 37:r0 + 48, 22:68] = disc
+    cls[0:200, 80:95] = canal
+    cls[190:199, 20:60] = body  # an unnamed body below (S1 not in the chain): not matched
+    inst = level_instances(cls, boxes)
+    assert list(inst["bodies"]) == ["L3", "L4", "L5"] and list(inst["discs"]) == ["L3-L4", "L4-L5"]
+    assert inst["bodies"]["L4"].sum() == 35 * 50 and inst["discs"]["L3-L4"].sum() == 11 * 46
+    assert inst["canal"].sum() == 200 * 15
+    del boxes["L4"]  # a level the chain does not name gives no body and no disc around it
+    inst = level_instances(cls, boxes)
+    assert list(inst["bodies"]) == ["L3", "L5"] and inst["discs"] == {}

@@ -1,0 +1,75 @@
+"""Instances per level (issue 14, item 2): the semantic masks of one slice split and named by the detector's chain.
+
+A vertebral body is the connected component of the body class that overlaps the named vertebra's box most
+(at least :data:`MIN_BOX_OVERLAP` of the component inside the box); a disc ``A-B`` is the disc component
+nearest the midpoint of the two named bodies and lying between them along the spine; the canal is one
+structure (its largest component). Every mask is on the grid of the class map it came from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from spinepath.core.levels import DISC_LEVELS
+from spinepath.segmentation.partial import CLASSES
+
+#: A body component must have at least this fraction of its pixels inside the named box.
+MIN_BOX_OVERLAP = 0.5
+
+
+def _components(mask: np.ndarray, min_pixels: int) -> list[np.ndarray]:
+    lab, n = ndi.label(mask)
+    return [lab == i for i in range(1, n + 1) if (lab == i).sum() >= min_pixels]
+
+
+def level_instances(classes: np.ndarray, boxes: dict[str, tuple[float, float, float, float]],
+                    min_pixels: int = 30) -> dict:
+    """Named instances of one slice's class map.
+
+    Args:
+        classes: ``(H, W)`` class indices (:data:`CLASSES`).
+        boxes: Named vertebra -> ``(r0, c0, r1, c1)`` box on the same grid (the detector's, scaled), top-down.
+        min_pixels: Smaller components are fragments.
+
+    Returns:
+        ``{"bodies": {level: mask}, "discs": {"A-B": mask}, "canal": mask | None}``.
+
+    """
+    bodies: dict[str, np.ndarray] = {}
+    comps = _components(classes == CLASSES.index("vertebral_body"), min_pixels)
+    used: set[int] = set()
+    for lv, (r0, c0, r1, c1) in boxes.items():
+        inbox = np.zeros(classes.shape, bool)
+        inbox[max(int(r0), 0):int(np.ceil(r1)), max(int(c0), 0):int(np.ceil(c1))] = True
+        best, frac = None, MIN_BOX_OVERLAP
+        for i, c in enumerate(comps):
+            f = float((c & inbox).sum()) / float(c.sum())
+            if i not in used and f >= frac:
+                best, frac = i, f
+        if best is not None:
+            used.add(best)
+            bodies[lv] = comps[best]
+    discs: dict[str, np.ndarray] = {}
+    dcomps = _components(classes == CLASSES.index("disc"), min_pixels)
+    cents = {lv: np.array(ndi.center_of_mass(m)) for lv, m in bodies.items()}
+    names = list(boxes)
+    for a, b in zip(names[:-1], names[1:]):
+        lv = f"{a}-{b}"
+        if lv not in DISC_LEVELS or a not in cents or b not in cents or not dcomps:
+            continue
+        axis = cents[b] - cents[a]
+        length = float(np.linalg.norm(axis))
+        mid = (cents[a] + cents[b]) / 2
+        best, dist = None, np.inf
+        for i, c in enumerate(dcomps):
+            p = np.array(ndi.center_of_mass(c))
+            t = float((p - cents[a]) @ axis) / max(length**2, 1e-9)
+            d = float(np.linalg.norm(p - mid))
+            if 0.15 < t < 0.85 and d < dist:
+                best, dist = i, d
+        if best is not None:
+            discs[lv] = dcomps[best]
+    canal_comps = _components(classes == CLASSES.index("spinal_canal"), min_pixels)
+    canal = max(canal_comps, key=lambda m: m.sum()) if canal_comps else None
+    return {"bodies": bodies, "discs": discs, "canal": canal}
