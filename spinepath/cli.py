@@ -186,6 +186,26 @@ def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.core.paths import resolve_segmentation_path
+    from spinepath.data.datasets import dataset_kind
+    from spinepath.evaluation.segmentation import evaluate_segmentation, load_segmenter
+
+    root = Path(args.dataset_dir)
+    try:
+        if dataset_kind(root) not in ("spider_seg", "volumes"):
+            raise CliError(f"{root}: segmentation needs a spider_seg or 3D mask folder (index.json with masks)")
+        model = load_segmenter(resolve_segmentation_path(args.seg_model))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    res = evaluate_segmentation(root, model, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
+    res["dataset"] = root.name
+    res["split"] = args.split
+    _print_json(res, args.out)
+    return 0
+
+
 def _cmd_evaluate_spider(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.core.paths import resolve_grader_path, resolve_model_path, resolve_spider_grader_path
@@ -341,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--grader", help="SPIDER grader (file or folder); default: the bundle's spider_grader.pt")
     es.add_argument("--bootstrap", type=int, default=0, help="95%% intervals from this many patient resamples")
     es.set_defaults(func=_cmd_evaluate_spider)
+    eseg = esub.add_parser("segmentation", parents=[quiet],
+                           help="Dice per class and measurement agreement (spider_seg or 3D mask folders)")
+    _evaluation_args(eseg, "a spider_seg-format folder or a 3D mask folder (chu_t2, spineweb_vb, ivd_t2)")
+    eseg.add_argument("--seg-model", dest="seg_model",
+                      help="segmentation model (file or folder); default: the bundle's segmentation.pt")
+    eseg.set_defaults(func=_cmd_evaluate_segmentation)
 
     tg = tsub.add_parser("grading", parents=[quiet],
                          help="train the grading classifiers (cross-validated) and the fusion model")

@@ -152,3 +152,41 @@ def test_level_instances_follow_the_named_chain():
     del boxes["L4"]  # a level the chain does not name gives no body and no disc around it
     inst = level_instances(cls, boxes)
     assert list(inst["bodies"]) == ["L3", "L5"] and inst["discs"] == {}
+
+
+def test_evaluate_segmentation_contract(data_root, tmp_path):
+    """The contract's keys through the CLI, with a real (one-epoch) model; a class the folder lacks is null."""
+    import json
+    import subprocess
+    import sys
+
+    from spinepath.segmentation.network import SegNetConfig
+    from spinepath.segmentation.training import train_segmentation
+
+    train_segmentation(data_root, tmp_path, SegNetConfig(filters=(8, 16, 32, 64, 64), epochs=1, batch_size=4,
+                                                         patch=128), step=8, max_cases=2, progress=False)
+    for folder, annotated in (("spider_seg", {"vertebra", "disc", "spinal_canal"}), ("ivd_t2", {"disc"})):
+        # one case of the folder, in its format (the images linked, not copied)
+        small = tmp_path / folder
+        small.mkdir()
+        index = json.loads((data_root / folder / "index.json").read_text())
+        first = sorted(index)[0]
+        (small / "index.json").write_text(json.dumps({first: index[first]}))
+        for entry in (data_root / folder).iterdir():
+            if entry.name != "index.json":
+                (small / entry.name).symlink_to(entry)
+        r = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "segmentation", str(small),
+                            "--split", "all", "--seg-model", str(tmp_path / "segmentation.pt")],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res = json.loads(r.stdout)
+        assert res["task"] == "segmentation" and res["n_cases"] == 1 and res["n_slices"] > 1
+        assert set(res["dice"]) == {"vertebra", "vertebral_body", "disc", "spinal_canal"}
+        assert {k for k, v in res["dice"].items() if v is not None} <= annotated
+        assert set(res["measurements"]) == {"n_levels", "vertebral_body_height_mae_mm", "disc_height_mae_mm",
+                                            "canal_ap_mae_mm"}
+        assert res["dice"]["disc"] is not None
+    r = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "segmentation",
+                        str(data_root / "spark_midsag"), "--seg-model", str(tmp_path / "segmentation.pt")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "segmentation needs" in r.stderr

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "bundle" / "models" / "model.pt"
 DEFAULT_GRADER = REPO / "bundle" / "models" / "grader.pt"
 DEFAULT_SPIDER_GRADER = REPO / "bundle" / "models" / "spider_grader.pt"
+DEFAULT_SEGMENTATION = REPO / "bundle" / "models" / "segmentation.pt"
 
 
 def _resolve(model: str | Path | None, default: Path, name: str, folder: str) -> Path:
@@ -40,6 +41,11 @@ def resolve_grader_path(model: str | Path | None = None) -> Path:
 def resolve_spider_grader_path(model: str | Path | None = None) -> Path:
     """The SPIDER disc grader: ``model`` (file or folder), else ``$HOLOSCAN_MODEL_PATH``, else the bundle's."""
     return _resolve(model, DEFAULT_SPIDER_GRADER, "spider_grader.pt", "grading")
+
+
+def resolve_segmentation_path(model: str | Path | None = None) -> Path:
+    """The segmentation network: ``model`` (file or folder), else ``$HOLOSCAN_MODEL_PATH``, else the bundle's."""
+    return _resolve(model, DEFAULT_SEGMENTATION, "segmentation.pt", "segmentation")
 
 
 #: The real example DICOM series of the shared data.

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+
+from spinepath.segmentation.data import SegSlice
 
 
 def group_dice(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, annotated: list[str],
@@ -28,3 +32,24 @@ def group_dice(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, annotat
         inter, denom = float((a & b).sum()), float(a.sum() + b.sum())
         out[name] = np.array([inter, denom]) if totals else (2 * inter / denom if denom else None)
     return out
+
+
+def case_dice(items: Iterable[tuple[SegSlice, np.ndarray]]) -> dict[str, float]:
+    """Dice per annotation name: each case's over all its slices (pooled), then the mean over cases.
+
+    Args:
+        items: ``(slice, predicted class map on its grid)`` pairs.
+
+    """
+    per_case: dict[tuple[str, str], dict[str, list]] = {}
+    for s, pred in items:
+        acc = per_case.setdefault((s.source, s.case), {})
+        for name, v in group_dice(pred, s.target, s.groups, s.annotated, totals=True).items():
+            acc.setdefault(name, []).append(v)
+    dice: dict[str, list[float]] = {}
+    for acc in per_case.values():
+        for name, parts in acc.items():
+            tot = np.sum(parts, axis=0)
+            if tot[1] > 0:
+                dice.setdefault(name, []).append(2 * tot[0] / tot[1])
+    return {k: round(float(np.mean(v)), 4) for k, v in dice.items()}

@@ -38,7 +38,7 @@ from spinepath.data.spider import load_spider_seg
 from spinepath.data.split import split_part
 from spinepath.grading.classifier import warmup_cosine
 from spinepath.segmentation.data import SegSlice, spider_seg_slices, volume_seg_slices
-from spinepath.segmentation.metrics import group_dice
+from spinepath.segmentation.metrics import case_dice
 from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities, to_input
 from spinepath.segmentation.partial import partial_label_loss
 
@@ -106,22 +106,10 @@ class PatchDataset(torch.utils.data.Dataset):
         return img, tgt, torch.from_numpy(groups)
 
 
-def evaluate_slices(model: torch.nn.Module, slices: list[SegSlice]) -> dict[str, float | None]:
+def evaluate_slices(model: torch.nn.Module, slices: list[SegSlice]) -> dict[str, float]:
     """Mean Dice per annotation name over cases (each case's Dice over all its slices)."""
-    per_case: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
-    for s in slices:
-        prob = predict_probabilities(model, torch.from_numpy(s.image)[None, None])[0].numpy()
-        inter_union = group_dice(prob.argmax(0), s.target, s.groups, s.annotated, totals=True)
-        acc = per_case.setdefault((s.source, s.case), {})
-        for name, v in inter_union.items():
-            acc.setdefault(name, []).append(v)
-    dice: dict[str, list[float]] = {}
-    for acc in per_case.values():
-        for name, parts in acc.items():
-            tot = np.sum(parts, axis=0)
-            if tot[1] > 0:
-                dice.setdefault(name, []).append(2 * tot[0] / tot[1])
-    return {k: round(float(np.mean(v)), 4) for k, v in dice.items()}
+    return case_dice((s, predict_probabilities(model, torch.from_numpy(s.image)[None, None])[0].numpy().argmax(0))
+                     for s in slices)
 
 
 def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetConfig | None = None,

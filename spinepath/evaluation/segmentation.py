@@ -1,0 +1,186 @@
+"""``spinepath evaluate segmentation``: the segmentation contract of issue 14 (item 6), from the images.
+
+Folders: the spider_seg format (2D slices with semantic masks; each case's ``labels`` name the classes) and the
+3D mask folders (chu_t2 / spineweb_vb: vertebral body; ivd_t2: disc; every 4th lateral slice starting at
+``(n % 4) // 2``, as in the detection contract). Dice per case over all its evaluated slices, averaged over
+cases; a class the folder does not annotate is ``null``; ``vertebra`` compares the predicted body and posterior
+elements together with SPIDER's whole-vertebra mask.
+
+Measurements compare, on the same slice, each measurement of the predicted masks with the same code applied
+to the reference masks (:mod:`spinepath.measurements.shape`), structures matched by position (the predicted
+component whose centroid is nearest the reference one, within :data:`MATCH_MM`): vertebral body heights (the
+reference body: SPIDER's vertebra component anterior to its canal's front wall), disc heights, and the canal's
+AP diameter through each reference disc (along the disc's axis). Errors in mm from the folder's pixel spacing,
+pooled over anterior / middle / posterior; ``null`` where the reference gives none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from tqdm.auto import tqdm
+
+from spinepath.core.weights import float_state
+from spinepath.data.datasets import dataset_kind, load_volume_index
+from spinepath.data.spider import load_spider_seg
+from spinepath.measurements.shape import chord, heights, structure_axes
+from spinepath.segmentation.data import GRID_MM, SegSlice, spider_seg_slices, volume_seg_slices
+from spinepath.segmentation.metrics import case_dice
+from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities
+from spinepath.segmentation.partial import CLASSES
+
+#: The contract's Dice names.
+DICE_NAMES = ("vertebra", "vertebral_body", "disc", "spinal_canal")
+#: A predicted structure matches a reference one when their centroids are this close (mm).
+MATCH_MM = 10.0
+#: Components smaller than this (grid pixels) are fragments.
+MIN_PIXELS = 30
+
+
+def load_segmenter(path: str | Path) -> torch.nn.Module:
+    """The saved segmentation network (``spinepath train segmentation``), float32, eval mode.
+
+    Raises:
+        ValueError: If the file is not a spinepath segmentation model.
+
+    """
+    d = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if not isinstance(d, dict) or d.get("format") != "spinepath-segmentation-1":
+        raise ValueError(f"{path}: not a spinepath segmentation model")
+    model = build_segnet(SegNetConfig.from_dict(d["cfg"]))
+    model.load_state_dict(float_state(d["state"]))
+    return model.eval()
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    lab, n = ndi.label(mask)
+    return [lab == i for i in range(1, n + 1) if (lab == i).sum() >= MIN_PIXELS]
+
+
+def _match(ref: list[np.ndarray], pred: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    pc = [np.array(ndi.center_of_mass(p)) for p in pred]
+    out = []
+    for r in ref:
+        c = np.array(ndi.center_of_mass(r))
+        if pc:
+            d = [float(np.linalg.norm(c - q)) * GRID_MM for q in pc]
+            i = int(np.argmin(d))
+            if d[i] <= MATCH_MM:
+                out.append((r, pred[i]))
+    return out
+
+
+def _front_cut(vertebra: np.ndarray, canal: np.ndarray) -> np.ndarray:
+    """A whole-vertebra component cut at the canal's anterior wall (row by row): its body."""
+    has = canal.any(1)
+    if not has.any():
+        return vertebra
+    front = np.where(has, canal.argmax(1), -1).astype(float)
+    rows = np.flatnonzero(has)
+    front = np.interp(np.arange(len(front)), rows, front[rows])
+    cols = np.arange(vertebra.shape[1])[None]
+    return vertebra & (cols < front[:, None])
+
+
+def _height_errors(ref: list[np.ndarray], pred: list[np.ndarray]) -> tuple[list[float], int]:
+    """Absolute height differences of matched structures (pooled positions) and how many matched."""
+    errs, pairs = [], _match(ref, pred)
+    for r, p in pairs:
+        hr, hp = heights(r, (GRID_MM, GRID_MM)), heights(p, (GRID_MM, GRID_MM))
+        errs += [abs(hr[k].mm - hp[k].mm) for k in hr if hr[k] is not None and hp[k] is not None]
+    return errs, len(pairs)
+
+
+def slice_measurement_errors(s: SegSlice, classes: np.ndarray) -> tuple[dict[str, list[float]], int]:
+    """Absolute errors (mm) of body heights, disc heights and canal AP diameters on one slice.
+
+    Returns:
+        ``({"body", "disc", "canal"}: errors, number of matched levels: bodies and discs)``.
+
+    """
+    sp = (GRID_MM, GRID_MM)
+    names = ["background", *s.annotated]
+    ref = {n: s.target == i for i, n in enumerate(names) if i}
+    canal_ref = ref.get("spinal_canal")
+    body_pred = _components(classes == CLASSES.index("vertebral_body"))
+    disc_pred = _components(classes == CLASSES.index("disc"))
+    out: dict[str, list[float]] = {"body": [], "disc": [], "canal": []}
+    n = 0
+    if "vertebral_body" in ref:
+        out["body"], k = _height_errors(_components(ref["vertebral_body"]), body_pred)
+        n += k
+    elif "vertebra" in ref and canal_ref is not None:
+        out["body"], k = _height_errors([b for b in (_front_cut(v, canal_ref) for v in _components(ref["vertebra"]))
+                                         if b.sum() >= MIN_PIXELS], body_pred)
+        n += k
+    if "disc" in ref:
+        rd = _components(ref["disc"])
+        out["disc"], k = _height_errors(rd, disc_pred)
+        n += k
+        canal_pred = classes == CLASSES.index("spinal_canal")
+        if canal_ref is not None and canal_pred.any():
+            for r in rd:
+                ax = structure_axes(r, sp)
+                a = _canal_chord(canal_ref, ax)
+                b = _canal_chord(canal_pred, ax)
+                if a is not None and b is not None:
+                    out["canal"].append(abs(a - b))
+    return out, n
+
+
+def _canal_chord(canal: np.ndarray, ax) -> float | None:
+    """The canal's AP chord (mm) on the line through a disc's centre along its AP axis, posterior of it."""
+    sp = (GRID_MM, GRID_MM)
+    rows, cols = np.nonzero(canal)
+    if not len(rows):
+        return None
+    pts = np.stack([rows, cols], 1) * GRID_MM
+    c = np.array(ax.centre) * GRID_MM
+    rel = pts - c
+    along, across = rel @ ax.ap, np.abs(rel @ ax.si)
+    ok = (along > 0) & (across < 2.0)
+    if not ok.any():
+        return None
+    start = pts[ok][np.argmin(along[ok])] / GRID_MM
+    ln = chord(canal, sp, (float(start[0]), float(start[1])), ax.ap)
+    return None if ln is None else ln.mm
+
+
+def evaluation_slices(root: str | Path, cases: list[str] | None = None) -> list[SegSlice]:
+    """The contract's slices of a folder: every spider_seg slice, or every 4th lateral slice of the volumes."""
+    root = Path(root)
+    kind = dataset_kind(root)
+    if kind == "spider_seg":
+        return [s for c in load_spider_seg(root) if cases is None or c.patient in cases for s in spider_seg_slices(c)]
+    if kind == "volumes":
+        return [s for v in load_volume_index(root) if cases is None or v.case in cases
+                for s in volume_seg_slices(v, step=4)]
+    raise ValueError(f"{root}: segmentation needs a spider_seg or 3D mask folder, not {kind}")
+
+
+def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[str] | None = None,
+                          progress: bool = True) -> dict:
+    """The contract JSON (see the module docstring)."""
+    slices = evaluation_slices(root, cases)
+    errs: dict[str, list[float]] = {"body": [], "disc": [], "canal": []}
+    levels = 0
+    pairs = []
+    for s in tqdm(slices, desc="segmentation", disable=not progress):
+        classes = predict_probabilities(model, torch.from_numpy(s.image)[None, None])[0].numpy().argmax(0)
+        pairs.append((s, classes))
+        e, n = slice_measurement_errors(s, classes)
+        for k in errs:
+            errs[k] += e[k]
+        levels += n
+    dice = case_dice(pairs)
+
+    def mae(v: list[float]) -> float | None:
+        return round(float(np.mean(v)), 3) if v else None
+
+    return {"task": "segmentation", "n_cases": len({(s.source, s.case) for s in slices}), "n_slices": len(slices),
+            "dice": {n: dice.get(n) for n in DICE_NAMES},
+            "measurements": {"n_levels": levels, "vertebral_body_height_mae_mm": mae(errs["body"]),
+                             "disc_height_mae_mm": mae(errs["disc"]), "canal_ap_mae_mm": mae(errs["canal"])}}
