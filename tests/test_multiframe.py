@@ -92,7 +92,8 @@ def test_legacy_converted_gives_the_same_findings(transposed, models, single, tm
     assert found["vertebrae"].keys() == {v["level"] for v in doc["vertebrae"] if v["pathology"]}
     frame_refs = [[int(x) for x in np.atleast_1d(c.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber)]
                   for c in _items(sr) if c.get("ValueType") == "SCOORD"]
-    assert len(frame_refs) == len(found["vertebrae"]) + len(found["discs"])
+    assert len(frame_refs) == len(found["vertebrae"]) + len(found["discs"]) + len(found["degeneration"])
+    assert found["degeneration"]  # the degenerative grades of the discs, on the key slice's frame
     assert all(len(f) == 1 and 1 <= f[0] <= 19 for f in frame_refs)
 
 
