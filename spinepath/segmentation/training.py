@@ -137,6 +137,7 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
     sched = warmup_cosine(opt, len(dl), cfg.epochs * len(dl))
     history: list[dict] = []
     best = (-1.0, -1)
+    summary: dict = {}
     bar = tqdm(range(cfg.epochs), desc="segmentation epochs", disable=not progress)
     for epoch in bar:
         model.train()
@@ -162,10 +163,11 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
                 torch.save({"format": "spinepath-segmentation-1", "cfg": asdict(cfg),
                             "state": half_state(model.state_dict()), "epoch": epoch + 1, "selection_dice": dice},
                            tmp)
-    summary = {"best_epoch": best[1], "best_selection_score": round(best[0], 4),
-               "best_selection_dice": history[best[1] - 1]["selection_dice"] if history else {},
-               "train_slices": len(train), "selection_slices": len(select), "cfg": asdict(cfg), "history": history}
-    (out / "history.json").write_text(json.dumps(summary, indent=1))
+        summary = {"best_epoch": best[1], "best_selection_score": round(best[0], 4),
+                   "best_selection_dice": history[best[1] - 1]["selection_dice"],
+                   "train_slices": len(train), "selection_slices": len(select), "cfg": asdict(cfg),
+                   "history": history}
+        (out / "history.json").write_text(json.dumps(summary, indent=1))  # every epoch: a long run can be cut
     plot_curves(history, out / "curves.png")
     return summary
 
