@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from spinepath.core.weights import float_state
 from spinepath.data.datasets import dataset_kind, load_volume_index
 from spinepath.data.spider import load_spider_seg
-from spinepath.measurements.shape import chord, heights, structure_axes
+from spinepath.measurements.shape import canal_ap, heights, structure_axes
 from spinepath.segmentation.data import GRID_MM, SegSlice, spider_seg_slices, volume_seg_slices
 from spinepath.segmentation.metrics import case_dice
 from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities
@@ -124,29 +124,10 @@ def slice_measurement_errors(s: SegSlice, classes: np.ndarray) -> tuple[dict[str
         if canal_ref is not None and canal_pred.any():
             for r in rd:
                 ax = structure_axes(r, sp)
-                a = _canal_chord(canal_ref, ax)
-                b = _canal_chord(canal_pred, ax)
+                a, b = canal_ap(canal_ref, sp, ax), canal_ap(canal_pred, sp, ax)
                 if a is not None and b is not None:
-                    out["canal"].append(abs(a - b))
+                    out["canal"].append(abs(a.mm - b.mm))
     return out, n
-
-
-def _canal_chord(canal: np.ndarray, ax) -> float | None:
-    """The canal's AP chord (mm) on the line through a disc's centre along its AP axis, posterior of it."""
-    sp = (GRID_MM, GRID_MM)
-    rows, cols = np.nonzero(canal)
-    if not len(rows):
-        return None
-    pts = np.stack([rows, cols], 1) * GRID_MM
-    c = np.array(ax.centre) * GRID_MM
-    rel = pts - c
-    along, across = rel @ ax.ap, np.abs(rel @ ax.si)
-    ok = (along > 0) & (across < 2.0)
-    if not ok.any():
-        return None
-    start = pts[ok][np.argmin(along[ok])] / GRID_MM
-    ln = chord(canal, sp, (float(start[0]), float(start[1])), ax.ap)
-    return None if ln is None else ln.mm
 
 
 def evaluation_slices(root: str | Path, cases: list[str] | None = None) -> list[SegSlice]:

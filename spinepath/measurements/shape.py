@@ -117,6 +117,33 @@ def heights(mask: np.ndarray, spacing: tuple[float, float], axes: Axes | None = 
     return out
 
 
+def _edge_points(mask: np.ndarray, spacing: tuple[float, float], centre: tuple[float, float], across: np.ndarray,
+                 along: np.ndarray, end: str) -> np.ndarray:
+    """Where the mask's runs along ``along`` start (``end="start"``) or end (mm points).
+
+    Sampled over the central 80% of the mask's extent across, through ``centre``.
+    """
+    span = chord(mask, spacing, centre, across)
+    if span is None:
+        return np.zeros((0, 2))
+    s0 = np.array([span.start[0] * spacing[0], span.start[1] * spacing[1]])
+    pts = []
+    for f in np.linspace(0.1, 0.9, 33):
+        p = s0 + across * f * span.mm
+        ln = chord(mask, spacing, (p[0] / spacing[0], p[1] / spacing[1]), along)
+        if ln is not None:
+            q = ln.start if end == "start" else ln.end
+            pts.append((q[0] * spacing[0], q[1] * spacing[1]))
+    return np.asarray(pts, float).reshape(-1, 2)
+
+
+def _fit_line(pts: np.ndarray, towards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares line through mm points: ``(centroid, unit direction oriented like towards)``."""
+    c = pts.mean(0)
+    _, _, vt = np.linalg.svd(pts - c)
+    return c, (vt[0] if vt[0] @ towards >= 0 else -vt[0])
+
+
 def endplate_line(mask: np.ndarray, spacing: tuple[float, float], side: str = "superior",
                   axes: Axes | None = None) -> tuple[np.ndarray, Line] | None:
     """The superior or inferior endplate of a mask as a fitted line.
@@ -127,24 +154,11 @@ def endplate_line(mask: np.ndarray, spacing: tuple[float, float], side: str = "s
 
     """
     ax = axes or structure_axes(mask, spacing)
-    depth = chord(mask, spacing, ax.centre, ax.ap)
-    if depth is None:
-        return None
-    s = np.array([depth.start[0] * spacing[0], depth.start[1] * spacing[1]])
-    pts = []
-    for f in np.linspace(0.1, 0.9, 33):
-        p = s + ax.ap * f * depth.mm
-        ln = chord(mask, spacing, (p[0] / spacing[0], p[1] / spacing[1]), ax.si)
-        if ln is not None:
-            q = ln.start if side == "superior" else ln.end
-            pts.append((q[0] * spacing[0], q[1] * spacing[1]))
+    pts = _edge_points(mask, spacing, ax.centre, ax.ap, ax.si, "start" if side == "superior" else "end")
     if len(pts) < 3:
         return None
-    pts_a = np.asarray(pts)
-    c = pts_a.mean(0)
-    _, _, vt = np.linalg.svd(pts_a - c)
-    d = vt[0] if vt[0] @ ax.ap >= 0 else -vt[0]
-    proj = (pts_a - c) @ d
+    c, d = _fit_line(pts, ax.ap)
+    proj = (pts - c) @ d
     a, b = c + d * proj.min(), c + d * proj.max()
     return d, Line((a[0] / spacing[0], a[1] / spacing[1]), (b[0] / spacing[0], b[1] / spacing[1]),
                    float(proj.max() - proj.min()))
@@ -174,23 +188,26 @@ def posterior_wall(mask: np.ndarray, spacing: tuple[float, float], axes: Axes | 
     Fitted to the posterior ends of the AP chords over the central 80% of its height.
     """
     ax = axes or structure_axes(mask, spacing)
-    h = chord(mask, spacing, ax.centre, ax.si)
-    if h is None:
+    pts = _edge_points(mask, spacing, ax.centre, ax.si, ax.ap, "end")
+    return _fit_line(pts, ax.si) if len(pts) >= 3 else None
+
+
+def canal_ap(canal: np.ndarray, spacing: tuple[float, float], axes: Axes) -> Line | None:
+    """The canal's anteroposterior chord at a structure (a disc or a body), along its AP axis.
+
+    Through the canal point posterior of the structure's centre nearest that line (within 2 mm of it).
+    """
+    rows, cols = np.nonzero(canal)
+    if not len(rows):
         return None
-    s = np.array([h.start[0] * spacing[0], h.start[1] * spacing[1]])
-    pts = []
-    for f in np.linspace(0.1, 0.9, 33):
-        p = s + ax.si * f * h.mm
-        ln = chord(mask, spacing, (p[0] / spacing[0], p[1] / spacing[1]), ax.ap)
-        if ln is not None:
-            pts.append((ln.end[0] * spacing[0], ln.end[1] * spacing[1]))
-    if len(pts) < 3:
+    pts = np.stack([rows * spacing[0], cols * spacing[1]], 1).astype(float)
+    rel = pts - np.array([axes.centre[0] * spacing[0], axes.centre[1] * spacing[1]])
+    along, across = rel @ axes.ap, np.abs(rel @ axes.si)
+    ok = (along > 0) & (across < 2.0)
+    if not ok.any():
         return None
-    pa = np.asarray(pts)
-    c = pa.mean(0)
-    _, _, vt = np.linalg.svd(pa - c)
-    d = vt[0] if vt[0] @ ax.si >= 0 else -vt[0]
-    return c, d
+    start = pts[ok][np.argmin(along[ok])]
+    return chord(canal, spacing, (start[0] / spacing[0], start[1] / spacing[1]), axes.ap)
 
 
 def listhesis(upper: np.ndarray, lower: np.ndarray, spacing: tuple[float, float]) -> dict | None:

@@ -28,8 +28,8 @@ from spinepath.measurements.shape import (
     Axes,
     Line,
     angle_deg,
+    canal_ap,
     canal_stenosis,
-    chord,
     endplate_line,
     genant_grade,
     heights,
@@ -121,23 +121,9 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
 
 
 def _canal(canal: np.ndarray, spacing: tuple[float, float], ax: Axes) -> dict | None:
-    """The canal's AP chord at the height of a structure's centre, posterior of it, along its AP axis."""
-    c = np.array([ax.centre[0] * spacing[0], ax.centre[1] * spacing[1]])
-    rows, cols = np.nonzero(canal)
-    if not len(rows):
-        return None
-    pts = np.stack([rows * spacing[0], cols * spacing[1]], 1)
-    # the canal point nearest the line through the centre along ap, posterior of the centre
-    rel = pts - c
-    along, across = rel @ ax.ap, np.abs(rel @ ax.si)
-    ok = (along > 0) & (across < 2.0)
-    if not ok.any():
-        return None
-    start = pts[ok][np.argmin(along[ok])]
-    ln = chord(canal, spacing, (start[0] / spacing[0], start[1] / spacing[1]), ax.ap)
-    if ln is None:
-        return None
-    return {**_line(ln), "stenosis": canal_stenosis(ln.mm)}
+    """:func:`canal_ap` with its stenosis flag."""
+    ln = canal_ap(canal, spacing, ax)
+    return None if ln is None else {**_line(ln), "stenosis": canal_stenosis(ln.mm)}
 
 
 def _signal_ratio(image: np.ndarray, disc: np.ndarray, canal: np.ndarray) -> float | None:
