@@ -163,6 +163,14 @@ def _evaluation_cases(root: Path, split: str) -> list[str] | None:
     return cases
 
 
+def _report(res: dict, root: Path, args: argparse.Namespace) -> int:
+    """Print (and with ``--out`` write) an evaluation's JSON with the folder name and split; exit code 0."""
+    res["dataset"] = root.name
+    res["split"] = args.split
+    _print_json(res, args.out)
+    return 0
+
+
 def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.core.paths import resolve_grader_path, resolve_model_path
@@ -180,10 +188,7 @@ def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     res = evaluate_grading(root, grader, detector, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
-    res["dataset"] = root.name
-    res["split"] = args.split
-    _print_json(res, args.out)
-    return 0
+    return _report(res, root, args)
 
 
 def _cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
@@ -200,10 +205,7 @@ def _cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     res = evaluate_segmentation(root, model, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
-    res["dataset"] = root.name
-    res["split"] = args.split
-    _print_json(res, args.out)
-    return 0
+    return _report(res, root, args)
 
 
 def _cmd_evaluate_spider(args: argparse.Namespace) -> int:
@@ -230,10 +232,7 @@ def _cmd_evaluate_spider(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     res = evaluate_spider(root, detector, grader, cases=_evaluation_cases(root, args.split), sequences=seqs,
                           bootstrap=args.bootstrap, progress=not args.quiet, spark_grader=spark)
-    res["dataset"] = root.name
-    res["split"] = args.split
-    _print_json(res, args.out)
-    return 0
+    return _report(res, root, args)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -252,10 +251,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     res = evaluate_detection(root, model, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
-    res["dataset"] = root.name
-    res["split"] = args.split
-    _print_json(res, args.out)
-    return 0
+    return _report(res, root, args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

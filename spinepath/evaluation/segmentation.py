@@ -28,6 +28,7 @@ from spinepath.data.datasets import dataset_kind, load_volume_index
 from spinepath.data.spider import load_spider_seg
 from spinepath.measurements.shape import canal_ap, heights, structure_axes
 from spinepath.segmentation.data import GRID_MM, SegSlice, spider_seg_slices, volume_seg_slices
+from spinepath.segmentation.instances import components
 from spinepath.segmentation.metrics import case_dice
 from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities
 from spinepath.segmentation.partial import CLASSES
@@ -53,11 +54,6 @@ def load_segmenter(path: str | Path) -> torch.nn.Module:
     model = build_segnet(SegNetConfig.from_dict(d["cfg"]))
     model.load_state_dict(float_state(d["state"]))
     return model.eval()
-
-
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    lab, n = ndi.label(mask)
-    return [lab == i for i in range(1, n + 1) if (lab == i).sum() >= MIN_PIXELS]
 
 
 def _match(ref: list[np.ndarray], pred: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -105,19 +101,19 @@ def slice_measurement_errors(s: SegSlice, classes: np.ndarray) -> tuple[dict[str
     names = ["background", *s.annotated]
     ref = {n: s.target == i for i, n in enumerate(names) if i}
     canal_ref = ref.get("spinal_canal")
-    body_pred = _components(classes == CLASSES.index("vertebral_body"))
-    disc_pred = _components(classes == CLASSES.index("disc"))
+    body_pred = components(classes == CLASSES.index("vertebral_body"), MIN_PIXELS)
+    disc_pred = components(classes == CLASSES.index("disc"), MIN_PIXELS)
     out: dict[str, list[float]] = {"body": [], "disc": [], "canal": []}
     n = 0
     if "vertebral_body" in ref:
-        out["body"], k = _height_errors(_components(ref["vertebral_body"]), body_pred)
+        out["body"], k = _height_errors(components(ref["vertebral_body"], MIN_PIXELS), body_pred)
         n += k
     elif "vertebra" in ref and canal_ref is not None:
-        out["body"], k = _height_errors([b for b in (_front_cut(v, canal_ref) for v in _components(ref["vertebra"]))
-                                         if b.sum() >= MIN_PIXELS], body_pred)
+        cut = (_front_cut(v, canal_ref) for v in components(ref["vertebra"], MIN_PIXELS))
+        out["body"], k = _height_errors([b for b in cut if b.sum() >= MIN_PIXELS], body_pred)
         n += k
     if "disc" in ref:
-        rd = _components(ref["disc"])
+        rd = components(ref["disc"], MIN_PIXELS)
         out["disc"], k = _height_errors(rd, disc_pred)
         n += k
         canal_pred = classes == CLASSES.index("spinal_canal")

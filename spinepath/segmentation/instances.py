@@ -18,7 +18,8 @@ from spinepath.segmentation.partial import CLASSES
 MIN_BOX_OVERLAP = 0.5
 
 
-def _components(mask: np.ndarray, min_pixels: int) -> list[np.ndarray]:
+def components(mask: np.ndarray, min_pixels: int) -> list[np.ndarray]:
+    """Connected components of a binary mask with at least ``min_pixels`` pixels (smaller ones are fragments)."""
     lab, n = ndi.label(mask)
     return [lab == i for i in range(1, n + 1) if (lab == i).sum() >= min_pixels]
 
@@ -37,7 +38,7 @@ def level_instances(classes: np.ndarray, boxes: dict[str, tuple[float, float, fl
 
     """
     bodies: dict[str, np.ndarray] = {}
-    comps = _components(classes == CLASSES.index("vertebral_body"), min_pixels)
+    comps = components(classes == CLASSES.index("vertebral_body"), min_pixels)
     used: set[int] = set()
     for lv, (r0, c0, r1, c1) in boxes.items():
         inbox = np.zeros(classes.shape, bool)
@@ -51,7 +52,7 @@ def level_instances(classes: np.ndarray, boxes: dict[str, tuple[float, float, fl
             used.add(best)
             bodies[lv] = comps[best]
     discs: dict[str, np.ndarray] = {}
-    dcomps = _components(classes == CLASSES.index("disc"), min_pixels)
+    dcomps = components(classes == CLASSES.index("disc"), min_pixels)
     cents = {lv: np.array(ndi.center_of_mass(m)) for lv, m in bodies.items()}
     names = list(boxes)
     for a, b in zip(names[:-1], names[1:]):
@@ -70,6 +71,6 @@ def level_instances(classes: np.ndarray, boxes: dict[str, tuple[float, float, fl
                 best, dist = i, d
         if best is not None:
             discs[lv] = dcomps[best]
-    canal_comps = _components(classes == CLASSES.index("spinal_canal"), min_pixels)
+    canal_comps = components(classes == CLASSES.index("spinal_canal"), min_pixels)
     canal = max(canal_comps, key=lambda m: m.sum()) if canal_comps else None
     return {"bodies": bodies, "discs": discs, "canal": canal}

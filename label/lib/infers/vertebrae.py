@@ -63,27 +63,28 @@ class VertebraeInfer(InferTask):
                 log.info("serving detector of round %s", served["round"])
             return self._detector[2], served
 
-    def grader(self):
-        """The grading model or None."""
-        if self.grader_path is None or not self.grader_path.is_file():
+    def _optional(self, attr: str, path: Path | None, load):
+        """A model loaded once from ``path`` (kept in ``attr``), or None when there is no such file."""
+        if path is None or not path.is_file():
             return None
         with self._lock:
-            if self._grader is None:
-                from spinepath.grading.grader import Grader
+            if getattr(self, attr) is None:
+                setattr(self, attr, load(path))
+            return getattr(self, attr)
 
-                self._grader = Grader.load(self.grader_path)
-            return self._grader
+    def grader(self):
+        """The grading model or None."""
+        # imported here: the grading stack loads only when a grader is configured
+        from spinepath.grading.grader import Grader
+
+        return self._optional("_grader", self.grader_path, Grader.load)
 
     def spider_grader(self):
         """The SPIDER degenerative grader or None."""
-        if self.spider_grader_path is None or not self.spider_grader_path.is_file():
-            return None
-        with self._lock:
-            if self._spider_grader is None:
-                from spinepath.grading.spider import SpiderGrader
+        # imported here: the grading stack loads only when a grader is configured
+        from spinepath.grading.spider import SpiderGrader
 
-                self._spider_grader = SpiderGrader.load(self.spider_grader_path)
-            return self._spider_grader
+        return self._optional("_spider_grader", self.spider_grader_path, SpiderGrader.load)
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         """Run on ``request["image"]`` (a volume file or a DICOM series folder).
