@@ -26,6 +26,7 @@ from operators import (  # noqa: E402
     FindingsFusionOperator,
     FindingsReviewOperator,
     ResultsWriterOperator,
+    SpineSegmentationOperator,
     StudyLoaderOperator,
     VertebraClassificationOperator,
     VertebraDetectionOperator,
@@ -35,6 +36,7 @@ from spinepath.core.errors import StudyError  # noqa: E402
 from spinepath.core.paths import (  # noqa: E402
     resolve_grader_path,
     resolve_model_path,
+    resolve_segmentation_path,
     resolve_spider_grader_path,
 )
 from spinepath.outputs.writer import write_status  # noqa: E402
@@ -46,7 +48,7 @@ def _explicit(flag_short: str, flag_long: str, env: str, argv: list[str]) -> boo
 
 
 class SpineVertebraApp(Application):
-    """Load study -> select sagittal T2 (and T1) -> detect/name -> classify -> fuse -> degeneration -> outputs.
+    """Load study -> sagittal T2 (and T1) -> detect/name -> classify -> fuse -> degeneration -> segment -> outputs.
 
     The degenerative grades use the T2 and, when the study has one, the sagittal T1.
     """
@@ -58,8 +60,8 @@ class SpineVertebraApp(Application):
     )
     version = __version__
 
-    def settings(self) -> tuple[Path, str, Path, Path, Path, Path]:
-        """Input folder and kind, output folder, detector and grader files, from the arguments / SDK variables.
+    def settings(self) -> tuple[Path, str, Path, Path, Path, Path, Path]:
+        """Input folder and kind, output folder, the model files, from the arguments / SDK variables.
 
         With no input given, the embedded default (:func:`spinepath.run.default_input`).
         """
@@ -74,12 +76,14 @@ class SpineVertebraApp(Application):
         model_dir = ctx.model_path if _explicit("-m", "--model", "HOLOSCAN_MODEL_PATH", argv) else None
         model = resolve_model_path(model_dir)
         grader = resolve_grader_path(model.parent if model_dir and model.is_file() else model_dir)
-        spider = resolve_spider_grader_path(model.parent if model_dir and model.is_file() else model_dir)
-        return in_dir, kind, out_dir, model, grader, spider
+        near = model.parent if model_dir and model.is_file() else model_dir
+        spider = resolve_spider_grader_path(near)
+        seg = resolve_segmentation_path(near)
+        return in_dir, kind, out_dir, model, grader, spider, seg
 
     def compose(self) -> None:
         """Wire the operators: one per stage of :mod:`spinepath.stages`, then the results writer."""
-        in_dir, kind, out_dir, model, grader_path, spider_path = self.settings()
+        in_dir, kind, out_dir, model, grader_path, spider_path, seg_path = self.settings()
         self.input_kind = kind
         loader = StudyLoaderOperator(self, CountCondition(self, 1), input_folder=in_dir, name="study_loader")
         detector = VertebraDetectionOperator(self, model_path=model, name="vertebra_detection")
@@ -87,13 +91,15 @@ class SpineVertebraApp(Application):
         fusion = FindingsFusionOperator(self, grader=classifier.grader, name="fusion")
         degeneration = DegenerationGradingOperator(self, grader=spider_path, detector=detector.model,
                                                    name="degeneration")
+        segmentation = SpineSegmentationOperator(self, model=seg_path, name="segmentation")
         review = FindingsReviewOperator(self, name="review")
         writer = ResultsWriterOperator(self, output_folder=out_dir, input_kind=kind, name="results_writer")
         self.add_flow(loader, detector, {("volume", "volume")})
         self.add_flow(detector, classifier, {("result", "result")})
         self.add_flow(classifier, fusion, {("result", "result"), ("scores", "scores")})
         self.add_flow(fusion, degeneration, {("result", "result")})
-        self.add_flow(degeneration, review, {("result", "result")})
+        self.add_flow(degeneration, segmentation, {("result", "result")})
+        self.add_flow(segmentation, review, {("result", "result")})
         self.add_flow(review, writer, {("result", "result")})
 
 def main(argv: list[str] | None = None) -> int:

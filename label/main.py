@@ -1,4 +1,4 @@
-"""spinepath MONAI Label app: vertebra relabeling in OHIF, active learning and retraining rounds.
+"""spinepath MONAI Label app: vertebra and structure relabeling in OHIF, active learning and retraining rounds.
 
 Start: ``monailabel start_server --app label --studies <folder or DICOMweb URL> [--conf model_dir DIR]``.
 The domain logic lives in the ``spinepath`` package; this app only adapts it to MONAI Label.
@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from lib.configs.structures import StructuresConfig
 from lib.configs.vertebrae import VertebraeConfig
 from lib.datastore.dicomweb import SpinePathDICOMWebDatastore
 from monailabel.config import settings
@@ -31,23 +32,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class SpinePathApp(MONAILabelApp):
-    """One task, ``vertebrae``: infer (level label map), train (retraining round), strategy (uncertainty)."""
+    """Two tasks: ``vertebrae`` and ``spine_structures``.
+
+    ``vertebrae``: level label map, detector rounds, uncertainty strategy; ``spine_structures``: bodies, discs
+    and canal by level, segmentation rounds.
+    """
 
     def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
         conf = dict(conf or {})
         conf.setdefault("data_root", os.environ.get("SPINEPATH_DATA", str(REPO.parent / "shared" / "data")))
         self.model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
         self.model_dir.mkdir(parents=True, exist_ok=True)
-        self.task_configs = {"vertebrae": VertebraeConfig()}
+        self.task_configs = {"vertebrae": VertebraeConfig(), "spine_structures": StructuresConfig()}
         for name, c in self.task_configs.items():
             c.init(name, str(self.model_dir), conf, None)
-        self.label_map = load_label_map()
+        self.label_map = load_label_map()  # the vertebrae task's; spine_structures lists its own labels
         super().__init__(
             app_dir=app_dir,
             studies=studies,
             conf=conf,
             name="spinepath",
-            description=f"Lumbar spine vertebra detection and naming. {DISCLAIMER}",
+            description=f"Lumbar spine vertebra detection and naming, segmentation of bodies, discs and canal. "
+                        f"{DISCLAIMER}",
             version=__version__,
             # the bundled OHIF panel reads the top-level labels as a list of names (each model's own
             # labels stay a name -> value map); ordered by label value

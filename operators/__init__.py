@@ -6,6 +6,7 @@ from .detection_operator import VertebraDetectionOperator
 from .fusion_operator import FindingsFusionOperator
 from .results_writer_operator import ResultsWriterOperator
 from .review_operator import FindingsReviewOperator
+from .segmentation_operator import SpineSegmentationOperator
 from .study_loader_operator import StudyLoaderOperator
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "FindingsFusionOperator",
     "FindingsReviewOperator",
     "ResultsWriterOperator",
+    "SpineSegmentationOperator",
     "StudyLoaderOperator",
     "VertebraClassificationOperator",
     "VertebraDetectionOperator",

@@ -1,6 +1,7 @@
 """Benchmark: the whole chain on one example study (batched vs. a naive per-slice loop), the grading stages.
 
-Also what the degenerative grading stage adds, with the T2 alone and with a T1, and the peak RAM.
+Also what the degenerative grading stage adds, with the T2 alone and with a T1, what the segmentation and
+measurement stage adds, and the peak RAM.
 
 Usage: python scripts/benchmark.py [--study DIR] [--repeats N] [--threads N] [--json]
 Runs on CPU, and also on the GPU when one is available. Prints figures as JSON.
@@ -31,7 +32,14 @@ from spinepath.grading.inference import classify_detections, fuse_detections  # 
 from spinepath.io.dicom import load_study  # noqa: E402
 from spinepath.io.phantom import add_t1_companion  # noqa: E402
 from spinepath.outputs.writer import write_outputs  # noqa: E402
-from spinepath.stages import detect_series, grade_degeneration, load_spider_grader  # noqa: E402
+from spinepath.segmentation.inference import segment_slices  # noqa: E402
+from spinepath.stages import (  # noqa: E402
+    detect_series,
+    grade_degeneration,
+    load_segmenter,
+    load_spider_grader,
+    segment,
+)
 
 
 class OneByOneGrader(Grader):
@@ -115,6 +123,32 @@ def bench_degeneration(study: Path, repeats: int) -> dict:
     return out
 
 
+def bench_segmentation(study: Path, repeats: int) -> dict:
+    """What the segmentation and measurement stage adds per study (issue 14: <= 1.5 s on 2 cores).
+
+    Timed after detection: the key slice resampled, segmented, brought back, instances named, measured; and,
+    apart, the extra SR groups / SEG segments / PDF page of the write step are part of ``dicom_outputs``.
+    """
+    model = VertebraDetector.load(DEFAULT_MODEL)
+    segmenter = load_segmenter()
+    vol = load_study(study)
+    times, network = [], []
+    for _ in range(repeats + 1):  # first run is warm-up
+        res = detect_series(vol, model)
+        a = time.perf_counter()
+        segment(res, segmenter)
+        times.append(time.perf_counter() - a)
+        k = res.segmentation.key_slice
+        b = time.perf_counter()
+        with torch.no_grad():
+            segment_slices(segmenter, vol.pixels[[k]], (float(vol.spacing[0]), float(vol.spacing[1])))
+        network.append(time.perf_counter() - b)
+    m = res.segmentation.measurements
+    return {"repeats": repeats, "stage_s": round(statistics.median(times[1:]), 3),
+            "network_s": round(statistics.median(network[1:]), 3), "n_bodies": len(m["vertebrae"]),
+            "n_discs": len(m["discs"])}
+
+
 def main() -> None:
     """Entry point."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -131,6 +165,7 @@ def main() -> None:
         results["runs"].append(bench(Path(args.study), "cuda", args.repeats))
         results["gpu"] = torch.cuda.get_device_name(0)
     results["degeneration"] = bench_degeneration(Path(args.study), args.repeats)
+    results["segmentation"] = bench_segmentation(Path(args.study), args.repeats)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(results, indent=1))
 

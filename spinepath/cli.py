@@ -195,7 +195,8 @@ def _cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.core.paths import resolve_segmentation_path
     from spinepath.data.datasets import dataset_kind
-    from spinepath.evaluation.segmentation import evaluate_segmentation, load_segmenter
+    from spinepath.evaluation.segmentation import evaluate_segmentation
+    from spinepath.segmentation.inference import load_segmenter
 
     root = Path(args.dataset_dir)
     try:

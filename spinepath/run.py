@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from monai.networks.nets import DynUNet
+
 from spinepath import stages
 from spinepath.core.errors import StudyError
 from spinepath.core.paths import SHARED_EXAMPLES
@@ -43,11 +45,13 @@ def run_study(
     input_kind: str = "dicom",
     grader: Grader | str | Path | None = None,
     spider_grader: SpiderGrader | str | Path | None = None,
+    segmenter: DynUNet | str | Path | None = None,
 ) -> dict:
     """Read a DICOM study, run it through :mod:`spinepath.stages` and write the outputs.
 
-    ``model``, ``grader`` and ``spider_grader`` are loaded models or paths (:func:`spinepath.stages.load_models`,
-    :func:`spinepath.stages.load_spider_grader`; by default the bundle's, the graders beside the detector).
+    ``model``, ``grader``, ``spider_grader`` and ``segmenter`` are loaded models or paths
+    (:func:`spinepath.stages.load_models`, :func:`spinepath.stages.load_spider_grader`,
+    :func:`spinepath.stages.load_segmenter`; by default the bundle's, the models beside the detector).
 
     Writes ``vertebrae.json``, ``key_image.png``, the DICOM outputs and ``status.json``. On a refused study only
     ``status.json`` (``ok: false``) is written and the error re-raised.
@@ -60,6 +64,8 @@ def run_study(
     model, grader = stages.load_models(model, grader)
     if not isinstance(spider_grader, SpiderGrader):
         spider_grader = stages.load_spider_grader(spider_grader, near)
+    if not isinstance(segmenter, DynUNet):
+        segmenter = stages.load_segmenter(segmenter, near)
     t0 = time.perf_counter()
     try:
         volume = stages.load(input_dir)
@@ -72,5 +78,6 @@ def run_study(
     result.timings = {"load": t1 - t0, **result.timings}
     stages.grade(result, grader)
     stages.grade_degeneration(result, spider_grader, model)
+    stages.segment(result, segmenter)
     stages.review(result)
     return write_outputs(result, output_dir)

@@ -1,4 +1,4 @@
-"""The one orchestration of a study: load -> detect -> name -> grade -> fuse -> degeneration -> review.
+"""The one orchestration of a study: load -> detect -> name -> grade -> fuse -> degeneration -> segment -> review.
 
 No output writing.
 
@@ -13,11 +13,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from monai.networks.nets import DynUNet
+
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.paths import (
     default_device,
     resolve_grader_path,
     resolve_model_path,
+    resolve_segmentation_path,
     resolve_spider_grader_path,
 )
 from spinepath.core.results import DetectionResult, Findings, SliceScores
@@ -31,6 +34,8 @@ from spinepath.grading.spider_inference import grade_degeneration as grade_spide
 from spinepath.io.dicom import load_companion, load_study
 from spinepath.review import Review
 from spinepath.review import review as review_result
+from spinepath.segmentation.inference import load_segmenter as load_segmentation_model
+from spinepath.segmentation.inference import segment_study
 
 
 def load_models(
@@ -134,6 +139,30 @@ def grade_degeneration(result: DetectionResult, grader: SpiderGrader, detector: 
     return result
 
 
+def load_segmenter(path: str | Path | None = None, near: str | Path | None = None) -> DynUNet:
+    """The segmentation network: ``path``, else the one beside ``near`` (a detector path), else the bundle's.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If it is not a segmentation model.
+
+    """
+    if path is None and near is not None:
+        folder = Path(near).parent if Path(near).is_file() else Path(near)
+        if (folder / "segmentation.pt").is_file():
+            path = folder / "segmentation.pt"
+    return load_segmentation_model(resolve_segmentation_path(path))
+
+
+def segment(result: DetectionResult, segmenter: DynUNet) -> DetectionResult:
+    """Segmentation and measurement stage: bodies, discs and canal named by level, measured on the key slice.
+
+    Sets ``result.segmentation`` (:func:`spinepath.segmentation.inference.segment_study`).
+    """
+    segment_study(result, segmenter)
+    return result
+
+
 def review(result: DetectionResult) -> Review:
     """Review stage: ``needs_review`` with reasons for the study and every finding; sets ``result.review``.
 
@@ -143,12 +172,14 @@ def review(result: DetectionResult) -> Review:
 
 
 def analyse(volume: SeriesVolume, detector: VertebraDetector, grader: Grader | None = None,
-            spider_grader: SpiderGrader | None = None) -> DetectionResult:
-    """All stages after loading: detect and name, then (with graders) grade and fuse, then review."""
+            spider_grader: SpiderGrader | None = None, segmenter: DynUNet | None = None) -> DetectionResult:
+    """All stages after loading: detect and name, then (with the models given) grade, fuse, segment, review."""
     result = detect_series(volume, detector)
     if grader is not None:
         grade(result, grader)
     if spider_grader is not None:
         grade_degeneration(result, spider_grader, detector)
+    if segmenter is not None:
+        segment(result, segmenter)
     review(result)
     return result

@@ -27,10 +27,10 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def models():
-    """The committed detector, grading model and SPIDER degenerative grader (loaded once)."""
+    """The committed detector, grading model, SPIDER degenerative grader and segmentation network (loaded once)."""
     from spinepath import stages
 
-    return (*stages.load_models(), stages.load_spider_grader())
+    return (*stages.load_models(), stages.load_spider_grader(), stages.load_segmenter())
 
 
 @pytest.fixture

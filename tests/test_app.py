@@ -149,7 +149,7 @@ def test_app_loads_models_from_holoscan_model_path(tmp_path):
 
     models = tmp_path / "opt_models"
     (models / "models").mkdir(parents=True)
-    for name in ("model.pt", "grader.pt", "spider_grader.pt"):
+    for name in ("model.pt", "grader.pt", "spider_grader.pt", "segmentation.pt"):
         shutil.copy(REPO / "bundle" / "models" / name, models / "models" / name)
     out = tmp_path / "out"
     env = {"HOLOSCAN_INPUT_PATH": str(EXAMPLE), "HOLOSCAN_OUTPUT_PATH": str(out), "HOLOSCAN_MODEL_PATH": str(models)}

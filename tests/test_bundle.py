@@ -28,6 +28,8 @@ def _findings(d: dict) -> dict:
                       for v in d["vertebrae"]],
         "discs": [(x["level"], x.get("grade"), x.get("probabilities"), x["pfirrmann"]) for x in d["discs"]],
         "boxes": [[s["box_pixels"] for s in v["slices"]] for v in d["vertebrae"]],
+        "measurements": {lv: [e[p]["mm"] for p in ("anterior", "middle", "posterior") if e.get(p)]
+                         for lv, e in d["measurements"]["vertebrae"].items()},
     }
 
 
@@ -71,3 +73,13 @@ def test_bundle_inference_uses_the_standard_keys_for_the_stages():
     graded = parser.get_parsed_content("postprocessing")(result)
     assert graded.findings is not None and graded.findings.vertebrae
     assert parser.get_parsed_content("network_def") is parser.get_parsed_content("detector").detector.network
+    from monai.networks.nets import DynUNet
+
+    assert isinstance(parser.get_parsed_content("segmentation_network_def"), DynUNet)
+    segmented = stages.segment(graded, parser.get_parsed_content("segmenter"))
+    assert segmented.segmentation.measurements["vertebrae"]
+    train = ConfigParser()
+    train.read_config(BUNDLE / "configs" / "train.json")
+    train["bundle_root"] = str(BUNDLE)
+    net = train.get_parsed_content("segmentation_network_def")
+    assert isinstance(net, DynUNet) and train.get_parsed_content("segmentation_config").epochs == 36

@@ -57,7 +57,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(studies: Path, model_dir: Path) -> str:
-    conf = {"round_max_train_cases": "1", "round_val_max_cases": "1", "round_epochs": "1", "num_threads": "2"}
+    conf = {"round_max_train_cases": "1", "round_val_max_cases": "1", "round_epochs": "1", "num_threads": "2",
+            "seg_round_epochs": "1"}
     try:
         with monailabel_server(str(studies), model_dir, conf) as url:
             yield url
@@ -65,9 +66,9 @@ def server(studies: Path, model_dir: Path) -> str:
         pytest.fail(str(exc))
 
 
-def _infer(server: str, image: str) -> tuple[dict, sitk.Image]:
-    """``/infer/vertebrae`` with ``output=all``: (result parameters, label image)."""
-    r = requests.post(f"{server}/infer/vertebrae", params={"image": image, "output": "all"}, timeout=TIMEOUT)
+def _infer(server: str, image: str, task: str = "vertebrae") -> tuple[dict, sitk.Image]:
+    """``/infer/<task>`` with ``output=all``: (result parameters, label image)."""
+    r = requests.post(f"{server}/infer/{task}", params={"image": image, "output": "all"}, timeout=TIMEOUT)
     r.raise_for_status()
     msg = email.message_from_bytes(b"Content-Type: " + r.headers["content-type"].encode() + b"\r\n\r\n" + r.content)
     params, label = None, None
@@ -114,17 +115,22 @@ def _wait_train(server: str) -> dict:
 def test_info(server: str) -> None:
     info = requests.get(f"{server}/info/", timeout=30).json()
     labels = {n: lab.value for n, lab in load_label_map().items()}
+    structures = {n: lab.value for n, lab in load_label_map(structures=True).items()}
     assert info["name"] == "spinepath" and "NOT FOR DIAGNOSTIC USE" in info["description"]
     # the bundled OHIF panel reads the top-level labels as a list of names (issue 16); models keep the map
     assert info["labels"] == sorted(labels, key=labels.get) and isinstance(info["labels"], list)
-    for name, task in info["models"].items():
-        assert task["labels"] == labels, name
+    assert set(info["models"]) == {"vertebrae", "spine_structures"}
+    assert info["models"]["spine_structures"]["labels"] == structures
+    assert structures["L3"] == labels["L3"] and {"L3-L4", "spinal canal"} <= set(structures)
+    assert info["models"]["spine_structures"]["config"]["label_colors"]["spinal canal"] == list(
+        load_label_map(structures=True)["spinal canal"].color)
     model = info["models"]["vertebrae"]
     assert model["type"] == "segmentation" and model["dimension"] == 3 and model["labels"] == labels
     assert model["config"]["label_colors"]["L3"] == list(load_label_map()["L3"].color)
     assert set(info["strategies"]) == {"uncertainty", "random", "first"}
-    assert "vertebrae" in info["trainers"]
+    assert {"vertebrae", "spine_structures"} <= set(info["trainers"])
     assert info["train_stats"]["vertebrae"]["served"]["round"] == 0
+    assert info["train_stats"]["spine_structures"]["served"]["round"] == 0
     assert info["datastore"]["total"] == 3
 
 
@@ -271,6 +277,66 @@ def test_correction_feeds_the_next_round_and_promotion(server: str, studies: Pat
     assert (store / "rounds" / "history.png").stat().st_size > 1000
     stats = requests.get(f"{server}/info/", timeout=30).json()["train_stats"]["vertebrae"]
     assert stats["served"]["round"] == 1 and stats["promoted"] == [1]
+
+
+def test_infer_spine_structures_named_masks(server: str, studies: Path) -> None:
+    """Bodies, discs and canal as one label map on the study's grid, named as the core pipeline names them,
+    with the key slice's measurements in the result."""
+    params, label = _infer(server, "chu_t2_02", "spine_structures")
+    image = sitk.ReadImage(str(studies / "chu_t2_02.nii.gz"))
+    assert label.GetSize() == image.GetSize() and np.allclose(label.GetOrigin(), image.GetOrigin())
+    lab = load_label_map(structures=True)
+    assert params["label_names"] == {n: x.value for n, x in lab.items()} and params["model"]["segmentation_round"] == 0
+    volume = load_study(DATA / "dicom_examples" / "chu_t2_02")
+    got = labels_on_volume(label, volume)
+    for name in ("L1", "L3", "L5", "L2-L3", "L4-L5", "spinal canal"):
+        assert (got == lab[name].value).sum() > 100, name
+    # bodies top-down, each disc between its two bodies (display grid rows)
+    rows = {n: np.nonzero(got == lab[n].value)[1].mean() for n in ("L2", "L2-L3", "L3", "L3-L4", "L4")}
+    assert list(rows) == sorted(rows, key=rows.get)
+    seg, meas = params["segmentation"], params["measurements"]
+    assert len(seg["slices"]) == volume.pixels.shape[0]  # every slice, for the annotator
+    assert 18 < meas["vertebrae"]["L3"]["middle"]["mm"] < 40 and "L3-L4" in meas["discs"]
+
+
+def test_structure_correction_feeds_a_segmentation_round(server: str, studies: Path, model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """An annotator's corrected masks train the segmentation network in a round; promoted only when the mean
+    Dice on the fixed selection slices is not worse; a vertebra-box label is not used as a mask reference."""
+    lab = load_label_map(structures=True)
+    _, label = _infer(server, "chu_t2_04", "spine_structures")
+    arr = sitk.GetArrayFromImage(label)
+    arr[arr == lab["L4-L5"].value] = 0  # the annotator removes a disc drawn wrongly, paints a canal stretch
+    arr[9, 150:170, 200:210] = lab["spinal canal"].value
+    fixed = sitk.GetImageFromArray(arr)
+    fixed.CopyInformation(label)
+    _put_label(server, "chu_t2_04", fixed, tmp=tmp_path)
+    _, boxes = _infer(server, LOW_SNR)  # a study labelled in the vertebrae task: filled boxes, no disc
+    _put_label(server, LOW_SNR, boxes, tmp=tmp_path)
+    r = requests.post(f"{server}/train/spine_structures", params={"run_sync": "true"}, json={"epochs": 1, "lr": 0.0},
+                      timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    store = model_dir / "spine_structures"
+    rec = json.loads((store / "rounds" / "history.json").read_text())[-1]
+    assert rec["round"] == 1 and rec["promoted"] is True and rec["selection"]["metric"] == "mean_dice"
+    assert rec["metrics"]["mean_dice"] == pytest.approx(rec["served_metrics"]["mean_dice"], abs=1e-6)
+    assert rec["selection"]["n_slices"] > 0 and set(rec["validation_metrics"]) >= {"mean_dice", "disc"}
+    corr = {c["image"]: c for c in rec["training_data"]["corrections"]}
+    assert corr["chu_t2_04"]["slices"] > 0
+    assert "vertebra-box label" in corr[LOW_SNR]["skipped"]  # the vertebrae task's saved boxes
+    assert json.loads((store / "served.json").read_text())["round"] == 1
+    params, _ = _infer(server, "chu_t2_02", "spine_structures")
+    assert params["model"]["segmentation_round"] == 1
+    r = requests.post(f"{server}/train/spine_structures", params={"run_sync": "true"},
+                      json={"epochs": 1, "lr": 0.05}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    rec = json.loads((store / "rounds" / "history.json").read_text())[-1]
+    assert rec["round"] == 2 and rec["promoted"] is False
+    assert rec["metrics"]["mean_dice"] < rec["served_metrics"]["mean_dice"]
+    assert json.loads((store / "served.json").read_text())["round"] == 1
+    bad = requests.post(f"{server}/train/spine_structures", params={"run_sync": "true"},
+                        json={"metric": "mean_iou"}, timeout=TIMEOUT)
+    assert bad.status_code >= 400
 
 
 def test_concurrent_label_saves_lose_nothing(server: str, studies: Path, tmp_path: Path) -> None:

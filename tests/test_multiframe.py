@@ -64,25 +64,22 @@ def test_legacy_converted_gives_the_same_findings(transposed, models, single, tm
     assert not volume.selection["main"]["sequence"]["by_description"]  # TR/TE of the converted attributes
     assert sorted(volume.frame_numbers) == list(range(1, 20)) and volume.frame_numbers[0] == 19
     out = tmp_path / "out"
-    write_outputs(stages.analyse(volume, *models), out)
+    result = stages.analyse(volume, *models)
+    write_outputs(result, out)
     doc = json.loads((out / "vertebrae.json").read_text())
     assert _summary(doc) == _summary(doc_1)
     mf = pydicom.dcmread(str(study / "multiframe.dcm"))
     uid = str(mf.SOPInstanceUID)
     first = doc["vertebrae"][0]["slices"][0]
     assert first["sop_instance_uid"] == uid and first["frame_number"] == volume.frame_numbers[first["slice_index"]]
-    # the SEG references the frames: each of its frames is the box of the frame it names, in stored pixels
+    # the SEG references the frames: the segmented key slice's frame carries each body's mask, in stored pixels
     seg = hd.seg.segread(str(out / "dicom" / "seg.dcm"))
-    level = doc["vertebrae"][len(doc["vertebrae"]) // 2]
-    number = next(int(s.SegmentNumber) for s in seg.SegmentSequence if s.SegmentDescription == level["level"])
-    frames = [s["frame_number"] for s in level["slices"]]
-    masks = seg.get_pixels_by_source_frame(uid, frames, segment_numbers=[number],
-                                           assert_missing_frames_are_empty=False)[..., 0]
-    for m, s in zip(masks, level["slices"]):
-        b = s["box_pixels"]
-        r, c = np.nonzero(m)
-        assert abs(r.min() - b["row_min"]) <= 1 and abs(r.max() + 1 - b["row_max"]) <= 1
-        assert abs(c.min() - b["col_min"]) <= 1 and abs(c.max() + 1 - b["col_max"]) <= 1
+    level = doc["vertebrae"][len(doc["vertebrae"]) // 2]["level"]
+    number = next(int(s.SegmentNumber) for s in seg.SegmentSequence if s.SegmentDescription == level)
+    k = doc["segmentation"]["key_slice"]
+    got = seg.get_pixels_by_source_frame(uid, [volume.frame_numbers[k]], segment_numbers=[number])[0, ..., 0]
+    assert got.any() and np.array_equal(got > 0, volume.inplane.to_source(
+        result.segmentation.instances[k]["bodies"][level]))
     # the SR regions reference the multi-frame instance and one frame each
     sr = pydicom.dcmread(str(out / "dicom" / "sr.dcm"))
     refs = [item for item in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
@@ -92,7 +89,9 @@ def test_legacy_converted_gives_the_same_findings(transposed, models, single, tm
     assert found["vertebrae"].keys() == {v["level"] for v in doc["vertebrae"] if v["pathology"]}
     frame_refs = [[int(x) for x in np.atleast_1d(c.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber)]
                   for c in _items(sr) if c.get("ValueType") == "SCOORD"]
-    assert len(frame_refs) == len(found["vertebrae"]) + len(found["discs"]) + len(found["degeneration"])
+    lines = sum(len(v) for g in found["measurements"].values() for v in g["lines"].values())
+    assert found["measurements"] and lines >= 15  # the measured lines, on the key slice's frame
+    assert len(frame_refs) == len(found["vertebrae"]) + len(found["discs"]) + len(found["degeneration"]) + lines
     assert found["degeneration"]  # the degenerative grades of the discs, on the key slice's frame
     assert all(len(f) == 1 and 1 <= f[0] <= 19 for f in frame_refs)
 

@@ -80,14 +80,24 @@ def _sr_corners(sr_path: Path, series: Path) -> dict[str, np.ndarray]:
     geo = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(str(p), stop_before_pixels=True)
                                                 for p in series.glob("*.dcm"))}
     out = {}
+
+    def to_mm(ds, points) -> np.ndarray:
+        iop = np.array([float(x) for x in ds.ImageOrientationPatient])
+        ipp = np.array([float(x) for x in ds.ImagePositionPatient])
+        sr, sc = (float(x) for x in ds.PixelSpacing)
+        # SCOORD (column, row) with 0\0 the corner of the first pixel: pixel centres are at +0.5
+        return np.array([ipp + (x - 0.5) * sc * iop[:3] + (y - 0.5) * sr * iop[3:] for x, y in points])
+
     for kind, entries in read_findings(sr_path).items():
         for level, e in entries.items():
-            ds = geo[e["source_sop_instance_uid"]]
-            iop = np.array([float(x) for x in ds.ImageOrientationPatient])
-            ipp = np.array([float(x) for x in ds.ImagePositionPatient])
-            sr, sc = (float(x) for x in ds.PixelSpacing)
-            # SCOORD (column, row) with 0\0 the corner of the first pixel: pixel centres are at +0.5
-            pts = np.array([ipp + (x - 0.5) * sc * iop[:3] + (y - 0.5) * sr * iop[3:] for x, y in e["polyline"][:4]])
+            if kind == "measurements":  # every measured line (its two ends, sorted) on the key slice
+                ds = geo[e["source_sop_instance_uid"]]
+                for name, lines in e["lines"].items():
+                    for i, ln in enumerate(lines):
+                        pts = to_mm(ds, ln)
+                        out[f"{kind}:{level}:{name}:{i}"] = pts[np.lexsort(pts.T[::-1])]
+                continue
+            pts = to_mm(geo[e["source_sop_instance_uid"]], e["polyline"][:4])
             out[f"{kind}:{level}"] = pts[np.lexsort(pts.T[::-1])]
     return out
 
@@ -121,7 +131,7 @@ def test_eight_orientations_same_findings(variant, models, reference, tmp_path):
     centre = (np.array([float(x) for x in ds.ImagePositionPatient]) + col * float(ds.PixelSpacing[1]) * iop[:3]
               + row * float(ds.PixelSpacing[0]) * iop[3:])
     assert np.allclose(centre, v0["box_patient_mm"]["centre"], atol=1.0)
-    # SEG frames and SR regions, read through the stored geometry, cover the same anatomy
+    # SEG frames, SR regions and measured lines, read through the stored geometry, cover the same anatomy
     ref_seg = _seg_centroids(ref_out / "dicom" / "seg.dcm", EXAMPLE)
     seg = _seg_centroids(out / "dicom" / "seg.dcm", study)
     assert seg.keys() == ref_seg.keys()

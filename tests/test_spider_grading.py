@@ -258,7 +258,8 @@ def test_degenerative_grades_in_the_pdf_and_key_image(graded_example, tmp_path):
         assert r[5].startswith("suspected") == g.positive("herniation")
         assert (r[8] == "yes") == res.review.discs[g.level].needs_review
     pdf = render_pdf(res)
-    assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type /Page[^s]", pdf)) == 2  # findings, key image
+    pages = len(re.findall(rb"/Type /Page[^s]", pdf))
+    assert pdf.startswith(b"%PDF") and pages == 3  # findings, measurements (segmented), key image
     g = res.findings.degeneration[-1]
     text = disc_grades_text(g)
     assert text.startswith(f"Pf{g.pfirrmann}") and ("H" in text.split(" ")[-1]) == g.positive("herniation")

@@ -86,6 +86,21 @@ class InPlane:
         rows, cols = self.canonical_shape or (0, 0)
         return (rows - 1 - row if self.flip_rows else row), (cols - 1 - col if self.flip_cols else col)
 
+    def point_to_source(self, row: float, col: float) -> tuple[float, float]:
+        """The stored pixel position of a canonical pixel position ``(row, col)`` (inverse of :meth:`source_index`).
+
+        Raises:
+            ValueError: If the transform has no ``source_shape`` and flips an axis.
+
+        """
+        if self.flip_rows or self.flip_cols:
+            if self.source_shape is None:
+                raise ValueError("InPlane.point_to_source needs source_shape to undo a flip")
+            rows, cols = self.canonical_shape
+            row = rows - 1 - row if self.flip_rows else row
+            col = cols - 1 - col if self.flip_cols else col
+        return (col, row) if self.transpose else (row, col)
+
     def box_to_source(self, box: Sequence[float]) -> tuple[float, float, float, float]:
         """A canonical box ``[r0, c0, r1, c1]`` (pixel edge coordinates) in stored pixels.
 

@@ -128,6 +128,7 @@ class DetectionResult:
     findings: Findings | None = None  # once graded
     naming: LevelNaming | None = None
     review: object | None = None  # a spinepath.review.Review, once reviewed
+    segmentation: SpineSegmentation | None = None  # once segmented
 
     def to_dict(self) -> dict:
         """Return the JSON-ready result.
@@ -186,6 +187,10 @@ class DetectionResult:
             if self.findings.degeneration_model:
                 extra["degeneration_model"] = self.findings.degeneration_model
             self.timings.update(self.findings.timings)
+        if self.segmentation is not None:
+            extra["measurements"] = self.segmentation.measurements_dict(v)
+            extra["segmentation"] = self.segmentation.to_dict(v)
+            self.timings["segmentation"] = self.segmentation.seconds
         return {
             "disclaimer": DISCLAIMER,
             "software": {"name": "spinepath", "version": __version__},
@@ -210,6 +215,105 @@ class DetectionResult:
             **extra,
             "timings_s": {k: round(x, 3) for k, x in self.timings.items()},
         }
+
+
+#: Measurement flags (README "Measurements"): a disc is narrowed below this fraction of its measured
+#: neighbours' mean middle height; a body is wedged below this anterior / posterior ratio; a slip is a
+#: listhesis from this offset (mm).
+NARROWING_FRACTION = 0.75
+WEDGE_RATIO = 0.80
+LISTHESIS_MM = 3.0
+
+
+@dataclass
+class SpineSegmentation:
+    """The segmentation stage's result: class maps, named instances and the key slice's measurements.
+
+    Attributes:
+        key_slice: The slice measured (the mid-sagittal slice of the detected spine).
+        slices: The slices segmented (the key slice and its neighbours), in volume order.
+        classes: Slice -> ``(rows, cols)`` class indices on the volume's pixels.
+        instances: Slice -> ``{"bodies": {level: mask}, "discs": {level: mask}, "canal": mask | None}``.
+        measurements: :func:`spinepath.measurements.spine.measure_spine` on the key slice (points in the
+            volume's canonical pixels, ``(row, col)``), with :meth:`flags` added by :meth:`measurements_dict`.
+        model: The segmentation model's summary.
+        seconds: Time taken.
+
+    """
+
+    key_slice: int
+    slices: list[int]
+    classes: dict[int, np.ndarray]
+    instances: dict[int, dict]
+    measurements: dict
+    model: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def flags(self) -> dict[str, dict[str, str]]:
+        """Derived flags per level: ``{"vertebrae": {level: ...}, "discs": ..., "listhesis": ...}``.
+
+        Vertebrae: ``height_loss`` (Genant grade 1-3 against the neighbours) and ``wedge``; discs: ``narrowing``
+        (middle height below :data:`NARROWING_FRACTION` of the measured neighbouring discs' mean) and
+        ``stenosis`` (canal AP at the disc, ``absolute`` / ``relative``); listhesis: ``Meyerding I`` ... once
+        the offset reaches :data:`LISTHESIS_MM`.
+        """
+        m = self.measurements
+        out: dict[str, dict[str, list[str]]] = {"vertebrae": {}, "discs": {}, "listhesis": {}}
+        for lv, e in m.get("vertebrae", {}).items():
+            f = []
+            if e.get("genant_grade"):
+                f.append(f"height loss (Genant grade {e['genant_grade']})")
+            if e.get("wedge_ratio") is not None and e["wedge_ratio"] < WEDGE_RATIO:
+                f.append("wedge")
+            if (e.get("canal_ap_mid_body") or {}).get("stenosis", "none") != "none":
+                f.append(f"canal stenosis ({e['canal_ap_mid_body']['stenosis']}) at mid-body")
+            out["vertebrae"][lv] = f
+        discs = m.get("discs", {})
+        order = [lv for lv in DISC_LEVELS if lv in discs]
+        mid = {lv: discs[lv]["middle"]["mm"] for lv in order if discs[lv].get("middle")}
+        for i, lv in enumerate(order):
+            f = []
+            nb = [mid[n] for n in order[max(i - 1, 0):i + 2] if n != lv and n in mid]
+            if lv in mid and nb and mid[lv] < NARROWING_FRACTION * float(np.mean(nb)):
+                f.append("narrowing")
+            if (discs[lv].get("canal_ap") or {}).get("stenosis", "none") != "none":
+                f.append(f"canal stenosis ({discs[lv]['canal_ap']['stenosis']})")
+            out["discs"][lv] = f
+        roman = ["", "I", "II", "III", "IV", "V"]
+        for lv, e in m.get("listhesis", {}).items():
+            big = abs(e["offset_mm"]) >= LISTHESIS_MM and e["meyerding"] > 0
+            out["listhesis"][lv] = [f"listhesis Meyerding {roman[e['meyerding']]}"] if big else []
+        return out
+
+    def measurements_dict(self, volume: SeriesVolume) -> dict:
+        """The measurements for the JSON: every line's points in the stored image's pixels and in patient mm."""
+        k = self.key_slice
+
+        def conv(x: object) -> object:
+            if isinstance(x, dict) and "points" in x and "mm" in x:
+                pix = [list(volume.inplane.point_to_source(float(r), float(c))) for r, c in x["points"]]
+                mm = [[round(float(q), 2) for q in volume.pixel_to_patient(k, float(r), float(c))]
+                      for r, c in x["points"]]
+                rest = {a: conv(b) for a, b in x.items() if a != "points"}
+                return {**rest, "points_pixels": [[round(float(q), 2) for q in p] for p in pix],
+                        "points_patient_mm": mm}
+            if isinstance(x, dict):
+                return {a: conv(b) for a, b in x.items()}
+            return x
+
+        return {"slice_index": k, "sop_instance_uid": volume.sop_instance_uids[k],
+                **({"frame_number": volume.frame_numbers[k]} if volume.frame_numbers else {}),
+                "pixel_spacing_mm": [float(x) for x in volume.spacing], **conv(self.measurements),
+                "flags": self.flags()}
+
+    def to_dict(self, volume: SeriesVolume) -> dict:
+        """Which slices were segmented and which named structures were found on the key slice."""
+        inst = self.instances[self.key_slice]
+        return {"key_slice": self.key_slice, "slices": list(self.slices),
+                "sop_instance_uids": [volume.sop_instance_uids[j] for j in self.slices],
+                "vertebral_bodies": list(inst["bodies"]), "discs": list(inst["discs"]),
+                "spinal_canal": inst["canal"] is not None, "model": self.model,
+                "seconds": round(self.seconds, 3)}
 
 
 def key_slice(result: DetectionResult) -> int:

@@ -23,14 +23,13 @@ import torch
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
-from spinepath.core.weights import float_state
 from spinepath.data.datasets import dataset_kind, load_volume_index
 from spinepath.data.spider import load_spider_seg
 from spinepath.measurements.shape import canal_ap, heights, structure_axes
 from spinepath.segmentation.data import GRID_MM, SegSlice, spider_seg_slices, volume_seg_slices
 from spinepath.segmentation.instances import components
-from spinepath.segmentation.metrics import case_dice
-from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities
+from spinepath.segmentation.metrics import case_dice, per_case_dice
+from spinepath.segmentation.network import predict_probabilities
 from spinepath.segmentation.partial import CLASSES
 
 #: The contract's Dice names.
@@ -39,21 +38,6 @@ DICE_NAMES = ("vertebra", "vertebral_body", "disc", "spinal_canal")
 MATCH_MM = 10.0
 #: Components smaller than this (grid pixels) are fragments.
 MIN_PIXELS = 30
-
-
-def load_segmenter(path: str | Path) -> torch.nn.Module:
-    """The saved segmentation network (``spinepath train segmentation``), float32, eval mode.
-
-    Raises:
-        ValueError: If the file is not a spinepath segmentation model.
-
-    """
-    d = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if not isinstance(d, dict) or d.get("format") != "spinepath-segmentation-1":
-        raise ValueError(f"{path}: not a spinepath segmentation model")
-    model = build_segnet(SegNetConfig.from_dict(d["cfg"]))
-    model.load_state_dict(float_state(d["state"]))
-    return model.eval()
 
 
 def _match(ref: list[np.ndarray], pred: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -81,20 +65,20 @@ def _front_cut(vertebra: np.ndarray, canal: np.ndarray) -> np.ndarray:
     return vertebra & (cols < front[:, None])
 
 
-def _height_errors(ref: list[np.ndarray], pred: list[np.ndarray]) -> tuple[list[float], int]:
-    """Absolute height differences of matched structures (pooled positions) and how many matched."""
-    errs, pairs = [], _match(ref, pred)
+def _height_pairs(ref: list[np.ndarray], pred: list[np.ndarray]) -> tuple[list[tuple[float, float]], int]:
+    """(reference, predicted) heights of matched structures (pooled positions) and how many matched."""
+    out, pairs = [], _match(ref, pred)
     for r, p in pairs:
         hr, hp = heights(r, (GRID_MM, GRID_MM)), heights(p, (GRID_MM, GRID_MM))
-        errs += [abs(hr[k].mm - hp[k].mm) for k in hr if hr[k] is not None and hp[k] is not None]
-    return errs, len(pairs)
+        out += [(hr[k].mm, hp[k].mm) for k in hr if hr[k] is not None and hp[k] is not None]
+    return out, len(pairs)
 
 
-def slice_measurement_errors(s: SegSlice, classes: np.ndarray) -> tuple[dict[str, list[float]], int]:
-    """Absolute errors (mm) of body heights, disc heights and canal AP diameters on one slice.
+def slice_measurement_pairs(s: SegSlice, classes: np.ndarray) -> tuple[dict[str, list[tuple[float, float]]], int]:
+    """(reference, predicted) body heights, disc heights and canal AP diameters (mm) on one slice.
 
     Returns:
-        ``({"body", "disc", "canal"}: errors, number of matched levels: bodies and discs)``.
+        ``({"body", "disc", "canal"}: pairs, number of matched levels: bodies and discs)``.
 
     """
     sp = (GRID_MM, GRID_MM)
@@ -103,18 +87,18 @@ def slice_measurement_errors(s: SegSlice, classes: np.ndarray) -> tuple[dict[str
     canal_ref = ref.get("spinal_canal")
     body_pred = components(classes == CLASSES.index("vertebral_body"), MIN_PIXELS)
     disc_pred = components(classes == CLASSES.index("disc"), MIN_PIXELS)
-    out: dict[str, list[float]] = {"body": [], "disc": [], "canal": []}
+    out: dict[str, list[tuple[float, float]]] = {"body": [], "disc": [], "canal": []}
     n = 0
     if "vertebral_body" in ref:
-        out["body"], k = _height_errors(components(ref["vertebral_body"], MIN_PIXELS), body_pred)
+        out["body"], k = _height_pairs(components(ref["vertebral_body"], MIN_PIXELS), body_pred)
         n += k
     elif "vertebra" in ref and canal_ref is not None:
         cut = (_front_cut(v, canal_ref) for v in components(ref["vertebra"], MIN_PIXELS))
-        out["body"], k = _height_errors([b for b in cut if b.sum() >= MIN_PIXELS], body_pred)
+        out["body"], k = _height_pairs([b for b in cut if b.sum() >= MIN_PIXELS], body_pred)
         n += k
     if "disc" in ref:
         rd = components(ref["disc"], MIN_PIXELS)
-        out["disc"], k = _height_errors(rd, disc_pred)
+        out["disc"], k = _height_pairs(rd, disc_pred)
         n += k
         canal_pred = classes == CLASSES.index("spinal_canal")
         if canal_ref is not None and canal_pred.any():
@@ -122,7 +106,7 @@ def slice_measurement_errors(s: SegSlice, classes: np.ndarray) -> tuple[dict[str
                 ax = structure_axes(r, sp)
                 a, b = canal_ap(canal_ref, sp, ax), canal_ap(canal_pred, sp, ax)
                 if a is not None and b is not None:
-                    out["canal"].append(abs(a.mm - b.mm))
+                    out["canal"].append((a.mm, b.mm))
     return out, n
 
 
@@ -139,25 +123,31 @@ def evaluation_slices(root: str | Path, cases: list[str] | None = None) -> list[
 
 
 def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[str] | None = None,
-                          progress: bool = True) -> dict:
-    """The contract JSON (see the module docstring)."""
+                          progress: bool = True, details: dict | None = None) -> dict:
+    """The contract JSON (see the module docstring).
+
+    ``details``: a dict filled (for the model card) with ``per_case`` Dice, the measurement ``pairs``
+    (reference, predicted, case) per kind and ``slices`` (each slice, its class map and its mean Dice).
+    """
     slices = evaluation_slices(root, cases)
-    errs: dict[str, list[float]] = {"body": [], "disc": [], "canal": []}
+    meas: dict[str, list[tuple[float, float, str]]] = {"body": [], "disc": [], "canal": []}
     levels = 0
     pairs = []
     for s in tqdm(slices, desc="segmentation", disable=not progress):
         classes = predict_probabilities(model, torch.from_numpy(s.image)[None, None])[0].numpy().argmax(0)
         pairs.append((s, classes))
-        e, n = slice_measurement_errors(s, classes)
-        for k in errs:
-            errs[k] += e[k]
+        e, n = slice_measurement_pairs(s, classes)
+        for k in meas:
+            meas[k] += [(r, p, s.case) for r, p in e[k]]
         levels += n
     dice = case_dice(pairs)
+    if details is not None:
+        details.update(per_case=per_case_dice(pairs), pairs=meas, slices=pairs)
 
-    def mae(v: list[float]) -> float | None:
-        return round(float(np.mean(v)), 3) if v else None
+    def mae(v: list[tuple[float, float, str]]) -> float | None:
+        return round(float(np.mean([abs(r - p) for r, p, _ in v])), 3) if v else None
 
     return {"task": "segmentation", "n_cases": len({(s.source, s.case) for s in slices}), "n_slices": len(slices),
             "dice": {n: dice.get(n) for n in DICE_NAMES},
-            "measurements": {"n_levels": levels, "vertebral_body_height_mae_mm": mae(errs["body"]),
-                             "disc_height_mae_mm": mae(errs["disc"]), "canal_ap_mae_mm": mae(errs["canal"])}}
+            "measurements": {"n_levels": levels, "vertebral_body_height_mae_mm": mae(meas["body"]),
+                             "disc_height_mae_mm": mae(meas["disc"]), "canal_ap_mae_mm": mae(meas["canal"])}}

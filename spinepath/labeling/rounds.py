@@ -1,4 +1,7 @@
-"""Versioned detector retraining rounds with measured, atomic promotion (used by the MONAI Label app).
+"""Versioned retraining rounds with measured, atomic promotion (used by the MONAI Label app).
+
+The detector (task ``vertebrae``) and the segmentation network (task ``spine_structures``) each have their own
+model folder and rounds; one round skeleton (:func:`run_versioned_round`) serves both.
 
 A model folder holds::
 
@@ -7,7 +10,7 @@ A model folder holds::
     rounds/round-NNNN/          model.pt, metrics.json, history.json, training_curve.png of round N
     rounds/history.json         one record per finished round; rounds/history.png plots them
 
-A round fine-tunes the served detector on the base training data plus the annotators' corrections, then
+A round fine-tunes the served model on the base training data plus the annotators' corrections, then
 measures the served and the new model on the same fixed *selection* set (training patients held out of
 training, ``configs/split.json``). The new model is served only if it measures at least as well there on the
 chosen metric. Both are also measured on the *validation* split, which decides nothing: those are the figures
@@ -25,7 +28,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,8 @@ from spinepath.detection.training import TrainConfig, selection_samples, train, 
 log = logging.getLogger(__name__)
 
 METRICS = ("mean_iou", "recall_at_iou50", "precision_at_iou50")
+#: The segmentation rounds' promotion metric (mean Dice of the annotated classes) and its per-class parts.
+SEGMENTATION_METRICS = ("mean_dice", "vertebra", "vertebral_body", "disc", "spinal_canal")
 #: Round options a train request may not change (data location, the fixed selection / validation sets).
 SERVER_ONLY = ("data_root", "val_max_cases", "quiet")
 
@@ -75,8 +80,10 @@ class RoundConfig:
     quiet: bool = True
 
     @classmethod
-    def from_request(cls, request: dict, **defaults: object) -> RoundConfig:
+    def from_request(cls, request: dict, metrics: tuple[str, ...] = METRICS, **defaults: object) -> RoundConfig:
         """Options from a MONAI Label train request (unknown keys ignored), over ``defaults``.
+
+        ``metrics``: the promotion metrics this model's rounds know (:data:`METRICS` for the detector).
 
         Raises:
             ValueError: If a value has the wrong type or is out of range.
@@ -93,8 +100,8 @@ class RoundConfig:
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"train option {f.name}={request[f.name]!r} is not a {typ.__name__}") from exc
                 setattr(cfg, f.name, value)
-        if cfg.metric not in METRICS:
-            raise ValueError(f"unknown metric {cfg.metric!r}; use one of {METRICS}")
+        if cfg.metric not in metrics:
+            raise ValueError(f"unknown metric {cfg.metric!r}; use one of {metrics}")
         if cfg.epochs < 1 or cfg.lr < 0:
             raise ValueError("epochs must be >= 1 and lr >= 0")
         return cfg
@@ -107,11 +114,11 @@ def write_json(path: Path, obj: object) -> None:
 
 
 class ModelStore:
-    """The served detector and its round history in one folder (see the module docstring).
+    """The served model and its round history in one folder (see the module docstring).
 
     Args:
         model_dir: The folder.
-        initial_model: Detector weights served before any round (copied into round 0 on first use).
+        initial_model: Weights served before any round (copied into round 0 on first use).
 
     """
 
@@ -185,13 +192,87 @@ class ModelStore:
 
 def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
               correction_info: list[dict] | None = None) -> dict:
-    """Run one retraining round; returns its record (also appended to ``rounds/history.json``).
+    """Run one retraining round of the detector; returns its record (also appended to ``rounds/history.json``).
 
     Args:
         store: The model folder.
         cfg: Round options.
         corrections: Training slices from the annotators' saved labels.
         correction_info: Per corrected study: what it contributed (kept in the record).
+
+    """
+    def fit(work: Path, served_path: Path) -> None:
+        base = VertebraDetector.load(served_path)
+        tc = TrainConfig(
+            data_root=cfg.data_root, out_dir=str(work), epochs=cfg.epochs, lr=cfg.lr,
+            max_train_cases=cfg.max_train_cases, val_max_cases=cfg.val_max_cases, slice_step=cfg.slice_step,
+            val_every=cfg.epochs,
+            seed=cfg.seed, num_threads=cfg.num_threads, quiet=cfg.quiet, resume=False,
+            init_from=str(served_path), freeze_bn=True, report_validation=False,
+        )
+        train(tc, base.cfg, extra_train=corrections)
+        (work / "best.pt").rename(work / "model.pt")
+        (work / "last.pt").unlink(missing_ok=True)  # optimizer state: not kept
+
+    def measure(path: Path) -> tuple[dict, dict, dict]:
+        model = VertebraDetector.load(path)
+        sel = selection_samples(cfg.data_root, model.cfg, cfg.val_max_cases)
+        val = validation_samples(cfg.data_root, model.cfg, cfg.val_max_cases)
+        with torch.no_grad():
+            return validate(model, sel), validate(model, val), {"selection": len(sel), "validation": len(val)}
+
+    return run_versioned_round(store, cfg, {"corrections": correction_info or [],
+                                            "correction_slices": len(corrections)}, fit, measure)
+
+
+def run_segmentation_round(store: ModelStore, cfg: RoundConfig, corrections: list,
+                           correction_info: list[dict] | None = None) -> dict:
+    """Run one retraining round of the segmentation network (MONAI Label task ``spine_structures``).
+
+    The served network is fine-tuned on the base training slices (``max_train_cases`` per source) plus the
+    corrected slices (:class:`spinepath.segmentation.data.SegSlice`); promotion compares the mean Dice of the
+    annotated classes (``mean_dice``) of both networks on the fixed selection slices.
+    """
+    # imported here: the segmentation stack loads only for segmentation rounds
+    from spinepath.segmentation.inference import load_segmenter
+    from spinepath.segmentation.network import SegNetConfig
+    from spinepath.segmentation.training import evaluate_slices, load_slices, train_segmentation
+
+    def fit(work: Path, served_path: Path) -> None:
+        seg_cfg = SegNetConfig(epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed)
+        train_segmentation(cfg.data_root, work, seg_cfg, step=cfg.slice_step, max_cases=cfg.max_train_cases,
+                           num_threads=cfg.num_threads, progress=not cfg.quiet, init_from=served_path,
+                           extra_train=corrections, selection_max_cases=cfg.val_max_cases)
+        (work / "segmentation.pt").rename(work / "model.pt")
+
+    def measure(path: Path) -> tuple[dict, dict, dict]:
+        model = load_segmenter(path)
+        sel = load_slices(cfg.data_root, "selection", 4, cfg.val_max_cases)
+        val = load_slices(cfg.data_root, "validation", 4, cfg.val_max_cases)
+        out = []
+        for slices in (sel, val):
+            dice = evaluate_slices(model, slices)
+            out.append({**dice, "mean_dice": round(float(sum(dice.values()) / max(len(dice), 1)), 4)})
+        return out[0], out[1], {"selection": len(sel), "validation": len(val)}
+
+    return run_versioned_round(store, cfg, {"corrections": correction_info or [],
+                                            "correction_slices": len(corrections)}, fit, measure)
+
+
+def run_versioned_round(store: ModelStore, cfg: RoundConfig, training_data: dict,
+                        fit: Callable[[Path, Path], None], measure: Callable[[Path], tuple[dict, dict, dict]]
+                        ) -> dict:
+    """One round of any served model: fit in a hidden folder, measure both models, promote only if not worse.
+
+    Args:
+        store: The model folder.
+        cfg: Round options (``metric`` decides the promotion).
+        training_data: What the round trained on (kept in the record).
+        fit: ``fit(work, served_path)`` trains from the served model and leaves ``work/model.pt``.
+        measure: ``measure(model_path)`` -> ``(selection metrics, validation metrics, slice counts)``.
+
+    Returns:
+        The round's record (also appended to ``rounds/history.json``).
 
     """
     with store.lock():
@@ -204,32 +285,13 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
         work = store.rounds / f".round-{n:04d}.partial"
         work.mkdir(parents=True)
         started = time.time()
-        base = VertebraDetector.load(served_path)
-        record = {
-            "round": n,
-            "started": started,
-            "config": dataclasses.asdict(cfg),
-            "base_round": served["round"],
-            "training_data": {"corrections": correction_info or [], "correction_slices": len(corrections)},
-        }
+        record = {"round": n, "started": started, "config": dataclasses.asdict(cfg), "base_round": served["round"],
+                  "training_data": training_data}
         try:
-            tc = TrainConfig(
-                data_root=cfg.data_root, out_dir=str(work), epochs=cfg.epochs, lr=cfg.lr,
-                max_train_cases=cfg.max_train_cases, val_max_cases=cfg.val_max_cases, slice_step=cfg.slice_step,
-                val_every=cfg.epochs,
-                seed=cfg.seed, num_threads=cfg.num_threads, quiet=cfg.quiet, resume=False,
-                init_from=str(served_path), freeze_bn=True, report_validation=False,
-            )
-            train(tc, base.cfg, extra_train=corrections)
-            (work / "best.pt").rename(work / "model.pt")
-            (work / "last.pt").unlink(missing_ok=True)  # optimizer state: not kept
+            fit(work, served_path)
             # both models on the same fixed sets, measured now: selection decides, validation is reported
-            sel = selection_samples(cfg.data_root, base.cfg, cfg.val_max_cases)
-            val = validation_samples(cfg.data_root, base.cfg, cfg.val_max_cases)
-            new = VertebraDetector.load(work / "model.pt")
-            with torch.no_grad():
-                new_m, old_m = validate(new, sel), validate(base, sel)
-                new_v, old_v = validate(new, val), validate(base, val)
+            new_m, new_v, sizes = measure(work / "model.pt")
+            old_m, old_v, _ = measure(served_path)
         except Exception as exc:  # the round failed (e.g. training diverged): record it, keep serving
             shutil.rmtree(work, ignore_errors=True)
             record.update(failed=f"{type(exc).__name__}: {exc}", promoted=False,
@@ -240,10 +302,10 @@ def run_round(store: ModelStore, cfg: RoundConfig, corrections: list[Slice2D],
         promoted = new_m[cfg.metric] >= old_m[cfg.metric]
         record.update(
             minutes=round((time.time() - started) / 60, 3),
-            selection={"n_slices": len(sel), "metric": cfg.metric, "max_cases": cfg.val_max_cases},
+            selection={"n_slices": sizes["selection"], "metric": cfg.metric, "max_cases": cfg.val_max_cases},
             metrics=new_m,  # on the selection split: they decide the promotion
             served_metrics=old_m,
-            validation={"n_slices": len(val), "max_cases": cfg.val_max_cases},
+            validation={"n_slices": sizes["validation"], "max_cases": cfg.val_max_cases},
             validation_metrics=new_v,  # on the validation split: reported, decide nothing
             served_validation_metrics=old_v,
             promoted=bool(promoted),
@@ -276,7 +338,7 @@ def plot_rounds(history: list[dict], path: Path, metric: str = "mean_iou") -> No
     history = [h for h in history if "metrics" in h]  # failed rounds have none
     fig, ax = plt.subplots(figsize=(7, 4))
     rounds = [h["round"] for h in history]
-    for k in METRICS:
+    for k in (history[-1]["metrics"] if history else {}):
         ax.plot(rounds, [h["metrics"][k] for h in history], marker="o", label=f"round model: {k}")
     ax.plot(rounds, [h["served_metrics"][metric] for h in history], "k--", label=f"served before: {metric}")
     prom = [h for h in history if h["promoted"]]
@@ -284,7 +346,7 @@ def plot_rounds(history: list[dict], path: Path, metric: str = "mean_iou") -> No
                edgecolors="green", linewidths=2, label="promoted")
     ax.set_xlabel("round")
     ax.set_ylim(0, 1)
-    ax.set_title("detector selection-split metrics per retraining round")
+    ax.set_title("selection-split metrics per retraining round")
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:

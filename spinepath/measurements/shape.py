@@ -49,7 +49,11 @@ def _points_mm(mask: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
 
 
 def structure_axes(mask: np.ndarray, spacing: tuple[float, float]) -> Axes:
-    """Centroid and principal axes of a mask (``ap`` = the longer axis, pointing posterior).
+    """Centroid and axes of a mask: ``ap`` along its endplates (pointing posterior), ``si`` across them.
+
+    The principal (longer) axis first; then ``ap`` becomes the mean direction of the superior and inferior
+    boundary lines fitted on those axes (:func:`endplate_line`), as heights are read between the endplates:
+    the principal axes of a trapezoid, a square-ish body or flared corners tilt.
 
     Raises:
         ValueError: For an empty mask.
@@ -61,12 +65,21 @@ def structure_axes(mask: np.ndarray, spacing: tuple[float, float]) -> Axes:
     c = pts.mean(0)
     w, v = np.linalg.eigh(np.cov((pts - c).T))
     ap = v[:, int(np.argmax(w))]
-    if ap[1] < 0:  # columns run anterior -> posterior
-        ap = -ap
+    ap = ap if ap[1] >= 0 else -ap
+    first = Axes((c[0] / spacing[0], c[1] / spacing[1]), ap, _si(ap))
+    plates = [endplate_line(mask, spacing, side, first) for side in ("superior", "inferior")]
+    if all(p is not None for p in plates):
+        mean = plates[0][0] + plates[1][0]
+        if np.linalg.norm(mean) > 1e-6:
+            ap = mean / np.linalg.norm(mean)
+    ap = ap if ap[1] >= 0 else -ap  # columns run anterior -> posterior
+    return Axes((c[0] / spacing[0], c[1] / spacing[1]), ap, _si(ap))
+
+
+def _si(ap: np.ndarray) -> np.ndarray:
+    """The unit direction across ``ap``, pointing inferior (rows run superior -> inferior)."""
     si = np.array([ap[1], -ap[0]])
-    if si[0] < 0:  # rows run superior -> inferior
-        si = -si
-    return Axes((c[0] / spacing[0], c[1] / spacing[1]), ap, si)
+    return si if si[0] >= 0 else -si
 
 
 def chord(mask: np.ndarray, spacing: tuple[float, float], through: tuple[float, float], direction: np.ndarray,
@@ -88,11 +101,10 @@ def chord(mask: np.ndarray, spacing: tuple[float, float], through: tuple[float, 
         return None
     idx = np.flatnonzero(on)
     centre = idx[np.argmin(np.abs(t[idx]))]
-    lo = hi = centre
-    while lo > 0 and on[lo - 1]:
-        lo -= 1
-    while hi < len(t) - 1 and on[hi + 1]:
-        hi += 1
+    off = np.flatnonzero(~on)
+    before, after = off[off < centre], off[off > centre]
+    lo = int(before[-1]) + 1 if len(before) else 0
+    hi = int(after[0]) - 1 if len(after) else len(t) - 1
     # the run's ends are the pixel edges: half a sample beyond the first and last sample inside
     a, b = t[lo] - step_mm / 2, t[hi] + step_mm / 2
     start = (through[0] + a * d[0] / spacing[0], through[1] + a * d[1] / spacing[1])
@@ -181,17 +193,6 @@ def corner(mask: np.ndarray, spacing: tuple[float, float], side: str, axes: Axes
     return (pts[k, 0] / spacing[0], pts[k, 1] / spacing[1])
 
 
-def posterior_wall(mask: np.ndarray, spacing: tuple[float, float], axes: Axes | None = None
-                   ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The posterior wall of a body as a fitted line ``(a point in mm, unit direction towards inferior)``.
-
-    Fitted to the posterior ends of the AP chords over the central 80% of its height.
-    """
-    ax = axes or structure_axes(mask, spacing)
-    pts = _edge_points(mask, spacing, ax.centre, ax.si, ax.ap, "end")
-    return _fit_line(pts, ax.si) if len(pts) >= 3 else None
-
-
 def canal_ap(canal: np.ndarray, spacing: tuple[float, float], axes: Axes) -> Line | None:
     """The canal's anteroposterior chord at a structure (a disc or a body), along its AP axis.
 
@@ -213,29 +214,34 @@ def canal_ap(canal: np.ndarray, spacing: tuple[float, float], axes: Axes) -> Lin
 def listhesis(upper: np.ndarray, lower: np.ndarray, spacing: tuple[float, float]) -> dict | None:
     """Slip of the upper body over the lower one (Meyerding).
 
-    The distance of the upper body's posterior-inferior corner from the line of the lower body's posterior
-    wall (positive = the corner lies anterior of it: anterolisthesis), in mm and in % of the lower body's
-    anteroposterior depth, with the Meyerding grade (0 below 1%, then I <= 25%, II <= 50%, III <= 75%,
-    IV <= 100%, V beyond). The line runs from the corner to its foot on the wall.
+    The offset of the upper body's posterior-inferior corner from the lower body's posterior-superior corner,
+    measured perpendicular to the lower body's posterior wall (the line through its two posterior corners: an
+    anterior wedge or a sloped endplate does not tilt it; positive = the upper corner lies anterior: an
+    anterolisthesis), in mm and in % of the lower body's superior endplate length, with the Meyerding grade (0
+    below 1%, then I <= 25%, II <= 50%, III <= 75%, IV <= 100%, V beyond). The line runs from the upper corner
+    by the offset.
     """
     lax = structure_axes(lower, spacing)
-    wall = posterior_wall(lower, spacing, lax)
-    depth = chord(lower, spacing, lax.centre, lax.ap)
-    if wall is None or depth is None:
+    ep = endplate_line(lower, spacing, "superior", lax)
+    if ep is None or ep[1].mm <= 0:
         return None
+    plate = ep[1]
     a = corner(upper, spacing, "inferior")
-    c, d = wall
-    n = np.array([d[1], -d[0]])
-    if n @ lax.ap < 0:  # the wall's normal towards posterior
-        n = -n
-    p = np.array([a[0] * spacing[0], a[1] * spacing[1]])
-    mm = float((c - p) @ n)  # positive when the corner is anterior of the wall
-    foot = p + n * mm
-    pct = 100.0 * mm / max(depth.mm, 1e-6)
+    b = corner(lower, spacing, "superior", lax)
+    b2 = corner(lower, spacing, "inferior", lax)
+    pa = np.array([a[0] * spacing[0], a[1] * spacing[1]])
+    pb = np.array([b[0] * spacing[0], b[1] * spacing[1]])
+    wall = np.array([b2[0] * spacing[0], b2[1] * spacing[1]]) - pb
+    d = np.array([wall[0], -wall[1]])[::-1] if np.linalg.norm(wall) > 1e-6 else lax.ap
+    d = d / np.linalg.norm(d)
+    d = d if d @ lax.ap >= 0 else -d  # towards posterior
+    mm = float((pb - pa) @ d)  # d points posterior: positive when the upper corner is anterior
+    end = pa + d * mm
+    pct = 100.0 * mm / plate.mm
     m = abs(pct)
     grade = 0 if m < 1 else 1 if m <= 25 else 2 if m <= 50 else 3 if m <= 75 else 4 if m <= 100 else 5
     return {"offset_mm": mm, "percent": pct, "meyerding": grade,
-            "line": Line(a, (foot[0] / spacing[0], foot[1] / spacing[1]), abs(mm))}
+            "line": Line(a, (end[0] / spacing[0], end[1] / spacing[1]), abs(mm))}
 
 
 def genant_grade(loss: float) -> int:

@@ -6,6 +6,8 @@ Label environment) lacks some names and finds several values for others (``Norma
 
 from __future__ import annotations
 
+import re
+
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
@@ -128,3 +130,51 @@ DEGENERATION_PROBABILITY_CODES = {
                            ("narrowing", "PNARROWING", "disc space narrowing"),
                            ("bulging", "PBULGING", "disc bulging"), ("modic_any", "PMODIC", "a Modic change"))
 }
+
+
+#: The spinal canal (SNOMED CT 61853006, as in pydicom's DICOM code tables: "Spinal canal structure").
+SPINAL_CANAL = _sct("61853006", "Spinal canal")
+#: Units of the measurements (UCUM).
+MM, RATIO, DEGREE, PERCENT = codes.UCUM.Millimeter, codes.UCUM.Ratio, codes.UCUM.Degree, codes.UCUM.Percent
+#: Measurement names (private: no SNOMED CT / DCM concept names these spine measurements) with their units,
+#: keyed like the JSON (``measurements`` of :mod:`spinepath.measurements.spine`).
+MEASUREMENT_CODES: dict[str, tuple[hd.sr.CodedConcept, object]] = {
+    "body_anterior": (hd.sr.CodedConcept("BHANT", SCHEME, "Anterior vertebral body height"), MM),
+    "body_middle": (hd.sr.CodedConcept("BHMID", SCHEME, "Middle vertebral body height"), MM),
+    "body_posterior": (hd.sr.CodedConcept("BHPOST", SCHEME, "Posterior vertebral body height"), MM),
+    "wedge_ratio": (hd.sr.CodedConcept("WEDGE", SCHEME, "Vertebral body wedge ratio"), RATIO),
+    "biconcavity_ratio": (hd.sr.CodedConcept("BICONC", SCHEME, "Vertebral body biconcavity ratio"), RATIO),
+    "height_loss": (hd.sr.CodedConcept("HLOSS", SCHEME, "Vertebral body height loss"), RATIO),
+    "canal_ap_mid_body": (hd.sr.CodedConcept("CANALAPB", SCHEME, "Spinal canal AP diameter at mid-body"), MM),
+    "disc_anterior": (hd.sr.CodedConcept("DHANT", SCHEME, "Anterior disc height"), MM),
+    "disc_middle": (hd.sr.CodedConcept("DHMID", SCHEME, "Middle disc height"), MM),
+    "disc_posterior": (hd.sr.CodedConcept("DHPOST", SCHEME, "Posterior disc height"), MM),
+    "disc_height_index": (hd.sr.CodedConcept("DHI", SCHEME, "Disc height index"), RATIO),
+    "t2_signal_ratio": (hd.sr.CodedConcept("T2CSF", SCHEME, "Disc to CSF T2 signal ratio"), RATIO),
+    "canal_ap": (hd.sr.CodedConcept("CANALAPD", SCHEME, "Spinal canal AP diameter at the disc"), MM),
+    "listhesis_offset": (hd.sr.CodedConcept("SLIPMM", SCHEME, "Listhesis offset"), MM),
+    "listhesis_percent": (hd.sr.CodedConcept("SLIPPCT", SCHEME, "Listhesis offset of the endplate length"),
+                          PERCENT),
+    "lordosis": (hd.sr.CodedConcept("LORDOSIS", SCHEME, "Lumbar lordosis angle L1-S1"), DEGREE),
+}
+#: The derived flags of the measurements (qualitative evaluation "Measurement flag"; private values).
+MEASUREMENT_FLAG = hd.sr.CodedConcept("MEASFLAG", SCHEME, "Measurement flag")
+LUMBAR_SPINE = _sct("122496007", "Lumbar spine")
+
+
+def flag_code(flag: str) -> hd.sr.CodedConcept:
+    """The coded value of a measurement flag of :meth:`spinepath.core.results.SpineSegmentation.flags`.
+
+    Raises:
+        ValueError: For a flag this version does not write.
+
+    """
+    patterns = ((r"height loss \(Genant grade (\d)\)", "GENANT{}"), (r"wedge", "WEDGE"), (r"narrowing", "NARROW"),
+                (r"canal stenosis \((absolute|relative)\) at mid-body", "STEN{}B"),
+                (r"canal stenosis \((absolute|relative)\)", "STEN{}D"), (r"listhesis Meyerding ([IV]+)", "MEYER{}"))
+    for pat, value in patterns:
+        m = re.fullmatch(pat, flag)
+        if m:
+            code = value.format(*(g[:3].upper() for g in m.groups()))
+            return hd.sr.CodedConcept(code, SCHEME, flag[0].upper() + flag[1:])
+    raise ValueError(f"unknown measurement flag {flag!r}")

@@ -1,4 +1,4 @@
-"""The key image PNG: the mid-sagittal slice with the vertebrae's boxes, level names and findings drawn."""
+"""The key image PNG: the mid-sagittal slice with the vertebrae's boxes, level names, findings and measured lines."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ KEY_IMAGE_SIZE = 768
 FONT_PX = 13
 #: Key-image colour of a disc with degenerative grades only (no Spark grade at that level).
 DEGENERATION_COLOUR = (200, 200, 200)
+#: Key-image colours of the measured lines (issue 14): body heights, disc heights, canal AP, listhesis,
+#: lordosis endplates; a flagged measurement is drawn in :data:`FLAGGED_LINE`.
+LINE_COLOURS = {"body": (0, 230, 255), "disc": (120, 255, 120), "canal": (255, 255, 0), "listhesis": (255, 80, 255),
+                "lordosis": (255, 150, 0)}
+FLAGGED_LINE = (255, 48, 48)
 #: Key-image abbreviations of the degenerative findings (the PDF's key-image legend spells them out).
 DEGENERATION_ABBREVIATIONS = {"upper_endplate_change": "E", "lower_endplate_change": "E", "spondylolisthesis": "L",
                               "herniation": "H", "narrowing": "N", "bulging": "B"}
@@ -34,6 +39,38 @@ def disc_grades_text(g: DegenerationFinding) -> str:
     """The degenerative grades beside a disc: ``Pf3 M2 EHN`` (Pfirrmann, Modic type, findings present)."""
     present = "".join(dict.fromkeys(a for k, a in DEGENERATION_ABBREVIATIONS.items() if g.positive(k)))
     return " ".join(x for x in (f"Pf{g.pfirrmann}", f"M{g.modic_type}" if g.modic_type else "", present) if x)
+
+
+def measured_lines(seg) -> list[tuple[dict, str, bool]]:
+    """Every measured line of a segmentation: ``(line dict, kind of :data:`LINE_COLOURS`, flagged)``."""
+    m, flags = seg.measurements, seg.flags()
+    out = []
+    for lv, e in m["vertebrae"].items():
+        loss = any("height loss" in f or f == "wedge" for f in flags["vertebrae"].get(lv, []))
+        out += [(e[p], "body", loss) for p in ("anterior", "middle", "posterior") if e.get(p)]
+        if e.get("canal_ap_mid_body"):
+            out.append((e["canal_ap_mid_body"], "canal", e["canal_ap_mid_body"]["stenosis"] != "none"))
+    for lv, e in m["discs"].items():
+        narrow = "narrowing" in flags["discs"].get(lv, [])
+        out += [(e[p], "disc", narrow) for p in ("anterior", "middle", "posterior") if e.get(p)]
+        if e.get("canal_ap"):
+            out.append((e["canal_ap"], "canal", e["canal_ap"]["stenosis"] != "none"))
+    for lv, e in m["listhesis"].items():
+        if flags["listhesis"].get(lv):
+            out.append((e["line"], "listhesis", True))
+    for ln in (m.get("lordosis_lines") or {}).values():
+        out.append((ln, "lordosis", False))
+    return out
+
+
+def draw_measurement_lines(draw: ImageDraw.ImageDraw, seg, volume, scale: float, top: float) -> None:
+    """Draw the measured lines on the key image (stored pixel order, scaled, below the header band)."""
+    for line, kind, flagged in measured_lines(seg):
+        pts = []
+        for r, c in line["points"]:
+            sr, sc = volume.inplane.point_to_source(float(r), float(c))
+            pts.append(((sc + 0.5) * scale, (sr + 0.5) * scale + top))
+        draw.line(pts, fill=FLAGGED_LINE if flagged else LINE_COLOURS[kind], width=2)
 
 
 def key_image(result: DetectionResult, path: str | Path) -> int:
@@ -61,6 +98,12 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
         if f.degeneration:
             head.append(("Pf Pfirrmann, M Modic type, E endplate change, L listhesis, H herniation, N narrowing, "
                          "B bulging", (255, 255, 255)))
+    seg = result.segmentation if result.segmentation is not None and result.segmentation.key_slice == k else None
+    if seg is not None:
+        lord = seg.measurements.get("lordosis_deg")
+        head.append(("lines: cyan body heights, green disc heights, yellow canal AP, magenta slip, red flagged"
+                     + (f"; orange L1/S1 endplates, lordosis {lord:.0f} deg" if lord is not None else ""),
+                     (255, 255, 255)))
     if result.review is not None and result.review.study.needs_review:
         first = result.review.study.reasons[0]
         head.append(("NEEDS REVIEW: " + (first if len(first) <= 90 else first[:87] + "..."), (255, 220, 0)))
@@ -77,6 +120,8 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
 
     for i, (text, colour) in enumerate(head):
         draw.text((4, 3 + line * i), text, fill=colour, font=font)
+    if seg is not None:
+        draw_measurement_lines(draw, seg, v, scale, top)
     colors = label_colors()
     graded = {x.level: x for x in f.vertebrae} if f is not None else {}
     discs = {d.level: d for d in f.discs} if f is not None else {}

@@ -20,6 +20,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from spinepath import DISCLAIMER, __version__
+from spinepath.core.levels import VERTEBRA_LEVELS
 from spinepath.core.results import DetectionResult, key_slice
 from spinepath.outputs.key_image import key_image
 
@@ -91,6 +92,58 @@ def degeneration_table(result: DetectionResult) -> list[list[str]]:
     return rows
 
 
+MEASUREMENT_HEADER = ["Level", "Heights A / M / P (mm)", "Ratios", "Canal AP (mm)", "Listhesis / height loss",
+                      "Flags"]
+
+
+def measurement_table(result: DetectionResult) -> list[list[str]]:
+    """Rows of the measurement table, top-down, each body followed by the disc below it.
+
+    Columns :data:`MEASUREMENT_HEADER`: the three heights, the ratios (wedge and biconcavity of a body; disc
+    height index and T2 disc/CSF ratio of a disc), the canal's AP diameter (mid-body or at the disc), the slip
+    over the vertebra below and the height loss against the neighbours, and the derived flags.
+    """
+    seg = result.segmentation
+    if seg is None:
+        return []
+    m, flags = seg.measurements, seg.flags()
+
+    def hts(e: dict) -> str:
+        return " / ".join(f"{e[p]['mm']:.1f}" if e.get(p) else "-" for p in ("anterior", "middle", "posterior"))
+
+    def mm(x: dict | None) -> str:
+        return f"{x['mm']:.1f}" if x else "-"
+
+    rows = []
+    for lv in sorted(set(m["vertebrae"]) | set(m["discs"]), key=_level_rank):
+        if lv in m["vertebrae"]:
+            e = m["vertebrae"][lv]
+            slip = next((f"{v['offset_mm']:+.1f} mm ({v['percent']:+.0f}%) over {k.split('-')[1]}"
+                         for k, v in m["listhesis"].items() if k.split("-")[0] == lv), "")
+            loss = f"loss {100 * e['height_loss']:.0f}%" if e.get("height_loss") is not None else ""
+            ratios = ", ".join(x for x in (f"wedge {e['wedge_ratio']:.2f}" if "wedge_ratio" in e else "",
+                                           f"biconc. {e['biconcavity_ratio']:.2f}" if "biconcavity_ratio" in e
+                                           else "") if x)
+            fl = flags["vertebrae"].get(lv, []) + [f for k, v in flags["listhesis"].items()
+                                                   if k.split("-")[0] == lv for f in v]
+            rows.append([f"{lv} body", hts(e), ratios, mm(e.get("canal_ap_mid_body")),
+                         "; ".join(x for x in (slip, loss) if x), ", ".join(fl)])
+        else:
+            e = m["discs"][lv]
+            ratios = ", ".join(x for x in (f"DHI {e['disc_height_index']:.2f}" if "disc_height_index" in e else "",
+                                           f"T2/CSF {e['t2_signal_ratio']:.2f}" if e.get("t2_signal_ratio")
+                                           is not None else "") if x)
+            rows.append([f"{lv} disc", hts(e), ratios, mm(e.get("canal_ap")), "",
+                         ", ".join(flags["discs"].get(lv, []))])
+    return rows
+
+
+def _level_rank(name: str) -> float:
+    """Top-down order of bodies and discs: each disc just below its upper body."""
+    up = name.split("-")[0]
+    return VERTEBRA_LEVELS.index(up) + (0.5 if "-" in name else 0.0)
+
+
 def review_lines(result: DetectionResult, width: int = 110) -> list[str]:
     """The study's review reasons, and each flagged finding's, as report lines."""
     rev = result.review
@@ -122,10 +175,11 @@ def _table(fig, rect: list[float], rows: list[list[str]], header: list[str], fon
 
 
 def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> bytes:
-    """A two-page A4 PDF: the findings, then the key image.
+    """An A4 PDF: the findings, the measurements (once segmented), then the key image.
 
-    Page 1: disclaimer, review reasons, the table per level, the degenerative table per disc. Page 2: the key
-    image and the software version.
+    Page 1: disclaimer, review reasons, the table per level, the degenerative table per disc. Then, once
+    segmented, the measurement table (:func:`measurement_table`) with the lordosis and the definitions. Last:
+    the key image and the software version.
 
     Args:
         result: The graded detection result.
@@ -194,6 +248,37 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
              "Research prototype."]
     for i, line in enumerate(notes):
         fig.text(0.06, max(y, 0.08) - 0.012 * i, line, fontsize=6.5)
+    pages = [fig]
+    meas = measurement_table(result)
+    if meas:
+        pm = plt.figure(figsize=(8.27, 11.69))
+        pm.text(0.5, 0.965, "Measurements", ha="center", fontsize=13, weight="bold")
+        pm.text(0.5, 0.945, DISCLAIMER, ha="center", fontsize=8, color="#b00000", weight="bold", wrap=True)
+        seg = result.segmentation
+        pm.text(0.06, 0.92, f"On the mid-sagittal slice {seg.key_slice + 1} of {v.pixels.shape[0]} "
+                "(segmentation network); lines drawn on the key image.", fontsize=8)
+        h = 0.0185 * (len(meas) + 1)
+        tab = _table(pm, [0.03, 0.905 - h, 0.94, h], meas, MEASUREMENT_HEADER, fontsize=6.5,
+                     widths=[0.8, 1.2, 1.3, 0.7, 1.6, 1.7])
+        for (r, c), cell in tab.get_celld().items():
+            if r > 0 and c == 5 and meas[r - 1][5]:
+                cell.set_facecolor("#ffe0e0")
+        lord = seg.measurements.get("lordosis_deg")
+        y = 0.88 - h
+        notes = [f"Lumbar lordosis (L1 to S1 superior endplates): {lord:.1f} degrees." if lord is not None
+                 else "Lumbar lordosis: not measured (L1 or S1 not segmented on this slice).",
+                 "Heights at 15% / 50% / 85% of the depth, across the mean endplate direction. Wedge = anterior / "
+                 "posterior; biconcavity = middle / posterior;",
+                 "height loss against the neighbours' mean, Genant grade 1 / 2 / 3 from 20 / 25 / 40%. Disc height "
+                 "index = middle disc height / mean middle height of its two bodies.",
+                 "Disc narrowing flag: middle height below 75% of its measured neighbouring discs'. Canal AP < 10 mm "
+                 "absolute, 10-12 mm relative stenosis (sagittal diameter only:",
+                 "a cross-sectional area needs axial images). Listhesis: posterior corners, perpendicular to the "
+                 "lower posterior wall; flagged from 3 mm (Meyerding grade).",
+                 "Structures cut by the field of view are not measured. Research prototype: see the model card."]
+        for i, line in enumerate(notes):
+            pm.text(0.06, y - 0.013 * i, line, fontsize=6.5, weight="bold" if i == 0 else "normal")
+        pages.append(pm)
     page2 = plt.figure(figsize=(8.27, 11.69))
     page2.text(0.5, 0.965, "Key image", ha="center", fontsize=13, weight="bold")
     page2.text(0.5, 0.945, DISCLAIMER, ha="center", fontsize=8, color="#b00000", weight="bold", wrap=True)
@@ -206,11 +291,11 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
                fontsize=7, wrap=True)
     page2.text(0.06, 0.045, f"spinepath {__version__}", fontsize=7)
     buf = io.BytesIO()
+    pages.append(page2)
     with PdfPages(buf) as pdf:
-        pdf.savefig(fig)
-        pdf.savefig(page2)
-    plt.close(fig)
-    plt.close(page2)
+        for page in pages:
+            pdf.savefig(page)
+            plt.close(page)
     return buf.getvalue()
 
 

@@ -1,6 +1,8 @@
-"""DICOM Segmentation (binary SEG, highdicom) of the named vertebrae: one segment per level.
+"""DICOM Segmentation (binary SEG, highdicom) of the named structures: one segment per structure.
 
-Each segment is the vertebra's detected box, filled, on every source slice where it was detected. Frames
+Once segmented (:mod:`spinepath.segmentation.inference`): one segment per vertebral body level, per disc level
+and the spinal canal, the network's masks on the segmented slices. Without a segmentation: one segment per
+vertebra, its detected box filled on every source slice where it was detected. Frames
 reference their source slice (same matrix and geometry as the sagittal series); empty frames are omitted.
 """
 
@@ -17,9 +19,9 @@ from pydicom.sr.codedict import codes
 from spinepath import __version__
 from spinepath.core.boxes import box_slices
 from spinepath.core.labels import label_colors
-from spinepath.core.levels import VERTEBRA_LEVELS, level_index
+from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, level_index
 from spinepath.core.results import DetectionResult
-from spinepath.outputs.coding import ANATOMICAL_STRUCTURE, vertebra_code
+from spinepath.outputs.coding import ANATOMICAL_STRUCTURE, SPINAL_CANAL, disc_code, vertebra_code
 from spinepath.outputs.common import no_identifying_warnings, write_dataset
 
 __all__ = [
@@ -29,11 +31,14 @@ __all__ = [
     "build_level_seg",
     "build_vertebra_seg",
     "seg_masks",
+    "structure_masks",
     "vertebra_code",
     "write_seg",
 ]
 
 SEG_SERIES_NUMBER = 901
+#: The spinal canal's name in the label map and the structure masks.
+CANAL = "spinal canal"
 SEG_SERIES_DESCRIPTION = "spinepath vertebrae (NOT FOR DIAGNOSTIC USE)"
 #: Type 2 attributes highdicom reads from the first source header (absent ones are written empty).
 _TYPE2_SOURCE = (
@@ -98,7 +103,7 @@ def _source_headers(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
 def build_vertebra_seg(
     result, series_number: int = SEG_SERIES_NUMBER, manufacturer: str = "spinepath"
 ) -> hd.seg.Segmentation:
-    """Build the binary DICOM Segmentation of the named vertebrae, a new series in the source study.
+    """Build the binary DICOM Segmentation of the named structures, a new series in the source study.
 
     Args:
         result: A :class:`spinepath.core.results.DetectionResult` of a DICOM series (``result.volume.datasets``
@@ -107,15 +112,52 @@ def build_vertebra_seg(
         manufacturer: Manufacturer of the new series.
 
     Returns:
-        A :class:`highdicom.seg.Segmentation` (a ``pydicom.Dataset``): segment ``i + 1`` is ``levels[i]`` of
-        :func:`seg_masks`, labelled e.g. ``"L3 vertebral body"`` with the level as Segment Description.
+        A :class:`highdicom.seg.Segmentation` (a ``pydicom.Dataset``): segment ``i + 1`` is ``names[i]`` of
+        :func:`structure_masks` once segmented (else ``levels[i]`` of :func:`seg_masks`), labelled e.g.
+        ``"L3 vertebral body"``, ``"L3-L4 intervertebral disc"``, ``"spinal canal"``, with the name as Segment
+        Description.
 
     Raises:
         ValueError: If the volume has no source headers or no vertebra is named.
 
     """
+    if result.segmentation is not None:
+        masks, names = structure_masks(result)
+        if names:
+            return build_level_seg(result.volume, masks, names, series_number=series_number,
+                                   manufacturer=manufacturer, content="Bodies, discs, canal (network)")
     masks, levels = seg_masks(result)
     return build_level_seg(result.volume, masks, levels, series_number=series_number, manufacturer=manufacturer)
+
+
+def structure_masks(result: DetectionResult) -> tuple[np.ndarray, list[str]]:
+    """The segmented structures of a result: bodies by level, discs by level, the canal.
+
+    Returns:
+        ``(masks, names)``: boolean ``(n, n_slices, rows, cols)`` masks indexed like ``result.volume.pixels``
+        (filled on the segmented slices) and their names (``"L3"``, ``"L3-L4"``, ``"spinal canal"``), top-down.
+
+    """
+    seg = result.segmentation
+    found: dict[str, dict[int, np.ndarray]] = {}
+    for j, inst in seg.instances.items():
+        for lv, m in {**inst["bodies"], **inst["discs"], CANAL: inst["canal"]}.items():
+            if m is not None:
+                found.setdefault(lv, {})[j] = m
+    order = {lv: i for i, lv in enumerate(list(VERTEBRA_LEVELS) + list(DISC_LEVELS))}
+
+    def rank(name: str) -> float:  # top-down, each disc below its upper body, the canal last
+        if name == CANAL:
+            return 1e9
+        up = name.split("-")[0]
+        return VERTEBRA_LEVELS.index(up) + (0.5 if "-" in name else 0.0) if up in VERTEBRA_LEVELS else order[name]
+
+    names = sorted(found, key=rank)
+    masks = np.zeros((len(names), *result.volume.pixels.shape), dtype=bool)
+    for i, name in enumerate(names):
+        for j, m in found[name].items():
+            masks[i, j] = m
+    return masks, names
 
 
 def build_level_seg(
@@ -126,17 +168,19 @@ def build_level_seg(
     series_number: int = SEG_SERIES_NUMBER,
     manufacturer: str = "spinepath",
     series_description: str = SEG_SERIES_DESCRIPTION,
+    content: str | None = None,
 ) -> hd.seg.Segmentation:
-    """Binary DICOM Segmentation with one segment per vertebral level (colours of ``configs/labels.json``).
+    """Binary DICOM Segmentation with one segment per structure (colours of ``configs/labels.json``).
 
     Args:
         volume: The source :class:`spinepath.core.geometry.SeriesVolume` with its headers (``datasets``).
         masks: Boolean ``(n_levels, n_slices, rows, cols)`` indexed like ``volume.pixels``.
-        levels: Level name per mask.
+        levels: Name per mask: a vertebral level (its body), a disc (``"L4-L5"``) or ``"spinal canal"``.
         manual: Segments drawn or corrected by an annotator (algorithm type MANUAL) instead of AUTOMATIC.
         series_number: Series Number of the new series.
         manufacturer: Manufacturer of the new series.
         series_description: Series Description of the new series.
+        content: Content Description (what the masks are); by default the detected boxes or the annotator's.
 
     Raises:
         ValueError: If the volume has no source headers, no level is given or a name is not a level.
@@ -156,11 +200,14 @@ def build_level_seg(
     for i, lv in enumerate(levels, start=1):
         colour = {"display_color": hd.color.CIELabColor.from_rgb(*colours[lv])} if new_highdicom and lv in colours \
             else {}
+        label, prop = (("spinal canal", SPINAL_CANAL) if lv == CANAL else
+                       (f"{lv} intervertebral disc", disc_code(lv)) if lv in DISC_LEVELS else
+                       (f"{lv} vertebral body", vertebra_code(lv)))
         d = hd.seg.SegmentDescription(
             segment_number=i,
-            segment_label=f"{lv} vertebral body",
+            segment_label=label,
             segmented_property_category=ANATOMICAL_STRUCTURE,
-            segmented_property_type=vertebra_code(lv),
+            segmented_property_type=prop,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL if manual
             else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo,
@@ -172,7 +219,8 @@ def build_level_seg(
         descriptions.append(d)
     # frame i <-> source slice i (source frame for a multi-frame source), in the stored pixel order
     with no_identifying_warnings():
-        content = "Vertebral bodies corrected by an annotator" if manual else "Vertebral bodies (detected boxes)"
+        content = content or ("Vertebral bodies corrected by an annotator" if manual
+                              else "Vertebral bodies (detected boxes)")
         return _segmentation(v, masks, descriptions, series_number, manufacturer, series_description,
                              f"{content}, research use only")
 

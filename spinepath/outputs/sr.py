@@ -5,7 +5,8 @@ finding site (SNOMED CT level), the region as a polyline on the source slice whe
 the probability as a numeric measurement, qualitative evaluations (Normal/Abnormal; the disc grade; "Needs
 review" Yes/No with its coded reasons) and the algorithm identification (name, version). One more group per
 disc with degenerative grades (finding type: degeneration of intervertebral disc, SNOMED CT 77547008): the
-Pfirrmann grade and the Modic type as coded values, each finding Present / Absent with its probability.
+Pfirrmann grade and the Modic type as coded values, each finding Present / Absent with its probability. One
+group per measured body and disc, and one for the lordosis, once segmented (:func:`segmentation_groups`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 
 from spinepath import __version__
+from spinepath.core.levels import VERTEBRA_LEVELS
 from spinepath.core.results import DegenerationFinding, DetectionResult, key_slice
 from spinepath.outputs.coding import (
     ABNORMAL,
@@ -28,6 +30,9 @@ from spinepath.outputs.coding import (
     DISC_GRADE_CODES,
     DISC_GRADE_NAME,
     FINDING,
+    LUMBAR_SPINE,
+    MEASUREMENT_CODES,
+    MEASUREMENT_FLAG,
     MODIC_CODES,
     MODIC_TYPE,
     NEEDS_REVIEW,
@@ -43,6 +48,7 @@ from spinepath.outputs.coding import (
     VERTEBRA,
     YES,
     disc_code,
+    flag_code,
     vertebra_code,
 )
 from spinepath.outputs.common import no_identifying_warnings
@@ -188,6 +194,84 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
     return groups
 
 
+def _coordinates(line: dict, volume, k: int) -> hd.sr.CoordinatesForMeasurement:
+    """A measured line (canonical pixel points ``(row, col)``) as a SCOORD POLYLINE on its source image."""
+    pts = [volume.inplane.point_to_source(float(r), float(c)) for r, c in line["points"]]
+    # SCOORD: (column, row), 0\\0 the top-left corner of the first pixel (pixel centres at +0.5)
+    data = np.array([[c + 0.5, r + 0.5] for r, c in pts], dtype=np.float32)
+    frames = [volume.frame_numbers[k]] if volume.frame_numbers else None
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=data,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(volume.datasets[k], referenced_frame_numbers=frames))
+
+
+def segmentation_groups(result: DetectionResult, algo: hd.sr.AlgorithmIdentification
+                        ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One TID 1501 group per measured body and disc, and one for the lordosis (issue 14, item 4).
+
+    The group references the key slice it was measured on; every length is a NUM in mm with the line it was
+    measured on as a SCOORD POLYLINE on the source image (TID 1410 groups, with their one region, allow no
+    coordinates per measurement); ratios are ``{ratio}``, the angle ``deg`` with its two endplate lines; the
+    derived flags are qualitative evaluations ("Measurement flag").
+    """
+    seg = result.segmentation
+    if seg is None:
+        return []
+    vol, k, m = result.volume, seg.key_slice, seg.measurements
+    flags = seg.flags()
+    groups = []
+
+    def nums(entry: dict, keys: dict[str, str]) -> list[hd.sr.Measurement]:
+        out = []
+        for key, code_key in keys.items():
+            v = entry.get(key)
+            if v is None:
+                continue
+            name, unit = MEASUREMENT_CODES[code_key]
+            line = v if isinstance(v, dict) else None
+            out.append(hd.sr.Measurement(
+                name=name, value=round(float(line["mm"] if line else v), 3), unit=unit, algorithm_id=algo,
+                referenced_coordinates=[_coordinates(line, vol, k)] if line else None))
+        return out
+
+    frames = [vol.frame_numbers[k]] if vol.frame_numbers else None
+    source = [hd.sr.SourceImageForMeasurementGroup.from_source_image(vol.datasets[k], referenced_frame_numbers=frames)]
+
+    def group(ident: str, ftype, site, measurements: list, flag_list: list[str]) -> None:
+        if not measurements:
+            return
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{ident} measurements"),
+            finding_type=ftype, algorithm_id=algo, finding_sites=[hd.sr.FindingSite(site)],
+            measurements=measurements, source_images=source,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(MEASUREMENT_FLAG, flag_code(f)) for f in flag_list]))
+
+    order = list(m["vertebrae"])
+    for lv, e in m["vertebrae"].items():
+        below = VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1] if lv != VERTEBRA_LEVELS[-1] else None
+        slip = m["listhesis"].get(f"{lv}-{below}") if below else None
+        ms = nums(e, {"anterior": "body_anterior", "middle": "body_middle", "posterior": "body_posterior",
+                      "wedge_ratio": "wedge_ratio", "biconcavity_ratio": "biconcavity_ratio",
+                      "height_loss": "height_loss", "canal_ap_mid_body": "canal_ap_mid_body"})
+        if slip is not None:
+            ms += nums({"offset": {**slip["line"], "mm": slip["offset_mm"]}, "percent": slip["percent"]},
+                       {"offset": "listhesis_offset", "percent": "listhesis_percent"})
+        group(lv, VERTEBRA, vertebra_code(lv), ms,
+              flags["vertebrae"].get(lv, []) + (flags["listhesis"].get(f"{lv}-{below}", []) if below else []))
+    for lv, e in m["discs"].items():
+        group(lv, disc_code(lv), disc_code(lv),
+              nums(e, {"anterior": "disc_anterior", "middle": "disc_middle", "posterior": "disc_posterior",
+                       "disc_height_index": "disc_height_index", "t2_signal_ratio": "t2_signal_ratio",
+                       "canal_ap": "canal_ap"}), flags["discs"].get(lv, []))
+    if m.get("lordosis_deg") is not None and order:
+        name, unit = MEASUREMENT_CODES["lordosis"]
+        lines = m["lordosis_lines"]
+        group("L1-S1", LUMBAR_SPINE, LUMBAR_SPINE,
+              [hd.sr.Measurement(name=name, value=float(m["lordosis_deg"]), unit=unit, algorithm_id=algo,
+                                 referenced_coordinates=[_coordinates(ln, vol, k) for ln in lines.values()])], [])
+    return groups
+
+
 def build_sr(result: DetectionResult, series_number: int = SR_SERIES_NUMBER) -> hd.sr.Comprehensive3DSR:
     """The findings as a Comprehensive 3D SR (TID 1500) in a new series of the source study.
 
@@ -207,7 +291,8 @@ def build_sr(result: DetectionResult, series_number: int = SR_SERIES_NUMBER) -> 
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.LN.MRISpineReport,
-        imaging_measurements=measurement_groups(result),
+        imaging_measurements=[*measurement_groups(result),
+                              *segmentation_groups(result, hd.sr.AlgorithmIdentification(ALGORITHM, __version__))],
         title=codes.DCM.ImagingMeasurementReport,
     )
     with no_identifying_warnings():
@@ -233,10 +318,26 @@ def _document(ds: list, report: hd.sr.MeasurementReport, series_number: int) -> 
 
 
 def read_findings(path: str | Path) -> dict:
-    """Read an SR written by :func:`build_sr` back: ``{"vertebrae", "discs", "degeneration"}``, each by level."""
+    """Read an SR written by :func:`build_sr` back: ``{"vertebrae", "discs", "degeneration", "measurements"}``.
+
+    Each by level; a measurement group gives its values (meaning -> (value, unit)), the SCOORD lines of each
+    and its flags.
+    """
     sr = hd.sr.srread(path)
     report = sr.content
-    out: dict = {"vertebrae": {}, "discs": {}, "degeneration": {}}
+    out: dict = {"vertebrae": {}, "discs": {}, "degeneration": {}, "measurements": {}}
+    for g in report.get_image_measurement_groups():
+        level, kind = str(g.tracking_identifier).rsplit(" ", 1)
+        evaluations = g.get_qualitative_evaluations()
+        if kind == "measurements":
+            src = g.source_images
+            out["measurements"][level] = {
+                "source_sop_instance_uid": src[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID if src else None,
+                "values": {mm.name.meaning: (float(mm.value), mm.unit.value) for mm in g.get_measurements()},
+                "lines": {mm.name.meaning: [np.asarray(c.value).reshape(-1, 2).tolist()
+                                            for c in (mm.referenced_coordinates or [])]
+                          for mm in g.get_measurements()},
+                "flags": [q.value.meaning for q in evaluations if q.name == MEASUREMENT_FLAG]}
     for g in report.get_planar_roi_measurement_groups():
         level, kind = str(g.tracking_identifier).rsplit(" ", 1)
         evaluations = g.get_qualitative_evaluations()

@@ -52,13 +52,18 @@ class SegSlice:
     spacing_mm: tuple[float, float]
 
 
+def grid_image(image: np.ndarray, spacing: tuple[float, float], grid_mm: float = GRID_MM) -> np.ndarray:
+    """A slice normalised to [0, 1] and resampled (bilinear, corner pixels aligned) to ``grid_mm`` pixels."""
+    zoom = (float(spacing[0]) / grid_mm, float(spacing[1]) / grid_mm)
+    return np.clip(ndi.zoom(normalise_image(image), zoom, order=1, mode="nearest"), 0, 1).astype(np.float32)
+
+
 def to_grid(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], grid_mm: float = GRID_MM
             ) -> tuple[np.ndarray, np.ndarray]:
-    """Resample a slice (bilinear, normalised to [0, 1]) and its mask (nearest) to ``grid_mm`` pixels."""
+    """Resample a slice (:func:`grid_image`) and its mask (nearest) to ``grid_mm`` pixels."""
     zoom = (float(spacing[0]) / grid_mm, float(spacing[1]) / grid_mm)
-    img = ndi.zoom(normalise_image(image), zoom, order=1, mode="nearest")
     msk = ndi.zoom(mask.astype(np.int16), zoom, order=0, mode="nearest")
-    return np.clip(img, 0, 1).astype(np.float32), msk.astype(np.int64)
+    return grid_image(image, spacing, grid_mm), msk.astype(np.int64)
 
 
 def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,

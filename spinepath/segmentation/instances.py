@@ -1,8 +1,10 @@
 """Instances per level (issue 14, item 2): the semantic masks of one slice split and named by the detector's chain.
 
 A vertebral body is the connected component of the body class that overlaps the named vertebra's box most
-(at least :data:`MIN_BOX_OVERLAP` of the component inside the box); a disc ``A-B`` is the disc component
-nearest the midpoint of the two named bodies and lying between them along the spine; the canal is one
+(at least :data:`MIN_BOX_OVERLAP` of the component inside the box), else the part inside the box of a larger
+component that fills :data:`MIN_BOX_FILL` of it (S1 in a sacrum segmented as one piece); a disc ``A-B`` is the
+disc component nearest the midpoint of the two named bodies (a box centre for a level without a body) and lying
+between them along the spine; the canal is one
 structure (its largest component). Every mask is on the grid of the class map it came from.
 """
 
@@ -16,6 +18,8 @@ from spinepath.segmentation.partial import CLASSES
 
 #: A body component must have at least this fraction of its pixels inside the named box.
 MIN_BOX_OVERLAP = 0.5
+#: Else a larger component filling this fraction of the box gives the box's part of it (a fused sacrum).
+MIN_BOX_FILL = 0.4
 
 
 def components(mask: np.ndarray, min_pixels: int) -> list[np.ndarray]:
@@ -51,13 +55,20 @@ def level_instances(classes: np.ndarray, boxes: dict[str, tuple[float, float, fl
         if best is not None:
             used.add(best)
             bodies[lv] = comps[best]
+            continue
+        # a body fused with others (the sacrum's S1 with S2-S5): its part inside the box, when it fills it
+        over = [(float((c & inbox).sum()), i) for i, c in enumerate(comps) if i not in used]
+        if over and max(over)[0] >= MIN_BOX_FILL * inbox.sum():
+            bodies[lv] = comps[max(over)[1]] & inbox
     discs: dict[str, np.ndarray] = {}
     dcomps = components(classes == CLASSES.index("disc"), min_pixels)
-    cents = {lv: np.array(ndi.center_of_mass(m)) for lv, m in bodies.items()}
+    # a level without a body keeps its box centre: the disc next to it can still be found
+    cents = {lv: np.array([(r0 + r1) / 2, (c0 + c1) / 2]) for lv, (r0, c0, r1, c1) in boxes.items()}
+    cents.update({lv: np.array(ndi.center_of_mass(m)) for lv, m in bodies.items()})
     names = list(boxes)
     for a, b in zip(names[:-1], names[1:]):
         lv = f"{a}-{b}"
-        if lv not in DISC_LEVELS or a not in cents or b not in cents or not dcomps:
+        if lv not in DISC_LEVELS or not (a in bodies or b in bodies) or not dcomps:
             continue
         axis = cents[b] - cents[a]
         length = float(np.linalg.norm(axis))

@@ -34,8 +34,8 @@ def group_dice(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, annotat
     return out
 
 
-def case_dice(items: Iterable[tuple[SegSlice, np.ndarray]]) -> dict[str, float]:
-    """Dice per annotation name: each case's over all its slices (pooled), then the mean over cases.
+def per_case_dice(items: Iterable[tuple[SegSlice, np.ndarray]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Dice per case ``(source, case)`` and annotation name, pooled over the case's slices.
 
     Args:
         items: ``(slice, predicted class map on its grid)`` pairs.
@@ -46,10 +46,24 @@ def case_dice(items: Iterable[tuple[SegSlice, np.ndarray]]) -> dict[str, float]:
         acc = per_case.setdefault((s.source, s.case), {})
         for name, v in group_dice(pred, s.target, s.groups, s.annotated, totals=True).items():
             acc.setdefault(name, []).append(v)
-    dice: dict[str, list[float]] = {}
-    for acc in per_case.values():
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for key, acc in per_case.items():
         for name, parts in acc.items():
             tot = np.sum(parts, axis=0)
             if tot[1] > 0:
-                dice.setdefault(name, []).append(2 * tot[0] / tot[1])
+                out.setdefault(key, {})[name] = float(2 * tot[0] / tot[1])
+    return out
+
+
+def case_dice(items: Iterable[tuple[SegSlice, np.ndarray]]) -> dict[str, float]:
+    """Dice per annotation name: each case's over all its slices (pooled), then the mean over cases.
+
+    Args:
+        items: ``(slice, predicted class map on its grid)`` pairs.
+
+    """
+    dice: dict[str, list[float]] = {}
+    for case in per_case_dice(items).values():
+        for name, v in case.items():
+            dice.setdefault(name, []).append(v)
     return {k: round(float(np.mean(v)), 4) for k, v in dice.items()}

@@ -26,7 +26,7 @@ class SegNetConfig:
     deep_supr_num: int = 2
     patch: int = 192  # training patch (pixels of the grid)
     batch_size: int = 8
-    epochs: int = 40
+    epochs: int = 36
     lr: float = 2e-3
     weight_decay: float = 1e-4
     dice_weight: float = 1.0

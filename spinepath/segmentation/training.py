@@ -38,6 +38,7 @@ from spinepath.data.spider import load_spider_seg
 from spinepath.data.split import split_part
 from spinepath.grading.classifier import warmup_cosine
 from spinepath.segmentation.data import SegSlice, spider_seg_slices, volume_seg_slices
+from spinepath.segmentation.inference import load_segmenter
 from spinepath.segmentation.metrics import case_dice
 from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities, to_input
 from spinepath.segmentation.partial import partial_label_loss
@@ -113,8 +114,22 @@ def evaluate_slices(model: torch.nn.Module, slices: list[SegSlice]) -> dict[str,
 
 
 def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetConfig | None = None,
-                       step: int = 2, max_cases: int = 0, num_threads: int = 0, progress: bool = True) -> dict:
+                       step: int = 2, max_cases: int = 0, num_threads: int = 0, progress: bool = True,
+                       init_from: str | Path | None = None, extra_train: list[SegSlice] | None = None,
+                       selection_max_cases: int | None = None) -> dict:
     """Train, choose the best epoch on the selection part, write the model, history and curves.
+
+    Args:
+        data_root: The shared data folder.
+        out_dir: Where ``segmentation.pt``, ``history.json`` and ``curves.png`` go.
+        cfg: Hyper-parameters (the network's layout is the one of ``init_from`` when given).
+        step: Every ``step``-th lateral slice of the 3D training volumes.
+        max_cases: At most that many training cases per source (0 = all).
+        num_threads: Torch CPU threads (0 = default).
+        progress: Show a progress bar.
+        init_from: Fine-tune these weights (a retraining round) instead of a random initialisation.
+        extra_train: More training slices (an annotator's corrections).
+        selection_max_cases: Selection cases per source (default ``max_cases``).
 
     Returns:
         The history summary (best epoch, its selection Dice per class, slices used).
@@ -125,11 +140,16 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
         torch.set_num_threads(num_threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_slices(data_root, "train", step, max_cases)
-    select = load_slices(data_root, "selection", 4, max_cases)
+    train = load_slices(data_root, "train", step, max_cases) + list(extra_train or [])
+    select = load_slices(data_root, "selection", 4, max_cases if selection_max_cases is None else selection_max_cases)
     log.info("segmentation: %d training and %d selection slices", len(train), len(select))
     torch.manual_seed(cfg.seed)
-    model = build_segnet(cfg)
+    if init_from is not None:
+        model = load_segmenter(init_from)
+        cfg = SegNetConfig.from_dict({**asdict(cfg), "filters": list(model.meta["cfg"]["filters"]),
+                                      "deep_supr_num": model.meta["cfg"]["deep_supr_num"]})
+    else:
+        model = build_segnet(cfg)
     dl = torch.utils.data.DataLoader(PatchDataset(train, cfg), batch_size=cfg.batch_size, shuffle=True,
                                      drop_last=len(train) > cfg.batch_size,
                                      generator=torch.Generator().manual_seed(cfg.seed))

@@ -23,6 +23,26 @@ log = logging.getLogger(__name__)
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
 
 
+def result_options(request: dict) -> tuple[str, bool]:
+    """The label file a request asks for: ``(suffix, compress)``.
+
+    ``result_extension`` (one of :data:`RESULT_EXTENSIONS`, default ``.nii.gz``) and ``result_compress``
+    (default true); ``result_dtype`` other than uint8 is refused.
+
+    Raises:
+        HTTPException: 400 for an unsupported extension or dtype (MONAI Label answers any other exception with
+            a bare 500).
+
+    """
+    suffix = str(request.get("result_extension") or ".nii.gz")
+    if suffix not in RESULT_EXTENSIONS:
+        raise HTTPException(400, f"result_extension {suffix!r} not supported; use one of "
+                                 f"{', '.join(RESULT_EXTENSIONS)}")
+    if str(request.get("result_dtype") or "uint8") != "uint8":
+        raise HTTPException(400, "result_dtype: labels are written as uint8 only")
+    return suffix, str(request.get("result_compress", True)).lower() not in ("false", "0", "no")
+
+
 class VertebraeInfer(InferTask):
     """Label map with one label per vertebral level (filled boxes), values from ``configs/labels.json``.
 
@@ -92,14 +112,7 @@ class VertebraeInfer(InferTask):
         ``result_extension`` (one of :data:`RESULT_EXTENSIONS`, default ``.nii.gz``) and ``result_compress``
         (default true) choose the label file; it is always uint8 (``result_dtype`` other than uint8 is refused).
         """
-        # HTTPException: MONAI Label answers any other exception with a bare 500
-        suffix = str(request.get("result_extension") or ".nii.gz")
-        if suffix not in RESULT_EXTENSIONS:
-            raise HTTPException(400, f"result_extension {suffix!r} not supported; use one of "
-                                     f"{', '.join(RESULT_EXTENSIONS)}")
-        if str(request.get("result_dtype") or "uint8") != "uint8":
-            raise HTTPException(400, "result_dtype: level labels are written as uint8 only")
-        compress = str(request.get("result_compress", True)).lower() not in ("false", "0", "no")
+        suffix, compress = result_options(request)
         detector, served = self.detector()
         grader = self.grader()
         spider = self.spider_grader()

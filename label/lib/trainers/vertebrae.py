@@ -24,8 +24,10 @@ class VertebraeTrainer(TrainTask):
     Request keys override the round defaults: ``epochs``, ``lr``, ``max_train_cases``, ``metric``, ``seed``...
     """
 
+    DESCRIPTION = "Retraining round of the vertebra detector on the annotators' corrections"
+
     def __init__(self, store: ModelStore, label_map: dict[str, Label], defaults: dict) -> None:
-        super().__init__("Retraining round of the vertebra detector on the annotators' corrections")
+        super().__init__(self.DESCRIPTION)
         self.store = store
         self.label_map = label_map
         self.defaults = defaults

@@ -1,0 +1,119 @@
+"""The segmentation stage of a study (issue 14, items 2-3): class maps, named instances and measurements.
+
+The network runs on the key slice of the T2 (the mid-sagittal slice of the detected spine,
+:func:`spinepath.core.results.key_slice`) and on :data:`NEIGHBOURS` slices either side of it: the SEG carries
+those slices, the measurements are taken on the key slice alone (the mid-sagittal slice, as radiologists
+measure; the README says so; structures cut by the field of view are not measured). Each slice is resampled to
+the training grid (:data:`spinepath.segmentation.data.GRID_MM`), segmented, and the class probabilities
+brought back to the slice's own pixels (bilinear, the same corner-aligned mapping as the resampling) before
+the arg-max; instances are named by the detector's boxes on that slice
+(:func:`spinepath.segmentation.instances.level_instances`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.nets import DynUNet
+
+from spinepath.core.levels import VERTEBRA_LEVELS
+from spinepath.core.results import DetectionResult, SpineSegmentation, key_slice
+from spinepath.core.weights import float_state
+from spinepath.measurements.spine import measure_spine
+from spinepath.segmentation.data import GRID_MM, grid_image
+from spinepath.segmentation.instances import level_instances
+from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities
+
+#: Slices segmented either side of the key slice (for the SEG; the measurements use the key slice). 0 by
+#: default: one slice keeps the stage within its time budget (README benchmark).
+NEIGHBOURS = 0
+#: Components smaller than this many square millimetres are fragments.
+MIN_AREA_MM2 = 17.0
+
+
+def load_segmenter(path: str | Path) -> DynUNet:
+    """The saved segmentation network (``spinepath train segmentation``), float32, eval mode.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If the file is not a spinepath segmentation model.
+
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no segmentation model (train one with `spinepath train segmentation`)")
+    d = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(d, dict) or d.get("format") != "spinepath-segmentation-1":
+        raise ValueError(f"{path}: not a spinepath segmentation model")
+    model = build_segnet(SegNetConfig.from_dict(d["cfg"]))
+    model.load_state_dict(float_state(d["state"]))
+    model.meta = {"file": p.name, "epoch": d.get("epoch"), "selection_dice": d.get("selection_dice"), "cfg": d["cfg"]}
+    return model.eval()
+
+
+def segment_slices(model: DynUNet, images: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+    """Class indices (:data:`spinepath.segmentation.partial.CLASSES`) of slices, on their own pixels.
+
+    Args:
+        model: The segmentation network.
+        images: ``(n, rows, cols)`` raw intensities (one forward pass).
+        spacing: Pixel spacing ``(row, col)`` in mm.
+
+    Returns:
+        ``(n, rows, cols)`` uint8 class indices.
+
+    """
+    grid = np.stack([grid_image(im, spacing) for im in images])
+    dev = next(model.parameters()).device
+    probs = predict_probabilities(model, torch.from_numpy(grid)[:, None].to(dev))
+    probs = torch.nn.functional.interpolate(probs, size=tuple(images.shape[1:]), mode="bilinear",
+                                            align_corners=True)
+    return probs.argmax(1).cpu().numpy().astype(np.uint8)
+
+
+def slice_boxes(result: DetectionResult, k: int) -> dict[str, tuple[float, float, float, float]]:
+    """Named vertebra -> its box on slice ``k`` (else on its nearest slice), top-down."""
+    out = {}
+    named = [t for t in result.vertebrae if t.level in VERTEBRA_LEVELS]
+    for t in sorted(named, key=lambda t: VERTEBRA_LEVELS.index(t.level)):
+        j = min(t.slices, key=lambda s: abs(s - k))
+        out[t.level] = tuple(float(x) for x in t.box_on(j))
+    return out
+
+
+def touches_edge(mask: np.ndarray) -> bool:
+    """Whether a structure reaches the image border (cut by the field of view: not measured)."""
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+def segment_study(result: DetectionResult, model: DynUNet, neighbours: int = NEIGHBOURS) -> SpineSegmentation:
+    """Segment the key slice and its neighbours, name the instances, measure on the key slice.
+
+    Returns:
+        The :class:`spinepath.core.results.SpineSegmentation` (also set as ``result.segmentation``).
+
+    """
+    t0 = time.perf_counter()
+    vol = result.volume
+    spacing = (float(vol.spacing[0]), float(vol.spacing[1]))
+    min_pixels = max(int(MIN_AREA_MM2 / (spacing[0] * spacing[1])), 4)
+    k = key_slice(result)
+    n = vol.pixels.shape[0]
+    slices = list(range(max(0, k - neighbours), min(n, k + neighbours + 1)))
+    classes = dict(zip(slices, segment_slices(model, vol.pixels[slices], spacing)))
+    instances = {j: level_instances(classes[j], slice_boxes(result, j), min_pixels) for j in slices}
+    inst = instances[k]
+    cut = {t.level for t in result.vertebrae if t.truncated}  # the detector saw the field of view cut them
+    bodies = {lv: m for lv, m in inst["bodies"].items() if lv not in cut and not touches_edge(m)}
+    discs = {lv: m for lv, m in inst["discs"].items() if not touches_edge(m)}
+    measurements = measure_spine(bodies, discs, inst["canal"], spacing, image=vol.pixels[k])
+    seg = SpineSegmentation(key_slice=k, slices=slices, classes=classes, instances=instances,
+                            measurements=measurements,
+                            model={**{k: v for k, v in getattr(model, "meta", {}).items() if k != "cfg"},
+                                   "grid_mm": GRID_MM},
+                            seconds=time.perf_counter() - t0)
+    result.segmentation = seg
+    return seg

@@ -1,0 +1,177 @@
+"""Issue 14, items 2-4: the segmentation stage on a real study (committed network), the named instances, the
+measurements and their flags, and every output that carries them (JSON, SR TID 1500, SEG, PDF, key image)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import highdicom as hd
+import numpy as np
+import pytest
+import torch
+from conftest import EXAMPLE, dciodvfy_errors
+from PIL import Image
+
+from spinepath import stages
+from spinepath.core.results import SpineSegmentation
+from spinepath.io.dicom import load_study
+from spinepath.outputs.coding import flag_code
+from spinepath.outputs.pdf import MEASUREMENT_HEADER, measurement_table
+from spinepath.outputs.sr import read_findings
+from spinepath.outputs.writer import write_outputs
+
+LUMBAR = ("L1", "L2", "L3", "L4", "L5")
+
+
+@pytest.fixture(scope="module")
+def segmented(models):
+    return stages.analyse(load_study(EXAMPLE), *models)
+
+
+def test_the_stage_names_and_measures_a_real_study(segmented):
+    """The committed network on a real 19-slice study: every lumbar body and the discs between them named by
+    the detector's chain, the canal found, and measurements in the ranges of an adult lumbar spine."""
+    seg = segmented.segmentation
+    assert isinstance(seg, SpineSegmentation) and seg.key_slice in seg.slices
+    inst = seg.instances[seg.key_slice]
+    assert set(LUMBAR) <= set(inst["bodies"]) and inst["canal"] is not None
+    assert {"L1-L2", "L2-L3", "L3-L4", "L4-L5"} <= set(inst["discs"])
+    m = seg.measurements
+    for lv in LUMBAR:
+        e = m["vertebrae"][lv]
+        assert all(18 < e[p]["mm"] < 40 for p in ("anterior", "middle", "posterior")), (lv, e)
+        assert 0.7 < e["wedge_ratio"] < 1.4 and 8 < e["canal_ap_mid_body"]["mm"] < 30
+    for lv in ("L1-L2", "L2-L3", "L3-L4", "L4-L5"):
+        e = m["discs"][lv]
+        assert 3 < e["middle"]["mm"] < 18 and 0.1 < e["disc_height_index"] < 0.8 and 8 < e["canal_ap"]["mm"] < 30
+        assert 0.05 < e["t2_signal_ratio"] < 1.5
+    assert 20 < m["lordosis_deg"] < 80
+    assert all(abs(e["offset_mm"]) < 8 for e in m["listhesis"].values())
+    # a body's three height lines lie inside that body's mask on the key slice
+    body = inst["bodies"]["L3"]
+    for p in ("anterior", "middle", "posterior"):
+        (r0, c0), (r1, c1) = m["vertebrae"]["L3"][p]["points"]
+        mid = (round((r0 + r1) / 2), round((c0 + c1) / 2))
+        assert body[mid], p
+
+
+def test_json_gives_every_line_in_stored_pixels_and_patient_mm(segmented):
+    doc = segmented.to_dict()
+    m, s = doc["measurements"], doc["segmentation"]
+    assert m["slice_index"] == s["key_slice"] and m["sop_instance_uid"] == segmented.volume.sop_instance_uids[
+        s["key_slice"]]
+    h = m["vertebrae"]["L3"]["middle"]
+    assert set(h) >= {"mm", "points_pixels", "points_patient_mm"} and "points" not in h
+    a, b = (np.array(p) for p in h["points_patient_mm"])
+    assert np.linalg.norm(a - b) == pytest.approx(h["mm"], abs=0.6)  # the line's length in patient space
+    assert set(m["flags"]) == {"vertebrae", "discs", "listhesis"} and set(LUMBAR) <= set(s["vertebral_bodies"])
+    assert s["spinal_canal"] and s["model"]["file"] == "segmentation.pt"
+    json.dumps(doc)
+
+
+def test_flags_follow_the_documented_thresholds():
+    """Genant grade, wedge, narrowing against the neighbouring discs, stenosis and the 3 mm listhesis rule."""
+    def line(mm: float, **kw) -> dict:
+        return {"mm": mm, "points": [[0, 0], [mm, 0]], **kw}
+
+    m = {"vertebrae": {"L2": {"genant_grade": 2, "wedge_ratio": 0.7, "canal_ap_mid_body": line(15, stenosis="none")},
+                       "L3": {"genant_grade": 0, "wedge_ratio": 0.95}},
+         "discs": {"L2-L3": {"middle": line(10.0), "canal_ap": line(11.0, stenosis="relative")},
+                   "L3-L4": {"middle": line(6.0), "canal_ap": line(9.0, stenosis="absolute")},
+                   "L4-L5": {"middle": line(10.0)}},
+         "listhesis": {"L2-L3": {"offset_mm": 2.5, "percent": 7.0, "meyerding": 1},
+                       "L3-L4": {"offset_mm": -4.0, "percent": -11.0, "meyerding": 1}}}
+    f = SpineSegmentation(0, [0], {}, {}, m).flags()
+    assert f["vertebrae"] == {"L2": ["height loss (Genant grade 2)", "wedge"], "L3": []}
+    assert f["discs"] == {"L2-L3": ["canal stenosis (relative)"],
+                          "L3-L4": ["narrowing", "canal stenosis (absolute)"], "L4-L5": []}
+    assert f["listhesis"] == {"L2-L3": [], "L3-L4": ["listhesis Meyerding I"]}  # under 3 mm: not flagged
+    assert flag_code("listhesis Meyerding II").value == "MEYERII"
+    assert flag_code("canal stenosis (relative) at mid-body").value == "STENRELB"
+    with pytest.raises(ValueError, match="unknown measurement flag"):
+        flag_code("osteophyte")
+
+
+def test_a_vertebra_cut_by_the_field_of_view_is_not_measured(models, segmented):
+    result = stages.detect_series(load_study(EXAMPLE), models[0])
+    top = next(t for t in result.vertebrae if t.level == "L1")
+    top.truncated = True
+    seg = stages.segment(result, models[3]).segmentation
+    assert "L1" in seg.instances[seg.key_slice]["bodies"]  # segmented, named, in the SEG
+    assert "L1" not in seg.measurements["vertebrae"] and "L2" in seg.measurements["vertebrae"]
+    assert seg.measurements["lordosis_deg"] is None  # its superior endplate is the lordosis' upper line
+
+
+def test_sr_seg_pdf_and_key_image_carry_the_measurements(segmented, tmp_path):
+    doc = write_outputs(segmented, tmp_path)
+    sr_path, seg_path = tmp_path / "dicom" / "sr.dcm", tmp_path / "dicom" / "seg.dcm"
+    assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(seg_path) == []
+    # SR: one group per measured body and disc and the lordosis; lengths in mm with their lines on the key slice
+    meas = read_findings(sr_path)["measurements"]
+    key_uid = segmented.volume.sop_instance_uids[segmented.segmentation.key_slice]
+    assert set(LUMBAR) <= set(meas) and "L4-L5" in meas and "L1-S1" in meas
+    mm = [(g, n) for g in meas.values() for n, (_, unit) in g["values"].items() if unit == "mm"]
+    assert len(mm) >= 15
+    for g, name in mm:
+        assert g["source_sop_instance_uid"] == key_uid and len(g["lines"][name]) == 1
+    l3 = meas["L3"]["values"]
+    want = doc["measurements"]["vertebrae"]["L3"]
+    assert l3["Middle vertebral body height"] == (pytest.approx(want["middle"]["mm"], abs=1e-3), "mm")
+    assert l3["Vertebral body wedge ratio"][1] == "{ratio}" and meas["L1-S1"]["values"][
+        "Lumbar lordosis angle L1-S1"][1] == "deg"
+    assert len(meas["L1-S1"]["lines"]["Lumbar lordosis angle L1-S1"]) == 2
+    flagged = {lv: f for kind in doc["measurements"]["flags"].values() for lv, f in kind.items() if f}
+    for lv, fl in flagged.items():
+        if "-" not in lv or lv in meas:  # a listhesis flag sits with its upper body
+            group = meas[lv] if lv in meas else meas[lv.split("-")[0]]
+            assert {f[0].upper() + f[1:] for f in fl} <= set(group["flags"])
+    # SEG: one segment per body level, per disc level and the canal, each the network's mask
+    seg = hd.seg.segread(str(seg_path))
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    kinds = {("disc" if "disc" in x else "canal" if "canal" in x else "body") for x in labels}
+    assert kinds == {"body", "disc", "canal"} and "L3 vertebral body" in labels and "spinal canal" in labels
+    assert {str(s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence
+            if s.SegmentLabel == "spinal canal"} == {"61853006"}
+    number = labels.index("L3-L4 intervertebral disc") + 1
+    k = segmented.segmentation.key_slice
+    got = seg.get_pixels_by_source_instance([key_uid], segment_numbers=[number])[0, ..., 0]
+    ref = segmented.volume.inplane.to_source(segmented.segmentation.instances[k]["discs"]["L3-L4"])
+    assert np.array_equal(got > 0, ref)
+    # PDF: a measurement page with the table rows; the key image draws the lines in their colours
+    rows = measurement_table(segmented)
+    assert all(len(r) == len(MEASUREMENT_HEADER) for r in rows)
+    names = [r[0] for r in rows]
+    assert names.index("L3 body") + 1 == names.index("L3-L4 disc") == names.index("L4 body") - 1  # top-down
+    pdf = (tmp_path / "dicom" / "report.dcm").read_bytes()
+    assert len(re.findall(rb"/Type /Page[^s]", pdf)) == 3
+    with Image.open(tmp_path / "key_image.png") as im:
+        px = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    assert (np.all(px == (0, 230, 255), axis=1)).sum() > 100  # the cyan body-height lines
+
+
+def test_segment_slices_keeps_the_native_pixels(data_root):
+    """Grid round trip: the committed network's class map on a spider_seg slice's own pixels matches the
+    reference vertebra and disc masks there (the resampling back is aligned, not shifted)."""
+    from scipy import ndimage as ndi
+
+    from spinepath.data.spider import load_spider_seg
+    from spinepath.data.split import split_part
+    from spinepath.segmentation.inference import segment_slices
+    from spinepath.segmentation.partial import CLASSES
+
+    model = stages.load_segmenter()
+    case = next(c for c in load_spider_seg(data_root / "spider_seg")
+                if split_part("spider_seg", c.patient, c.patient) == "validation")
+    img, msk = case.load(len(case.slices) // 2)
+    with torch.no_grad():
+        cls = segment_slices(model, img[None], case.spacing)[0]
+    assert cls.shape == img.shape
+    names = {v: k for k, v in case.labels.items()}
+    vert = np.isin(cls, [CLASSES.index("vertebral_body"), CLASSES.index("posterior_elements")])
+    ref = msk == names["vertebra"]
+    dice = 2 * (vert & ref).sum() / (vert.sum() + ref.sum())
+    assert dice > 0.8
+    # shifting the prediction by two pixels lowers the overlap: the alignment is what is measured
+    shifted = ndi.shift(vert.astype(float), (2, 2), order=0) > 0.5
+    assert 2 * (shifted & ref).sum() / (shifted.sum() + ref.sum()) < dice
