@@ -38,8 +38,7 @@ from spinepath.evaluation.spider import spark_probabilities  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
 from spinepath.grading.fusion import best_threshold  # noqa: E402
 from spinepath.grading.spider import (  # noqa: E402
-    fit_level_fusion,
-    fused_findings,
+    oof_fused_by_patient,
     vertebra_parts,
     vertebra_probability,
     vertebra_reference,
@@ -60,11 +59,7 @@ def main() -> None:
 
     detector, spark = load_models()
     spider = load_spider_grader()
-    z = np.load(args.oof)
-    _, cv = fit_level_fusion(z["X"], z["Y"], z["groups"])
-    fused: dict[str, dict[int, dict]] = {}
-    for i, (p, idx) in enumerate(zip(z["groups"], z["X"][:, -1])):
-        fused.setdefault(str(p), {})[int(idx)] = fused_findings(cv, i)
+    fused = oof_fused_by_patient(args.oof)
     studies = {s.patient: s for s in load_spider_midsag(SHARED_EXAMPLES.parent / "spider_midsag")
                if split_part("spider_midsag", s.patient, s.patient) != "validation" and "t2" in s.sequences}
     rows = []

@@ -35,8 +35,7 @@ from spinepath.data.spider import load_spider_midsag  # noqa: E402
 from spinepath.data.split import split_part  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
 from spinepath.grading.spider import (  # noqa: E402
-    fit_level_fusion,
-    fused_findings,
+    oof_fused_by_patient,
     vertebra_parts,
     vertebra_probability,
     vertebra_reference,
@@ -64,11 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     detector, spark = load_models()
     spider, segmenter = load_spider_grader(), load_segmenter()
-    z = np.load(args.oof)
-    _, cv = fit_level_fusion(z["X"], z["Y"], z["groups"])
-    fused: dict[str, dict[int, dict]] = {}
-    for i, (p, idx) in enumerate(zip(z["groups"], z["X"][:, -1])):
-        fused.setdefault(str(p), {})[int(idx)] = fused_findings(cv, i)
+    fused = oof_fused_by_patient(args.oof)
     studies = {s.patient: s for s in load_spider_midsag(SHARED_EXAMPLES.parent / "spider_midsag")
                if split_part("spider_midsag", s.patient, s.patient) != "validation" and "t2" in s.sequences}
     below = {lv: disc_index_from_bottom(f"{lv}-{VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1]}")

@@ -113,11 +113,7 @@ def load_spider_grader(path: str | Path | None = None, near: str | Path | None =
         ValueError: If it is not a SPIDER grader.
 
     """
-    if path is None and near is not None:
-        folder = Path(near).parent if Path(near).is_file() else Path(near)
-        if (folder / "spider_grader.pt").is_file():
-            path = folder / "spider_grader.pt"
-    return SpiderGrader.load(resolve_spider_grader_path(path))
+    return SpiderGrader.load(resolve_spider_grader_path(path or _beside(near, "spider_grader.pt")))
 
 
 def grade_degeneration(result: DetectionResult, grader: SpiderGrader, detector: VertebraDetector,
@@ -147,11 +143,15 @@ def load_segmenter(path: str | Path | None = None, near: str | Path | None = Non
         ValueError: If it is not a segmentation model.
 
     """
-    if path is None and near is not None:
-        folder = Path(near).parent if Path(near).is_file() else Path(near)
-        if (folder / "segmentation.pt").is_file():
-            path = folder / "segmentation.pt"
-    return load_segmentation_model(resolve_segmentation_path(path))
+    return load_segmentation_model(resolve_segmentation_path(path or _beside(near, "segmentation.pt")))
+
+
+def _beside(near: str | Path | None, name: str) -> Path | None:
+    """The file ``name`` in the folder of ``near`` (a model file or folder), when it is there."""
+    if near is None:
+        return None
+    folder = Path(near).parent if Path(near).is_file() else Path(near)
+    return folder / name if (folder / name).is_file() else None
 
 
 def segment(result: DetectionResult, segmenter: DynUNet) -> DetectionResult:

@@ -479,6 +479,16 @@ def fused_findings(probs: dict[str, np.ndarray], i: int) -> dict[str, float]:
     return out
 
 
+def oof_fused_by_patient(oof_path: str | Path) -> dict[str, dict[int, dict[str, float]]]:
+    """Nested cross-validated fused findings of a training run's ``oof.npz``: patient -> disc index -> findings."""
+    z = np.load(oof_path)
+    _, cv = fit_level_fusion(z["X"], z["Y"], z["groups"])
+    fused: dict[str, dict[int, dict[str, float]]] = {}
+    for i, (p, idx) in enumerate(zip(z["groups"], z["X"][:, -1])):
+        fused.setdefault(str(p), {})[int(idx)] = fused_findings(cv, i)
+    return fused
+
+
 def fit_level_fusion(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_folds: int = 5
                      ) -> tuple[LevelFusion, dict[str, np.ndarray]]:
     """Fit one booster per target on out-of-fold network outputs; choose decisions on nested CV predictions.
