@@ -62,7 +62,7 @@ def main() -> None:
     out = Path(args.out)
     report: dict = {"model": model.meta["file"], "best_epoch": model.meta["epoch"], "split": "validation",
                     "datasets": {}}
-    pairs: dict[str, list[tuple[float, float, str]]] = {k: [] for k in KINDS}
+    pairs: dict[str, list[tuple]] = {k: [] for k in KINDS}
     worst = []
     for src in SOURCES:
         cases = split_cases(data / src, "validation")
@@ -74,12 +74,20 @@ def main() -> None:
                 by_name.setdefault(name, {}).setdefault(case, []).append(v)
         res["dice_ci95"] = {name: bootstrap(v, np.mean, args.bootstrap) for name, v in by_name.items()}
         res["dice_per_case"] = {name: {c: round(x[0], 4) for c, x in v.items()} for name, v in by_name.items()}
-        res["measurements_ci95"] = {}
+        res["measurements_ci95"], res["mid_sagittal_mae_mm"] = {}, {}
+        # the product measures one slice: each case's central evaluated slice
+        idx: dict[str, list[int]] = {}
+        for s, _ in details["slices"]:
+            idx.setdefault(s.case, []).append(s.index)
+        mid = {c: sorted(v)[len(v) // 2] for c, v in idx.items()}
         for kind, items in details["pairs"].items():
             per_case: dict[str, list[float]] = {}
-            for r, p, case in items:
+            for r, p, case, _ in items:
                 per_case.setdefault(case, []).append(abs(r - p))
             res["measurements_ci95"][kind] = bootstrap(per_case, np.mean, args.bootstrap)
+            central = [abs(r - p) for r, p, case, k in items if k == mid[case]]
+            res["mid_sagittal_mae_mm"][kind] = {"n": len(central), "mae": round(float(np.mean(central)), 3)
+                                                if central else None}
             pairs[kind] += items
         report["datasets"][src] = res
         for s, cls in details["slices"]:

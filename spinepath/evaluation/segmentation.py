@@ -127,10 +127,10 @@ def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[
     """The contract JSON (see the module docstring).
 
     ``details``: a dict filled (for the model card) with ``per_case`` Dice, the measurement ``pairs``
-    (reference, predicted, case) per kind and ``slices`` (each slice, its class map and its mean Dice).
+    (reference, predicted, case, slice index) per kind and ``slices`` (each slice, its class map and its mean Dice).
     """
     slices = evaluation_slices(root, cases)
-    meas: dict[str, list[tuple[float, float, str]]] = {"body": [], "disc": [], "canal": []}
+    meas: dict[str, list[tuple[float, float, str, int]]] = {"body": [], "disc": [], "canal": []}
     levels = 0
     pairs = []
     for s in tqdm(slices, desc="segmentation", disable=not progress):
@@ -138,14 +138,14 @@ def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[
         pairs.append((s, classes))
         e, n = slice_measurement_pairs(s, classes)
         for k in meas:
-            meas[k] += [(r, p, s.case) for r, p in e[k]]
+            meas[k] += [(r, p, s.case, s.index) for r, p in e[k]]
         levels += n
     dice = case_dice(pairs)
     if details is not None:
         details.update(per_case=per_case_dice(pairs), pairs=meas, slices=pairs)
 
-    def mae(v: list[tuple[float, float, str]]) -> float | None:
-        return round(float(np.mean([abs(r - p) for r, p, _ in v])), 3) if v else None
+    def mae(v: list[tuple[float, float, str, int]]) -> float | None:
+        return round(float(np.mean([abs(x[0] - x[1]) for x in v])), 3) if v else None
 
     return {"task": "segmentation", "n_cases": len({(s.source, s.case) for s in slices}), "n_slices": len(slices),
             "dice": {n: dice.get(n) for n in DICE_NAMES},
