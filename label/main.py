@@ -35,7 +35,8 @@ class SpinePathApp(MONAILabelApp):
     """Two tasks: ``vertebrae`` and ``spine_structures``.
 
     ``vertebrae``: level label map, detector rounds, uncertainty strategy; ``spine_structures``: bodies, discs
-    and canal by level, segmentation rounds.
+    and canal by level, segmentation rounds (local datastores only: a structure SEG saved over DICOMweb is not
+    read back yet).
     """
 
     def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
@@ -44,6 +45,10 @@ class SpinePathApp(MONAILabelApp):
         self.model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.task_configs = {"vertebrae": VertebraeConfig(), "spine_structures": StructuresConfig()}
+        if studies.startswith(("http://", "https://")):
+            # a structure SEG saved to the PACS is not read back yet: the task would lose its corrections
+            log.info("task spine_structures needs a local datastore; not served over DICOMweb")
+            del self.task_configs["spine_structures"]
         for name, c in self.task_configs.items():
             c.init(name, str(self.model_dir), conf, None)
         self.label_map = load_label_map()  # the vertebrae task's; spine_structures lists its own labels
