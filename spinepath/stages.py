@@ -159,7 +159,7 @@ def segment(result: DetectionResult, segmenter: DynUNet) -> DetectionResult:
 
     Sets ``result.segmentation`` (:func:`spinepath.segmentation.inference.segment_study`).
     """
-    segment_study(result, segmenter)
+    result.timings["segmentation"] = segment_study(result, segmenter).seconds
     return result
 
 

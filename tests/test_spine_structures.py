@@ -82,7 +82,7 @@ def test_flags_follow_the_documented_thresholds():
                    "L4-L5": {"middle": line(10.0)}},
          "listhesis": {"L2-L3": {"offset_mm": 2.5, "percent": 7.0, "meyerding": 1},
                        "L3-L4": {"offset_mm": -4.0, "percent": -11.0, "meyerding": 1}}}
-    f = SpineSegmentation(0, [0], {}, {}, m).flags()
+    f = SpineSegmentation(key_slice=0, slices=[0], instances={}, measurements=m).flags()
     assert f["vertebrae"] == {"L2": ["height loss (Genant grade 2)", "wedge"], "L3": []}
     assert f["discs"] == {"L2-L3": ["canal stenosis (relative)"],
                           "L3-L4": ["narrowing", "canal stenosis (absolute)"], "L4-L5": []}

@@ -33,6 +33,17 @@ def disc_level_from_bottom(index_from_bottom: int) -> str:
     return DISC_LEVELS[i]
 
 
+def structure_rank(name: str) -> float:
+    """Top-down order of bodies (level names) and discs (``"L3-L4"``, just below their upper body).
+
+    Other structures (the canal) come after them.
+    """
+    up = name.split("-")[0]
+    if up not in VERTEBRA_LEVELS:
+        return float(len(VERTEBRA_LEVELS))
+    return VERTEBRA_LEVELS.index(up) + (0.5 if "-" in name else 0.0)
+
+
 def level_index(name: str) -> int:
     """Return the top-down index of a vertebral level name.
 

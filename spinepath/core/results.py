@@ -190,7 +190,6 @@ class DetectionResult:
         if self.segmentation is not None:
             extra["measurements"] = self.segmentation.measurements_dict(v)
             extra["segmentation"] = self.segmentation.to_dict(v)
-            self.timings["segmentation"] = self.segmentation.seconds
         return {
             "disclaimer": DISCLAIMER,
             "software": {"name": "spinepath", "version": __version__},
@@ -217,6 +216,8 @@ class DetectionResult:
         }
 
 
+#: The spinal canal's name in the structure masks, the label map and the SEG.
+CANAL = "spinal canal"
 #: Measurement flags (README "Measurements"): a disc is narrowed below this fraction of its measured
 #: neighbours' mean middle height; a body is wedged below this anterior / posterior ratio; a slip is a
 #: listhesis from this offset (mm).
@@ -227,12 +228,11 @@ LISTHESIS_MM = 3.0
 
 @dataclass
 class SpineSegmentation:
-    """The segmentation stage's result: class maps, named instances and the key slice's measurements.
+    """The segmentation stage's result: named instances and the key slice's measurements.
 
     Attributes:
         key_slice: The slice measured (the mid-sagittal slice of the detected spine).
         slices: The slices segmented (the key slice and its neighbours), in volume order.
-        classes: Slice -> ``(rows, cols)`` class indices on the volume's pixels.
         instances: Slice -> ``{"bodies": {level: mask}, "discs": {level: mask}, "canal": mask | None}``.
         measurements: :func:`spinepath.measurements.spine.measure_spine` on the key slice (points in the
             volume's canonical pixels, ``(row, col)``), with :meth:`flags` added by :meth:`measurements_dict`.
@@ -243,11 +243,15 @@ class SpineSegmentation:
 
     key_slice: int
     slices: list[int]
-    classes: dict[int, np.ndarray]
     instances: dict[int, dict]
     measurements: dict
     model: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+    def structures(self, k: int) -> dict[str, np.ndarray]:
+        """The named structures of segmented slice ``k``: bodies by level, discs by level, :data:`CANAL`."""
+        inst = self.instances[k]
+        return {**inst["bodies"], **inst["discs"], **({CANAL: inst["canal"]} if inst["canal"] is not None else {})}
 
     def flags(self) -> dict[str, dict[str, str]]:
         """Derived flags per level: ``{"vertebrae": {level: ...}, "discs": ..., "listhesis": ...}``.

@@ -21,14 +21,12 @@ from spinepath.core.errors import StudyError
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.labels import Label, load_label_map
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS
-from spinepath.core.results import DetectionResult
+from spinepath.core.results import CANAL, DetectionResult
 from spinepath.io.volumes import image_id, labels_on_volume, load_image_volume, read_image, write_label_like
 from spinepath.segmentation.data import SegSlice, to_grid
 from spinepath.segmentation.inference import segment_study
 from spinepath.segmentation.partial import label_groups
 
-#: The label map's name of the canal.
-CANAL = "spinal canal"
 #: What a corrected structure label volume annotates (its group order).
 ANNOTATED = ["vertebral_body", "disc", "spinal_canal"]
 
@@ -42,9 +40,10 @@ def render_structures(result: DetectionResult, label_map: dict[str, Label] | Non
     """The segmented slices' named structures as one ``uint8`` label volume on the result's volume."""
     label_map = label_map or structure_label_map()
     out = np.zeros(result.volume.pixels.shape, np.uint8)
-    for k, inst in result.segmentation.instances.items():
-        for name, mask in {**inst["bodies"], **inst["discs"], CANAL: inst["canal"]}.items():
-            if mask is not None and name in label_map:
+    seg = result.segmentation
+    for k in seg.instances:
+        for name, mask in seg.structures(k).items():
+            if name in label_map:
                 out[k][mask] = label_map[name].value
     return out
 

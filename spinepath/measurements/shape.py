@@ -211,7 +211,8 @@ def canal_ap(canal: np.ndarray, spacing: tuple[float, float], axes: Axes) -> Lin
     return chord(canal, spacing, (start[0] / spacing[0], start[1] / spacing[1]), axes.ap)
 
 
-def listhesis(upper: np.ndarray, lower: np.ndarray, spacing: tuple[float, float]) -> dict | None:
+def listhesis(upper: np.ndarray, lower: np.ndarray, spacing: tuple[float, float],
+              upper_axes: Axes | None = None, lower_axes: Axes | None = None) -> dict | None:
     """Slip of the upper body over the lower one (Meyerding).
 
     The offset of the upper body's posterior-inferior corner from the lower body's posterior-superior corner,
@@ -219,20 +220,20 @@ def listhesis(upper: np.ndarray, lower: np.ndarray, spacing: tuple[float, float]
     anterior wedge or a sloped endplate does not tilt it; positive = the upper corner lies anterior: an
     anterolisthesis), in mm and in % of the lower body's superior endplate length, with the Meyerding grade (0
     below 1%, then I <= 25%, II <= 50%, III <= 75%, IV <= 100%, V beyond). The line runs from the upper corner
-    by the offset.
+    by the offset. ``upper_axes`` / ``lower_axes``: the bodies' :func:`structure_axes` when already known.
     """
-    lax = structure_axes(lower, spacing)
+    lax = lower_axes or structure_axes(lower, spacing)
     ep = endplate_line(lower, spacing, "superior", lax)
     if ep is None or ep[1].mm <= 0:
         return None
     plate = ep[1]
-    a = corner(upper, spacing, "inferior")
+    a = corner(upper, spacing, "inferior", upper_axes)
     b = corner(lower, spacing, "superior", lax)
     b2 = corner(lower, spacing, "inferior", lax)
     pa = np.array([a[0] * spacing[0], a[1] * spacing[1]])
     pb = np.array([b[0] * spacing[0], b[1] * spacing[1]])
     wall = np.array([b2[0] * spacing[0], b2[1] * spacing[1]]) - pb
-    d = np.array([wall[0], -wall[1]])[::-1] if np.linalg.norm(wall) > 1e-6 else lax.ap
+    d = np.array([-wall[1], wall[0]]) if np.linalg.norm(wall) > 1e-6 else lax.ap  # across the wall
     d = d / np.linalg.norm(d)
     d = d if d @ lax.ap >= 0 else -d  # towards posterior
     mm = float((pb - pa) @ d)  # d points posterior: positive when the upper corner is anterior

@@ -103,13 +103,13 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
     for up, lo in zip(order[:-1], order[1:]):
         if VERTEBRA_LEVELS.index(lo) - VERTEBRA_LEVELS.index(up) != 1:
             continue
-        r = listhesis(bodies[up], bodies[lo], spacing)
+        r = listhesis(bodies[up], bodies[lo], spacing, axes.get(up), axes.get(lo))
         if r is not None:
             out["listhesis"][f"{up}-{lo}"] = {"offset_mm": round(r["offset_mm"], 2), "percent": round(r["percent"], 1),
                                               "meyerding": r["meyerding"], "line": _line(r["line"])}
-    l1 = endplate_line(bodies["L1"], spacing, "superior") if "L1" in bodies else None
+    l1 = endplate_line(bodies["L1"], spacing, "superior", axes.get("L1")) if "L1" in bodies else None
     if "S1" in bodies:
-        s1 = endplate_line(bodies["S1"], spacing, "superior")
+        s1 = endplate_line(bodies["S1"], spacing, "superior", axes.get("S1"))
     elif "L5-S1" in discs:
         s1 = endplate_line(discs["L5-S1"], spacing, "inferior")
     else:

@@ -20,7 +20,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from spinepath import DISCLAIMER, __version__
-from spinepath.core.levels import VERTEBRA_LEVELS
+from spinepath.core.levels import structure_rank
 from spinepath.core.results import DetectionResult, key_slice
 from spinepath.outputs.key_image import key_image
 
@@ -115,7 +115,7 @@ def measurement_table(result: DetectionResult) -> list[list[str]]:
         return f"{x['mm']:.1f}" if x else "-"
 
     rows = []
-    for lv in sorted(set(m["vertebrae"]) | set(m["discs"]), key=_level_rank):
+    for lv in sorted(set(m["vertebrae"]) | set(m["discs"]), key=structure_rank):
         if lv in m["vertebrae"]:
             e = m["vertebrae"][lv]
             slip = next((f"{v['offset_mm']:+.1f} mm ({v['percent']:+.0f}%) over {k.split('-')[1]}"
@@ -136,12 +136,6 @@ def measurement_table(result: DetectionResult) -> list[list[str]]:
             rows.append([f"{lv} disc", hts(e), ratios, mm(e.get("canal_ap")), "",
                          ", ".join(flags["discs"].get(lv, []))])
     return rows
-
-
-def _level_rank(name: str) -> float:
-    """Top-down order of bodies and discs: each disc just below its upper body."""
-    up = name.split("-")[0]
-    return VERTEBRA_LEVELS.index(up) + (0.5 if "-" in name else 0.0)
 
 
 def review_lines(result: DetectionResult, width: int = 110) -> list[str]:

@@ -19,8 +19,8 @@ from pydicom.sr.codedict import codes
 from spinepath import __version__
 from spinepath.core.boxes import box_slices
 from spinepath.core.labels import label_colors
-from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, level_index
-from spinepath.core.results import DetectionResult
+from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, level_index, structure_rank
+from spinepath.core.results import CANAL, DetectionResult
 from spinepath.outputs.coding import ANATOMICAL_STRUCTURE, SPINAL_CANAL, disc_code, vertebra_code
 from spinepath.outputs.common import no_identifying_warnings, write_dataset
 
@@ -37,8 +37,6 @@ __all__ = [
 ]
 
 SEG_SERIES_NUMBER = 901
-#: The spinal canal's name in the label map and the structure masks.
-CANAL = "spinal canal"
 SEG_SERIES_DESCRIPTION = "spinepath vertebrae (NOT FOR DIAGNOSTIC USE)"
 #: Type 2 attributes highdicom reads from the first source header (absent ones are written empty).
 _TYPE2_SOURCE = (
@@ -140,19 +138,10 @@ def structure_masks(result: DetectionResult) -> tuple[np.ndarray, list[str]]:
     """
     seg = result.segmentation
     found: dict[str, dict[int, np.ndarray]] = {}
-    for j, inst in seg.instances.items():
-        for lv, m in {**inst["bodies"], **inst["discs"], CANAL: inst["canal"]}.items():
-            if m is not None:
-                found.setdefault(lv, {})[j] = m
-    order = {lv: i for i, lv in enumerate(list(VERTEBRA_LEVELS) + list(DISC_LEVELS))}
-
-    def rank(name: str) -> float:  # top-down, each disc below its upper body, the canal last
-        if name == CANAL:
-            return 1e9
-        up = name.split("-")[0]
-        return VERTEBRA_LEVELS.index(up) + (0.5 if "-" in name else 0.0) if up in VERTEBRA_LEVELS else order[name]
-
-    names = sorted(found, key=rank)
+    for j in seg.instances:
+        for name, m in seg.structures(j).items():
+            found.setdefault(name, {})[j] = m
+    names = sorted(found, key=structure_rank)
     masks = np.zeros((len(names), *result.volume.pixels.shape), dtype=bool)
     for i, name in enumerate(names):
         for j, m in found[name].items():
@@ -200,7 +189,7 @@ def build_level_seg(
     for i, lv in enumerate(levels, start=1):
         colour = {"display_color": hd.color.CIELabColor.from_rgb(*colours[lv])} if new_highdicom and lv in colours \
             else {}
-        label, prop = (("spinal canal", SPINAL_CANAL) if lv == CANAL else
+        label, prop = ((CANAL, SPINAL_CANAL) if lv == CANAL else
                        (f"{lv} intervertebral disc", disc_code(lv)) if lv in DISC_LEVELS else
                        (f"{lv} vertebral body", vertebra_code(lv)))
         d = hd.seg.SegmentDescription(

@@ -114,13 +114,14 @@ def _polyline(region: Region, volume) -> hd.sr.ImageRegion:
     r0, c0, r1, c1 = volume.inplane.box_to_source(region.box)
     # SCOORD pixel coordinates are (column, row) with 0\\0 the top-left corner of the first pixel: box edges
     pts = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float32)
-    k = region.slice_index
+    return hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts,
+                             source_image=_source(volume, region.slice_index, hd.sr.SourceImageForRegion))
+
+
+def _source(volume, k: int, kind: type):
+    """A highdicom source-image reference (``kind``) to slice ``k``: its instance, and its frame if multi-frame."""
     frames = [volume.frame_numbers[k]] if volume.frame_numbers else None
-    return hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=pts,
-        source_image=hd.sr.SourceImageForRegion.from_source_image(volume.datasets[k], referenced_frame_numbers=frames),
-    )
+    return kind.from_source_image(volume.datasets[k], referenced_frame_numbers=frames)
 
 
 def review_evaluations(flag) -> list[hd.sr.QualitativeEvaluation]:
@@ -199,10 +200,8 @@ def _coordinates(line: dict, volume, k: int) -> hd.sr.CoordinatesForMeasurement:
     pts = [volume.inplane.point_to_source(float(r), float(c)) for r, c in line["points"]]
     # SCOORD: (column, row), 0\\0 the top-left corner of the first pixel (pixel centres at +0.5)
     data = np.array([[c + 0.5, r + 0.5] for r, c in pts], dtype=np.float32)
-    frames = [volume.frame_numbers[k]] if volume.frame_numbers else None
-    return hd.sr.CoordinatesForMeasurement(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=data,
-        source_image=hd.sr.SourceImageForRegion.from_source_image(volume.datasets[k], referenced_frame_numbers=frames))
+    return hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=data,
+                                           source_image=_source(volume, k, hd.sr.SourceImageForRegion))
 
 
 def segmentation_groups(result: DetectionResult, algo: hd.sr.AlgorithmIdentification
@@ -234,8 +233,7 @@ def segmentation_groups(result: DetectionResult, algo: hd.sr.AlgorithmIdentifica
                 referenced_coordinates=[_coordinates(line, vol, k)] if line else None))
         return out
 
-    frames = [vol.frame_numbers[k]] if vol.frame_numbers else None
-    source = [hd.sr.SourceImageForMeasurementGroup.from_source_image(vol.datasets[k], referenced_frame_numbers=frames)]
+    source = [_source(vol, k, hd.sr.SourceImageForMeasurementGroup)]
 
     def group(ident: str, ftype, site, measurements: list, flag_list: list[str]) -> None:
         if not measurements:
@@ -246,7 +244,6 @@ def segmentation_groups(result: DetectionResult, algo: hd.sr.AlgorithmIdentifica
             measurements=measurements, source_images=source,
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(MEASUREMENT_FLAG, flag_code(f)) for f in flag_list]))
 
-    order = list(m["vertebrae"])
     for lv, e in m["vertebrae"].items():
         below = VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1] if lv != VERTEBRA_LEVELS[-1] else None
         slip = m["listhesis"].get(f"{lv}-{below}") if below else None
@@ -263,7 +260,7 @@ def segmentation_groups(result: DetectionResult, algo: hd.sr.AlgorithmIdentifica
               nums(e, {"anterior": "disc_anterior", "middle": "disc_middle", "posterior": "disc_posterior",
                        "disc_height_index": "disc_height_index", "t2_signal_ratio": "t2_signal_ratio",
                        "canal_ap": "canal_ap"}), flags["discs"].get(lv, []))
-    if m.get("lordosis_deg") is not None and order:
+    if m.get("lordosis_deg") is not None:
         name, unit = MEASUREMENT_CODES["lordosis"]
         lines = m["lordosis_lines"]
         group("L1-S1", LUMBAR_SPINE, LUMBAR_SPINE,

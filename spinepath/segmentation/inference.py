@@ -103,14 +103,14 @@ def segment_study(result: DetectionResult, model: DynUNet, neighbours: int = NEI
     k = key_slice(result)
     n = vol.pixels.shape[0]
     slices = list(range(max(0, k - neighbours), min(n, k + neighbours + 1)))
-    classes = dict(zip(slices, segment_slices(model, vol.pixels[slices], spacing)))
-    instances = {j: level_instances(classes[j], slice_boxes(result, j), min_pixels) for j in slices}
+    classes = segment_slices(model, vol.pixels[slices], spacing)
+    instances = {j: level_instances(c, slice_boxes(result, j), min_pixels) for j, c in zip(slices, classes)}
     inst = instances[k]
     cut = {t.level for t in result.vertebrae if t.truncated}  # the detector saw the field of view cut them
     bodies = {lv: m for lv, m in inst["bodies"].items() if lv not in cut and not touches_edge(m)}
     discs = {lv: m for lv, m in inst["discs"].items() if not touches_edge(m)}
     measurements = measure_spine(bodies, discs, inst["canal"], spacing, image=vol.pixels[k])
-    seg = SpineSegmentation(key_slice=k, slices=slices, classes=classes, instances=instances,
+    seg = SpineSegmentation(key_slice=k, slices=slices, instances=instances,
                             measurements=measurements,
                             model={**{k: v for k, v in getattr(model, "meta", {}).items() if k != "cfg"},
                                    "grid_mm": GRID_MM},
