@@ -101,9 +101,10 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     seg = result.segmentation if result.segmentation is not None and result.segmentation.key_slice == k else None
     if seg is not None:
         lord = seg.measurements.get("lordosis_deg")
-        head.append(("lines: cyan body heights, green disc heights, yellow canal AP, magenta slip, red flagged"
-                     + (f"; orange L1/S1 endplates, lordosis {lord:.0f} deg" if lord is not None else ""),
+        head.append(("lines: cyan body heights, green disc heights, yellow canal AP, magenta slip, red flagged",
                      (255, 255, 255)))
+        if lord is not None:  # a line of its own: the legend above fills the width of a 768 px image
+            head.append((f"orange: L1 and S1 superior endplates, lumbar lordosis {lord:.0f} deg", (255, 255, 255)))
     if result.review is not None and result.review.study.needs_review:
         first = result.review.study.reasons[0]
         head.append(("NEEDS REVIEW: " + (first if len(first) <= 90 else first[:87] + "..."), (255, 220, 0)))
