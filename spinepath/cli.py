@@ -98,10 +98,11 @@ def _cmd_train_segmentation(args: argparse.Namespace) -> int:
     from spinepath.segmentation.training import train_segmentation
 
     cfg = SegNetConfig(**{k: v for k, v in (("epochs", args.epochs), ("patch", args.patch),
-                                             ("batch_size", args.batch_size)) if v})
+                                             ("batch_size", args.batch_size), ("lr", args.lr),
+                                             ("seed", args.seed)) if v is not None})
     res = train_segmentation(args.data_root or SHARED_EXAMPLES.parent, args.out_dir, cfg, step=args.step,
                              max_cases=args.max_cases or 0, num_threads=args.num_threads or 0,
-                             progress=not args.quiet)
+                             progress=not args.quiet, init_from=args.init_from)
     print(json.dumps({k: v for k, v in res.items() if k != "history"}))
     return 0
 
@@ -405,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     tsg.add_argument("--step", type=int, default=2, help="every N-th lateral slice of the 3D volumes")
     tsg.add_argument("--max-cases", dest="max_cases", type=int, help="at most N cases per source (quick runs)")
     tsg.add_argument("--num-threads", dest="num_threads", type=int)
+    tsg.add_argument("--lr", type=float, help="peak learning rate")
+    tsg.add_argument("--seed", type=int, help="seed of the initialisation, the batches and the augmentation")
+    tsg.add_argument("--init-from", dest="init_from",
+                     help="fine-tune these weights (a second cosine cycle) instead of a random initialisation")
     tsg.set_defaults(func=_cmd_train_segmentation)
     tp = tsub.add_parser("pretrain", parents=[quiet],
                          help="self-supervised (SimCLR) pretraining of the grading backbone")
