@@ -5,8 +5,10 @@ STACK := ulimit -s 32768 2>/dev/null || true
 
 .PHONY: env label-env system run test lint bench label
 
+## .venv, then the TorchScript exports of the bundle's networks (bundle/models/*.ts; redone only when a .pt changes)
 env:
 	@bash scripts/setup_env.sh
+	@$(PY) -m spinepath export --quiet > /dev/null
 
 ## MONAI Label server environment (.venv-label: monailabel 0.8.5 needs pydicom<3, numpy<2); idempotent
 label-env:

@@ -16,10 +16,37 @@ import os
 import sys
 from pathlib import Path
 
-from monai.deploy.conditions import CountCondition
-from monai.deploy.core import Application
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _explicit(flag_short: str, flag_long: str, env: str, argv: list[str]) -> bool:
+    return any(a in (flag_short, flag_long) or a.startswith(flag_long + "=") for a in argv) or bool(os.environ.get(env))
+
+
+def _arg(argv: list[str], short: str, long: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a in (short, long) and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(long + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _model_dir(argv: list[str]) -> str | None:
+    """The model folder given by ``-m`` or ``$HOLOSCAN_MODEL_PATH`` (None: the bundle's)."""
+    if not _explicit("-m", "--model", "HOLOSCAN_MODEL_PATH", argv):
+        return None
+    return _arg(argv, "-m", "--model") or os.environ.get("HOLOSCAN_MODEL_PATH")
+
+
+# before the first MONAI import: with the networks exported, MONAI's package __init__ files (every MONAI
+# network, torchvision) are not needed (issue 15)
+from spinepath.core.lean import defer_if_exported  # noqa: E402
+
+defer_if_exported(_model_dir(sys.argv[1:]))
+
+from monai.deploy.conditions import CountCondition  # noqa: E402
+from monai.deploy.core import Application  # noqa: E402
 
 from operators import (  # noqa: E402
     DegenerationGradingOperator,
@@ -33,18 +60,9 @@ from operators import (  # noqa: E402
 )
 from spinepath import DISCLAIMER, __version__  # noqa: E402
 from spinepath.core.errors import StudyError  # noqa: E402
-from spinepath.core.paths import (  # noqa: E402
-    resolve_grader_path,
-    resolve_model_path,
-    resolve_segmentation_path,
-    resolve_spider_grader_path,
-)
+from spinepath.core.paths import model_files  # noqa: E402
 from spinepath.outputs.writer import write_status  # noqa: E402
 from spinepath.run import default_input  # noqa: E402
-
-
-def _explicit(flag_short: str, flag_long: str, env: str, argv: list[str]) -> bool:
-    return any(a in (flag_short, flag_long) or a.startswith(flag_long + "=") for a in argv) or bool(os.environ.get(env))
 
 
 class SpineVertebraApp(Application):
@@ -74,12 +92,7 @@ class SpineVertebraApp(Application):
             in_dir, kind = default_input(out_dir.parent / ".spinepath-default-input")
         logging.getLogger(__name__).info("input: %s (%s)", kind, "given" if kind == "dicom" else "embedded default")
         model_dir = ctx.model_path if _explicit("-m", "--model", "HOLOSCAN_MODEL_PATH", argv) else None
-        model = resolve_model_path(model_dir)
-        grader = resolve_grader_path(model.parent if model_dir and model.is_file() else model_dir)
-        near = model.parent if model_dir and model.is_file() else model_dir
-        spider = resolve_spider_grader_path(near)
-        seg = resolve_segmentation_path(near)
-        return in_dir, kind, out_dir, model, grader, spider, seg
+        return in_dir, kind, out_dir, *model_files(model_dir)
 
     def compose(self) -> None:
         """Wire the operators: one per stage of :mod:`spinepath.stages`, then the results writer."""
@@ -121,15 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {out_dir / 'vertebrae.json'} and {out_dir / 'key_image.png'} (input: {getattr(app, 'input_kind', '?')})"
     )
     return 0
-
-
-def _arg(argv: list[str], short: str, long: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a in (short, long) and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(long + "="):
-            return a.split("=", 1)[1]
-    return None
 
 
 if __name__ == "__main__":

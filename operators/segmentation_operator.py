@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
-from monai.networks.nets import DynUNet
+from torch import nn
 
 from spinepath import stages
 
@@ -22,9 +22,9 @@ class SpineSegmentationOperator(Operator):
         result: the same result with ``segmentation`` (masks and measurements) set.
     """
 
-    def __init__(self, fragment: Fragment, *args, model: DynUNet | Path, **kwargs) -> None:
+    def __init__(self, fragment: Fragment, *args, model: nn.Module | Path, **kwargs) -> None:
         self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
-        self.model = model if isinstance(model, DynUNet) else stages.load_segmenter(model)
+        self.model = model if isinstance(model, nn.Module) else stages.load_segmenter(model)
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:

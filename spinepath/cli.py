@@ -294,6 +294,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.core.exported import export_meta
+    from spinepath.core.paths import model_files
+
+    try:
+        paths = model_files(args.model_dir)
+        if not args.force and all(export_meta(p) is not None for p in paths):  # current: no network code loaded
+            print(json.dumps({p.name: "current" for p in paths}))
+            return 0
+        from spinepath.stages import export_models  # the network code, only when something is to be exported
+
+        print(json.dumps(export_models(args.model_dir, force=args.force)))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.io.phantom import write_phantom_study
@@ -465,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--study", metavar="UID", help="StudyInstanceUID to fetch (with --dicomweb)")
     r.add_argument("--store", action="store_true", help="store the DICOM outputs back (STOW-RS) to --dicomweb")
     r.set_defaults(func=_cmd_run)
+
+    x = sub.add_parser("export", parents=[quiet],
+                       help="export the networks to TorchScript beside their weights (<name>.ts; a faster cold start)")
+    x.add_argument("--model-dir", dest="model_dir", help="folder of the four .pt files; default: the bundle's")
+    x.add_argument("--force", action="store_true", help="export again even when the export is current")
+    x.set_defaults(func=_cmd_export)
 
     ph = sub.add_parser("phantom", help="write the synthetic phantom DICOM study", parents=[quiet])
     ph.add_argument("output")

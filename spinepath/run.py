@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from monai.networks.nets import DynUNet
+from torch import nn
 
 from spinepath import stages
 from spinepath.core.errors import StudyError
@@ -45,7 +45,7 @@ def run_study(
     input_kind: str = "dicom",
     grader: Grader | str | Path | None = None,
     spider_grader: SpiderGrader | str | Path | None = None,
-    segmenter: DynUNet | str | Path | None = None,
+    segmenter: nn.Module | str | Path | None = None,
 ) -> dict:
     """Read a DICOM study, run it through :mod:`spinepath.stages` and write the outputs.
 
@@ -64,7 +64,7 @@ def run_study(
     model, grader = stages.load_models(model, grader)
     if not isinstance(spider_grader, SpiderGrader):
         spider_grader = stages.load_spider_grader(spider_grader, near)
-    if not isinstance(segmenter, DynUNet):
+    if not isinstance(segmenter, nn.Module):
         segmenter = stages.load_segmenter(segmenter, near)
     t0 = time.perf_counter()
     try:

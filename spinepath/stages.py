@@ -13,11 +13,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from monai.networks.nets import DynUNet
+from torch import nn
 
+from spinepath.core.exported import export_meta, export_path
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.paths import (
     default_device,
+    model_files,
     resolve_grader_path,
     resolve_model_path,
     resolve_segmentation_path,
@@ -34,8 +36,8 @@ from spinepath.grading.spider_inference import grade_degeneration as grade_spide
 from spinepath.io.dicom import load_companion, load_study
 from spinepath.review import Review
 from spinepath.review import review as review_result
+from spinepath.segmentation.inference import export_segmenter, segment_study
 from spinepath.segmentation.inference import load_segmenter as load_segmentation_model
-from spinepath.segmentation.inference import segment_study
 
 
 def load_models(
@@ -135,7 +137,7 @@ def grade_degeneration(result: DetectionResult, grader: SpiderGrader, detector: 
     return result
 
 
-def load_segmenter(path: str | Path | None = None, near: str | Path | None = None) -> DynUNet:
+def load_segmenter(path: str | Path | None = None, near: str | Path | None = None) -> nn.Module:
     """The segmentation network: ``path``, else the one beside ``near`` (a detector path), else the bundle's.
 
     Raises:
@@ -146,6 +148,40 @@ def load_segmenter(path: str | Path | None = None, near: str | Path | None = Non
     return load_segmentation_model(resolve_segmentation_path(path or _beside(near, "segmentation.pt")))
 
 
+def export_models(model_dir: str | Path | None = None, force: bool = False) -> dict[str, str]:
+    """Export the four networks of a model folder to TorchScript beside their weights (``spinepath export``).
+
+    Each ``<name>.pt`` gets ``<name>.ts`` (:mod:`spinepath.core.exported`); a current export is kept unless
+    ``force``. The loaders then use the exports (a cold start without MONAI's networks, torchvision or timm).
+
+    Args:
+        model_dir: The folder of ``model.pt``, ``grader.pt``, ``spider_grader.pt`` and ``segmentation.pt``;
+            default: the bundle's (:mod:`spinepath.core.paths`).
+        force: Export again even when the export is current.
+
+    Returns:
+        ``{file name: "exported" | "current"}``.
+
+    Raises:
+        FileNotFoundError: If a model file is missing.
+
+    """
+    paths = model_files(model_dir)
+    loaders = [
+        lambda p: VertebraDetector.load(p, exported=False).export(p),
+        lambda p: Grader.load(p, exported=False).export(p),
+        lambda p: SpiderGrader.load(p, exported=False).export(p),
+        lambda p: export_segmenter(load_segmentation_model(p, exported=False), p),
+    ]
+    done = {}
+    for path, export in zip(paths, loaders):
+        current = export_path(path).is_file() and export_meta(path) is not None
+        if force or not current:
+            export(path)
+        done[path.name] = "current" if current and not force else "exported"
+    return done
+
+
 def _beside(near: str | Path | None, name: str) -> Path | None:
     """The file ``name`` in the folder of ``near`` (a model file or folder), when it is there."""
     if near is None:
@@ -154,7 +190,7 @@ def _beside(near: str | Path | None, name: str) -> Path | None:
     return folder / name if (folder / name).is_file() else None
 
 
-def segment(result: DetectionResult, segmenter: DynUNet) -> DetectionResult:
+def segment(result: DetectionResult, segmenter: nn.Module) -> DetectionResult:
     """Segmentation and measurement stage: bodies, discs and canal named by level, measured on the key slice.
 
     Sets ``result.segmentation`` (:func:`spinepath.segmentation.inference.segment_study`).
@@ -172,7 +208,7 @@ def review(result: DetectionResult) -> Review:
 
 
 def analyse(volume: SeriesVolume, detector: VertebraDetector, grader: Grader | None = None,
-            spider_grader: SpiderGrader | None = None, segmenter: DynUNet | None = None) -> DetectionResult:
+            spider_grader: SpiderGrader | None = None, segmenter: nn.Module | None = None) -> DetectionResult:
     """All stages after loading: detect and name, then (with the models given) grade, fuse, segment, review."""
     result = detect_series(volume, detector)
     if grader is not None:

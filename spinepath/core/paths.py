@@ -48,6 +48,17 @@ def resolve_segmentation_path(model: str | Path | None = None) -> Path:
     return _resolve(model, DEFAULT_SEGMENTATION, "segmentation.pt", "segmentation")
 
 
+def model_files(model_dir: str | Path | None = None) -> tuple[Path, Path, Path, Path]:
+    """The detector, grader, SPIDER grader and segmentation files of a model folder or detector file.
+
+    ``model_dir``: a folder (each file found in it as the resolvers find it), a detector file (the others
+    beside it), or None (``$HOLOSCAN_MODEL_PATH``, else the bundle's).
+    """
+    model = resolve_model_path(model_dir)
+    near = model.parent if model_dir and model.is_file() else model_dir
+    return model, resolve_grader_path(near), resolve_spider_grader_path(near), resolve_segmentation_path(near)
+
+
 #: The real example DICOM series of the shared data.
 SHARED_EXAMPLES = REPO.parent / "shared" / "data" / "dicom_examples"
 

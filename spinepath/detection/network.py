@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
-from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
-from monai.networks.blocks.backbone_fpn_utils import BackboneWithFPN
-from monai.networks.nets import resnet
+
+if TYPE_CHECKING:
+    from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 
 CLASS_NAMES = ("vertebral_body", "S1")
 
@@ -44,8 +44,33 @@ class DetectorConfig:
         return cls(**kw)
 
 
+def anchor_generator(cfg: DetectorConfig) -> AnchorGeneratorWithAnchorShape:
+    """The detector's anchors: :attr:`DetectorConfig.anchor_shapes` at every returned FPN level."""
+    return AnchorGeneratorWithAnchorShape(
+        feature_map_scales=[2**i for i in range(len(cfg.returned_layers) + 1)],
+        base_anchor_shapes=[list(a) for a in cfg.anchor_shapes],
+    )
+
+
+def box_selector_parameters(cfg: DetectorConfig) -> dict:
+    """Keyword arguments of MONAI's box selection at inference (``set_box_selector_parameters``)."""
+    return {"score_thresh": cfg.score_thresh, "topk_candidates_per_level": 300, "nms_thresh": cfg.nms_thresh,
+            "detections_per_img": cfg.detections_per_img * 3}
+
+
+def size_divisible(cfg: DetectorConfig) -> list[int]:
+    """Input sizes are padded to multiples of this (the coarsest FPN level)."""
+    return [2 * 2 * 2 ** max(cfg.returned_layers)] * 2
+
+
 def build_detector(cfg: DetectorConfig) -> RetinaNetDetector:
     """Create an untrained 2D RetinaNetDetector with a ResNet18-FPN backbone (one input channel)."""
+    # the network classes only where a network is built: an exported detector never imports them
+    from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+    from monai.apps.detection.networks.retinanet_network import RetinaNet
+    from monai.networks.blocks.backbone_fpn_utils import BackboneWithFPN
+    from monai.networks.nets import resnet
+
     backbone = resnet.ResNet(
         block=resnet.ResNetBlock,
         layers=[2, 2, 2, 2],
@@ -64,26 +89,18 @@ def build_detector(cfg: DetectorConfig) -> RetinaNetDetector:
         out_channels=cfg.fpn_channels,
         spatial_dims=2,
     )
-    anchor_generator = AnchorGeneratorWithAnchorShape(
-        feature_map_scales=[2**i for i in range(len(returned) + 1)],
-        base_anchor_shapes=[list(a) for a in cfg.anchor_shapes],
-    )
+    anchors = anchor_generator(cfg)
     network = RetinaNet(
         spatial_dims=2,
         num_classes=cfg.num_classes,
-        num_anchors=anchor_generator.num_anchors_per_location()[0],
+        num_anchors=anchors.num_anchors_per_location()[0],
         feature_extractor=feature_extractor,
-        size_divisible=[2 * 2 * 2 ** max(returned)] * 2,
+        size_divisible=size_divisible(cfg),
     )
-    det = RetinaNetDetector(network=network, anchor_generator=anchor_generator, debug=False)
+    det = RetinaNetDetector(network=network, anchor_generator=anchors, debug=False)
     det.set_target_keys(box_key="boxes", label_key="labels")
     det.set_atss_matcher(num_candidates=4, center_in_gt=False)
     det.set_hard_negative_sampler(batch_size_per_image=64, positive_fraction=0.3, pool_size=20, min_neg=16)
-    det.set_box_selector_parameters(
-        score_thresh=cfg.score_thresh,
-        topk_candidates_per_level=300,
-        nms_thresh=cfg.nms_thresh,
-        detections_per_img=cfg.detections_per_img * 3,
-    )
+    det.set_box_selector_parameters(**box_selector_parameters(cfg))
     return det
 

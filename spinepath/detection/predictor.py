@@ -9,16 +9,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 
 from spinepath.core.boxes import box_area, box_intersection, box_iou
+from spinepath.core.exported import load_export, save_export
 from spinepath.core.files import atomic_file
 from spinepath.core.weights import float_state, half_state
 from spinepath.detection.network import DetectorConfig, build_detector
 from spinepath.transforms import intensity_range, to_grid
+
+if TYPE_CHECKING:
+    from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+
+    from spinepath.detection.exported import ExportedRetinaNet
 
 # -------------------------------------------------------------------------------------- post-processing
 
@@ -59,13 +65,15 @@ class VertebraDetector:
     """A trained detector with its configuration; predicts vertebral bodies on sagittal slices.
 
     Args:
-        detector: The MONAI RetinaNetDetector.
+        detector: The MONAI RetinaNetDetector, or an :class:`~spinepath.detection.exported.ExportedRetinaNet`
+            (inference only).
         cfg: Its configuration.
         meta: Free-form metadata stored with the weights (training data, metrics, version).
 
     """
 
-    def __init__(self, detector: RetinaNetDetector, cfg: DetectorConfig, meta: dict | None = None) -> None:
+    def __init__(self, detector: RetinaNetDetector | ExportedRetinaNet, cfg: DetectorConfig,
+                 meta: dict | None = None) -> None:
         self.detector = detector
         self.cfg = cfg
         self.meta = meta or {}
@@ -92,8 +100,12 @@ class VertebraDetector:
             torch.save({"config": dataclasses.asdict(self.cfg), "state_dict": sd, "meta": self.meta}, tmp)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VertebraDetector:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", exported: bool = True) -> VertebraDetector:
         """Load a detector saved by :meth:`save`.
+
+        With ``exported`` (default) and a current export beside the file (:meth:`export`), the network is the
+        exported one (:class:`~spinepath.detection.exported.ExportedRetinaNet`: inference only, no MONAI network
+        code imported); else MONAI's ``RetinaNetDetector`` is built.
 
         Raises:
             FileNotFoundError: If the file does not exist.
@@ -109,10 +121,20 @@ class VertebraDetector:
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
             raise ValueError(f"{path} is not a spinepath detector checkpoint")
         cfg = DetectorConfig.from_dict(ckpt["config"])
-        det = build_detector(cfg)
-        det.network.load_state_dict(float_state(ckpt["state_dict"]))
-        det.eval()
+        found = load_export(path, device) if exported else None
+        if found is not None:
+            from spinepath.detection.exported import ExportedRetinaNet  # MONAI's box code only where it runs
+
+            det = ExportedRetinaNet(found[0]["network"][0], cfg).eval()
+        else:
+            det = build_detector(cfg)
+            det.network.load_state_dict(float_state(ckpt["state_dict"]))
+            det.eval()
         return cls(det, cfg, ckpt.get("meta", {})).to(device)
+
+    def export(self, path: str | Path) -> Path:
+        """Write the TorchScript export of this detector's network beside its weights file ``path``."""
+        return save_export({"network": [self.detector.network.cpu()]}, path, {"kind": "vertebra detector"})
 
     @torch.no_grad()
     def predict(

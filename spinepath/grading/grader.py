@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spinepath.core.exported import load_export, save_export
 from spinepath.core.files import atomic_file
 from spinepath.core.weights import float_state, half_state
 from spinepath.grading.calibration import Calibration
@@ -78,9 +79,16 @@ class Grader:
         with atomic_file(path, ".pt") as tmp:
             torch.save(ckpt, tmp)
 
+    def export(self, path: str | Path) -> Path:
+        """Write the TorchScript export of the classifier networks beside this grader's file ``path``."""
+        return save_export(self.models, path, {"kind": "grader"})
+
     @classmethod
-    def load(cls, path: str | Path) -> Grader:
+    def load(cls, path: str | Path, exported: bool = True) -> Grader:
         """Read a file written by :meth:`save` (networks in float32, eval mode).
+
+        With ``exported`` (default) and a current export beside the file (:meth:`export`), the exported
+        networks (no timm imported); else the networks are built and loaded.
 
         Raises:
             FileNotFoundError: If the file is missing.
@@ -94,8 +102,9 @@ class Grader:
         if not isinstance(ckpt, dict) or ckpt.get("format") != "spinepath-grader-1":
             raise ValueError(f"{path} is not a spinepath grading model")
         configs = {t: GradingConfig.from_dict(c) for t, c in ckpt["configs"].items()}
-        models = {}
-        for t, sds in ckpt["state_dicts"].items():
+        found = load_export(path) if exported else None
+        models = found[0] if found is not None else {}
+        for t, sds in ckpt["state_dicts"].items() if found is None else ():
             ms = []
             for sdict in sds:
                 m = build_classifier(configs[t])

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from spinepath.core.exported import load_export, save_export
 from spinepath.core.files import atomic_file
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
 from spinepath.core.results import Vertebra
@@ -579,9 +580,16 @@ class SpiderGrader:
             torch.save({"format": self.FORMAT, "cfg": asdict(self.cfg), "state_dicts": sds,
                         "fusion": self.fusion.to_dict(), "meta": self.meta}, tmp)
 
+    def export(self, path: str | Path) -> Path:
+        """Write the TorchScript export of the networks beside this grader's file ``path``."""
+        return save_export({"models": self.models}, path, {"kind": "spider grader"})
+
     @classmethod
-    def load(cls, path: str | Path) -> SpiderGrader:
+    def load(cls, path: str | Path, exported: bool = True) -> SpiderGrader:
         """Inverse of :meth:`save`.
+
+        With ``exported`` (default) and a current export beside the file (:meth:`export`), the exported
+        networks (no timm imported); else the networks are built and loaded.
 
         Raises:
             FileNotFoundError: If the file is missing.
@@ -595,8 +603,9 @@ class SpiderGrader:
         if not isinstance(ck, dict) or ck.get("format") != cls.FORMAT:
             raise ValueError(f"{p} is not a spinepath SPIDER grader")
         cfg = SpiderConfig.from_dict(ck["cfg"])
-        models = []
-        for sd in ck["state_dicts"]:
+        found = load_export(p) if exported else None
+        models = found[0]["models"] if found is not None else []
+        for sd in ck["state_dicts"] if found is None else ():
             m = cfg.network()
             m.load_state_dict(float_state(sd))
             models.append(m.eval())

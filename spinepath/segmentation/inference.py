@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.networks.nets import DynUNet
+from torch import nn
 
+from spinepath.core.exported import load_export, save_export
 from spinepath.core.levels import VERTEBRA_LEVELS
 from spinepath.core.results import DetectionResult, SpineSegmentation, key_slice
 from spinepath.core.weights import float_state
@@ -34,8 +35,11 @@ NEIGHBOURS = 0
 MIN_AREA_MM2 = 17.0
 
 
-def load_segmenter(path: str | Path) -> DynUNet:
+def load_segmenter(path: str | Path, exported: bool = True) -> nn.Module:
     """The saved segmentation network (``spinepath train segmentation``), float32, eval mode.
+
+    With ``exported`` (default) and a current TorchScript export beside the file (:func:`export_segmenter`),
+    the exported network (no MONAI network code imported); else the DynUNet. Either has a ``meta`` dict.
 
     Raises:
         FileNotFoundError: If the file is missing.
@@ -48,13 +52,27 @@ def load_segmenter(path: str | Path) -> DynUNet:
     d = torch.load(p, map_location="cpu", weights_only=False)
     if not isinstance(d, dict) or d.get("format") != "spinepath-segmentation-1":
         raise ValueError(f"{path}: not a spinepath segmentation model")
-    model = build_segnet(SegNetConfig.from_dict(d["cfg"]))
-    model.load_state_dict(float_state(d["state"]))
+    found = load_export(p) if exported else None
+    if found is not None:
+        model = found[0]["segmenter"][0]
+    else:
+        model = build_segnet(SegNetConfig.from_dict(d["cfg"]))
+        model.load_state_dict(float_state(d["state"]))
     model.meta = {"file": p.name, "epoch": d.get("epoch"), "selection_dice": d.get("selection_dice"), "cfg": d["cfg"]}
     return model.eval()
 
 
-def segment_slices(model: DynUNet, images: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+def export_segmenter(model: nn.Module, path: str | Path) -> Path:
+    """Write the TorchScript export of an (eager) segmentation network beside its weights file ``path``.
+
+    Traced (MONAI's DynUNet with deep supervision does not script) on one grid slice; it has no data-dependent
+    control flow, and the parity tests run it on other sizes.
+    """
+    return save_export({"segmenter": [model]}, path, {"kind": "segmentation"},
+                       examples={"segmenter": torch.zeros(1, 1, 256, 192)})
+
+
+def segment_slices(model: nn.Module, images: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
     """Class indices (:data:`spinepath.segmentation.partial.CLASSES`) of slices, on their own pixels.
 
     Args:
@@ -89,7 +107,7 @@ def touches_edge(mask: np.ndarray) -> bool:
     return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
-def segment_study(result: DetectionResult, model: DynUNet, neighbours: int = NEIGHBOURS) -> SpineSegmentation:
+def segment_study(result: DetectionResult, model: nn.Module, neighbours: int = NEIGHBOURS) -> SpineSegmentation:
     """Segment the key slice and its neighbours, name the instances, measure on the key slice.
 
     Returns:

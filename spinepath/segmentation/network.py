@@ -8,9 +8,12 @@ output: :data:`spinepath.segmentation.partial.CLASSES` logits. Sizes divisible b
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
-from monai.networks.nets import DynUNet
+
+if TYPE_CHECKING:
+    from monai.networks.nets import DynUNet
 
 from spinepath.segmentation.partial import CLASSES
 
@@ -41,6 +44,8 @@ class SegNetConfig:
 
 def build_segnet(cfg: SegNetConfig) -> DynUNet:
     """A randomly initialised 2D DynUNet for :data:`CLASSES`."""
+    from monai.networks.nets import DynUNet  # only where a network is built: an exported one needs no MONAI network
+
     n = len(cfg.filters)
     return DynUNet(spatial_dims=2, in_channels=1, out_channels=len(CLASSES), kernel_size=[3] * n,
                    strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1), filters=list(cfg.filters),
@@ -61,7 +66,7 @@ def pad_to_divisor(x: torch.Tensor, divisor: int = DIVISOR) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def predict_probabilities(model: DynUNet, image: torch.Tensor) -> torch.Tensor:
+def predict_probabilities(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
     """Class probabilities ``(B, C, H, W)`` of whole slices ``(B, 1, H, W)`` in [0, 1] (eval mode, no padding left)."""
     model.eval()
     x, (h, w) = pad_to_divisor(to_input(image))

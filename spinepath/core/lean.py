@@ -1,0 +1,104 @@
+"""Import only what runs: MONAI's package ``__init__`` files deferred in an inference process (issue 15).
+
+``import monai.deploy.core`` runs ``monai/__init__.py`` first, and that imports every MONAI module (all networks,
+transforms, datasets and, through them, torchvision and ``torch._dynamo``): about 6 s of a 10 s cold start on
+2 cores, for code an inference process with exported networks never calls. :func:`defer_package_inits` installs
+an import hook under which a package of ``monai`` is created without running its ``__init__``: its modules
+import normally, and the ``__init__`` runs the first time a name that is not a submodule is asked of the
+package (``from monai.utils import ensure_tuple``), so nothing that uses a package's exports breaks. Used by the
+processes that only infer (the Deploy app, the PACS worker, batch workers); training and tests import MONAI as
+usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+#: The package trees whose ``__init__`` files are deferred.
+ROOTS = ("monai",)
+
+
+class _DeferredInit(importlib.abc.Loader):
+    """Create the package module; run its real ``__init__`` on the first non-submodule attribute asked."""
+
+    def __init__(self, real: importlib.abc.Loader) -> None:
+        self.real = real
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return None
+
+    def exec_module(self, module: ModuleType) -> None:
+        real = self.real
+
+        def __getattr__(attr: str):  # noqa: N807  (the module-level hook of PEP 562)
+            if attr.startswith("__"):
+                raise AttributeError(f"module {module.__name__!r} has no attribute {attr!r}")
+            name = f"{module.__name__}.{attr}"
+            try:
+                return importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                if exc.name != name:
+                    raise
+            del module.__getattr__  # a real export: run the package's own __init__ once
+            real.exec_module(module)
+            return getattr(module, attr)
+
+        module.__getattr__ = __getattr__
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def __init__(self, roots: tuple[str, ...]) -> None:
+        self.roots = roots
+
+    def find_spec(self, name: str, path=None, target=None) -> importlib.machinery.ModuleSpec | None:
+        if not any(name == r or name.startswith(r + ".") for r in self.roots):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.submodule_search_locations is not None and spec.loader is not None:
+            spec.loader = _DeferredInit(spec.loader)
+        return spec
+
+
+def defer_if_exported(model_dir: str | Path | None = None) -> bool:
+    """:func:`defer_package_inits` when every network of ``model_dir`` has a current export, else nothing.
+
+    An eager network needs MONAI's packages initialised in their own order, so a process that may build one
+    (a missing or stale export) imports MONAI as usual. ``model_dir`` as in
+    :func:`spinepath.core.paths.model_files`.
+
+    Returns:
+        Whether the package initialisation is deferred.
+
+    """
+    # torch and the model paths only here: the hook must be installed before anything imports MONAI
+    from spinepath.core.exported import export_meta
+    from spinepath.core.paths import model_files
+
+    if not all(p.is_file() and export_meta(p) is not None for p in model_files(model_dir)):
+        return False
+    return defer_package_inits()
+
+
+def defer_package_inits(roots: tuple[str, ...] = ROOTS) -> bool:
+    """Defer the package ``__init__`` files of ``roots`` in this process, if none of them is imported yet.
+
+    Returns:
+        True when installed (or already installed), False when a root was imported before (nothing changes).
+
+    """
+    if any(isinstance(f, _Finder) for f in sys.meta_path):
+        return True
+    if any(r in sys.modules for r in roots):
+        return False
+    sys.meta_path.insert(0, _Finder(roots))
+    if "monai" in roots:
+        from monai._version import get_versions  # a plain module: MONAI's modules read monai.__version__
+
+        sys.modules["monai"].__version__ = str(get_versions().get("version", "0+unknown"))
+    return True

@@ -1,0 +1,157 @@
+"""TorchScript exports of the four networks (issue 15, item 1): parity with the eager networks, staleness, and
+an inference process that imports only what runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, EXAMPLE, REPO
+
+from spinepath import stages
+from spinepath.core.exported import export_meta, export_path
+from spinepath.core.paths import DEFAULT_MODEL
+from spinepath.detection.exported import ExportedRetinaNet
+from spinepath.detection.predictor import VertebraDetector
+from spinepath.grading.grader import Grader
+from spinepath.grading.spider import SpiderGrader
+from spinepath.segmentation.data import grid_image
+from spinepath.segmentation.inference import export_segmenter, load_segmenter
+from spinepath.segmentation.network import predict_probabilities
+from spinepath.segmentation.partial import CLASSES
+
+EXAMPLES = [EXAMPLE, DATA / "dicom_examples" / "chu_t2_04"]
+NAMES = ("model.pt", "grader.pt", "spider_grader.pt", "segmentation.pt")
+
+
+@pytest.fixture(scope="module")
+def exported_dir(tmp_path_factory) -> str:
+    """A copy of the bundle's four .pt files with their exports made by the CLI."""
+    d = tmp_path_factory.mktemp("models")
+    for n in NAMES:
+        shutil.copy(DEFAULT_MODEL.parent / n, d / n)
+    out = subprocess.run([sys.executable, "-m", "spinepath", "-q", "export", "--model-dir", str(d)],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {n: "exported" for n in NAMES}
+    again = subprocess.run([sys.executable, "-m", "spinepath", "-q", "export", "--model-dir", str(d)],
+                           capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout) == {n: "current" for n in NAMES}  # idempotent
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def both(exported_dir):
+    """(eager, exported) models of the same files."""
+    def load(exported: bool):
+        p = Path(exported_dir)
+        return (VertebraDetector.load(p / "model.pt", exported=exported), Grader.load(p / "grader.pt", exported),
+                SpiderGrader.load(p / "spider_grader.pt", exported),
+                load_segmenter(p / "segmentation.pt", exported))
+    eager, exported = load(False), load(True)
+    assert isinstance(exported[0].detector, ExportedRetinaNet)
+    assert not isinstance(eager[0].detector, ExportedRetinaNet)
+    assert all(isinstance(m, torch.jit.ScriptModule) for m in exported[2].models)
+    assert isinstance(exported[3], torch.jit.ScriptModule) and not isinstance(eager[3], torch.jit.ScriptModule)
+    return eager, exported
+
+
+@pytest.mark.parametrize("study", EXAMPLES, ids=lambda p: p.name)
+def test_detector_boxes_match(both, study):
+    (eager, *_), (exported, *_) = both
+    vol = stages.load(study)
+    slices = list(vol.pixels)
+    a, b = eager.predict(slices, vol.spacing), exported.predict(slices, vol.spacing)
+    assert sum(len(x.boxes) for x in a) > 3 * len(slices)  # a real detection, not an empty one
+    for x, y in zip(a, b):
+        assert x.boxes.shape == y.boxes.shape
+        assert np.abs(x.boxes - y.boxes).max(initial=0) <= 0.5
+        assert np.abs(x.scores - y.scores).max(initial=0) <= 1e-3
+        assert np.array_equal(x.labels, y.labels)
+
+
+def test_segmenter_probabilities_match(both):
+    (*_, eager), (*_, exported) = both
+    for study in EXAMPLES:
+        vol = stages.load(study)
+        img = grid_image(vol.pixels[len(vol.pixels) // 2], vol.spacing)  # another size than the traced one
+        x = torch.from_numpy(img)[None, None]
+        assert x.shape[-2:] != (256, 192)
+        pa, pb = predict_probabilities(eager, x), predict_probabilities(exported, x)
+        assert pa.shape == pb.shape
+        assert float((pa - pb).abs().max()) <= 1e-3
+        # bodies segmented: the comparison is not on an empty map
+        assert (pa.argmax(1) == CLASSES.index("vertebral_body")).sum() > 100
+
+
+def _close(a, b, path="") -> list[str]:
+    """Where two JSON-like results differ: numbers beyond 1e-3, anything else not equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a if k not in ("timings", "timings_s", "seconds") for d in _close(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{path}[{i}]")]
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return [] if abs(a - b) <= 1e-3 else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize("study", EXAMPLES, ids=lambda p: p.name)
+def test_same_findings_on_the_real_examples(both, study):
+    eager, exported = both
+    ra = stages.analyse(stages.load(study), *eager).to_dict()
+    rb = stages.analyse(stages.load(study), *exported).to_dict()
+    assert ra["vertebrae"] and ra["discs"] and ra["measurements"]["vertebrae"]
+    assert _close(ra, rb) == []
+
+
+def test_stale_export_is_ignored(exported_dir, tmp_path, caplog):
+    src = Path(exported_dir)
+    shutil.copy(src / "segmentation.pt", tmp_path / "segmentation.pt")
+    shutil.copy(src / "segmentation.ts", tmp_path / "segmentation.ts")
+    assert export_meta(tmp_path / "segmentation.pt") is not None
+    d = torch.load(tmp_path / "segmentation.pt", weights_only=False)
+    d["epoch"] = -1  # another version of the weights file
+    torch.save(d, tmp_path / "segmentation.pt")
+    assert export_meta(tmp_path / "segmentation.pt") is None
+    model = load_segmenter(tmp_path / "segmentation.pt")
+    assert not isinstance(model, torch.jit.ScriptModule)
+    assert "stale" in caplog.text
+    export_segmenter(model, tmp_path / "segmentation.pt")  # exporting again makes it current
+    assert export_meta(tmp_path / "segmentation.pt") is not None
+    assert isinstance(load_segmenter(tmp_path / "segmentation.pt"), torch.jit.ScriptModule)
+    size = export_path(tmp_path / "segmentation.pt").stat().st_size
+    assert size < 1.2 * (tmp_path / "segmentation.pt").stat().st_size  # fp16 weights, as the .pt
+
+
+LEAN_RUN = """
+import json, sys
+from spinepath.core.lean import defer_if_exported
+assert not defer_if_exported(sys.argv[4])  # a model folder without exports: MONAI imported as usual
+assert defer_if_exported(sys.argv[3])
+from spinepath.run import run_study
+res = run_study(sys.argv[1], sys.argv[2], sys.argv[3])
+heavy = [m for m in ("torchvision", "timm", "monai.networks.nets", "monai.apps.detection.networks.retinanet_detector")
+         if m in sys.modules]
+print(json.dumps({"heavy": heavy, "levels": res["levels"]}))
+"""
+
+
+def test_inference_process_imports_only_what_runs(exported_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-c", LEAN_RUN, str(EXAMPLE), str(tmp_path / "out"),
+                          str(Path(exported_dir) / "model.pt"), str(REPO / "tests")],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["heavy"] == []
+    assert len(res["levels"]) >= 5
+    assert (tmp_path / "out" / "dicom" / "sr.dcm").is_file()
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["ok"] is True
