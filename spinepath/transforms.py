@@ -1,7 +1,9 @@
 """Intensity normalisation and resampling shared by training and inference.
 
-The scaling of a slice to [0, 1] by a range is MONAI's ``ScaleIntensityRange`` (checked bit for bit against
-the former hand-written scaling on the shared data, in both environments). Hand-written, because MONAI gives
+The scaling of a slice to [0, 1] by a range is MONAI's ``ScaleIntensityRange`` formula, written out here:
+importing it imports ``monai.transforms.intensity`` and, with it, SciPy's signal and statistics packages (half a
+second of an inference process's cold start, issue 15); ``tests/test_exported.py`` checks it bit for bit against
+MONAI's transform on the real examples. The range itself is hand-written, because MONAI gives
 other numbers: the range itself (:func:`intensity_range`) ignores the zero background and subsamples large
 volumes, which ``ScaleIntensityRangePercentiles`` does not; the resampling to the detector grid is torch's
 antialiased bilinear ``interpolate``, where MONAI's ``Resize(anti_aliasing=True)`` smooths with a Gaussian.
@@ -15,7 +17,6 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import ScaleIntensityRange
 
 
 class GridSpec(Protocol):
@@ -56,8 +57,14 @@ def normalise_image(image: np.ndarray, lo_hi: tuple[float, float] | None = None)
 
 
 def scale_to_unit(image: np.ndarray, lo_hi: tuple[float, float]) -> np.ndarray:
-    """``(image - lo) / (hi - lo)`` clipped to [0, 1], float32 (MONAI ``ScaleIntensityRange``)."""
+    """``(image - lo) / (hi - lo)`` clipped to [0, 1], float32: MONAI ``ScaleIntensityRange(lo, hi, 0, 1, clip=True)``.
+
+    Its operations in its order (the module docstring says why it is not imported).
+    """
     lo, hi = lo_hi
-    scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
-    return np.asarray(scale(np.asarray(image, dtype=np.float32)), dtype=np.float32)
+    img = np.asarray(image, dtype=np.float32)
+    if hi - lo == 0.0:  # MONAI: a divide by zero is avoided by shifting only
+        return (img - lo).astype(np.float32)
+    img = (img - lo) / (hi - lo)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
 

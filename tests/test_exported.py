@@ -89,6 +89,21 @@ def test_segmenter_probabilities_match(both):
         assert (pa.argmax(1) == CLASSES.index("vertebral_body")).sum() > 100
 
 
+def test_intensity_scaling_is_monais_bit_for_bit():
+    from monai.transforms import ScaleIntensityRange
+
+    from spinepath.transforms import intensity_range, scale_to_unit
+
+    for study in EXAMPLES:
+        pixels = stages.load(study).pixels
+        lo, hi = intensity_range(pixels, (1.0, 99.5))
+        monai = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
+        for img in (pixels, pixels[len(pixels) // 2]):
+            ours = scale_to_unit(img, (lo, hi))
+            assert ours.dtype == np.float32
+            assert np.array_equal(ours, np.asarray(monai(np.asarray(img, dtype=np.float32))))
+
+
 def _close(a, b, path="") -> list[str]:
     """Where two JSON-like results differ: numbers beyond 1e-3, anything else not equal."""
     if isinstance(a, dict) and isinstance(b, dict):

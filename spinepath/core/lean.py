@@ -22,6 +22,12 @@ from types import ModuleType
 
 #: The package trees whose ``__init__`` files are deferred.
 ROOTS = ("monai",)
+#: Names a deferred package exports, served from the module that defines them (without the package's
+#: ``__init__``): MONAI's type conversion asks ``monai.data.MetaTensor`` on every tensor it converts.
+PROVIDED = {("monai.data", "MetaTensor"): "monai.data.meta_tensor"}
+#: LightGBM's optional integrations: ``lightgbm.compat`` imports each that is installed (scikit-learn alone is
+#: half a second), and an inference process only calls ``Booster.predict``.
+LIGHTGBM_OPTIONAL = ("sklearn", "pandas")
 
 
 class _DeferredInit(importlib.abc.Loader):
@@ -45,6 +51,10 @@ class _DeferredInit(importlib.abc.Loader):
             except ModuleNotFoundError as exc:
                 if exc.name != name:
                     raise
+            if (module.__name__, attr) in PROVIDED:
+                value = getattr(importlib.import_module(PROVIDED[module.__name__, attr]), attr)
+                setattr(module, attr, value)
+                return value
             del module.__getattr__  # a real export: run the package's own __init__ once
             real.exec_module(module)
             return getattr(module, attr)
@@ -82,7 +92,28 @@ def defer_if_exported(model_dir: str | Path | None = None) -> bool:
 
     if not all(p.is_file() and export_meta(p) is not None for p in model_files(model_dir)):
         return False
+    import_lightgbm_core()
     return defer_package_inits()
+
+
+def import_lightgbm_core() -> None:
+    """Import LightGBM without its optional scikit-learn and pandas integrations (an inference process).
+
+    Each of :data:`LIGHTGBM_OPTIONAL` not yet imported is hidden while ``lightgbm`` is imported, so that its
+    compatibility layer finds it missing; the process can still import it afterwards. LightGBM's scikit-learn
+    estimators are then unusable in this process; its ``Booster`` (what the fusion models are) is unchanged.
+    """
+    if "lightgbm" in sys.modules:
+        return
+    hidden = [m for m in LIGHTGBM_OPTIONAL if m not in sys.modules]
+    for m in hidden:
+        sys.modules[m] = None  # type: ignore[assignment]  # `import m` raises ImportError
+    try:
+        import lightgbm  # noqa: F401  (imported here, once, without the hidden packages)
+    finally:
+        for m in hidden:
+            if sys.modules.get(m, 0) is None:
+                del sys.modules[m]
 
 
 def defer_package_inits(roots: tuple[str, ...] = ROOTS) -> bool:

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from PIL import Image
 
@@ -104,6 +103,8 @@ class VolumeCase:
 
     def load(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
         """Return ``(image, mask, spacing_mm)`` with axes (S->I, A->P, lateral)."""
+        import nibabel as nib  # only where a volume is read: an inference process never imports it
+
         img = nib.load(str(self.image_path))
         msk = nib.load(str(self.mask_path))
         image = np.asarray(img.dataobj, dtype=np.float32)
@@ -116,6 +117,8 @@ class VolumeCase:
     @property
     def n_slices(self) -> int:
         """Number of lateral slices (read from the NIfTI header only)."""
+        import nibabel as nib  # only where a volume is read: an inference process never imports it
+
         return int(nib.load(str(self.image_path)).shape[2])
 
     def level_names(self) -> list[str | None]:

@@ -16,6 +16,7 @@ from monai.apps.detection.utils.box_coder import BoxCoder
 from monai.apps.detection.utils.box_selector import BoxSelector
 from monai.apps.detection.utils.detector_utils import preprocess_images
 from monai.data.box_utils import box_iou
+from monai.data.meta_obj import get_track_meta, set_track_meta
 from torch import nn
 
 from spinepath.detection.network import DetectorConfig, anchor_generator, box_selector_parameters, size_divisible
@@ -60,7 +61,13 @@ class ExportedRetinaNet(nn.Module):
     @torch.no_grad()
     def forward(self, input_images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Detections per image, as ``RetinaNetDetector.forward`` returns them in eval mode."""
-        images, image_sizes = preprocess_images(input_images, self.spatial_dims, self.size_divisible)
+        # plain tensors, not MetaTensors: the same numbers without the metadata bookkeeping
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            images, image_sizes = preprocess_images(input_images, self.spatial_dims, self.size_divisible)
+        finally:
+            set_track_meta(tracking)
         head = self.network(images)
         anchors = self.anchor_generator(images, head[CLS_KEY])
         per_level = [x.shape[2:].numel() * self.num_anchors_per_loc for x in head[CLS_KEY]]

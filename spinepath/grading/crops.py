@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.ndimage import map_coordinates
 
 from spinepath.core.geometry import spacing_from_gap
 from spinepath.core.levels import DISC_GRADES, VERTEBRA_GRADES, VERTEBRA_LEVELS
-from spinepath.data.datasets import SparkCase
+
+if TYPE_CHECKING:  # the data readers (nibabel) are not imported by an inference process
+    from spinepath.data.datasets import SparkCase
 
 #: Levels the classifiers were trained on (the graded levels of spark_midsag); others are not graded.
 GRADED_VERTEBRAE = ("L1", "L2", "L3", "L4", "L5")
