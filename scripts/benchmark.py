@@ -1,9 +1,10 @@
 """Benchmark: the whole chain on one example study (batched vs. a naive per-slice loop), the grading stages.
 
 Also what the degenerative grading stage adds, with the T2 alone and with a T1, what the segmentation and
-measurement stage adds, and the peak RAM.
+measurement stage adds, the peak RAM, the cold process (``python app.py`` on the study, with the TorchScript
+exports and with the eager networks) and the warm per-study time of a process that keeps its models loaded.
 
-Usage: python scripts/benchmark.py [--study DIR] [--repeats N] [--threads N] [--json]
+Usage: python scripts/benchmark.py [--study DIR] [--repeats N] [--threads N] [--only SECTION ...]
 Runs on CPU, and also on the GPU when one is available. Prints figures as JSON.
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -149,23 +152,90 @@ def bench_segmentation(study: Path, repeats: int) -> dict:
             "n_discs": len(m["discs"])}
 
 
+def _app_once(study: Path, out: Path, model_dir: Path | None) -> dict:
+    """One ``python app.py`` process: wall seconds, peak RSS, and the chain's own stage timings."""
+    cmd = [sys.executable, str(REPO / "app.py"), "-i", str(study), "-o", str(out)]
+    if model_dir is not None:
+        cmd += ["-m", str(model_dir)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOLOSCAN_")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"app.py failed ({proc.returncode}): {err[-2000:]}")
+    chain = json.loads((out / "vertebrae.json").read_text())["timings_s"]
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "chain_s": sum(chain.values())}
+
+
+def bench_cold(study: Path, repeats: int) -> dict:
+    """The whole ``python app.py`` process on one study (issue 15: <= 4 s on 2 cores), medians of ``repeats``.
+
+    ``exported``: the bundle's models with their TorchScript exports (``make env`` makes them); ``eager``: the
+    same ``.pt`` files in a folder without exports (MONAI's networks, torchvision and timm imported).
+    ``outside_chain_s``: the wall time not spent in the chain's stages (start-up, imports, model loading, exit).
+    """
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as d:
+        eager_dir = Path(d) / "eager"
+        eager_dir.mkdir()
+        for name in ("model.pt", "grader.pt", "spider_grader.pt", "segmentation.pt"):
+            shutil.copy(DEFAULT_MODEL.parent / name, eager_dir / name)
+        for kind, model_dir in (("exported", None), ("eager", eager_dir)):
+            _app_once(study, Path(d) / "warmup", model_dir)  # file caches
+            rows = [_app_once(study, Path(d) / f"{kind}{i}", model_dir) for i in range(repeats)]
+            med = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
+            med["outside_chain_s"] = round(med["wall_s"] - med["chain_s"], 3)
+            out[kind] = med
+    return out
+
+
+def bench_warm(study: Path, repeats: int) -> dict:
+    """Per-study time of a process that keeps its models loaded (the PACS worker, a batch worker)."""
+    from spinepath.run import run_study
+    from spinepath.stages import load_models
+
+    model, grader = load_models()
+    spider, seg = load_spider_grader(), load_segmenter()
+    times, chains = [], []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(repeats + 1):  # the first run is a warm-up
+            t0 = time.perf_counter()
+            res = run_study(study, Path(d) / str(i), model, grader=grader, spider_grader=spider, segmenter=seg)
+            times.append(time.perf_counter() - t0)
+            chains.append(sum(res["timings_s"].values()))
+    return {"per_study_s": round(statistics.median(times[1:]), 3), "chain_s": round(statistics.median(chains[1:]), 3),
+            "exported": type(model.detector).__name__ == "ExportedRetinaNet"}
+
+
+#: The sections of the benchmark (``--only``).
+SECTIONS = ("chain", "degeneration", "segmentation", "warm", "cold_process")
+
+
 def main() -> None:
     """Entry point."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--study", default=str(SHARED_EXAMPLES / "chu_t2_02"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run these sections only")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs = [bench(Path(args.study), "cpu", args.repeats), bench(Path(args.study), "cpu", args.repeats, naive=True)]
-    results = {"torch_threads": torch.get_num_threads(), "runs": runs,
-               "naive_over_batched_total": round(runs[1]["total_s"] / runs[0]["total_s"], 2)}
-    if torch.cuda.is_available():
-        results["runs"].append(bench(Path(args.study), "cuda", args.repeats))
-        results["gpu"] = torch.cuda.get_device_name(0)
-    results["degeneration"] = bench_degeneration(Path(args.study), args.repeats)
-    results["segmentation"] = bench_segmentation(Path(args.study), args.repeats)
+    study, only = Path(args.study), set(args.only or SECTIONS)
+    results: dict = {"torch_threads": torch.get_num_threads()}
+    if "chain" in only:
+        runs = [bench(study, "cpu", args.repeats), bench(study, "cpu", args.repeats, naive=True)]
+        results.update(runs=runs, naive_over_batched_total=round(runs[1]["total_s"] / runs[0]["total_s"], 2))
+        if torch.cuda.is_available():
+            results["runs"].append(bench(study, "cuda", args.repeats))
+            results["gpu"] = torch.cuda.get_device_name(0)
+    for name, fn in (("degeneration", bench_degeneration), ("segmentation", bench_segmentation),
+                     ("warm", bench_warm), ("cold_process", bench_cold)):
+        if name in only:
+            results[name] = fn(study, args.repeats)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(results, indent=1))
 

@@ -11,6 +11,8 @@ PACKAGES=(
   dicom3tools
   orthanc
   orthanc-dicomweb
+  orthanc-python
+  dcmtk
   chromium
   chromium-driver
 )

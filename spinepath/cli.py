@@ -312,6 +312,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.core.lean import defer_if_exported
+
+    defer_if_exported(args.model)  # before MONAI is imported: a warm worker starts faster too
+    from spinepath.service.queue import StudyQueue  # after the import hook, as everything below
+    from spinepath.service.worker import Worker, WorkerModels
+
+    queue = StudyQueue(args.queue)
+    if args.status:
+        print(json.dumps(queue.counts()))
+        return 0
+    if not args.dicomweb:
+        raise CliError("--dicomweb is required (the PACS's DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web)")
+    try:
+        models = WorkerModels.load(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    n = Worker(args.dicomweb, queue, models).run(poll=args.poll, idle_exit=args.idle_exit)
+    print(json.dumps({"processed": n, **queue.counts()}))
+    return 0
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.io.phantom import write_phantom_study
@@ -489,6 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model-dir", dest="model_dir", help="folder of the four .pt files; default: the bundle's")
     x.add_argument("--force", action="store_true", help="export again even when the export is current")
     x.set_defaults(func=_cmd_export)
+
+    w = sub.add_parser("worker", parents=[quiet],
+                       help="the warm PACS worker: run every study Orthanc's plugin queues, store the results back")
+    w.add_argument("--queue", required=True, metavar="FILE", help="the queue file (SpinepathQueue in Orthanc's config)")
+    w.add_argument("--dicomweb", metavar="URL", help="the PACS's DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    w.add_argument("-m", "--model", help="model folder (default: the bundle's)")
+    w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
+    w.add_argument("--idle-exit", dest="idle_exit", type=float, help="exit after this many idle seconds")
+    w.add_argument("--status", action="store_true", help="print the queue's counts per state and exit")
+    w.set_defaults(func=_cmd_worker)
 
     ph = sub.add_parser("phantom", help="write the synthetic phantom DICOM study", parents=[quiet])
     ph.add_argument("output")

@@ -46,12 +46,14 @@ def run_study(
     grader: Grader | str | Path | None = None,
     spider_grader: SpiderGrader | str | Path | None = None,
     segmenter: nn.Module | str | Path | None = None,
+    uid_seed: str | None = None,
 ) -> dict:
     """Read a DICOM study, run it through :mod:`spinepath.stages` and write the outputs.
 
     ``model``, ``grader``, ``spider_grader`` and ``segmenter`` are loaded models or paths
     (:func:`spinepath.stages.load_models`, :func:`spinepath.stages.load_spider_grader`,
     :func:`spinepath.stages.load_segmenter`; by default the bundle's, the models beside the detector).
+    ``uid_seed``: derive the DICOM outputs' UIDs from it (:func:`spinepath.outputs.writer.write_outputs`).
 
     Writes ``vertebrae.json``, ``key_image.png``, the DICOM outputs and ``status.json``. On a refused study only
     ``status.json`` (``ok: false``) is written and the error re-raised.
@@ -80,4 +82,4 @@ def run_study(
     stages.grade_degeneration(result, spider_grader, model)
     stages.segment(result, segmenter)
     stages.review(result)
-    return write_outputs(result, output_dir)
+    return write_outputs(result, output_dir, uid_seed=uid_seed)

@@ -108,3 +108,31 @@ def dciodvfy_errors(path) -> list[str]:
     assert exe, "dciodvfy missing: run scripts/setup_system.sh (Debian dicom3tools)"
     r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
     return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
+
+
+def copy_study(src: Path, dst: Path, edit=None) -> str:
+    """Copy a real series with new UIDs (one study, one series, one frame of reference); returns the study UID."""
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    dst.mkdir(parents=True)
+    for p in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if edit is not None:
+            edit(ds)
+        ds.save_as(dst / p.name, enforce_file_format=True)
+    return study
+
+
+def series_counts(url: str, study: str) -> dict[str, list[int]]:
+    """Modality -> instance count of each series of the study in a DICOMweb server."""
+    from dicomweb_client import DICOMwebClient
+
+    from spinepath.io.pacs import find_series
+
+    client = DICOMwebClient(url)
+    counts: dict[str, list[int]] = {}
+    for s in find_series(url, study):
+        n = len(client.search_for_instances(study, s["SeriesInstanceUID"], get_remaining=True))
+        counts.setdefault(s["Modality"], []).append(n)
+    return counts

@@ -184,8 +184,18 @@ def _wait_until_up(proc: subprocess.Popen, url: str, timeout: float, poll: float
     return proc.poll() is None and _answers(url)
 
 
+def find_orthanc_python() -> Path:
+    """Orthanc's Python plugin (Debian ``orthanc-python``: ``libOrthancPython.so``)."""
+    found = [p for d in ORTHANC_PLUGIN_DIRS for p in sorted(d.glob("libOrthancPython.so*")) if p.is_file()]
+    if not found:
+        raise ServerError("the Orthanc Python plugin (libOrthancPython.so) was not found; run scripts/setup_system.sh "
+                          "(installs the Debian package orthanc-python)")
+    return found[0]
+
+
 @contextmanager
-def orthanc_server(host: str = "127.0.0.1", timeout: float = 60) -> Iterator[str]:
+def orthanc_server(host: str = "127.0.0.1", timeout: float = 60, extra: dict | None = None,
+                   python_script: Path | None = None, info: dict | None = None) -> Iterator[str]:
     """Start a fresh Orthanc with the DICOMweb plugin in a temporary folder; yields its base URL.
 
     HTTP and DICOM ports are free ports picked on loopback; HTTP listens only on loopback
@@ -196,6 +206,9 @@ def orthanc_server(host: str = "127.0.0.1", timeout: float = 60) -> Iterator[str
     Args:
         host: Loopback address of the URL.
         timeout: Seconds to wait for ``/system`` to answer.
+        extra: More configuration (e.g. ``DicomModalities`` allowed to store, ``StableAge``).
+        python_script: A script for Orthanc's Python plugin (``PythonScript``).
+        info: Filled with ``dicom_port``, ``aet`` and ``log`` (the log file) when given.
 
     Yields:
         ``http://HOST:PORT``.
@@ -205,6 +218,7 @@ def orthanc_server(host: str = "127.0.0.1", timeout: float = 60) -> Iterator[str
 
     """
     exe, plugin = find_orthanc()
+    plugins = [str(plugin)] + ([str(find_orthanc_python())] if python_script else [])
     tmp = Path(tempfile.mkdtemp(prefix="spinepath-orthanc-"))
     log = tmp / "orthanc.log"
     proc: subprocess.Popen | None = None
@@ -223,8 +237,10 @@ def orthanc_server(host: str = "127.0.0.1", timeout: float = 60) -> Iterator[str
                 "DicomAlwaysAllowEcho": False,
                 "DicomAlwaysAllowStore": False,
                 "SaveJobs": False,
-                "Plugins": [str(plugin)],
+                "Plugins": plugins,
                 "DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT + "/", "EnableWado": False},
+                **({"PythonScript": str(python_script), "PythonVerbose": False} if python_script else {}),
+                **(extra or {}),
             }
             (tmp / "orthanc.json").write_text(json.dumps(config, indent=2))
             with open(log, "ab") as fh:
@@ -235,6 +251,8 @@ def orthanc_server(host: str = "127.0.0.1", timeout: float = 60) -> Iterator[str
                 if not _answers(f"{url}{DICOMWEB_ROOT}/studies"):
                     raise ServerError(f"Orthanc started without DICOMweb ({plugin}):\n"
                                       f"{log.read_text(errors='replace')[-2000:]}")
+                if info is not None:
+                    info.update(dicom_port=dicom_port, aet=config["DicomAet"], log=log)
                 yield url
                 return
             if proc.poll() is None:  # up but silent: give up

@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pydicom.uid import generate_uid
+
 from spinepath import __version__
 from spinepath.core.results import DetectionResult
 from spinepath.outputs.common import write_dataset
@@ -18,13 +20,15 @@ from spinepath.outputs.sr import build_sr
 
 
 def write_dicom_outputs(
-    result: DetectionResult, folder: str | Path, key_png: str | Path | None = None
+    result: DetectionResult, folder: str | Path, key_png: str | Path | None = None, uid_seed: str | None = None
 ) -> dict[str, str]:
     """Write the DICOM outputs of a graded result into ``folder``.
 
     ``sr.dcm`` (Comprehensive 3D SR, TID 1500), ``seg.dcm`` (vertebra segmentation) and ``report.dcm``
     (Encapsulated PDF), each a new series of the source study. ``key_png``: the key image already written, for
-    the PDF (drawn again when None).
+    the PDF (drawn again when None). ``uid_seed``: derive each object's Series and SOP Instance UIDs from it
+    (:func:`seeded_uid`) instead of new random ones, so that the same run stored twice is one set of objects in
+    the PACS (the PACS worker's exactly-once delivery).
 
     Returns:
         ``{kind: file name}`` for the JSON.
@@ -32,13 +36,23 @@ def write_dicom_outputs(
     """
     folder = Path(folder)
     files = {"sr": "sr.dcm", "seg": "seg.dcm", "pdf_report": "report.dcm"}
-    write_dataset(build_sr(result), folder / files["sr"])
-    write_dataset(build_vertebra_seg(result), folder / files["seg"])
-    write_dataset(build_pdf_dataset(result, key_png=key_png), folder / files["pdf_report"])
+    built = {"sr": build_sr(result), "seg": build_vertebra_seg(result),
+             "pdf_report": build_pdf_dataset(result, key_png=key_png)}
+    for kind, ds in built.items():
+        if uid_seed is not None:
+            ds.SeriesInstanceUID = seeded_uid(uid_seed, kind, "series")
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = seeded_uid(uid_seed, kind, "instance")
+        write_dataset(ds, folder / files[kind])
     return files
 
 
-def write_outputs(result: DetectionResult, out_dir: str | Path, dicom: bool | None = None) -> dict:
+def seeded_uid(seed: str, *parts: str) -> str:
+    """A UID that depends only on ``seed`` and ``parts`` (pydicom's hash-based ``generate_uid``)."""
+    return generate_uid(entropy_srcs=[seed, __version__, *parts])
+
+
+def write_outputs(result: DetectionResult, out_dir: str | Path, dicom: bool | None = None,
+                  uid_seed: str | None = None) -> dict:
     """Write ``vertebrae.json``, ``key_image.png`` and the DICOM outputs atomically, then ``status.json``.
 
     The results go through a temporary folder inside ``out_dir``; ``status.json`` (``ok: true``) is written
@@ -49,6 +63,7 @@ def write_outputs(result: DetectionResult, out_dir: str | Path, dicom: bool | No
         out_dir: Output folder.
         dicom: Write ``dicom/{sr,seg,report}.dcm``; by default when the result is graded and the series
             carries its source DICOM headers.
+        uid_seed: Derive the DICOM outputs' UIDs from it (:func:`write_dicom_outputs`).
 
     Returns:
         The JSON result as written.
@@ -64,7 +79,7 @@ def write_outputs(result: DetectionResult, out_dir: str | Path, dicom: bool | No
         d["key_image"] = {"file": "key_image.png", "slice_index": key_image(result, tmp / "key_image.png")}
         if dicom:
             t0 = time.perf_counter()
-            files = write_dicom_outputs(result, tmp / "dicom", tmp / "key_image.png")
+            files = write_dicom_outputs(result, tmp / "dicom", tmp / "key_image.png", uid_seed)
             d["dicom_outputs"] = {k: f"dicom/{v}" for k, v in files.items()}
             d["timings_s"]["dicom_outputs"] = round(time.perf_counter() - t0, 3)
         (tmp / "vertebrae.json").write_text(json.dumps(d, indent=1))
