@@ -312,12 +312,40 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
+    from spinepath.batch import BatchError, BatchOptions, ModelPaths, parse_query, run_batch
+    from spinepath.io.pacs import PacsError
+
+    if args.query and not args.dicomweb:
+        raise CliError("--query needs --dicomweb")
+    if args.no_store and not args.dicomweb:
+        raise CliError("--no-store needs --dicomweb")
+    if args.workers is not None and args.workers < 1:
+        raise CliError("--workers must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise CliError("--threads must be at least 1")
+    try:
+        query = parse_query(args.query)
+        opts = BatchOptions(out=args.out, folder=args.folder, dicomweb=args.dicomweb, query=query,
+                            store=not args.no_store, workers=args.workers or 2, scheduler=args.scheduler,
+                            threads=args.threads, models=ModelPaths(args.model, args.grader), progress=not args.quiet)
+        res = run_batch(opts)
+    except (BatchError, PacsError, ValueError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    if "message" in res:
+        print(res["message"])
+    print(json.dumps(res))
+    return 1 if res["failed"] else 0
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.core.lean import defer_if_exported
 
     defer_if_exported(args.model)  # before MONAI is imported: a warm worker starts faster too
-    from spinepath.service.queue import StudyQueue  # after the import hook, as everything below
+    # after the import hook
+    from spinepath.service.queue import StudyQueue
     from spinepath.service.worker import Worker, WorkerModels
 
     queue = StudyQueue(args.queue)
@@ -512,6 +540,25 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model-dir", dest="model_dir", help="folder of the four .pt files; default: the bundle's")
     x.add_argument("--force", action="store_true", help="export again even when the export is current")
     x.set_defaults(func=_cmd_export)
+
+    b = sub.add_parser("batch", parents=[quiet],
+                       help="run every study of a DICOMweb query or of a folder on a Dask cluster, each once")
+    bsrc = b.add_mutually_exclusive_group(required=True)
+    bsrc.add_argument("--folder", metavar="DIR", help="a folder with one sub-folder per study")
+    bsrc.add_argument("--dicomweb", metavar="URL", help="DICOMweb root (e.g. http://pacs:8042/dicom-web)")
+    b.add_argument("--query", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                   help="QIDO-RS study matching key (repeatable), e.g. ModalitiesInStudy=MR, StudyDate=20240101-")
+    b.add_argument("--out", required=True, metavar="OUT",
+                   help="output folder: OUT/<StudyInstanceUID>/, OUT/ledger.json, OUT/findings.csv")
+    bwho = b.add_mutually_exclusive_group()
+    bwho.add_argument("--workers", type=int, metavar="N", help="worker processes of the local Dask cluster (default 2)")
+    bwho.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler (e.g. tcp://host:8786)")
+    b.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads per worker (default: the cores shared among the local workers)")
+    b.add_argument("--no-store", action="store_true", help="with --dicomweb: do not store the DICOM outputs back")
+    b.add_argument("-m", "--model", help="detector weights (file or folder)")
+    b.add_argument("--grader", help="grading model (file or folder); default: grader.pt beside the detector")
+    b.set_defaults(func=_cmd_batch)
 
     w = sub.add_parser("worker", parents=[quiet],
                        help="the warm PACS worker: run every study Orthanc's plugin queues, store the results back")

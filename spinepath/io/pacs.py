@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -142,23 +142,39 @@ def _value(item: dict[str, Any], tag: str) -> Any:
     return values[0]
 
 
-def find_studies(url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> list[str]:
-    """Study Instance UIDs of all studies on the server (QIDO-RS ``GET /studies``, every page).
+def find_studies(
+    url: str, *, query: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT_S
+) -> list[str]:
+    """Study Instance UIDs of the studies on the server (QIDO-RS ``GET /studies``, every page).
 
     Args:
         url: DICOMweb service root, e.g. ``http://127.0.0.1:8042/dicom-web``.
+        query: QIDO-RS study matching keys, e.g. ``{"ModalitiesInStudy": "MR", "StudyDate": "20240101-"}``
+            (attribute keyword or tag -> value, with the server's matching rules: wildcards, date ranges);
+            default: every study.
         timeout: Seconds to wait for the server per request.
 
     Returns:
         The UIDs, sorted.
 
     Raises:
-        PacsError: Server unreachable or HTTP error.
+        PacsError: Server unreachable or HTTP error (the message never carries the query's values).
 
     """
+    filters = {str(k): str(v) for k, v in (query or {}).items()} or None
+    uids: set[str] = set()
+    offset = 0
     with _client(url, timeout) as client, _errors(url, "QIDO-RS"):
-        found = client.search_for_studies(fields=["StudyInstanceUID"], get_remaining=True)
-    return sorted({str(_value(s, STUDY_INSTANCE_UID)) for s in found if _value(s, STUDY_INSTANCE_UID)})
+        # pages until one is empty or brings no new study: some servers ignore the offset for some matching
+        # keys (Orthanc with ModalitiesInStudy answers every page with the same studies)
+        while True:
+            page = client.search_for_studies(fields=["StudyInstanceUID"], search_filters=filters, offset=offset)
+            new = {str(_value(s, STUDY_INSTANCE_UID)) for s in page if _value(s, STUDY_INSTANCE_UID)} - uids
+            if not page or not new:
+                break
+            uids |= new
+            offset += len(page)
+    return sorted(uids)
 
 
 def find_series(url: str, study_uid: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
