@@ -8,6 +8,7 @@ from pathlib import Path
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from spinepath import stages
+from spinepath.core.paths import default_device
 from spinepath.grading.grader import Grader
 
 
@@ -26,7 +27,7 @@ class VertebraClassificationOperator(Operator):
 
     def __init__(self, fragment: Fragment, *args, grader: Grader | Path, **kwargs) -> None:
         self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
-        self.grader = grader if isinstance(grader, Grader) else Grader.load(grader)
+        self.grader = grader if isinstance(grader, Grader) else Grader.load(grader, device=default_device())
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:

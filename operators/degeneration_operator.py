@@ -8,6 +8,7 @@ from pathlib import Path
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from spinepath import stages
+from spinepath.core.paths import default_device
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.grading.spider import SpiderGrader
 
@@ -29,7 +30,7 @@ class DegenerationGradingOperator(Operator):
     def __init__(self, fragment: Fragment, *args, grader: SpiderGrader | Path, detector: VertebraDetector,
                  **kwargs) -> None:
         self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
-        self.grader = grader if isinstance(grader, SpiderGrader) else SpiderGrader.load(grader)
+        self.grader = grader if isinstance(grader, SpiderGrader) else SpiderGrader.load(grader, device=default_device())
         self.detector = detector
         super().__init__(fragment, *args, **kwargs)
 

@@ -51,7 +51,7 @@ def load_models(
         model: Detector weights (file or folder; :func:`spinepath.core.paths.resolve_model_path`) or a detector.
         grader: Grading model (file or folder) or a grader; by default the one beside a detector given as a
             path, else :func:`spinepath.core.paths.resolve_grader_path`'s default.
-        device: Device of the detector; default :func:`spinepath.core.paths.default_device` (CUDA when present).
+        device: Device of both; default :func:`spinepath.core.paths.default_device` (CUDA when present).
 
     Raises:
         FileNotFoundError: If a model file is missing.
@@ -62,7 +62,7 @@ def load_models(
         near = None  # a detector given as a path: the grader beside it
         if isinstance(model, str | Path):
             near = Path(model).parent if Path(model).is_file() else model
-        grader = Grader.load(resolve_grader_path(grader or near))
+        grader = Grader.load(resolve_grader_path(grader or near), device=device or default_device())
     if not isinstance(model, VertebraDetector):
         model = VertebraDetector.load(resolve_model_path(model), device=device or default_device())
     return model, grader
@@ -107,15 +107,19 @@ def grade(result: DetectionResult, grader: Grader, spacing_known: bool = True, v
     return fuse(result, classify(result, grader, spacing_known, views), grader)
 
 
-def load_spider_grader(path: str | Path | None = None, near: str | Path | None = None) -> SpiderGrader:
+def load_spider_grader(path: str | Path | None = None, near: str | Path | None = None,
+                       device: str | None = None) -> SpiderGrader:
     """The SPIDER degenerative grader: ``path``, else the one beside ``near`` (a detector path), else the bundle's.
+
+    On ``device`` (default :func:`spinepath.core.paths.default_device`: CUDA when present).
 
     Raises:
         FileNotFoundError: If the file is missing.
         ValueError: If it is not a SPIDER grader.
 
     """
-    return SpiderGrader.load(resolve_spider_grader_path(path or _beside(near, "spider_grader.pt")))
+    return SpiderGrader.load(resolve_spider_grader_path(path or _beside(near, "spider_grader.pt")),
+                             device=device or default_device())
 
 
 def grade_degeneration(result: DetectionResult, grader: SpiderGrader, detector: VertebraDetector,
@@ -137,15 +141,19 @@ def grade_degeneration(result: DetectionResult, grader: SpiderGrader, detector: 
     return result
 
 
-def load_segmenter(path: str | Path | None = None, near: str | Path | None = None) -> nn.Module:
+def load_segmenter(path: str | Path | None = None, near: str | Path | None = None,
+                   device: str | None = None) -> nn.Module:
     """The segmentation network: ``path``, else the one beside ``near`` (a detector path), else the bundle's.
+
+    On ``device`` (default :func:`spinepath.core.paths.default_device`: CUDA when present).
 
     Raises:
         FileNotFoundError: If the file is missing.
         ValueError: If it is not a segmentation model.
 
     """
-    return load_segmentation_model(resolve_segmentation_path(path or _beside(near, "segmentation.pt")))
+    return load_segmentation_model(resolve_segmentation_path(path or _beside(near, "segmentation.pt")),
+                                   device=device or default_device())
 
 
 def export_models(model_dir: str | Path | None = None, force: bool = False) -> dict[str, str]:

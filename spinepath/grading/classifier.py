@@ -273,8 +273,11 @@ def train_classifier(
 @torch.no_grad()
 def ensemble_mean(models: list[nn.Module], crops: np.ndarray, to_probs, tta: bool = True, batch: int = 128
                   ) -> np.ndarray:
-    """Mean of ``to_probs(logits)`` over models (and a superior-inferior flip when ``tta``), ``(N, H, W)`` crops."""
-    x = torch.from_numpy(np.stack([to_input(c) for c in crops]))
+    """Mean of ``to_probs(logits)`` over models (and a superior-inferior flip when ``tta``), ``(N, H, W)`` crops.
+
+    The crops go to the device of the first model (CUDA when the models were loaded there).
+    """
+    x = torch.from_numpy(np.stack([to_input(c) for c in crops])).to(next(models[0].parameters()).device)
     views = [x, torch.flip(x, dims=[2])] if tta else [x]
     acc = None
     for m in models:
@@ -282,7 +285,7 @@ def ensemble_mean(models: list[nn.Module], crops: np.ndarray, to_probs, tta: boo
         for v in views:
             p = torch.cat([to_probs(m(v[i : i + batch])) for i in range(0, len(v), batch)])
             acc = p if acc is None else acc + p
-    return (acc / (len(models) * len(views))).numpy()
+    return (acc / (len(models) * len(views))).cpu().numpy()
 
 
 def predict_crops(models: list[nn.Module], task: str, crops: np.ndarray, tta: bool = True, batch: int = 128):

@@ -84,8 +84,8 @@ class Grader:
         return save_export(self.models, path, {"kind": "grader"})
 
     @classmethod
-    def load(cls, path: str | Path, exported: bool = True) -> Grader:
-        """Read a file written by :meth:`save` (networks in float32, eval mode).
+    def load(cls, path: str | Path, exported: bool = True, device: str = "cpu") -> Grader:
+        """Read a file written by :meth:`save` (networks in float32, eval mode, on ``device``).
 
         With ``exported`` (default) and a current export beside the file (:meth:`export`), the exported
         networks (no timm imported); else the networks are built and loaded.
@@ -102,14 +102,14 @@ class Grader:
         if not isinstance(ckpt, dict) or ckpt.get("format") != "spinepath-grader-1":
             raise ValueError(f"{path} is not a spinepath grading model")
         configs = {t: GradingConfig.from_dict(c) for t, c in ckpt["configs"].items()}
-        found = load_export(path) if exported else None
+        found = load_export(path, device) if exported else None
         models = found[0] if found is not None else {}
         for t, sds in ckpt["state_dicts"].items() if found is None else ():
             ms = []
             for sdict in sds:
                 m = build_classifier(configs[t])
                 m.load_state_dict(float_state(sdict))
-                ms.append(m.eval())
+                ms.append(m.eval().to(device))
             models[t] = ms
         fusion = FusionModel.from_dict(ckpt["fusion"]) if ckpt.get("fusion") else None
         dfusion = FusionModel.from_dict(ckpt["disc_fusion"]) if ckpt.get("disc_fusion") else None

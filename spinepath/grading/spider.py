@@ -585,8 +585,8 @@ class SpiderGrader:
         return save_export({"models": self.models}, path, {"kind": "spider grader"})
 
     @classmethod
-    def load(cls, path: str | Path, exported: bool = True) -> SpiderGrader:
-        """Inverse of :meth:`save`.
+    def load(cls, path: str | Path, exported: bool = True, device: str = "cpu") -> SpiderGrader:
+        """Inverse of :meth:`save` (networks in float32, eval mode, on ``device``).
 
         With ``exported`` (default) and a current export beside the file (:meth:`export`), the exported
         networks (no timm imported); else the networks are built and loaded.
@@ -603,12 +603,12 @@ class SpiderGrader:
         if not isinstance(ck, dict) or ck.get("format") != cls.FORMAT:
             raise ValueError(f"{p} is not a spinepath SPIDER grader")
         cfg = SpiderConfig.from_dict(ck["cfg"])
-        found = load_export(p) if exported else None
+        found = load_export(p, device) if exported else None
         models = found[0]["models"] if found is not None else []
         for sd in ck["state_dicts"] if found is None else ():
             m = cfg.network()
             m.load_state_dict(float_state(sd))
-            models.append(m.eval())
+            models.append(m.eval().to(device))
         return cls(cfg, models, LevelFusion.from_dict(ck["fusion"]), ck.get("meta", {}))
 
     def grade(self, images: dict[str, np.ndarray], samples: list[DiscSample]) -> dict[int, dict]:

@@ -35,8 +35,8 @@ NEIGHBOURS = 0
 MIN_AREA_MM2 = 17.0
 
 
-def load_segmenter(path: str | Path, exported: bool = True) -> nn.Module:
-    """The saved segmentation network (``spinepath train segmentation``), float32, eval mode.
+def load_segmenter(path: str | Path, exported: bool = True, device: str = "cpu") -> nn.Module:
+    """The saved segmentation network (``spinepath train segmentation``), float32, eval mode, on ``device``.
 
     With ``exported`` (default) and a current TorchScript export beside the file (:func:`export_segmenter`),
     the exported network (no MONAI network code imported); else the DynUNet. Either has a ``meta`` dict.
@@ -52,12 +52,13 @@ def load_segmenter(path: str | Path, exported: bool = True) -> nn.Module:
     d = torch.load(p, map_location="cpu", weights_only=False)
     if not isinstance(d, dict) or d.get("format") != "spinepath-segmentation-1":
         raise ValueError(f"{path}: not a spinepath segmentation model")
-    found = load_export(p) if exported else None
+    found = load_export(p, device) if exported else None
     if found is not None:
         model = found[0]["segmenter"][0]
     else:
         model = build_segnet(SegNetConfig.from_dict(d["cfg"]))
         model.load_state_dict(float_state(d["state"]))
+    model = model.to(device)
     model.meta = {"file": p.name, "epoch": d.get("epoch"), "selection_dice": d.get("selection_dice"), "cfg": d["cfg"]}
     return model.eval()
 
