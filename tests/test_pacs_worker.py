@@ -91,3 +91,4 @@ def test_every_pushed_study_gets_its_results_once_across_a_worker_kill(pacs, tmp
     time.sleep(4)
     assert queue.counts() == {"pending": 0, "running": 0, "done": N_STUDIES, "failed": 0}
     assert all(r["version"] == 1 and r["attempts"] in (1, 2) and r["stored"] == 3 for r in queue.rows())
+    assert all(0 < r["chain_seconds"] < r["seconds"] for r in queue.rows())

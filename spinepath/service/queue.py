@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS studies (
     queued REAL NOT NULL,
     updated REAL NOT NULL,
     seconds REAL,
+    chain_seconds REAL,
     stored INTEGER,
     error TEXT
 )
@@ -128,12 +129,15 @@ class StudyQueue:
                        " WHERE orthanc_id = ?", (os.getpid(), time.time(), row[0]))
         return Job(row[0], row[1], row[2] + 1, row[3])
 
-    def finish(self, job: Job, seconds: float, stored: int) -> None:
-        """Mark a claimed study done (its results stored back)."""
+    def finish(self, job: Job, seconds: float, stored: int, chain_seconds: float | None = None) -> None:
+        """Mark a claimed study done (its results stored back).
+
+        ``seconds``: the whole study; ``chain_seconds``: the chain's stages (the rest is fetching and storing).
+        """
         with self._tx() as db:
-            db.execute("UPDATE studies SET state = 'done', seconds = ?, stored = ?, error = NULL, worker_pid = NULL,"
-                       " updated = ? WHERE orthanc_id = ? AND version = ?",
-                       (seconds, stored, time.time(), job.orthanc_id, job.version))
+            db.execute("UPDATE studies SET state = 'done', seconds = ?, chain_seconds = ?, stored = ?, error = NULL,"
+                       " worker_pid = NULL, updated = ? WHERE orthanc_id = ? AND version = ?",
+                       (seconds, chain_seconds, stored, time.time(), job.orthanc_id, job.version))
 
     def fail(self, job: Job, error: str) -> None:
         """Record a failure: pending again until :data:`MAX_ATTEMPTS`, then ``failed``."""

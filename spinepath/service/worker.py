@@ -64,19 +64,19 @@ class Worker:
         self.work_dir = Path(work_dir) if work_dir else None
         self.stopping = False
 
-    def process(self, job: Job) -> int:
-        """Fetch, run and store back one study; returns the number of objects stored."""
+    def process(self, job: Job) -> tuple[int, float]:
+        """Fetch, run and store back one study; returns the number of objects stored and the chain's seconds."""
         with tempfile.TemporaryDirectory(prefix="spinepath-worker-", dir=self.work_dir) as tmp:
             study, out = Path(tmp) / "study", Path(tmp) / "out"
             fetch_study(self.dicomweb, job.study_uid, study)
             m = self.models
-            run_study(study, out, m.detector, grader=m.grader, spider_grader=m.spider_grader,
+            res = run_study(study, out, m.detector, grader=m.grader, spider_grader=m.spider_grader,
                       segmenter=m.segmenter, uid_seed=f"{job.study_uid}/{job.version}")
             files = sorted((out / "dicom").glob("*.dcm"))
             if not files:
                 raise StudyError("no DICOM results were written (no vertebra found)")
             store_files(self.dicomweb, files)
-            return len(files)
+            return len(files), float(sum(res["timings_s"].values()))
 
     def run(self, poll: float = 1.0, idle_exit: float | None = None, max_studies: int | None = None) -> int:
         """Work until stopped (SIGTERM / SIGINT: after the current study), idle too long, or ``max_studies``.
@@ -100,14 +100,15 @@ class Worker:
                 continue
             t0 = time.perf_counter()
             try:
-                stored = self.process(job)
+                stored, chain = self.process(job)
             except (StudyError, PacsError, FileNotFoundError, ValueError) as exc:
                 self.queue.fail(job, str(exc))
                 log.warning("study %s failed (try %d): %s", job.orthanc_id, job.attempts, exc)
             else:
                 secs = time.perf_counter() - t0
-                self.queue.finish(job, secs, stored)
-                log.info("study %s done in %.1f s: %d objects stored", job.orthanc_id, secs, stored)
+                self.queue.finish(job, secs, stored, chain)
+                log.info("study %s done in %.1f s (the chain %.1f s): %d objects stored", job.orthanc_id, secs,
+                         chain, stored)
             n += 1
             idle_since = time.monotonic()
         return n
