@@ -154,8 +154,8 @@ assert not defer_if_exported(sys.argv[4])  # a model folder without exports: MON
 assert defer_if_exported(sys.argv[3])
 from spinepath.run import run_study
 res = run_study(sys.argv[1], sys.argv[2], sys.argv[3])
-heavy = [m for m in ("torchvision", "timm", "monai.networks.nets", "monai.apps.detection.networks.retinanet_detector")
-         if m in sys.modules]
+heavy = [m for m in ("torchvision", "timm", "monai.networks.nets", "monai.apps.detection.networks.retinanet_detector",
+                     "sklearn", "cupy", "scipy.signal") if sys.modules.get(m) is not None]
 print(json.dumps({"heavy": heavy, "levels": res["levels"]}))
 """
 

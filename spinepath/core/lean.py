@@ -25,6 +25,9 @@ ROOTS = ("monai",)
 #: Names a deferred package exports, served from the module that defines them (without the package's
 #: ``__init__``): MONAI's type conversion asks ``monai.data.MetaTensor`` on every tensor it converts.
 PROVIDED = {("monai.data", "MetaTensor"): "monai.data.meta_tensor"}
+#: Optional packages MONAI imports when installed and an inference process never uses (CuPy: MONAI's
+#: ``type_conversion`` imports it, most of a second, for arrays this chain never makes; CUDA work is torch's).
+HIDDEN = ("cupy", "cupyx")
 #: LightGBM's optional integrations: ``lightgbm.compat`` imports each that is installed (scikit-learn alone is
 #: half a second), and an inference process only calls ``Booster.predict``.
 LIGHTGBM_OPTIONAL = ("sklearn", "pandas")
@@ -119,6 +122,8 @@ def import_lightgbm_core() -> None:
 def defer_package_inits(roots: tuple[str, ...] = ROOTS) -> bool:
     """Defer the package ``__init__`` files of ``roots`` in this process, if none of them is imported yet.
 
+    Also hides :data:`HIDDEN` from the process (imported by nothing that runs here).
+
     Returns:
         True when installed (or already installed), False when a root was imported before (nothing changes).
 
@@ -128,6 +133,8 @@ def defer_package_inits(roots: tuple[str, ...] = ROOTS) -> bool:
     if any(r in sys.modules for r in roots):
         return False
     sys.meta_path.insert(0, _Finder(roots))
+    for m in HIDDEN:
+        sys.modules.setdefault(m, None)  # type: ignore[arg-type]  # `import cupy` raises ImportError here
     if "monai" in roots:
         from monai._version import get_versions  # a plain module: MONAI's modules read monai.__version__
 
