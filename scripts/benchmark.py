@@ -221,8 +221,32 @@ def bench_warm(study: Path, repeats: int) -> dict:
             "exported": type(model.detector).__name__ == "ExportedRetinaNet"}
 
 
+def bench_batch(study: Path, repeats: int, n_studies: int = 20, workers: int = 2) -> dict:
+    """``spinepath batch`` over copies of the study (folder mode, a local cluster of ``workers``).
+
+    ``overhead_per_study_s``: each task's seconds minus the chain's own stages (reading, writing the folder);
+    ``wall_over_ideal``: the batch's wall time against the chain times summed and shared by the workers (1.0:
+    no start-up, no idle worker; issue 15 asks for throughput within 15 % of the summed chain times).
+    """
+    from spinepath.batch import BatchOptions, run_batch
+    from spinepath.io.dicom import copy_with_new_uids
+
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(n_studies):
+            copy_with_new_uids(study, Path(d) / "archive" / f"s{i:02d}")
+        res = run_batch(BatchOptions(out=Path(d) / "out", folder=Path(d) / "archive", workers=workers,
+                                     progress=False))
+        chain = sum(sum(json.loads(p.read_text())["timings_s"].values())
+                    for p in (Path(d) / "out").glob("*/vertebrae.json"))
+    return {"studies": n_studies, "workers": workers, "done": res["done"], "wall_s": round(res["wall_s"], 2),
+            "study_s": round(res["study_s"], 2), "chain_s": round(chain, 2),
+            "overhead_per_study_s": round((res["study_s"] - chain) / n_studies, 3),
+            "wall_over_ideal": round(res["wall_s"] / (chain / workers), 3),
+            "peak_worker_rss_mb": res.get("peak_worker_rss_mb")}
+
+
 #: The sections of the benchmark (``--only``).
-SECTIONS = ("chain", "degeneration", "segmentation", "warm", "cold_process")
+SECTIONS = ("chain", "degeneration", "segmentation", "warm", "cold_process", "batch")
 
 
 def main() -> None:
@@ -244,7 +268,7 @@ def main() -> None:
             results["runs"].append(bench(study, "cuda", args.repeats))
             results["gpu"] = torch.cuda.get_device_name(0)
     for name, fn in (("degeneration", bench_degeneration), ("segmentation", bench_segmentation),
-                     ("warm", bench_warm), ("cold_process", bench_cold)):
+                     ("warm", bench_warm), ("cold_process", bench_cold), ("batch", bench_batch)):
         if name in only:
             results[name] = fn(study, args.repeats)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

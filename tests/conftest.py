@@ -112,16 +112,9 @@ def dciodvfy_errors(path) -> list[str]:
 
 def copy_study(src: Path, dst: Path, edit=None) -> str:
     """Copy a real series with new UIDs (one study, one series, one frame of reference); returns the study UID."""
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    dst.mkdir(parents=True)
-    for p in sorted(src.glob("*.dcm")):
-        ds = pydicom.dcmread(p)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        if edit is not None:
-            edit(ds)
-        ds.save_as(dst / p.name, enforce_file_format=True)
-    return study
+    from spinepath.io.dicom import copy_with_new_uids
+
+    return copy_with_new_uids(src, dst, edit)
 
 
 def series_counts(url: str, study: str) -> dict[str, list[int]]:

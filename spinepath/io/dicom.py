@@ -727,3 +727,31 @@ def load_study(folder: str | Path, rules: dict | None = None) -> SeriesVolume:
         raise StudyError(f"{first_error} (and the {len(ranked) - 1} other candidate series could not be "
                          "read)") from None
     raise first_error
+
+
+def copy_with_new_uids(src: str | Path, dst: str | Path, edit=None) -> str:
+    """Copy a DICOM series as a new study: new Study, Series, Frame of Reference and SOP Instance UIDs.
+
+    For load tests and benchmarks over many studies made from one (every copy is a distinct study to a PACS).
+
+    Args:
+        src: Folder of one series (``*.dcm``).
+        dst: New folder (created).
+        edit: Called with each dataset before it is written (e.g. to change the modality).
+
+    Returns:
+        The new Study Instance UID.
+
+    """
+    from pydicom.uid import generate_uid  # only where copies are made
+
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    Path(dst).mkdir(parents=True)
+    for p in sorted(Path(src).glob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if edit is not None:
+            edit(ds)
+        ds.save_as(Path(dst) / p.name, enforce_file_format=int(pydicom.__version__.split(".")[0]) >= 3)
+    return study
