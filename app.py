@@ -137,4 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    # every output is on disk (atomically, status.json last): skip the interpreter's teardown, about 1.4 s of a
+    # cold process spent freeing the models and the executor
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
