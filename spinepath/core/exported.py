@@ -12,6 +12,7 @@ eager networks is tested (``tests/test_exported.py``).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -38,7 +39,13 @@ def export_path(weights: str | Path) -> Path:
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 (hex) of a file."""
+    """SHA-256 (hex) of a file (computed once per process while its size and modification time are unchanged)."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
