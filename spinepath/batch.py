@@ -253,10 +253,7 @@ def worker_models(paths: ModelPaths) -> tuple:
 
             _MODELS.clear()
             t0 = time.perf_counter()
-            detector, grader = stages.load_models(paths.model, paths.grader)
-            spider = stages.load_spider_grader(paths.spider_grader, paths.model)
-            segmenter = stages.load_segmenter(paths.segmenter, paths.model)
-            _MODELS[paths] = (detector, grader, spider, segmenter)
+            _MODELS[paths] = stages.load_all_models(paths.model, paths.grader, paths.spider_grader, paths.segmenter)
             log.info("worker %d: models loaded in %.1f s", os.getpid(), time.perf_counter() - t0)
         return _MODELS[paths]
 

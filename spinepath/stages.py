@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from spinepath.core.exported import export_meta, export_path
+from spinepath.core.exported import export_meta
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.paths import (
     default_device,
@@ -156,6 +156,18 @@ def load_segmenter(path: str | Path | None = None, near: str | Path | None = Non
                                    device=device or default_device())
 
 
+def load_all_models(model: str | Path | None = None, grader: str | Path | None = None,
+                    spider_grader: str | Path | None = None, segmenter: str | Path | None = None
+                    ) -> tuple[VertebraDetector, Grader, SpiderGrader, nn.Module]:
+    """The four models of a long-running process: detector, grader, SPIDER grader, segmentation network.
+
+    Each path as in :func:`load_models`, :func:`load_spider_grader` and :func:`load_segmenter` (the models
+    beside the detector ``model``, a file or folder, when not given; else the bundle's).
+    """
+    detector, g = load_models(model, grader)
+    return detector, g, load_spider_grader(spider_grader, model), load_segmenter(segmenter, model)
+
+
 def export_models(model_dir: str | Path | None = None, force: bool = False) -> dict[str, str]:
     """Export the four networks of a model folder to TorchScript beside their weights (``spinepath export``).
 
@@ -183,7 +195,7 @@ def export_models(model_dir: str | Path | None = None, force: bool = False) -> d
     ]
     done = {}
     for path, export in zip(paths, loaders):
-        current = export_path(path).is_file() and export_meta(path) is not None
+        current = export_meta(path) is not None
         if force or not current:
             export(path)
         done[path.name] = "current" if current and not force else "exported"

@@ -42,9 +42,7 @@ class WorkerModels:
     @classmethod
     def load(cls, model_dir: str | Path | None = None) -> WorkerModels:
         """The models of a folder (or the bundle's); their TorchScript exports when current."""
-        detector, grader = stages.load_models(model_dir)
-        return cls(detector, grader, stages.load_spider_grader(near=model_dir),
-                   stages.load_segmenter(near=model_dir))
+        return cls(*stages.load_all_models(model_dir))
 
 
 class Worker:
