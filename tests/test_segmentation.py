@@ -190,3 +190,25 @@ def test_evaluate_segmentation_contract(data_root, tmp_path):
                         str(data_root / "spark_midsag"), "--seg-model", str(tmp_path / "segmentation.pt")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "segmentation needs" in r.stderr
+
+
+def test_measurement_pairs_take_the_canal_as_one_structure():
+    """A speck labelled canal in front of a disc (annotation noise) is not where the canal is measured: the
+    reference and the prediction, identical but for the speck, give the same AP diameter and disc height."""
+    from spinepath.evaluation.segmentation import slice_measurement_pairs
+    from spinepath.segmentation.data import GRID_MM, SegSlice
+
+    target = np.zeros((200, 160), np.int64)  # groups: 1 vertebra, 2 disc, 3 spinal canal
+    target[40:80, 30:90] = 1
+    target[80:92, 30:90] = 2
+    target[92:132, 30:90] = 1
+    target[20:180, 95:110] = 3  # a 15-pixel (12 mm on the 0.8 mm grid) canal behind the bodies
+    classes = np.select([target == 1, target == 2, target == 3], [1, 3, 4], 0)  # body, disc, canal
+    target[84:90, 70:76] = 3  # the speck, inside the disc's rows
+    s = SegSlice(image=np.zeros(target.shape, np.float32), target=target, groups=np.zeros((4, 5)),
+                 annotated=["vertebra", "disc", "spinal_canal"], source="spider_seg", case="x", patient="x",
+                 index=0, spacing_mm=(0.8, 0.8))
+    pairs, n = slice_measurement_pairs(s, classes)
+    assert n == 3 and len(pairs["canal"]) == 1
+    ref, pred = pairs["canal"][0]
+    assert ref == pytest.approx(pred, abs=0.1) and ref == pytest.approx(15 * GRID_MM, abs=0.2)

@@ -10,7 +10,8 @@ Measurements compare, on the same slice, each measurement of the predicted masks
 to the reference masks (:mod:`spinepath.measurements.shape`), structures matched by position (the predicted
 component whose centroid is nearest the reference one, within :data:`MATCH_MM`): vertebral body heights (the
 reference body: SPIDER's vertebra component anterior to its canal's front wall), disc heights, and the canal's
-AP diameter through each reference disc (along the disc's axis). Errors in mm from the folder's pixel spacing,
+AP diameter through each reference disc (along the disc's axis; the canal is its largest component in the
+reference and in the prediction, as in the product: a stray speck is not the canal). Errors in mm from the folder's pixel spacing,
 pooled over anterior / middle / posterior; ``null`` where the reference gives none.
 """
 
@@ -53,6 +54,12 @@ def _match(ref: list[np.ndarray], pred: list[np.ndarray]) -> list[tuple[np.ndarr
     return out
 
 
+def _largest(mask: np.ndarray | None) -> np.ndarray | None:
+    """A mask's largest component of at least :data:`MIN_PIXELS` (None when there is none)."""
+    comps = components(mask, MIN_PIXELS) if mask is not None else []
+    return max(comps, key=lambda m: int(m.sum())) if comps else None
+
+
 def _front_cut(vertebra: np.ndarray, canal: np.ndarray) -> np.ndarray:
     """A whole-vertebra component cut at the canal's anterior wall (row by row): its body."""
     has = canal.any(1)
@@ -84,7 +91,8 @@ def slice_measurement_pairs(s: SegSlice, classes: np.ndarray) -> tuple[dict[str,
     sp = (GRID_MM, GRID_MM)
     names = ["background", *s.annotated]
     ref = {n: s.target == i for i, n in enumerate(names) if i}
-    canal_ref = ref.get("spinal_canal")
+    # the canal is one structure, as in the product (its largest component): specks elsewhere are not it
+    canal_ref = _largest(ref.get("spinal_canal"))
     body_pred = components(classes == CLASSES.index("vertebral_body"), MIN_PIXELS)
     disc_pred = components(classes == CLASSES.index("disc"), MIN_PIXELS)
     out: dict[str, list[tuple[float, float]]] = {"body": [], "disc": [], "canal": []}
@@ -100,8 +108,8 @@ def slice_measurement_pairs(s: SegSlice, classes: np.ndarray) -> tuple[dict[str,
         rd = components(ref["disc"], MIN_PIXELS)
         out["disc"], k = _height_pairs(rd, disc_pred)
         n += k
-        canal_pred = classes == CLASSES.index("spinal_canal")
-        if canal_ref is not None and canal_pred.any():
+        canal_pred = _largest(classes == CLASSES.index("spinal_canal"))
+        if canal_ref is not None and canal_pred is not None:
             for r in rd:
                 ax = structure_axes(r, sp)
                 a, b = canal_ap(canal_ref, sp, ax), canal_ap(canal_pred, sp, ax)

@@ -5,9 +5,10 @@ canonical orientation) with its pixel spacing ``(row_mm, col_mm)`` and returns m
 line it was measured on (pixel coordinates ``(row, col)``, pixel centres), so that every number can be drawn
 and checked.
 
-* A structure's axes come from its own shape: ``ap`` is the principal axis of the mask in millimetres (a lumbar
-  body and a disc are wider than tall), oriented towards posterior; ``si`` is perpendicular to it, oriented
-  towards inferior.
+* A structure's axes come from its own shape: ``ap`` is first the principal axis of the mask in millimetres
+  for a clearly elongated shape (a disc), else a side of its minimum-area enclosing rectangle (a body as deep
+  as it is tall, as on a lateral slice, has no stable principal axis), then the mean direction of its two
+  endplates; oriented towards posterior; ``si`` is perpendicular to it, oriented towards inferior.
 * A *height* at a fraction ``f`` of the structure's anteroposterior extent is the length of the mask's run
   along ``si`` through the point at ``f`` (0 anterior, 1 posterior) on the ``ap`` line through the centroid:
   anterior, middle and posterior heights at 0.15, 0.5 and 0.85 (inside the rounded corners).
@@ -23,6 +24,8 @@ import numpy as np
 
 #: Positions of the anterior, middle and posterior heights along the anteroposterior extent.
 HEIGHT_POSITIONS = {"anterior": 0.15, "middle": 0.5, "posterior": 0.85}
+#: A structure whose enclosing rectangle is this much longer than wide has its ``ap`` along the longer side.
+ELONGATED = 1.3
 
 
 @dataclass
@@ -64,7 +67,8 @@ def structure_axes(mask: np.ndarray, spacing: tuple[float, float]) -> Axes:
         raise ValueError("empty mask")
     c = pts.mean(0)
     w, v = np.linalg.eigh(np.cov((pts - c).T))
-    ap = v[:, int(np.argmax(w))]
+    # a clearly elongated shape (a disc, most bodies) has its principal axis; a square-ish one its rectangle's
+    ap = v[:, int(np.argmax(w))] if w.max() > 4.0 * max(w.min(), 1e-9) else _rectangle_ap(pts - c)
     ap = ap if ap[1] >= 0 else -ap
     first = Axes((c[0] / spacing[0], c[1] / spacing[1]), ap, _si(ap))
     plates = [endplate_line(mask, spacing, side, first) for side in ("superior", "inferior")]
@@ -74,6 +78,30 @@ def structure_axes(mask: np.ndarray, spacing: tuple[float, float]) -> Axes:
             ap = mean / np.linalg.norm(mean)
     ap = ap if ap[1] >= 0 else -ap  # columns run anterior -> posterior
     return Axes((c[0] / spacing[0], c[1] / spacing[1]), ap, _si(ap))
+
+
+def _rectangle_ap(pts: np.ndarray) -> np.ndarray:
+    """The first ``ap`` guess of centred mm points: a side of their minimum-area enclosing rectangle.
+
+    The rectangle's sides follow a body's endplates and walls whatever its aspect (the principal axis of a
+    square-ish body, as on a lateral slice, points anywhere). ``ap`` is the longer side when the rectangle is
+    clearly elongated (:data:`ELONGATED`), else the side nearer the image's anteroposterior (column) axis.
+    Extents are the 1st-99th percentiles (a spur does not turn the rectangle).
+    """
+    best = None
+    for deg in np.arange(0.0, 90.0, 1.0):
+        t = np.radians(deg)
+        u, v = np.array([np.sin(t), np.cos(t)]), np.array([np.cos(t), -np.sin(t)])
+        eu = np.subtract(*np.percentile(pts @ u, [99, 1]))
+        ev = np.subtract(*np.percentile(pts @ v, [99, 1]))
+        if best is None or eu * ev < best[0]:
+            best = (eu * ev, u, v, eu, ev)
+    _, u, v, eu, ev = best
+    if max(eu, ev) > ELONGATED * min(eu, ev):
+        ap = u if eu > ev else v
+    else:
+        ap = u if abs(u[1]) >= abs(v[1]) else v
+    return ap if ap[1] >= 0 else -ap
 
 
 def _si(ap: np.ndarray) -> np.ndarray:
