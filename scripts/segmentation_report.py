@@ -1,9 +1,10 @@
 """Model-card figures of the segmentation network (issue 14, item 7), on the validation split only.
 
 For each annotated source (spider_seg, chu_t2, spineweb_vb, ivd_t2): the ``spinepath evaluate segmentation``
-contract on its validation cases, Dice per class with bootstrap 95% intervals by patient, measurement MAE with
-intervals; one Bland-Altman plot (body height, disc height, canal AP: predicted vs reference masks, same code,
-same slice); the worst validation slices as images (reference and predicted outlines).
+contract on its validation cases (also without the class offsets, for comparison), Dice per class with bootstrap
+95% intervals by patient, measurement MAE with intervals; one Bland-Altman plot (body height, disc height,
+canal AP: predicted vs reference masks, same code, same slice); the worst validation slices as images
+(reference and predicted outlines).
 
 Usage: python scripts/segmentation_report.py [--model bundle/models/segmentation.pt] [--out bundle/docs]
     [--bootstrap 1000] [-q]
@@ -58,16 +59,20 @@ def main() -> None:
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     data = SHARED_EXAMPLES.parent
-    model = load_segmenter(resolve_segmentation_path(args.model))
+    path = resolve_segmentation_path(args.model)
+    model = load_segmenter(path)
+    raw = load_segmenter(path, offsets=False)  # the same network without its class offsets, for comparison
     out = Path(args.out)
     report: dict = {"model": model.meta["file"], "best_epoch": model.meta["epoch"], "split": "validation",
-                    "datasets": {}}
+                    "class_log_offsets": model.meta["class_log_offsets"], "datasets": {}}
     pairs: dict[str, list[tuple]] = {k: [] for k in KINDS}
     worst = []
     for src in SOURCES:
         cases = split_cases(data / src, "validation")
         details: dict = {}
         res = evaluate_segmentation(data / src, model, cases=cases, progress=not args.quiet, details=details)
+        res0 = evaluate_segmentation(data / src, raw, cases=cases, progress=not args.quiet)
+        res["without_offsets"] = {"dice": res0["dice"], "measurements": res0["measurements"]}
         by_name: dict[str, dict[str, list[float]]] = {}
         for (_, case), d in details["per_case"].items():
             for name, v in d.items():

@@ -212,3 +212,23 @@ def test_measurement_pairs_take_the_canal_as_one_structure():
     assert n == 3 and len(pairs["canal"]) == 1
     ref, pred = pairs["canal"][0]
     assert ref == pytest.approx(pred, abs=0.1) and ref == pytest.approx(15 * GRID_MM, abs=0.2)
+
+
+def test_class_offsets_belong_to_the_weights_they_were_chosen_for(tmp_path):
+    """The committed weights get the offsets chosen for them on the selection split; other weights get none;
+    an offset moves the arg-max where two classes are close."""
+    import json
+
+    from spinepath.core.config import config_file
+    from spinepath.core.paths import resolve_segmentation_path
+    from spinepath.segmentation.inference import OFFSETS_CONFIG, decide, load_offsets
+
+    path = resolve_segmentation_path(None)
+    chosen = json.loads(config_file(OFFSETS_CONFIG).read_text())["log_offsets"]
+    assert load_offsets(path) == [chosen.get(c, 0.0) for c in CLASSES]
+    other = tmp_path / "segmentation.pt"
+    other.write_bytes(path.read_bytes() + b"\0")  # retrained weights: a different digest
+    assert load_offsets(other) is None
+    probs = torch.tensor([0.05, 0.30, 0.05, 0.35, 0.25]).view(1, 5, 1, 1)
+    assert decide(probs).item() == CLASSES.index("disc")
+    assert decide(probs, [0.0, 1.0, 0.0, -1.0, 0.0]).item() == CLASSES.index("vertebral_body")

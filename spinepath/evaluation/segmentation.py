@@ -2,21 +2,25 @@
 
 Folders: the spider_seg format (2D slices with semantic masks; each case's ``labels`` name the classes) and the
 3D mask folders (chu_t2 / spineweb_vb: vertebral body; ivd_t2: disc; every 4th lateral slice starting at
-``(n % 4) // 2``, as in the detection contract). Dice per case over all its evaluated slices, averaged over
-cases; a class the folder does not annotate is ``null``; ``vertebra`` compares the predicted body and posterior
-elements together with SPIDER's whole-vertebra mask.
+``(n % 4) // 2``, as in the detection contract). Everything is scored on the dataset's own pixels, as the
+product delivers its masks: the network runs on the 0.8 mm grid and its probabilities are brought back to the
+slice's pixels before the arg-max (:func:`spinepath.segmentation.inference.classes_on_pixels`, with the class
+offsets chosen for the weights); the reference masks are not resampled. Dice per case over all its evaluated
+slices, averaged over cases; a class the folder does not annotate is ``null``; ``vertebra`` compares the
+predicted body and posterior elements together with SPIDER's whole-vertebra mask.
 
 Measurements compare, on the same slice, each measurement of the predicted masks with the same code applied
 to the reference masks (:mod:`spinepath.measurements.shape`), structures matched by position (the predicted
 component whose centroid is nearest the reference one, within :data:`MATCH_MM`): vertebral body heights (the
 reference body: SPIDER's vertebra component anterior to its canal's front wall), disc heights, and the canal's
 AP diameter through each reference disc (along the disc's axis; the canal is its largest component in the
-reference and in the prediction, as in the product: a stray speck is not the canal). Errors in mm from the folder's pixel spacing,
-pooled over anterior / middle / posterior; ``null`` where the reference gives none.
+reference and in the prediction, as in the product: a stray speck is not the canal). Errors in mm from the
+folder's pixel spacing, pooled over anterior / middle / posterior; ``null`` where the reference gives none.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ from spinepath.data.datasets import dataset_kind, load_volume_index
 from spinepath.data.spider import load_spider_seg
 from spinepath.measurements.shape import canal_ap, heights, structure_axes
 from spinepath.segmentation.data import GRID_MM, SegSlice, spider_seg_slices, volume_seg_slices
+from spinepath.segmentation.inference import class_offsets, classes_on_pixels, decide
 from spinepath.segmentation.instances import components
 from spinepath.segmentation.metrics import case_dice, per_case_dice
 from spinepath.segmentation.network import predict_probabilities
@@ -37,26 +42,31 @@ from spinepath.segmentation.partial import CLASSES
 DICE_NAMES = ("vertebra", "vertebral_body", "disc", "spinal_canal")
 #: A predicted structure matches a reference one when their centroids are this close (mm).
 MATCH_MM = 10.0
-#: Components smaller than this (grid pixels) are fragments.
-MIN_PIXELS = 30
+#: Components smaller than this (mm^2: 30 pixels of the 0.8 mm grid) are fragments.
+MIN_AREA_MM2 = 30 * GRID_MM**2
 
 
-def _match(ref: list[np.ndarray], pred: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-    pc = [np.array(ndi.center_of_mass(p)) for p in pred]
+def _mm(p: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+    return np.asarray(p, float) * np.asarray(spacing, float)
+
+
+def _match(ref: list[np.ndarray], pred: list[np.ndarray], spacing: tuple[float, float]
+           ) -> list[tuple[np.ndarray, np.ndarray]]:
+    pc = [_mm(ndi.center_of_mass(p), spacing) for p in pred]
     out = []
     for r in ref:
-        c = np.array(ndi.center_of_mass(r))
+        c = _mm(ndi.center_of_mass(r), spacing)
         if pc:
-            d = [float(np.linalg.norm(c - q)) * GRID_MM for q in pc]
+            d = [float(np.linalg.norm(c - q)) for q in pc]
             i = int(np.argmin(d))
             if d[i] <= MATCH_MM:
                 out.append((r, pred[i]))
     return out
 
 
-def _largest(mask: np.ndarray | None) -> np.ndarray | None:
-    """A mask's largest component of at least :data:`MIN_PIXELS` (None when there is none)."""
-    comps = components(mask, MIN_PIXELS) if mask is not None else []
+def _largest(mask: np.ndarray | None, min_pixels: int) -> np.ndarray | None:
+    """A mask's largest component of at least ``min_pixels`` (None when there is none)."""
+    comps = components(mask, min_pixels) if mask is not None else []
     return max(comps, key=lambda m: int(m.sum())) if comps else None
 
 
@@ -72,47 +82,54 @@ def _front_cut(vertebra: np.ndarray, canal: np.ndarray) -> np.ndarray:
     return vertebra & (cols < front[:, None])
 
 
-def _height_pairs(ref: list[np.ndarray], pred: list[np.ndarray]) -> tuple[list[tuple[float, float]], int]:
+def _height_pairs(ref: list[np.ndarray], pred: list[np.ndarray], spacing: tuple[float, float]
+                  ) -> tuple[list[tuple[float, float]], int]:
     """(reference, predicted) heights of matched structures (pooled positions) and how many matched."""
-    out, pairs = [], _match(ref, pred)
+    out, pairs = [], _match(ref, pred, spacing)
     for r, p in pairs:
-        hr, hp = heights(r, (GRID_MM, GRID_MM)), heights(p, (GRID_MM, GRID_MM))
+        hr, hp = heights(r, spacing), heights(p, spacing)
         out += [(hr[k].mm, hp[k].mm) for k in hr if hr[k] is not None and hp[k] is not None]
     return out, len(pairs)
 
 
-def slice_measurement_pairs(s: SegSlice, classes: np.ndarray) -> tuple[dict[str, list[tuple[float, float]]], int]:
+def slice_measurement_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[float, float] = (GRID_MM, GRID_MM)
+                            ) -> tuple[dict[str, list[tuple[float, float]]], int]:
     """(reference, predicted) body heights, disc heights and canal AP diameters (mm) on one slice.
+
+    Args:
+        s: The slice; its ``target`` is the reference.
+        classes: Predicted class indices on the same pixels as ``s.target``.
+        spacing: Those pixels' spacing (mm): the grid's by default.
 
     Returns:
         ``({"body", "disc", "canal"}: pairs, number of matched levels: bodies and discs)``.
 
     """
-    sp = (GRID_MM, GRID_MM)
+    min_pixels = max(int(round(MIN_AREA_MM2 / (spacing[0] * spacing[1]))), 4)
     names = ["background", *s.annotated]
     ref = {n: s.target == i for i, n in enumerate(names) if i}
     # the canal is one structure, as in the product (its largest component): specks elsewhere are not it
-    canal_ref = _largest(ref.get("spinal_canal"))
-    body_pred = components(classes == CLASSES.index("vertebral_body"), MIN_PIXELS)
-    disc_pred = components(classes == CLASSES.index("disc"), MIN_PIXELS)
+    canal_ref = _largest(ref.get("spinal_canal"), min_pixels)
+    body_pred = components(classes == CLASSES.index("vertebral_body"), min_pixels)
+    disc_pred = components(classes == CLASSES.index("disc"), min_pixels)
     out: dict[str, list[tuple[float, float]]] = {"body": [], "disc": [], "canal": []}
     n = 0
     if "vertebral_body" in ref:
-        out["body"], k = _height_pairs(components(ref["vertebral_body"], MIN_PIXELS), body_pred)
+        out["body"], k = _height_pairs(components(ref["vertebral_body"], min_pixels), body_pred, spacing)
         n += k
     elif "vertebra" in ref and canal_ref is not None:
-        cut = (_front_cut(v, canal_ref) for v in components(ref["vertebra"], MIN_PIXELS))
-        out["body"], k = _height_pairs([b for b in cut if b.sum() >= MIN_PIXELS], body_pred)
+        cut = (_front_cut(v, canal_ref) for v in components(ref["vertebra"], min_pixels))
+        out["body"], k = _height_pairs([b for b in cut if b.sum() >= min_pixels], body_pred, spacing)
         n += k
     if "disc" in ref:
-        rd = components(ref["disc"], MIN_PIXELS)
-        out["disc"], k = _height_pairs(rd, disc_pred)
+        rd = components(ref["disc"], min_pixels)
+        out["disc"], k = _height_pairs(rd, disc_pred, spacing)
         n += k
-        canal_pred = _largest(classes == CLASSES.index("spinal_canal"))
+        canal_pred = _largest(classes == CLASSES.index("spinal_canal"), min_pixels)
         if canal_ref is not None and canal_pred is not None:
             for r in rd:
-                ax = structure_axes(r, sp)
-                a, b = canal_ap(canal_ref, sp, ax), canal_ap(canal_pred, sp, ax)
+                ax = structure_axes(r, spacing)
+                a, b = canal_ap(canal_ref, spacing, ax), canal_ap(canal_pred, spacing, ax)
                 if a is not None and b is not None:
                     out["canal"].append((a.mm, b.mm))
     return out, n
@@ -123,10 +140,11 @@ def evaluation_slices(root: str | Path, cases: list[str] | None = None) -> list[
     root = Path(root)
     kind = dataset_kind(root)
     if kind == "spider_seg":
-        return [s for c in load_spider_seg(root) if cases is None or c.patient in cases for s in spider_seg_slices(c)]
+        return [s for c in load_spider_seg(root) if cases is None or c.patient in cases
+                for s in spider_seg_slices(c, keep_native=True)]
     if kind == "volumes":
         return [s for v in load_volume_index(root) if cases is None or v.case in cases
-                for s in volume_seg_slices(v, step=4)]
+                for s in volume_seg_slices(v, step=4, keep_native=True)]
     raise ValueError(f"{root}: segmentation needs a spider_seg or 3D mask folder, not {kind}")
 
 
@@ -138,19 +156,25 @@ def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[
     (reference, predicted, case, slice index) per kind and ``slices`` (each slice, its class map and its mean Dice).
     """
     slices = evaluation_slices(root, cases)
+    offsets = class_offsets(model)
     meas: dict[str, list[tuple[float, float, str, int]]] = {"body": [], "disc": [], "canal": []}
     levels = 0
-    pairs = []
+    pairs, native = [], []
     for s in tqdm(slices, desc="segmentation", disable=not progress):
-        classes = predict_probabilities(model, torch.from_numpy(s.image)[None, None])[0].numpy().argmax(0)
-        pairs.append((s, classes))
-        e, n = slice_measurement_pairs(s, classes)
+        probs = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
+        pairs.append((s, decide(probs, offsets)[0].numpy()))
+        # scored on the dataset's own pixels, as the product delivers its masks (classes_on_pixels)
+        classes = classes_on_pixels(probs, s.native.shape, offsets)[0]
+        ns = replace(s, target=s.native, native=None)
+        native.append((ns, classes))
+        e, n = slice_measurement_pairs(ns, classes, s.spacing_mm)
         for k in meas:
             meas[k] += [(r, p, s.case, s.index) for r, p in e[k]]
         levels += n
-    dice = case_dice(pairs)
+    dice = case_dice(native)
     if details is not None:
-        details.update(per_case=per_case_dice(pairs), pairs=meas, slices=pairs)
+        details.update(per_case=per_case_dice(native), pairs=meas, slices=pairs,
+                       grid_dice=case_dice(pairs))
 
     def mae(v: list[tuple[float, float, str, int]]) -> float | None:
         return round(float(np.mean([abs(x[0] - x[1]) for x in v])), 3) if v else None

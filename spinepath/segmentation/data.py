@@ -38,6 +38,7 @@ class SegSlice:
         patient: Patient id (the split is by patient).
         index: Slice index in the source (lateral index for 3D sets, position in the case for spider_seg).
         spacing_mm: The source pixel spacing ``(row, col)``.
+        native: The mask's group indices on the source's own pixels (kept for evaluation), else None.
 
     """
 
@@ -50,6 +51,7 @@ class SegSlice:
     patient: str
     index: int
     spacing_mm: tuple[float, float]
+    native: np.ndarray | None = None
 
 
 def grid_image(image: np.ndarray, spacing: tuple[float, float], grid_mm: float = GRID_MM) -> np.ndarray:
@@ -67,8 +69,11 @@ def to_grid(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], g
 
 
 def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,
-                      grid_mm: float = GRID_MM) -> Iterator[SegSlice]:
-    """The slices of a spider_seg case; the case's ``labels`` name the mask values (the authority)."""
+                      grid_mm: float = GRID_MM, keep_native: bool = False) -> Iterator[SegSlice]:
+    """The slices of a spider_seg case; the case's ``labels`` name the mask values (the authority).
+
+    ``keep_native``: also keep each mask on its own pixels (``SegSlice.native``).
+    """
     values = sorted(case.labels)
     annotated = [case.labels[v] for v in values]
     groups = label_groups(annotated)
@@ -79,18 +84,22 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,
         img, msk = case.load(i)
         msk = np.where((msk >= 0) & (msk < len(lut)), msk, 0)
         gi, gm = to_grid(img, lut[msk], case.spacing, grid_mm)
-        yield SegSlice(gi, gm, groups, annotated, "spider_seg", case.patient, case.patient, i, case.spacing)
+        yield SegSlice(gi, gm, groups, annotated, "spider_seg", case.patient, case.patient, i, case.spacing,
+                       lut[msk] if keep_native else None)
 
 
-def volume_seg_slices(case: VolumeCase, step: int = 4, grid_mm: float = GRID_MM) -> Iterator[SegSlice]:
+def volume_seg_slices(case: VolumeCase, step: int = 4, grid_mm: float = GRID_MM,
+                      keep_native: bool = False) -> Iterator[SegSlice]:
     """Every ``step``-th lateral slice of a chu_t2 / spineweb_vb / ivd_t2 volume (from ``(n % step) // 2``).
 
-    The mask's instances (1..N top-down) become one group: the volume's ``structure``.
+    The mask's instances (1..N top-down) become one group: the volume's ``structure``. ``keep_native``: also
+    keep each mask on its own pixels (``SegSlice.native``).
     """
     image, mask, spacing = case.load()
     groups = label_groups([case.structure])
     n = image.shape[2]
     for k in range((n % step) // 2, n, step):
-        gi, gm = to_grid(image[:, :, k], (mask[:, :, k] > 0).astype(np.int64), spacing[:2], grid_mm)
+        native = (mask[:, :, k] > 0).astype(np.int64)
+        gi, gm = to_grid(image[:, :, k], native, spacing[:2], grid_mm)
         yield SegSlice(gi, gm, groups, [case.structure], case.dataset, case.case, case.patient, k,
-                       (float(spacing[0]), float(spacing[1])))
+                       (float(spacing[0]), float(spacing[1])), native if keep_native else None)

@@ -12,6 +12,7 @@ the arg-max; instances are named by the detector's boxes on that slice
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from spinepath.core.exported import load_export, save_export
+from spinepath.core.config import config_file
+from spinepath.core.exported import file_digest, load_export, save_export
 from spinepath.core.levels import VERTEBRA_LEVELS
 from spinepath.core.results import DetectionResult, SpineSegmentation, key_slice
 from spinepath.core.weights import float_state
@@ -27,19 +29,23 @@ from spinepath.measurements.spine import measure_spine
 from spinepath.segmentation.data import GRID_MM, grid_image
 from spinepath.segmentation.instances import level_instances
 from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities
+from spinepath.segmentation.partial import CLASSES
 
 #: Slices segmented either side of the key slice (for the SEG; the measurements use the key slice). 0 by
 #: default: one slice keeps the stage within its time budget (README benchmark).
 NEIGHBOURS = 0
+#: Per-class log-probability offsets chosen for the committed weights on the selection split.
+OFFSETS_CONFIG = "segmentation_offsets.json"
 #: Components smaller than this many square millimetres are fragments.
 MIN_AREA_MM2 = 17.0
 
 
-def load_segmenter(path: str | Path, exported: bool = True, device: str = "cpu") -> nn.Module:
+def load_segmenter(path: str | Path, exported: bool = True, device: str = "cpu", offsets: bool = True) -> nn.Module:
     """The saved segmentation network (``spinepath train segmentation``), float32, eval mode, on ``device``.
 
     With ``exported`` (default) and a current TorchScript export beside the file (:func:`export_segmenter`),
-    the exported network (no MONAI network code imported); else the DynUNet. Either has a ``meta`` dict.
+    the exported network (no MONAI network code imported); else the DynUNet. Either has a ``meta`` dict; with
+    ``offsets``, its ``class_log_offsets`` are those chosen for these weights (:func:`load_offsets`).
 
     Raises:
         FileNotFoundError: If the file is missing.
@@ -59,7 +65,8 @@ def load_segmenter(path: str | Path, exported: bool = True, device: str = "cpu")
         model = build_segnet(SegNetConfig.from_dict(d["cfg"]))
         model.load_state_dict(float_state(d["state"]))
     model = model.to(device)
-    model.meta = {"file": p.name, "epoch": d.get("epoch"), "selection_dice": d.get("selection_dice"), "cfg": d["cfg"]}
+    model.meta = {"file": p.name, "epoch": d.get("epoch"), "selection_dice": d.get("selection_dice"), "cfg": d["cfg"],
+                  "class_log_offsets": load_offsets(p) if offsets else None}
     return model.eval()
 
 
@@ -88,9 +95,43 @@ def segment_slices(model: nn.Module, images: np.ndarray, spacing: tuple[float, f
     grid = np.stack([grid_image(im, spacing) for im in images])
     dev = next(model.parameters()).device
     probs = predict_probabilities(model, torch.from_numpy(grid)[:, None].to(dev))
-    probs = torch.nn.functional.interpolate(probs, size=tuple(images.shape[1:]), mode="bilinear",
-                                            align_corners=True)
-    return probs.argmax(1).cpu().numpy().astype(np.uint8)
+    return classes_on_pixels(probs, tuple(images.shape[1:]), class_offsets(model))
+
+
+def classes_on_pixels(probs: torch.Tensor, shape: tuple[int, int], log_offsets: list[float] | None = None
+                      ) -> np.ndarray:
+    """Grid probabilities ``(n, C, h, w)`` on a slice's own ``shape``, arg-maxed: ``(n, *shape)`` uint8 classes.
+
+    Brought back bilinearly, with the corner-aligned mapping of :func:`spinepath.segmentation.data.grid_image`.
+    ``log_offsets``: per-class log-probability offsets added before the arg-max (:func:`class_offsets`).
+    """
+    probs = torch.nn.functional.interpolate(probs, size=shape, mode="bilinear", align_corners=True)
+    return decide(probs, log_offsets).cpu().numpy().astype(np.uint8)
+
+
+def decide(probs: torch.Tensor, log_offsets: list[float] | None = None) -> torch.Tensor:
+    """Class indices of probabilities ``(n, C, ...)``: the arg-max of their logarithm plus ``log_offsets``."""
+    if log_offsets is None:
+        return probs.argmax(1)
+    off = torch.tensor(log_offsets, dtype=probs.dtype, device=probs.device).view(1, -1, *[1] * (probs.ndim - 2))
+    return (torch.log(probs.clamp_min(1e-6)) + off).argmax(1)
+
+
+def load_offsets(path: str | Path) -> list[float] | None:
+    """The class offsets chosen for the weights file ``path`` (:data:`OFFSETS_CONFIG`), None for other weights.
+
+    The offsets are tied to the weights they were chosen for (their SHA-256): retrained weights get none until
+    ``scripts/segmentation_offsets.py`` chooses theirs.
+    """
+    cfg = json.loads(config_file(OFFSETS_CONFIG).read_text())
+    if cfg.get("weights_sha256") != file_digest(path):
+        return None
+    return [float(cfg["log_offsets"].get(c, 0.0)) for c in CLASSES]
+
+
+def class_offsets(model: nn.Module) -> list[float] | None:
+    """The model's class offsets (``meta["class_log_offsets"]``, set by :func:`load_segmenter`), else None."""
+    return getattr(model, "meta", {}).get("class_log_offsets")
 
 
 def slice_boxes(result: DetectionResult, k: int) -> dict[str, tuple[float, float, float, float]]:
