@@ -32,7 +32,12 @@ from spinepath.core.exported import file_digest  # noqa: E402
 from spinepath.core.paths import SHARED_EXAMPLES, resolve_segmentation_path  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
 from spinepath.evaluation.segmentation import evaluation_slices  # noqa: E402
-from spinepath.segmentation.inference import OFFSETS_CONFIG, decide, load_segmenter  # noqa: E402
+from spinepath.segmentation.inference import (  # noqa: E402
+    OFFSETS_CONFIG,
+    decide,
+    load_segmenter,
+    probabilities_on_pixels,
+)
 from spinepath.segmentation.metrics import case_dice  # noqa: E402
 from spinepath.segmentation.network import predict_probabilities  # noqa: E402
 from spinepath.segmentation.partial import CLASSES  # noqa: E402
@@ -43,13 +48,13 @@ GRID = {"vertebral_body": (0.0, 0.5, 1.0, 1.5, 2.0), "disc": (0.0, -0.5, -1.0, -
         "spinal_canal": (0.0, 0.75, 1.5, 2.25)}
 
 
-def native_log_probs(model: torch.nn.Module, root: Path, cases: list[str], progress: bool) -> list[tuple]:
-    """(slice on its own pixels, log-probabilities there) of the contract's slices of ``cases``."""
+def native_probabilities(model: torch.nn.Module, root: Path, cases: list[str], progress: bool) -> list[tuple]:
+    """(slice on its own pixels, probabilities there) of the contract's slices of ``cases``."""
     out = []
     for s in tqdm(evaluation_slices(root, cases), desc=root.name, disable=not progress):
         with torch.no_grad():
-            p = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
-            p = torch.nn.functional.interpolate(p, size=s.native.shape, mode="bilinear", align_corners=True)
+            p = probabilities_on_pixels(predict_probabilities(model, torch.from_numpy(s.image)[None, None]),
+                                        s.native.shape)
         out.append((replace(s, target=s.native, native=None), p))
     return out
 
@@ -64,7 +69,7 @@ def main() -> None:
     path = resolve_segmentation_path(args.model)
     model = load_segmenter(path, offsets=False)
     data = SHARED_EXAMPLES.parent
-    slices = {src: native_log_probs(model, data / src, cases, not args.quiet)
+    slices = {src: native_probabilities(model, data / src, cases, not args.quiet)
               for src in SOURCES if (cases := split_cases(data / src, "selection"))}
 
     def score(offsets: list[float]) -> tuple[float, dict]:

@@ -33,7 +33,7 @@ from spinepath.data.spider import load_spider_seg
 from spinepath.measurements.shape import canal_ap, heights, structure_axes
 from spinepath.segmentation.data import GRID_MM, SegSlice, spider_seg_slices, volume_seg_slices
 from spinepath.segmentation.inference import class_offsets, classes_on_pixels, decide
-from spinepath.segmentation.instances import components
+from spinepath.segmentation.instances import components, largest_component
 from spinepath.segmentation.metrics import case_dice, per_case_dice
 from spinepath.segmentation.network import predict_probabilities
 from spinepath.segmentation.partial import CLASSES
@@ -62,12 +62,6 @@ def _match(ref: list[np.ndarray], pred: list[np.ndarray], spacing: tuple[float, 
             if d[i] <= MATCH_MM:
                 out.append((r, pred[i]))
     return out
-
-
-def _largest(mask: np.ndarray | None, min_pixels: int) -> np.ndarray | None:
-    """A mask's largest component of at least ``min_pixels`` (None when there is none)."""
-    comps = components(mask, min_pixels) if mask is not None else []
-    return max(comps, key=lambda m: int(m.sum())) if comps else None
 
 
 def _front_cut(vertebra: np.ndarray, canal: np.ndarray) -> np.ndarray:
@@ -109,7 +103,7 @@ def slice_measurement_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[flo
     names = ["background", *s.annotated]
     ref = {n: s.target == i for i, n in enumerate(names) if i}
     # the canal is one structure, as in the product (its largest component): specks elsewhere are not it
-    canal_ref = _largest(ref.get("spinal_canal"), min_pixels)
+    canal_ref = largest_component(ref.get("spinal_canal"), min_pixels)
     body_pred = components(classes == CLASSES.index("vertebral_body"), min_pixels)
     disc_pred = components(classes == CLASSES.index("disc"), min_pixels)
     out: dict[str, list[tuple[float, float]]] = {"body": [], "disc": [], "canal": []}
@@ -125,7 +119,7 @@ def slice_measurement_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[flo
         rd = components(ref["disc"], min_pixels)
         out["disc"], k = _height_pairs(rd, disc_pred, spacing)
         n += k
-        canal_pred = _largest(classes == CLASSES.index("spinal_canal"), min_pixels)
+        canal_pred = largest_component(classes == CLASSES.index("spinal_canal"), min_pixels)
         if canal_ref is not None and canal_pred is not None:
             for r in rd:
                 ax = structure_axes(r, spacing)

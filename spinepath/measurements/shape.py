@@ -24,6 +24,8 @@ import numpy as np
 
 #: Positions of the anterior, middle and posterior heights along the anteroposterior extent.
 HEIGHT_POSITIONS = {"anterior": 0.15, "middle": 0.5, "posterior": 0.85}
+#: A shape this many times longer than wide (ratio of its principal standard deviations) keeps its principal axis.
+PRINCIPAL = 2.0
 #: A structure whose enclosing rectangle is this much longer than wide has its ``ap`` along the longer side.
 ELONGATED = 1.3
 
@@ -68,7 +70,7 @@ def structure_axes(mask: np.ndarray, spacing: tuple[float, float]) -> Axes:
     c = pts.mean(0)
     w, v = np.linalg.eigh(np.cov((pts - c).T))
     # a clearly elongated shape (a disc, most bodies) has its principal axis; a square-ish one its rectangle's
-    ap = v[:, int(np.argmax(w))] if w.max() > 4.0 * max(w.min(), 1e-9) else _rectangle_ap(pts - c)
+    ap = v[:, int(np.argmax(w))] if w.max() > PRINCIPAL**2 * max(w.min(), 1e-9) else _rectangle_ap(pts - c)
     ap = ap if ap[1] >= 0 else -ap
     first = Axes((c[0] / spacing[0], c[1] / spacing[1]), ap, _si(ap))
     plates = [endplate_line(mask, spacing, side, first) for side in ("superior", "inferior")]
@@ -88,15 +90,13 @@ def _rectangle_ap(pts: np.ndarray) -> np.ndarray:
     clearly elongated (:data:`ELONGATED`), else the side nearer the image's anteroposterior (column) axis.
     Extents are the 1st-99th percentiles (a spur does not turn the rectangle).
     """
-    best = None
-    for deg in np.arange(0.0, 90.0, 1.0):
-        t = np.radians(deg)
-        u, v = np.array([np.sin(t), np.cos(t)]), np.array([np.cos(t), -np.sin(t)])
-        eu = np.subtract(*np.percentile(pts @ u, [99, 1]))
-        ev = np.subtract(*np.percentile(pts @ v, [99, 1]))
-        if best is None or eu * ev < best[0]:
-            best = (eu * ev, u, v, eu, ev)
-    _, u, v, eu, ev = best
+    t = np.radians(np.arange(0.0, 90.0, 1.0))
+    us = np.stack([np.sin(t), np.cos(t)], 1)  # one side per degree; the other side is across it
+    vs = np.stack([np.cos(t), -np.sin(t)], 1)
+    lo, hi = np.percentile(pts @ np.concatenate([us, vs]).T, [1, 99], axis=0)
+    ext = (hi - lo).reshape(2, len(t))
+    i = int(np.argmin(ext[0] * ext[1]))
+    u, v, eu, ev = us[i], vs[i], ext[0, i], ext[1, i]
     if max(eu, ev) > ELONGATED * min(eu, ev):
         ap = u if eu > ev else v
     else:

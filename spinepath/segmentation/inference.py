@@ -98,15 +98,21 @@ def segment_slices(model: nn.Module, images: np.ndarray, spacing: tuple[float, f
     return classes_on_pixels(probs, tuple(images.shape[1:]), class_offsets(model))
 
 
+def probabilities_on_pixels(probs: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Grid probabilities ``(n, C, h, w)`` brought back to a slice's own ``shape``.
+
+    Bilinear, with the corner-aligned mapping of :func:`spinepath.segmentation.data.grid_image`.
+    """
+    return torch.nn.functional.interpolate(probs, size=shape, mode="bilinear", align_corners=True)
+
+
 def classes_on_pixels(probs: torch.Tensor, shape: tuple[int, int], log_offsets: list[float] | None = None
                       ) -> np.ndarray:
     """Grid probabilities ``(n, C, h, w)`` on a slice's own ``shape``, arg-maxed: ``(n, *shape)`` uint8 classes.
 
-    Brought back bilinearly, with the corner-aligned mapping of :func:`spinepath.segmentation.data.grid_image`.
     ``log_offsets``: per-class log-probability offsets added before the arg-max (:func:`class_offsets`).
     """
-    probs = torch.nn.functional.interpolate(probs, size=shape, mode="bilinear", align_corners=True)
-    return decide(probs, log_offsets).cpu().numpy().astype(np.uint8)
+    return decide(probabilities_on_pixels(probs, shape), log_offsets).cpu().numpy().astype(np.uint8)
 
 
 def decide(probs: torch.Tensor, log_offsets: list[float] | None = None) -> torch.Tensor:

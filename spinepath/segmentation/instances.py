@@ -28,6 +28,12 @@ def components(mask: np.ndarray, min_pixels: int) -> list[np.ndarray]:
     return [lab == i for i in range(1, n + 1) if (lab == i).sum() >= min_pixels]
 
 
+def largest_component(mask: np.ndarray | None, min_pixels: int) -> np.ndarray | None:
+    """A mask's largest component of at least ``min_pixels`` (the canal: one structure), None when none."""
+    comps = components(mask, min_pixels) if mask is not None else []
+    return max(comps, key=lambda m: int(m.sum())) if comps else None
+
+
 def level_instances(classes: np.ndarray, boxes: dict[str, tuple[float, float, float, float]],
                     min_pixels: int = 30) -> dict:
     """Named instances of one slice's class map.
@@ -82,6 +88,5 @@ def level_instances(classes: np.ndarray, boxes: dict[str, tuple[float, float, fl
                 best, dist = i, d
         if best is not None:
             discs[lv] = dcomps[best]
-    canal_comps = components(classes == CLASSES.index("spinal_canal"), min_pixels)
-    canal = max(canal_comps, key=lambda m: m.sum()) if canal_comps else None
+    canal = largest_component(classes == CLASSES.index("spinal_canal"), min_pixels)
     return {"bodies": bodies, "discs": discs, "canal": canal}
