@@ -26,6 +26,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from spinepath import DISCLAIMER, __version__
 from spinepath.core.labels import load_label_map
+from spinepath.labeling.structures import structure_label_map
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -35,8 +36,8 @@ class SpinePathApp(MONAILabelApp):
     """Two tasks: ``vertebrae`` and ``spine_structures``.
 
     ``vertebrae``: level label map, detector rounds, uncertainty strategy; ``spine_structures``: bodies, discs
-    and canal by level, segmentation rounds (local datastores only: a structure SEG saved over DICOMweb is not
-    read back yet).
+    and canal by level, segmentation rounds. Both read the same final labels (local files, or DICOM SEGs in
+    the PACS over DICOMweb): the bodies of a structure label are the vertebrae's reference too.
     """
 
     def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
@@ -45,10 +46,6 @@ class SpinePathApp(MONAILabelApp):
         self.model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.task_configs = {"vertebrae": VertebraeConfig(), "spine_structures": StructuresConfig()}
-        if studies.startswith(("http://", "https://")):
-            # a structure SEG saved to the PACS is not read back yet: the task would lose its corrections
-            log.info("task spine_structures needs a local datastore; not served over DICOMweb")
-            del self.task_configs["spine_structures"]
         for name, c in self.task_configs.items():
             c.init(name, str(self.model_dir), conf, None)
         self.label_map = load_label_map()  # the vertebrae task's; spine_structures lists its own labels
@@ -82,7 +79,8 @@ class SpinePathApp(MONAILabelApp):
             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
             convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
         )
-        store.label_map = load_label_map()
+        # the structures' map holds the vertebrae's levels (a body is its level's value) plus discs and canal
+        store.label_map = structure_label_map()
         return store
 
     def init_infers(self) -> dict[str, InferTask]:

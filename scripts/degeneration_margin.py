@@ -7,7 +7,7 @@ original image, so only the grading moves. For every binary finding (and any Mod
 change of the fused log-odds, ``|delta|``; a decision that flips moves across its threshold, so a margin of
 half the finding's 95th percentile of ``|delta|`` around its threshold catches at least 95% of flips on one side or the
 other (``configs/review.json`` -> ``degeneration_logit_margin``). Prints JSON: the margins, the quantiles and
-the fraction of out-of-fold discs (``runs/spider2/oof.npz`` when present) each margin flags.
+the fraction of out-of-fold discs (``runs/spider_r18/oof.npz`` when present) each margin flags.
 
 Usage: python scripts/degeneration_margin.py [--limit N] [-q]
 """
@@ -94,7 +94,7 @@ def main() -> None:
                               "q95_abs_delta": round(float(np.quantile(d, 0.95)), 3)}
     margin = {k: round(v["q95_abs_delta"] / 2, 2) for k, v in out["findings"].items()}
     out["degeneration_logit_margin"] = margin
-    oof = REPO / "runs" / "spider2" / "oof.npz"
+    oof = REPO / "runs" / "spider_r18" / "oof.npz"
     if oof.exists():
         z = np.load(oof)
         fus, cv = fit_level_fusion(z["X"], z["Y"], z["groups"])

@@ -14,7 +14,7 @@ balanced accuracy on those out-of-fold probabilities. Prints the out-of-fold AUC
 combination, and writes ``spinepath/configs/vertebra_decision.json`` (coefficients, threshold, figures) with
 ``--write``.
 
-Usage: python scripts/fit_vertebra_decision.py [--oof runs/spider2/oof.npz] [--write] [-q]
+Usage: python scripts/fit_vertebra_decision.py [--oof runs/spider_r18/oof.npz] [--write] [-q]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from spinepath.stages import load_models, load_spider_grader  # noqa: E402
 def main() -> None:
     """Fit, report and (with ``--write``) save the decision."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--oof", default=str(REPO / "runs" / "spider2" / "oof.npz"))
+    ap.add_argument("--oof", default=str(REPO / "runs" / "spider_r18" / "oof.npz"))
     ap.add_argument("--write", action="store_true")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()

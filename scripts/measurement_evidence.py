@@ -12,7 +12,7 @@ each a logistic regression cross-validated by patient (5 folds), with and withou
 Prints both out-of-fold AUCs of each; the README and the model card report them. A measurement becomes a
 decision feature only where it measures better.
 
-Usage: python scripts/measurement_evidence.py [--oof runs/spider2/oof.npz] [-q]
+Usage: python scripts/measurement_evidence.py [--oof runs/spider_r18/oof.npz] [-q]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def oof_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
 def main() -> None:
     """Measure, compare, print JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--oof", default=str(REPO / "runs" / "spider2" / "oof.npz"))
+    ap.add_argument("--oof", default=str(REPO / "runs" / "spider_r18" / "oof.npz"))
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     detector, spark = load_models()

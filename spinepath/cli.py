@@ -136,7 +136,8 @@ def _cmd_search_spider(args: argparse.Namespace) -> int:
     res = run_spider_search(args.trials, storage=args.storage, study_name=args.study or "spider",
                             data_root=args.data_root, detector=args.detector or "", max_patients=args.max_patients,
                             save=not args.no_save, params_file=args.params_file or SPIDER_PARAMS, seed=args.seed,
-                            progress=not args.quiet, num_threads=args.num_threads)
+                            progress=not args.quiet, num_threads=args.num_threads, max_epochs=args.max_epochs,
+                            **({"models": tuple(args.models.split(","))} if args.models else {}))
     print(json.dumps(res))
     return 0
 
@@ -515,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/search/spider.db); "
                     "postgresql://user@host/db lets several workers share a study")
     ss.add_argument("--study", help="study name (default spider)")
+    ss.add_argument("--models", help="comma-separated architectures to choose among (default: "
+                    "resnet10_narrow,resnet18_narrow,convnext_zepto,convnext_atto)")
+    ss.add_argument("--max-epochs", dest="max_epochs", type=int, default=40, help="upper bound of the epochs searched")
     ss.add_argument("--data-root", dest="data_root", default="../shared/data")
     ss.add_argument("--detector", help="detector weights that find the discs (default: the bundle's)")
     ss.add_argument("--max-patients", dest="max_patients", type=int, default=0, help="tiny subset (tests)")

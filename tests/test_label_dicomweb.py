@@ -39,6 +39,7 @@ from spinepath.io.dicom import load_study
 from spinepath.io.pacs import fetch_study, find_series, store_files
 from spinepath.io.volumes import labels_on_volume
 from spinepath.labeling.labelmap import labels_from_seg, render_labels
+from spinepath.labeling.structures import structure_label_map
 from spinepath.outputs.seg import build_level_seg
 from spinepath.stages import detect_series
 
@@ -250,7 +251,7 @@ def test_annotator_flow_in_ohif(server: str, orthanc_url: str, model_dir: Path, 
     flow.click(css=".settingsTable button.actionButton")
     models = flow.wait("the model list", lambda: [o.text for o in d.find_elements(
         By.CSS_SELECTOR, ".modelSelector select option") if o.is_displayed()] or None, 60)
-    assert models == ["vertebrae"], models  # spine_structures is served from local datastores only
+    assert models == ["vertebrae", "spine_structures"], models
     flow.shot("1-connected")
     assert not flow.check(), flow.errors
 
@@ -385,3 +386,40 @@ def test_infer_and_save_label_as_seg(server: str, orthanc_url: str, source: pydi
     # MONAI Label's own log of all this (server, infer, SEG store, training process) names no patient
     log = Path(__file__).resolve().parent.parent / "label" / "logs" / "app.log"
     assert log.is_file() and str(source.PatientID) not in log.read_text(errors="replace")
+
+
+def test_spine_structures_over_dicomweb(server: str, orthanc_url: str, source: pydicom.Dataset,  # noqa: F811
+                                        tmp_path: Path) -> None:
+    """Task ``spine_structures`` over DICOMweb: the named masks of a PACS series, and an annotator's structure SEG
+    written by another workstation (spinepath's segment names: "L3 vertebral body", "L3-L4 intervertebral
+    disc", "spinal canal") read back from the PACS into a segmentation round."""
+    dicomweb = orthanc_url + DICOMWEB_ROOT
+    files = _copy_with_new_uids(EXAMPLE, tmp_path / "structures", seed=3)
+    store_files(dicomweb, files)
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    lab = structure_label_map()
+    r = requests.post(f"{server}/infer/spine_structures", params={"image": series, "output": "image"},
+                      timeout=TIMEOUT)
+    r.raise_for_status()
+    path = tmp_path / "structures.nii.gz"
+    path.write_bytes(r.content)
+    volume = load_study(tmp_path / "structures")
+    arr = labels_on_volume(sitk.ReadImage(str(path)), volume)
+    names = [n for n in lab if np.any(arr == lab[n].value)]
+    assert {"L3", "L3-L4", "L4-L5", "spinal canal"} <= set(names), names
+    # the annotator removes a disc drawn wrongly; another workstation stores the corrected masks as SEG
+    arr[arr == lab["L4-L5"].value] = 0
+    names.remove("L4-L5")
+    seg = build_level_seg(volume, np.stack([arr == lab[n].value for n in names]), names, manual=True)
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence][names.index("L3")] == "L3 vertebral body"
+    seg.save_as(tmp_path / "corrected_seg.dcm")
+    store_files(dicomweb, [tmp_path / "corrected_seg.dcm"])
+    assert np.array_equal(labels_from_seg(seg, volume, lab), arr)  # spinepath's own names read back
+    # the next segmentation round reads that SEG from the PACS (this server never saw the label)
+    r = requests.post(f"{server}/train/spine_structures", params={"run_sync": "true"},
+                      json={"epochs": 1, "lr": 0.0}, timeout=3 * TIMEOUT)  # a round scores ~40 selection slices
+    assert r.status_code == 200, r.text
+    rec = r.json()
+    corr = {c["image"]: c for c in rec["training_data"]["corrections"]}
+    assert corr[series].get("slices", 0) > 0, corr
+    assert rec["promoted"] is True

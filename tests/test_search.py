@@ -102,3 +102,21 @@ def test_search_unknown_task_is_rejected(tmp_path):
     assert res.returncode == 2
     assert "invalid choice: 'spine'" in res.stderr
     assert not (tmp_path / "s.db").exists()
+
+
+def test_spider_search_chooses_among_the_named_architectures(tmp_path, data_root):
+    """`spinepath search spider` on 15 real training patients: one tiny trial, the best parameters stored."""
+    params = tmp_path / "spider_params.json"
+    cmd = [sys.executable, "-m", "spinepath", "-q", "search", "spider", "--data-root", str(data_root),
+           "--max-patients", "15", "--trials", "1", "--max-epochs", "2", "--models", "resnet10_narrow",
+           "--storage", f"sqlite:///{tmp_path / 'spider.db'}", "--params-file", str(params), "--seed", "0"]
+    res = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = last_json(res.stdout)
+    assert out["n_complete"] == 1
+    best = out["best_params"]
+    assert best["model"] == "resnet10_narrow" and best["epochs"] == 2 and best["crop_norm"] in ("image", "crop")
+    assert set(out["best_metrics"]) == {"pfirrmann_kappa", "modic_auc", "binary_auc", "score"}
+    stored = json.loads(params.read_text())
+    assert {k: stored["params"][k] for k in best} == best
+    assert stored["search"]["best_value"] == out["best_value"]

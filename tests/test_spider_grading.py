@@ -293,6 +293,20 @@ def test_vertebra_pathology_combines_its_named_evidence(graded_example):
     assert lo < decision["threshold"] < hi
 
 
+def test_monai_resnets_script_to_the_same_outputs():
+    """The MONAI ResNet choices give the heads' outputs and export through TorchScript unchanged."""
+    from spinepath.grading.classifier import MONAI_RESNETS
+
+    x = torch.randn(3, 1, 64, 64)
+    for name in MONAI_RESNETS:
+        net = SpiderConfig(model=name).network().eval()
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+        with torch.no_grad():
+            y = net(x)
+            assert y.shape == (3, N_OUTPUTS)
+            assert torch.allclose(torch.jit.script(net)(x), y, atol=1e-5)
+
+
 def test_spark_heads_share_the_backbone(data_root):
     """With ``spark_heads`` the network also learns the spark_midsag grades; the SPIDER outputs are unchanged."""
     from spinepath.grading.classifier import to_input

@@ -80,13 +80,30 @@ class GradingConfig:
 MODEL_SIZES = ("convnext_zepto", "convnext_atto", "convnext_femto")
 
 
+#: MONAI 2D ResNets (batch norm, basic blocks): name -> (blocks per stage, channels per stage).
+MONAI_RESNETS: dict[str, tuple[list[int], list[int]]] = {
+    "resnet10_narrow": ([1, 1, 1, 1], [32, 64, 128, 256]),
+    "resnet18_narrow": ([2, 2, 2, 2], [32, 64, 128, 256]),
+}
+
+
 def build_classifier(cfg: GradingConfig, num_outputs: int | None = None) -> nn.Module:
-    """A ConvNeXt (timm) with one input channel and the task's outputs (or ``num_outputs``), randomly initialised."""
-    # timm is imported only where a classifier is built
+    """A randomly initialised classifier with one input channel and the task's outputs (or ``num_outputs``).
+
+    ``cfg.model`` names a timm ConvNeXt (``convnext_atto``, ..., or the smaller ``convnext_zepto``) or a MONAI
+    2D ResNet of :data:`MONAI_RESNETS` (batch norm: it learns faster from a few thousand crops).
+    """
+    n = num_outputs or n_outputs(cfg.task)
+    if cfg.model in MONAI_RESNETS:
+        from monai.networks.nets import ResNet
+
+        layers, planes = MONAI_RESNETS[cfg.model]
+        return ResNet("basic", layers, planes, spatial_dims=2, n_input_channels=1, conv1_t_size=5,
+                      conv1_t_stride=1, num_classes=n)
+    # timm is imported only where a ConvNeXt is built
     import timm
     from timm.models.convnext import ConvNeXt
 
-    n = num_outputs or n_outputs(cfg.task)
     if cfg.model == "convnext_zepto":
         return ConvNeXt(in_chans=1, num_classes=n, depths=(2, 2, 4, 2), dims=(32, 64, 128, 256),
                         drop_path_rate=cfg.drop_path, conv_mlp=True)

@@ -60,6 +60,8 @@ from spinepath.transforms import normalise_image
 log = logging.getLogger(__name__)
 
 SPIDER_PARAMS = config_file("spider_params.json")
+#: Architectures ``spinepath search spider`` chooses among by default.
+SEARCH_MODELS = ("resnet10_narrow", "resnet18_narrow", "convnext_zepto", "convnext_atto")
 
 
 @dataclass
@@ -251,7 +253,9 @@ def target_metrics(Y: np.ndarray, pfirrmann: np.ndarray, modic_none: np.ndarray,
                                                                  weights="quadratic"))
     j = TARGETS.index("modic")
     m = Y[:, j] >= 0
-    out["modic_any_auc"] = float(roc_auc_score(Y[m, j] > 0, 1 - modic_none[m]))
+    # a tiny held-out set may hold one class only: no AUC there (the search then counts 0.5)
+    out["modic_any_auc"] = (float(roc_auc_score(Y[m, j] > 0, 1 - modic_none[m])) if len(set((Y[m, j] > 0).tolist())) > 1
+                            else 0.5)
     for k in BINARY:
         j = TARGETS.index(k)
         m = Y[:, j] >= 0
@@ -284,12 +288,15 @@ def network_score(samples: list[DiscSample], probs: np.ndarray) -> dict[str, flo
 def run_spider_search(n_trials: int, storage: str | None = None, study_name: str = "spider",
                       data_root: str = "../shared/data", detector: str = "", max_patients: int = 0,
                       save: bool = True, params_file: str | Path = SPIDER_PARAMS, seed: int | None = None,
-                      progress: bool = True, num_threads: int = 0) -> dict:
+                      progress: bool = True, num_threads: int = 0, models: tuple[str, ...] = SEARCH_MODELS,
+                      max_epochs: int = 40) -> dict:
     """Optuna search of the multi-task network's hyper-parameters (``spinepath search spider``).
 
     A trial trains on four of the five cross-validation folds of the training and selection patients and is
     scored on the fifth (:func:`network_score`); the validation patients are never read. Storage as for the
-    grading search: SQLite by default, a PostgreSQL URL for several workers.
+    grading search: SQLite by default, a PostgreSQL URL for several workers. ``models``: the architectures
+    the search chooses among (:func:`~spinepath.grading.classifier.build_classifier` names); ``max_epochs``
+    bounds the epochs dimension (10 to 40 by 5 by default; tests run tiny trials).
     """
     # Optuna is imported only where a search runs
     import optuna
@@ -309,17 +316,19 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
     train = [s for s in samples if fold_of[s.patient] != 0]
     held = [s for s in samples if fold_of[s.patient] == 0]
     base = load_spider_params(params_file)
+    epoch_step = max(1, min(5, max_epochs // 8))
 
     def objective(trial) -> float:
         cfg = SpiderConfig.from_dict({
             **asdict(base),
-            "model": trial.suggest_categorical("model", ["convnext_zepto", "convnext_atto"]),
+            "model": trial.suggest_categorical("model", list(models)),
             "lr": trial.suggest_float("lr", 3e-4, 3e-3, log=True),
             "weight_decay": trial.suggest_float("weight_decay", 1e-3, 0.2, log=True),
             "crop_mm": trial.suggest_int("crop_mm", 48, 96, step=8),
             "aug_strength": trial.suggest_float("aug_strength", 0.3, 1.5),
-            "epochs": trial.suggest_int("epochs", 10, 30, step=5),
+            "epochs": trial.suggest_int("epochs", min(10, max_epochs), max_epochs, step=epoch_step),
             "ordinal_weight": trial.suggest_float("ordinal_weight", 0.0, 1.0),
+            "crop_norm": trial.suggest_categorical("crop_norm", ["image", "crop"]),
         })
         m = train_network(cfg, images, train, progress=False)
         sc = network_score(held, predict_samples([m], cfg, images, held))

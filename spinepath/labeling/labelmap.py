@@ -12,6 +12,7 @@ slices along the left-right axis (``"PIR"``); label volumes are written back on 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,26 @@ def render_labels(result: DetectionResult, label_map: dict[str, Label] | None = 
 
 
 # ----------------------------------------------------------------------------------------- DICOM SEG -> labels
-def segment_level(segment) -> str:
-    """The level a DICOM SEG segment names: its SegmentLabel (as OHIF writes it), else its SegmentDescription."""
-    return str(segment.get("SegmentLabel") or segment.get("SegmentDescription") or "").strip().upper()
+#: Suffixes of the segment labels spinepath's own SEGs write (``"L3 vertebral body"``, ``"L4-L5 intervertebral
+#: disc"``; :func:`spinepath.outputs.seg.build_level_seg`); OHIF writes the bare names (``"L3"``, ``"L4-L5"``).
+SEGMENT_SUFFIXES = (" vertebral body", " intervertebral disc", " disc")
+
+
+def segment_level(segment, names: Iterable[str] = ()) -> str:
+    """The label-map name a DICOM SEG segment stands for, else its label upper-cased (an unknown name).
+
+    The SegmentLabel (as OHIF writes it) is tried first, then the SegmentDescription (spinepath's SEGs keep the
+    bare name there); each with and without the suffixes of :data:`SEGMENT_SUFFIXES`, case-insensitively
+    against ``names`` (``"SPINAL CANAL"`` is ``"spinal canal"``).
+    """
+    by_upper = {n.upper(): n for n in names}
+    texts = [str(segment.get(k) or "").strip() for k in ("SegmentLabel", "SegmentDescription")]
+    for text in texts:
+        up = text.upper()
+        for cand in (up, *(up[: -len(x)] for x in SEGMENT_SUFFIXES if up.endswith(x.upper()))):
+            if cand in by_upper:
+                return by_upper[cand]
+    return next((t.upper() for t in texts if t), "")
 
 
 def labels_from_seg(seg, volume: SeriesVolume, label_map: dict[str, Label] | None = None) -> np.ndarray:
@@ -85,7 +103,7 @@ def labels_from_seg(seg, volume: SeriesVolume, label_map: dict[str, Label] | Non
         doc = hd.seg.Segmentation.from_dataset(seg, copy=False)
     except (AttributeError, ValueError, KeyError) as exc:
         raise StudyError(f"not a readable DICOM SEG: {exc}") from exc
-    segments = {int(s.SegmentNumber): segment_level(s) for s in doc.SegmentSequence}
+    segments = {int(s.SegmentNumber): segment_level(s, label_map) for s in doc.SegmentSequence}
     unknown = sorted({name or "(unnamed)" for name in segments.values() if name not in label_map})
     if unknown:
         raise StudyError(f"SEG segments {', '.join(unknown)} are not levels of the label map "

@@ -24,6 +24,7 @@ from pydicom import Dataset
 from spinepath.core.errors import StudyError
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.labels import Label
+from spinepath.core.levels import VERTEBRA_LEVELS
 from spinepath.io.dicom import load_study
 from spinepath.io.volumes import labels_on_volume, write_label_like
 from spinepath.labeling.labelmap import labels_from_seg
@@ -32,6 +33,8 @@ from spinepath.outputs.seg import build_level_seg
 log = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "spinepath vertebrae corrected by annotator (NOT FOR DIAGNOSTIC USE)"
+#: A final label with discs or the canal (task ``spine_structures``).
+STRUCTURES_DESCRIPTION = "spinepath structures corrected by annotator (NOT FOR DIAGNOSTIC USE)"
 
 
 def seg_time(ds) -> str:
@@ -44,8 +47,9 @@ def seg_time(ds) -> str:
 class SpinePathDICOMWebDatastore(DICOMWebDatastore):
     """Images from a DICOMweb server (e.g. Orthanc); final labels are DICOM SEG series in the study.
 
-    A label saved through MONAI Label becomes a SEG with one segment per level (names, SNOMED CT codes and
-    colours of ``configs/labels.json``, algorithm type MANUAL) that references the source series, stored with
+    A label saved through MONAI Label becomes a SEG with one segment per structure: a vertebral level (its
+    body or box), a disc, the canal (names, SNOMED CT codes and colours of ``configs/labels.json`` with its
+    structures, algorithm type MANUAL) that references the source series, stored with
     STOW-RS; the label file is also kept in the local cache, which the trainer reads. A SEG found in the PACS
     (e.g. exported from OHIF) is converted to a label volume on the image's grid by segment name; of several
     SEGs of one series the newest (content date and time) is the final label.
@@ -115,8 +119,12 @@ class SpinePathDICOMWebDatastore(DICOMWebDatastore):
         values = [v for v in sorted(by_value) if np.any(labels == v)]
         if values:
             masks = np.stack([labels == v for v in values])
-            seg = build_level_seg(volume, masks, [by_value[v] for v in values], manual=True,
-                                  series_description=SERIES_DESCRIPTION)
+            names = [by_value[v] for v in values]
+            structures = any(n not in VERTEBRA_LEVELS for n in names)
+            seg = build_level_seg(volume, masks, names, manual=True,
+                                  series_description=STRUCTURES_DESCRIPTION if structures else SERIES_DESCRIPTION,
+                                  content="Vertebral bodies, discs and spinal canal corrected by an annotator"
+                                  if structures else None)
             self._client.store_instances([seg])
             uid, created = str(seg.SeriesInstanceUID), seg_time(seg)
             label_info.update({"SeriesInstanceUID": uid, "Modality": "SEG",
