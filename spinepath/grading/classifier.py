@@ -95,6 +95,7 @@ def build_classifier(cfg: GradingConfig, num_outputs: int | None = None) -> nn.M
     """
     n = num_outputs or n_outputs(cfg.task)
     if cfg.model in MONAI_RESNETS:
+        # MONAI's networks are imported only where one is built (inference runs the TorchScript export)
         from monai.networks.nets import ResNet
 
         layers, planes = MONAI_RESNETS[cfg.model]
