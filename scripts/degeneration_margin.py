@@ -7,7 +7,8 @@ original image, so only the grading moves. For every binary finding (and any Mod
 change of the fused log-odds, ``|delta|``; a decision that flips moves across its threshold, so a margin of
 half the finding's 95th percentile of ``|delta|`` around its threshold catches at least 95% of flips on one side or the
 other (``configs/review.json`` -> ``degeneration_logit_margin``). Prints JSON: the margins, the quantiles and
-the fraction of out-of-fold discs (``runs/spider_r18/oof.npz`` when present) each margin flags.
+the fraction of out-of-fold discs (``runs/spider_r18/oof.npz`` when present) each margin flags, and the
+positive predictive value of each finding's calls there (``degeneration_oof_ppv``).
 
 Usage: python scripts/degeneration_margin.py [--limit N] [-q]
 """
@@ -29,7 +30,14 @@ from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
 from spinepath.data.spider import load_spider_midsag  # noqa: E402
 from spinepath.data.split import split_part  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
-from spinepath.grading.spider import BINARY, fit_level_fusion, fused_findings, level_table, predict_samples  # noqa: E402
+from spinepath.grading.spider import (  # noqa: E402
+    BINARY,
+    TARGETS,
+    fit_level_fusion,
+    fused_findings,
+    level_table,
+    predict_samples,
+)
 from spinepath.grading.spider_training import study_samples  # noqa: E402
 from spinepath.stages import load_models, load_spider_grader  # noqa: E402
 from spinepath.transforms import normalise_image  # noqa: E402
@@ -102,6 +110,10 @@ def main() -> None:
         near = {k: np.abs(logit(probs[k]) - logit(fus.thresholds[k])) < margin[k] for k in FINDINGS}
         out["oof_flagged_fraction"] = {k: round(float(v.mean()), 3) for k, v in near.items()}
         out["oof_discs_with_any_flag"] = round(float(np.any(list(near.values()), axis=0).mean()), 3)
+        # the positive predictive value of each finding's calls (configs/review.json -> degeneration_oof_ppv)
+        y = {k: z["Y"][:, TARGETS.index("modic" if k == "modic_any" else k)] for k in FINDINGS}
+        out["oof_ppv"] = {k: round(float((y[k][(probs[k] >= fus.thresholds[k]) & (y[k] >= 0)] > 0).mean()), 3)
+                          for k in FINDINGS}
     print(json.dumps(out, indent=1))
 
 

@@ -33,7 +33,8 @@ def load_review_rules(path: str | Path = REVIEW_RULES) -> dict:
 
 #: Reason kinds (coded in the SR; ``spinepath.outputs.coding.REVIEW_REASON_CODES``).
 REASON_KINDS = ("no_anchor", "name_confidence", "detection_score", "field_of_view", "near_threshold",
-                "grade_ambiguous", "transitional", "image_quality", "sequence", "flagged_findings")
+                "grade_ambiguous", "low_predictive_value", "transitional", "image_quality", "sequence",
+                "flagged_findings")
 
 
 @dataclass
@@ -182,6 +183,11 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
             thr = g.thresholds.get(name, 0.5)
             if abs(float(logit(p) - logit(thr))) < rules["degeneration_logit_margin"].get(name, 0.0):
                 fl.add("near_threshold", f"{name.replace('_', ' ')} probability {p:.3f} near its threshold {thr:.3f}")
+            ppv = rules.get("degeneration_oof_ppv", {}).get(name)
+            if p >= thr and ppv is not None and ppv < rules.get("degeneration_min_ppv", 0.0):
+                # a rare finding's positive call: most such calls were not confirmed out of fold
+                fl.add("low_predictive_value", f"{name.replace('_', ' ')} suspected: out of fold {ppv:.0%} of such "
+                                               "calls were confirmed")
         exp = float(np.dot(g.pfirrmann_probabilities, np.arange(1, 6)))
         if abs(abs(exp - np.floor(exp)) - 0.5) < rules["disc_grade_margin"]["ordinal"]:
             fl.add("grade_ambiguous", f"Pfirrmann {g.pfirrmann} undecided: expected grade {exp:.2f}")

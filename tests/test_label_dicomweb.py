@@ -252,6 +252,7 @@ def test_annotator_flow_in_ohif(server: str, orthanc_url: str, model_dir: Path, 
     models = flow.wait("the model list", lambda: [o.text for o in d.find_elements(
         By.CSS_SELECTOR, ".modelSelector select option") if o.is_displayed()] or None, 60)
     assert models == ["vertebrae", "spine_structures"], models
+    Select(d.find_element(By.CSS_SELECTOR, ".modelSelector select")).select_by_visible_text("vertebrae")
     flow.shot("1-connected")
     assert not flow.check(), flow.errors
 

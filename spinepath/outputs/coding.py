@@ -89,6 +89,7 @@ REVIEW_REASON_CODES = {
     "field_of_view": hd.sr.CodedConcept("FOVCUT", SCHEME, "Cut by the field of view"),
     "near_threshold": hd.sr.CodedConcept("NEARTHR", SCHEME, "Probability near its decision threshold"),
     "grade_ambiguous": hd.sr.CodedConcept("GRADEAMB", SCHEME, "Two grades nearly equally likely"),
+    "low_predictive_value": hd.sr.CodedConcept("LOWPPV", SCHEME, "Positive call of low predictive value"),
     "transitional": hd.sr.CodedConcept("TRANSIT", SCHEME, "Transitional lumbosacral vertebra suspected"),
     "image_quality": hd.sr.CodedConcept("IMGQUAL", SCHEME, "Image quality outside the training range"),
     "sequence": hd.sr.CodedConcept("SEQUENCE", SCHEME, "Sequence not known from the acquisition"),
