@@ -89,3 +89,32 @@ def test_unknown_values_and_wrong_shapes(volume) -> None:
     assert slices[3].boxes.tolist() == [[10, 10, 20, 30]] and len(slices[4].boxes) == 0
     with pytest.raises(StudyError, match="does not match"):
         slices_from_labels(volume, labels[:, :-1], "x")
+
+
+def test_seg_segments_named_as_ohif_or_spinepath_name_them(volume) -> None:
+    """A structure SEG reads back by segment name: spinepath's own labels ("L3 vertebral body", "L3-L4
+    intervertebral disc"), OHIF's bare names, any letter case; a name outside the label map is refused."""
+    import pydicom
+
+    from spinepath.labeling.labelmap import labels_from_seg, segment_level
+    from spinepath.labeling.structures import structure_label_map
+    from spinepath.outputs.seg import build_level_seg
+
+    lab = structure_label_map()
+    masks = np.zeros((3, *volume.pixels.shape), bool)
+    masks[0, 5, 100:120, 100:120] = masks[1, 5, 125:135, 100:120] = masks[2, 5, 100:140, 150:160] = True
+    seg = build_level_seg(volume, masks, ["L3", "L3-L4", "spinal canal"], manual=True)
+    got = labels_from_seg(seg, volume, lab)
+    expected = np.zeros(volume.pixels.shape, np.int64)
+    for m, name in zip(masks, ["L3", "L3-L4", "spinal canal"]):
+        expected[m] = lab[name].value
+    np.testing.assert_array_equal(got, expected)
+    for label, description, name in (("L4", "", "L4"), ("l4-l5", "", "L4-L5"), ("SPINAL CANAL", "", "spinal canal"),
+                                     ("", "T12", "T12"), ("L5-S1 intervertebral disc", "x", "L5-S1")):
+        item = pydicom.Dataset()
+        for key, value in (("SegmentLabel", label), ("SegmentDescription", description)):
+            if value:
+                setattr(item, key, value)
+        assert segment_level(item, lab) == name
+    with pytest.raises(StudyError, match="not levels of the label map"):
+        labels_from_seg(seg, volume)  # the vertebrae' map alone has no disc or canal
