@@ -324,6 +324,14 @@ def test_annotator_flow_in_ohif(server: str, orthanc_url: str, model_dir: Path, 
     assert not flow.check(), flow.errors
     flow.wait("the round to finish", lambda: history.is_file() and len(json.loads(history.read_text())) > rounds
               and requests.get(f"{server}/train/", timeout=30).json().get("status") != "RUNNING", 600)
+
+    def idle() -> bool:  # "Update Model" asks every served model for a round (spine_structures after vertebrae)
+        if requests.get(f"{server}/train/", timeout=30).json().get("status") == "RUNNING":
+            return False
+        time.sleep(5)  # the next model's round may be starting
+        return requests.get(f"{server}/train/", timeout=30).json().get("status") != "RUNNING"
+
+    flow.wait("every model's round to finish", idle, 900)
     record = json.loads(history.read_text())[-1]
     (corr,) = [c for c in record["training_data"]["corrections"] if c["image"] == series]
     assert "skipped" not in corr and corr["levels"] == [lv for lv in drawn if lv != removed], corr
