@@ -52,3 +52,19 @@ def test_wheel_ships_the_configs_and_loads_them_from_another_folder(tmp_path):
     assert out["file"].startswith(str(target))  # the installed copy, not the checkout
     assert out["labels"] == 18 and "chu_t2" in out["validation"] and out["rules"]
     assert out["disc_model"] and "train" in out["train"]
+
+
+def test_every_config_dataclass_round_trips_through_json_and_ignores_unknown_keys():
+    """The configurations saved with the weights read back equal, tuples included, whatever a newer version added."""
+    import dataclasses
+
+    from spinepath.detection.network import DetectorConfig
+    from spinepath.grading.classifier import GradingConfig
+    from spinepath.grading.spider import SpiderConfig
+    from spinepath.segmentation.network import SegNetConfig
+
+    for cls in (DetectorConfig, GradingConfig, SpiderConfig, SegNetConfig):
+        cfg = cls()
+        stored = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        assert cls.from_dict({**stored, "added_by_a_newer_version": 1}) == cfg, cls.__name__
+    assert DetectorConfig.from_dict({"anchor_shapes": [[8, 8], [16, 12]]}).anchor_shapes == ((8, 8), (16, 12))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+
+from spinepath.core.config import dataclass_from_dict
 
 if TYPE_CHECKING:
     from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
@@ -34,14 +35,9 @@ class DetectorConfig:
     @classmethod
     def from_dict(cls, d: dict) -> DetectorConfig:
         """Build from a (JSON) dict, ignoring unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        for k in ("returned_layers", "percentiles"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        if "anchor_shapes" in kw:
-            kw["anchor_shapes"] = tuple(tuple(a) for a in kw["anchor_shapes"])
-        return cls(**kw)
+        if "anchor_shapes" in d:
+            d = {**d, "anchor_shapes": tuple(tuple(a) for a in d["anchor_shapes"])}
+        return dataclass_from_dict(cls, d, tuples=("returned_layers", "percentiles"))
 
 
 def anchor_generator(cfg: DetectorConfig) -> AnchorGeneratorWithAnchorShape:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from spinepath.core.config import dataclass_from_dict
 from spinepath.core.levels import DISC_GRADES
 from spinepath.grading.crops import (
     CropJitter,
@@ -71,8 +72,7 @@ class GradingConfig:
     @classmethod
     def from_dict(cls, d: dict) -> GradingConfig:
         """Build from a dict, ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return dataclass_from_dict(cls, d)
 
 
 #: Model sizes the search may pick. ``convnext_zepto`` is a narrower ConvNeXt defined here (timm's

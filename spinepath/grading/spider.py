@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from spinepath.core.config import dataclass_from_dict
 from spinepath.core.exported import load_export, save_export
 from spinepath.core.files import atomic_file
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
@@ -99,9 +100,7 @@ class SpiderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> SpiderConfig:
         """Build from a dict, ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        d = {k: (tuple(v) if k == "pfirrmann_sequences" else v) for k, v in d.items() if k in names}
-        return cls(**d)
+        return dataclass_from_dict(cls, d, tuples=("pfirrmann_sequences",))
 
     def network(self) -> nn.Module:
         """A randomly initialised network: :data:`N_OUTPUTS` outputs, then the spark heads' when enabled."""

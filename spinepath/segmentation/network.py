@@ -7,7 +7,7 @@ output: :data:`spinepath.segmentation.partial.CLASSES` logits. Sizes divisible b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,6 +15,7 @@ import torch
 if TYPE_CHECKING:
     from monai.networks.nets import DynUNet
 
+from spinepath.core.config import dataclass_from_dict
 from spinepath.segmentation.partial import CLASSES
 
 #: Total down-sampling of the network (height and width must be multiples of it).
@@ -38,8 +39,7 @@ class SegNetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> SegNetConfig:
         """Build from a dict, ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "filters" else v) for k, v in d.items() if k in names})
+        return dataclass_from_dict(cls, d, tuples=("filters",))
 
 
 def build_segnet(cfg: SegNetConfig) -> DynUNet:
