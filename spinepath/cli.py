@@ -129,7 +129,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enqueued(text: str | None) -> list[dict]:
+    """``--enqueue``: one JSON object of parameters or a list of them."""
+    if not text:
+        return []
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--enqueue is not JSON: {exc}") from exc
+    v = v if isinstance(v, list) else [v]
+    if not all(isinstance(x, dict) for x in v):
+        raise CliError("--enqueue takes a JSON object of parameters or a list of objects")
+    return v
+
+
 def _cmd_search_spider(args: argparse.Namespace) -> int:
+    enqueue = _enqueued(args.enqueue)  # a bad option fails before the imports
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.grading.spider_training import SPIDER_PARAMS, run_spider_search
 
@@ -137,6 +152,7 @@ def _cmd_search_spider(args: argparse.Namespace) -> int:
                             data_root=args.data_root, detector=args.detector or "", max_patients=args.max_patients,
                             save=not args.no_save, params_file=args.params_file or SPIDER_PARAMS, seed=args.seed,
                             progress=not args.quiet, num_threads=args.num_threads, max_epochs=args.max_epochs,
+                            scored_folds=args.scored_folds, enqueue=enqueue,
                             **({"models": tuple(args.models.split(","))} if args.models else {}))
     print(json.dumps(res))
     return 0
@@ -519,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--models", help="comma-separated architectures to choose among (default: "
                     "resnet10_narrow,resnet18_narrow,convnext_zepto,convnext_atto)")
     ss.add_argument("--max-epochs", dest="max_epochs", type=int, default=40, help="upper bound of the epochs searched")
+    ss.add_argument("--scored-folds", dest="scored_folds", type=int, default=1, choices=range(1, 6), metavar="N",
+                    help="score each trial on the mean of the first N of the 5 folds (default 1; 5 on a GPU)")
+    ss.add_argument("--enqueue", help="parameters tried first: a JSON object or a list of them, e.g. "
+                    "'{\"model\": \"resnet18_narrow\", \"epochs\": 30}' (the rest is sampled)")
     ss.add_argument("--data-root", dest="data_root", default="../shared/data")
     ss.add_argument("--detector", help="detector weights that find the discs (default: the bundle's)")
     ss.add_argument("--max-patients", dest="max_patients", type=int, default=0, help="tiny subset (tests)")

@@ -105,18 +105,38 @@ def test_search_unknown_task_is_rejected(tmp_path):
 
 
 def test_spider_search_chooses_among_the_named_architectures(tmp_path, data_root):
-    """`spinepath search spider` on 15 real training patients: one tiny trial, the best parameters stored."""
+    """`spinepath search spider` on 15 real training patients: one tiny trial scored on two folds, an enqueued
+    variant tried first, the best parameters stored."""
     params = tmp_path / "spider_params.json"
+    storage = f"sqlite:///{tmp_path / 'spider.db'}"
     cmd = [sys.executable, "-m", "spinepath", "-q", "search", "spider", "--data-root", str(data_root),
            "--max-patients", "15", "--trials", "1", "--max-epochs", "2", "--models", "resnet10_narrow",
-           "--storage", f"sqlite:///{tmp_path / 'spider.db'}", "--params-file", str(params), "--seed", "0"]
+           "--storage", storage, "--params-file", str(params), "--seed", "0", "--scored-folds", "2",
+           "--enqueue", '{"crop_mm": 56, "crop_norm": "crop"}']
+    params.write_text(json.dumps({"params": {"lr": 0.0021, "epochs": 30, "model": "resnet18_narrow"}}))
     res = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     out = last_json(res.stdout)
     assert out["n_complete"] == 1
     best = out["best_params"]
-    assert best["model"] == "resnet10_narrow" and best["epochs"] == 2 and best["crop_norm"] in ("image", "crop")
-    assert set(out["best_metrics"]) == {"pfirrmann_kappa", "modic_auc", "binary_auc", "score"}
+    assert best["model"] == "resnet10_narrow" and best["epochs"] == 2
+    # the enqueued variant; what it does not name keeps the stored value where the search space has it
+    # (lr), else is sampled (epochs 30 > --max-epochs 2; a model outside --models)
+    assert best["crop_mm"] == 56 and best["crop_norm"] == "crop" and best["lr"] == 0.0021
+    assert set(out["best_metrics"]) == {"pfirrmann_kappa", "modic_auc", "binary_auc", "score", "folds"}
+    assert out["best_metrics"]["folds"] == 2
+    (trial,) = optuna.load_study(study_name="spider", storage=storage).trials
+    folds = trial.user_attrs["fold_scores"]
+    assert len(folds) == 2 and abs(sum(folds) / 2 - out["best_value"]) < 1e-3
     stored = json.loads(params.read_text())
     assert {k: stored["params"][k] for k in best} == best
     assert stored["search"]["best_value"] == out["best_value"]
+
+
+def test_spider_search_refuses_unreadable_enqueued_parameters(tmp_path):
+    cmd = [sys.executable, "-m", "spinepath", "-q", "search", "spider", "--trials", "1",
+           "--storage", f"sqlite:///{tmp_path / 'spider.db'}", "--enqueue", "{crop_mm: 64}"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 2
+    assert "--enqueue is not JSON" in res.stderr
+    assert not (tmp_path / "spider.db").exists()

@@ -285,18 +285,42 @@ def network_score(samples: list[DiscSample], probs: np.ndarray) -> dict[str, flo
     return {"pfirrmann_kappa": kappa, "modic_auc": modic, "binary_auc": binary, "score": (kappa + modic + binary) / 3}
 
 
+def _suggest(trial, name: str, d) -> object:
+    """``trial.suggest_*`` of one Optuna distribution."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution  # only where a search runs
+
+    if isinstance(d, CategoricalDistribution):
+        return trial.suggest_categorical(name, list(d.choices))
+    if isinstance(d, IntDistribution):
+        return trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+    return trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+
+
+def _within(d, value: object) -> bool:
+    """Whether ``value`` is one of an Optuna distribution's choices or within its bounds."""
+    if value is None:
+        return False
+    if hasattr(d, "choices"):
+        return value in d.choices
+    return d.low <= value <= d.high
+
+
 def run_spider_search(n_trials: int, storage: str | None = None, study_name: str = "spider",
                       data_root: str = "../shared/data", detector: str = "", max_patients: int = 0,
                       save: bool = True, params_file: str | Path = SPIDER_PARAMS, seed: int | None = None,
                       progress: bool = True, num_threads: int = 0, models: tuple[str, ...] = SEARCH_MODELS,
-                      max_epochs: int = 40) -> dict:
+                      max_epochs: int = 40, scored_folds: int = 1, enqueue: list[dict] | None = None) -> dict:
     """Optuna search of the multi-task network's hyper-parameters (``spinepath search spider``).
 
     A trial trains on four of the five cross-validation folds of the training and selection patients and is
-    scored on the fifth (:func:`network_score`); the validation patients are never read. Storage as for the
-    grading search: SQLite by default, a PostgreSQL URL for several workers. ``models``: the architectures
-    the search chooses among (:func:`~spinepath.grading.classifier.build_classifier` names); ``max_epochs``
-    bounds the epochs dimension (10 to 40 by 5 by default; tests run tiny trials).
+    scored on the fifth (:func:`network_score`); with ``scored_folds`` > 1 it does so for the first
+    ``scored_folds`` folds and scores the mean (one fold has misled the choice before; a GPU affords five),
+    reporting each fold's running mean to the median pruner. The validation patients are never read. Storage
+    as for the grading search: SQLite by default, a PostgreSQL URL for several workers. ``models``: the
+    architectures the search chooses among (:func:`~spinepath.grading.classifier.build_classifier` names);
+    ``max_epochs`` bounds the epochs dimension (10 to 40 by 5 by default; tests run tiny trials);
+    ``enqueue``: parameter sets tried first, e.g. variants of the stored best: a parameter a set does not name
+    keeps its stored value where that lies in the search space (else it is sampled).
     """
     # Optuna is imported only where a search runs
     import optuna
@@ -313,31 +337,43 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
         studies = studies[:max_patients]
     images, samples = collect(studies, det, progress=progress, labelled_only=True, anchored_only=True)
     fold_of = _folds([s.patient for s in samples], 5)
-    train = [s for s in samples if fold_of[s.patient] != 0]
-    held = [s for s in samples if fold_of[s.patient] == 0]
+    if not 1 <= scored_folds <= 5:
+        raise ValueError(f"scored_folds must be 1 to 5, not {scored_folds}")
     base = load_spider_params(params_file)
     epoch_step = max(1, min(5, max_epochs // 8))
 
+    dist = optuna.distributions
+    space = {"model": dist.CategoricalDistribution(list(models)),
+             "lr": dist.FloatDistribution(3e-4, 3e-3, log=True),
+             "weight_decay": dist.FloatDistribution(1e-3, 0.2, log=True),
+             "crop_mm": dist.IntDistribution(48, 96, step=8),
+             "aug_strength": dist.FloatDistribution(0.3, 1.5),
+             "epochs": dist.IntDistribution(min(10, max_epochs), max_epochs, step=epoch_step),
+             "ordinal_weight": dist.FloatDistribution(0.0, 1.0),
+             "crop_norm": dist.CategoricalDistribution(["image", "crop"])}
+
     def objective(trial) -> float:
-        cfg = SpiderConfig.from_dict({
-            **asdict(base),
-            "model": trial.suggest_categorical("model", list(models)),
-            "lr": trial.suggest_float("lr", 3e-4, 3e-3, log=True),
-            "weight_decay": trial.suggest_float("weight_decay", 1e-3, 0.2, log=True),
-            "crop_mm": trial.suggest_int("crop_mm", 48, 96, step=8),
-            "aug_strength": trial.suggest_float("aug_strength", 0.3, 1.5),
-            "epochs": trial.suggest_int("epochs", min(10, max_epochs), max_epochs, step=epoch_step),
-            "ordinal_weight": trial.suggest_float("ordinal_weight", 0.0, 1.0),
-            "crop_norm": trial.suggest_categorical("crop_norm", ["image", "crop"]),
-        })
-        m = train_network(cfg, images, train, progress=False)
-        sc = network_score(held, predict_samples([m], cfg, images, held))
-        trial.set_user_attr("metrics", sc)
+        cfg = SpiderConfig.from_dict({**asdict(base), **{k: _suggest(trial, k, d) for k, d in space.items()}})
+        scores = []
+        for k in range(scored_folds):
+            held = [s for s in samples if fold_of[s.patient] == k]
+            m = train_network(cfg, images, [s for s in samples if fold_of[s.patient] != k], progress=False)
+            scores.append(network_score(held, predict_samples([m], cfg, images, held)))
+            trial.report(float(np.mean([x["score"] for x in scores])), k)
+            if k + 1 < scored_folds and trial.should_prune():
+                raise optuna.TrialPruned()
+        sc = {name: round(float(np.mean([x[name] for x in scores])), 4) for name in scores[0]}
+        trial.set_user_attr("metrics", {**sc, "folds": scored_folds})
+        trial.set_user_attr("fold_scores", [x["score"] for x in scores])
         return sc["score"]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name, storage=optuna_storage(storage), direction="maximize",
                                 load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4))
+    # an enqueued variant keeps the stored value of every parameter it does not name (where the space has it)
+    stored = {k: getattr(base, k) for k, d in space.items() if _within(d, getattr(base, k, None))}
+    for params in enqueue or []:
+        study.enqueue_trial({**stored, **params}, skip_if_exists=True)
     study.optimize(objective, n_trials=n_trials, show_progress_bar=progress, gc_after_trial=True)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     out = {"study": study_name, "storage": storage.split("@")[-1], "n_trials": len(study.trials),
