@@ -538,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--scored-folds", dest="scored_folds", type=int, default=1, choices=range(1, 6), metavar="N",
                     help="score each trial on the mean of the first N of the 5 folds (default 1; 5 on a GPU)")
     ss.add_argument("--enqueue", help="parameters tried first: a JSON object or a list of them, e.g. "
-                    "'{\"model\": \"resnet18_narrow\", \"epochs\": 30}' (the rest is sampled)")
+                    "'{\"model\": \"resnet18_narrow\", \"epochs\": 30}' (what it does not name keeps the stored value "
+                    "where the search space has it, else is sampled)")
     ss.add_argument("--data-root", dest="data_root", default="../shared/data")
     ss.add_argument("--detector", help="detector weights that find the discs (default: the bundle's)")
     ss.add_argument("--max-patients", dest="max_patients", type=int, default=0, help="tiny subset (tests)")

@@ -298,9 +298,11 @@ def _suggest(trial, name: str, d) -> object:
 
 def _within(d, value: object) -> bool:
     """Whether ``value`` is one of an Optuna distribution's choices or within its bounds."""
+    from optuna.distributions import CategoricalDistribution  # only where a search runs
+
     if value is None:
         return False
-    if hasattr(d, "choices"):
+    if isinstance(d, CategoricalDistribution):
         return value in d.choices
     return d.low <= value <= d.high
 
@@ -322,6 +324,8 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
     ``enqueue``: parameter sets tried first, e.g. variants of the stored best: a parameter a set does not name
     keeps its stored value where that lies in the search space (else it is sampled).
     """
+    if not 1 <= scored_folds <= 5:
+        raise ValueError(f"scored_folds must be 1 to 5, not {scored_folds}")
     # Optuna is imported only where a search runs
     import optuna
 
@@ -337,8 +341,9 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
         studies = studies[:max_patients]
     images, samples = collect(studies, det, progress=progress, labelled_only=True, anchored_only=True)
     fold_of = _folds([s.patient for s in samples], 5)
-    if not 1 <= scored_folds <= 5:
-        raise ValueError(f"scored_folds must be 1 to 5, not {scored_folds}")
+    # (training, held-out) samples of each scored fold, the same for every trial
+    splits = [([s for s in samples if fold_of[s.patient] != k], [s for s in samples if fold_of[s.patient] == k])
+              for k in range(scored_folds)]
     base = load_spider_params(params_file)
     epoch_step = max(1, min(5, max_epochs // 8))
 
@@ -355,9 +360,8 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
     def objective(trial) -> float:
         cfg = SpiderConfig.from_dict({**asdict(base), **{k: _suggest(trial, k, d) for k, d in space.items()}})
         scores = []
-        for k in range(scored_folds):
-            held = [s for s in samples if fold_of[s.patient] == k]
-            m = train_network(cfg, images, [s for s in samples if fold_of[s.patient] != k], progress=False)
+        for k, (train, held) in enumerate(splits):
+            m = train_network(cfg, images, train, progress=False)
             scores.append(network_score(held, predict_samples([m], cfg, images, held)))
             trial.report(float(np.mean([x["score"] for x in scores])), k)
             if k + 1 < scored_folds and trial.should_prune():
