@@ -5,7 +5,10 @@ measurement stage adds, the peak RAM, the cold process (``python app.py`` on the
 exports and with the eager networks) and the warm per-study time of a process that keeps its models loaded.
 
 Usage: python scripts/benchmark.py [--study DIR] [--repeats N] [--threads N] [--only SECTION ...]
-Runs on CPU, and also on the GPU when one is available. Prints figures as JSON.
+                                   [--devices cpu,cuda]
+Runs every section on the CPU, and again on the GPU when one is available (``--devices`` chooses). Prints
+figures as JSON: ``{"cpu": {section: ...}, "cuda": {section: ...}}``. A cold process on the CPU hides the
+GPU (``CUDA_VISIBLE_DEVICES=""``); where the Deploy SDK is not installed, it is ``python -m spinepath run``.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def bench(study: Path, device: str, repeats: int, naive: bool = False) -> dict:
     """
     t0 = time.perf_counter()
     model = VertebraDetector.load(DEFAULT_MODEL, device=device)
-    grader = Grader.load(DEFAULT_GRADER)  # the classifiers run on the CPU
+    grader = Grader.load(DEFAULT_GRADER, device=device)
     if naive:
         grader = OneByOneGrader(**vars(grader))
     t_model = time.perf_counter() - t0
@@ -72,10 +75,10 @@ def bench(study: Path, device: str, repeats: int, naive: bool = False) -> dict:
         vol = load_study(study)
         b = time.perf_counter()
         res = detect_series(vol, model, batch_size=1 if naive else 8)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(device)
         c = time.perf_counter()
         scores = classify_detections(res, grader)
+        _sync(device)
         c2 = time.perf_counter()
         res.findings = fuse_detections(res, scores, grader)
         c3 = time.perf_counter()
@@ -99,14 +102,19 @@ def bench(study: Path, device: str, repeats: int, naive: bool = False) -> dict:
     return out
 
 
-def bench_degeneration(study: Path, repeats: int) -> dict:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_degeneration(study: Path, repeats: int, device: str = "cpu") -> dict:
     """What the degenerative grading stage adds per study, T2 alone and with a T1 (issue 13: <= 1 s on 2 cores).
 
     The study is copied with a crafted T1 companion (:func:`spinepath.io.phantom.add_t1_companion`); the
     stage (T1 read, second detector pass, crops, 5 fold networks with flip, fusion) is timed after detection.
     """
-    model = VertebraDetector.load(DEFAULT_MODEL)
-    grader = load_spider_grader()
+    model = VertebraDetector.load(DEFAULT_MODEL, device=device)
+    grader = load_spider_grader(device=device)
     out: dict = {"repeats": repeats}
     with tempfile.TemporaryDirectory() as d:
         copy = Path(d) / "study"
@@ -119,6 +127,7 @@ def bench_degeneration(study: Path, repeats: int) -> dict:
                 res = detect_series(vol, model)
                 a = time.perf_counter()
                 grade_degeneration(res, grader, model, use_t1=use_t1)
+                _sync(device)
                 times.append(time.perf_counter() - a)
             out[name] = round(statistics.median(times[1:]), 3)
             out[name.replace("_s", "_sequences")] = res.findings.degeneration_model["sequences"]
@@ -126,20 +135,21 @@ def bench_degeneration(study: Path, repeats: int) -> dict:
     return out
 
 
-def bench_segmentation(study: Path, repeats: int) -> dict:
+def bench_segmentation(study: Path, repeats: int, device: str = "cpu") -> dict:
     """What the segmentation and measurement stage adds per study (issue 14: <= 1.5 s on 2 cores).
 
     Timed after detection: the key slice resampled, segmented, brought back, instances named, measured; and,
     apart, the extra SR groups / SEG segments / PDF page of the write step are part of ``dicom_outputs``.
     """
-    model = VertebraDetector.load(DEFAULT_MODEL)
-    segmenter = load_segmenter()
+    model = VertebraDetector.load(DEFAULT_MODEL, device=device)
+    segmenter = load_segmenter(device=device)
     vol = load_study(study)
     times, network = [], []
     for _ in range(repeats + 1):  # first run is warm-up
         res = detect_series(vol, model)
         a = time.perf_counter()
         segment(res, segmenter)
+        _sync(device)
         times.append(time.perf_counter() - a)
         k = res.segmentation.key_slice
         b = time.perf_counter()
@@ -166,12 +176,26 @@ print(json.dumps({"wall_s": time.perf_counter() - t0, "peak_rss_mb": usage.ru_ma
 """
 
 
-def _app_once(study: Path, out: Path, model_dir: Path | None) -> dict:
-    """One ``python app.py`` process: wall seconds, peak RSS, and the chain's own stage timings."""
-    cmd = [sys.executable, str(REPO / "app.py"), "-i", str(study), "-o", str(out)]
+def _has_deploy_sdk() -> bool:
+    from importlib.util import find_spec
+
+    try:
+        return find_spec("monai.deploy") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _app_once(study: Path, out: Path, model_dir: Path | None, device: str = "cpu") -> dict:
+    """One ``python app.py`` process (``spinepath run`` without the Deploy SDK): wall, peak RSS, stage timings."""
+    if _has_deploy_sdk():
+        cmd = [sys.executable, str(REPO / "app.py"), "-i", str(study), "-o", str(out)]
+    else:
+        cmd = [sys.executable, "-m", "spinepath", "-q", "run", "-i", str(study), "-o", str(out)]
     if model_dir is not None:
         cmd += ["-m", str(model_dir)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOLOSCAN_")}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     r = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], cwd=REPO, env=env, capture_output=True, text=True)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
@@ -181,35 +205,35 @@ def _app_once(study: Path, out: Path, model_dir: Path | None) -> dict:
             **{f"{k}_s": v for k, v in stages.items()}}
 
 
-def bench_cold(study: Path, repeats: int) -> dict:
+def bench_cold(study: Path, repeats: int, device: str = "cpu") -> dict:
     """The whole ``python app.py`` process on one study (issue 15: <= 4 s on 2 cores), medians of ``repeats``.
 
     ``exported``: the bundle's models with their TorchScript exports (``make env`` makes them); ``eager``: the
     same ``.pt`` files in a folder without exports (MONAI's networks, torchvision and timm imported).
     ``outside_chain_s``: the wall time not spent in the chain's stages (start-up, imports, model loading, exit).
     """
-    out: dict = {}
+    out: dict = {"entry": "app.py" if _has_deploy_sdk() else "python -m spinepath run"}
     with tempfile.TemporaryDirectory() as d:
         eager_dir = Path(d) / "eager"
         eager_dir.mkdir()
         for name in ("model.pt", "grader.pt", "spider_grader.pt", "segmentation.pt"):
             shutil.copy(DEFAULT_MODEL.parent / name, eager_dir / name)
         for kind, model_dir in (("exported", None), ("eager", eager_dir)):
-            _app_once(study, Path(d) / "warmup", model_dir)  # file caches
-            rows = [_app_once(study, Path(d) / f"{kind}{i}", model_dir) for i in range(repeats)]
+            _app_once(study, Path(d) / "warmup", model_dir, device)  # file caches
+            rows = [_app_once(study, Path(d) / f"{kind}{i}", model_dir, device) for i in range(repeats)]
             med = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
             med["outside_chain_s"] = round(med["wall_s"] - med["chain_s"], 3)
             out[kind] = med
     return out
 
 
-def bench_warm(study: Path, repeats: int) -> dict:
+def bench_warm(study: Path, repeats: int, device: str = "cpu") -> dict:
     """Per-study time of a process that keeps its models loaded (the PACS worker, a batch worker)."""
     from spinepath.run import run_study
     from spinepath.stages import load_models
 
-    model, grader = load_models()
-    spider, seg = load_spider_grader(), load_segmenter()
+    model, grader = load_models(device=device)
+    spider, seg = load_spider_grader(device=device), load_segmenter(device=device)
     times, chains = [], []
     with tempfile.TemporaryDirectory() as d:
         for i in range(repeats + 1):  # the first run is a warm-up
@@ -221,7 +245,7 @@ def bench_warm(study: Path, repeats: int) -> dict:
             "exported": type(model.detector).__name__ == "ExportedRetinaNet"}
 
 
-def bench_batch(study: Path, repeats: int, n_studies: int = 20, workers: int = 2) -> dict:
+def bench_batch(study: Path, repeats: int, device: str = "cpu", n_studies: int = 20, workers: int = 2) -> dict:
     """``spinepath batch`` over copies of the study (folder mode, a local cluster of ``workers``).
 
     ``overhead_per_study_s``: each task's seconds minus the chain's own stages (reading, writing the folder);
@@ -231,11 +255,20 @@ def bench_batch(study: Path, repeats: int, n_studies: int = 20, workers: int = 2
     from spinepath.batch import BatchOptions, run_batch
     from spinepath.io.dicom import copy_with_new_uids
 
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if device == "cpu":  # the workers (new processes) see no GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     with tempfile.TemporaryDirectory() as d:
         for i in range(n_studies):
             copy_with_new_uids(study, Path(d) / "archive" / f"s{i:02d}")
-        res = run_batch(BatchOptions(out=Path(d) / "out", folder=Path(d) / "archive", workers=workers,
-                                     progress=False))
+        try:
+            res = run_batch(BatchOptions(out=Path(d) / "out", folder=Path(d) / "archive", workers=workers,
+                                         progress=False))
+        finally:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
         chain = sum(sum(json.loads(p.read_text())["timings_s"].values())
                     for p in (Path(d) / "out").glob("*/vertebrae.json"))
     return {"studies": n_studies, "workers": workers, "done": res["done"], "wall_s": round(res["wall_s"], 2),
@@ -256,21 +289,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run these sections only")
+    ap.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped without a GPU")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     study, only = Path(args.study), set(args.only or SECTIONS)
-    results: dict = {"torch_threads": torch.get_num_threads()}
-    if "chain" in only:
-        runs = [bench(study, "cpu", args.repeats), bench(study, "cpu", args.repeats, naive=True)]
-        results.update(runs=runs, naive_over_batched_total=round(runs[1]["total_s"] / runs[0]["total_s"], 2))
-        if torch.cuda.is_available():
-            results["runs"].append(bench(study, "cuda", args.repeats))
-            results["gpu"] = torch.cuda.get_device_name(0)
-    for name, fn in (("degeneration", bench_degeneration), ("segmentation", bench_segmentation),
-                     ("warm", bench_warm), ("cold_process", bench_cold), ("batch", bench_batch)):
-        if name in only:
-            results[name] = fn(study, args.repeats)
+    devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
+    results: dict = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        results["gpu"] = torch.cuda.get_device_name(0)
+    for device in devices:
+        per: dict = {}
+        if "chain" in only:
+            runs = [bench(study, device, args.repeats), bench(study, device, args.repeats, naive=True)]
+            per.update(runs=runs, naive_over_batched_total=round(runs[1]["total_s"] / runs[0]["total_s"], 2))
+        for name, fn in (("degeneration", bench_degeneration), ("segmentation", bench_segmentation),
+                         ("warm", bench_warm), ("cold_process", bench_cold), ("batch", bench_batch)):
+            if name in only:
+                per[name] = fn(study, args.repeats, device)
+        results[device] = per
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(results, indent=1))
 

@@ -3,6 +3,7 @@ an inference process that imports only what runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -17,8 +18,10 @@ from conftest import DATA, EXAMPLE, REPO
 from spinepath import stages
 from spinepath.core.exported import export_meta, export_path
 from spinepath.core.paths import DEFAULT_MODEL
+from spinepath.core.precision import DEFAULT_AMP_STAGES, STAGES, amp_stages, autocast
 from spinepath.detection.exported import ExportedRetinaNet
 from spinepath.detection.predictor import VertebraDetector
+from spinepath.evaluation.parity import compare, differences
 from spinepath.grading.grader import Grader
 from spinepath.grading.spider import SpiderGrader
 from spinepath.segmentation.data import grid_image
@@ -75,6 +78,60 @@ def test_detector_boxes_match(both, study):
         assert np.array_equal(x.labels, y.labels)
 
 
+class _HalfMaps(torch.nn.Module):
+    """The exported network with its maps rounded to float16, as they come out of it under CUDA autocast."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        return {k: [t.half() for t in v] for k, v in self.network(x).items()}
+
+
+def test_float16_maps_are_decoded_in_float32(both):
+    """Mixed precision (issue 15): the exported detector decodes float16 maps in float32, boxes stay put."""
+    _, (exported, *_) = both
+    assert exported.detector.autocast_safe
+    half = VertebraDetector(ExportedRetinaNet(_HalfMaps(exported.detector.network), exported.cfg), exported.cfg)
+    vol = stages.load(EXAMPLE)
+    slices = list(vol.pixels)
+    a, b = exported.predict(slices, vol.spacing), half.predict(slices, vol.spacing)
+    assert sum(len(x.boxes) for x in a) > 3 * len(slices)
+    for x, y in zip(a, b):
+        assert x.boxes.shape == y.boxes.shape and np.array_equal(x.labels, y.labels)
+        assert np.abs(x.boxes - y.boxes).max(initial=0) <= 0.05  # float16 boxes would be 0.1-0.2 px off
+        assert np.abs(x.scores - y.scores).max(initial=0) <= 2e-3
+
+
+def test_mixed_precision_stages(monkeypatch):
+    monkeypatch.delenv("SPINEPATH_AMP", raising=False)
+    assert amp_stages() == DEFAULT_AMP_STAGES
+    assert "degeneration" not in DEFAULT_AMP_STAGES  # its findings moved under float16 on a GPU (README)
+    monkeypatch.setenv("SPINEPATH_AMP", "none")
+    assert amp_stages() == frozenset()
+    monkeypatch.setenv("SPINEPATH_AMP", "all")
+    assert amp_stages() == frozenset(STAGES)
+    assert isinstance(autocast("cpu", "detection"), contextlib.nullcontext)  # never on the CPU
+    monkeypatch.setenv("SPINEPATH_AMP", "detection, segmentation")
+    assert amp_stages() == {"detection", "segmentation"}
+    monkeypatch.setenv("SPINEPATH_AMP", "detction")
+    with pytest.raises(ValueError, match="detction"):
+        amp_stages()
+
+
+def test_parity_compares_findings_and_floats():
+    ref = {"levels": ["L4", "L5"], "n": 2, "probability": 0.50, "box_px": [10.0, 20.0], "timings_s": {"a": 1.0}}
+    same = {"levels": ["L4", "L5"], "n": 2, "probability": 0.5004, "box_px": [10.3, 20.0], "timings_s": {"a": 9.0}}
+    assert differences(ref, same, tol=1e-3) == ["box_px[0]: 10.0 != 10.3"]
+    res = compare(ref, same)
+    assert res["same_findings"] and res["max_abs_diff"]["box_px"] == {"diff": 0.3, "at": "box_px[0]"}
+    assert res["max_abs_diff"]["probability"]["diff"] == pytest.approx(4e-4)
+    other = dict(same, levels=["L4", "S1"], n=3)
+    res = compare(ref, other)
+    assert not res["same_findings"] and res["changed"] == ["levels[1]: 'L5' != 'S1'", "n: 2 != 3"]
+
+
 def test_segmenter_probabilities_match(both):
     (*_, eager), (*_, exported) = both
     for study in EXAMPLES:
@@ -104,28 +161,13 @@ def test_intensity_scaling_is_monais_bit_for_bit():
             assert np.array_equal(ours, np.asarray(monai(np.asarray(img, dtype=np.float32))))
 
 
-def _close(a, b, path="") -> list[str]:
-    """Where two JSON-like results differ: numbers beyond 1e-3, anything else not equal."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a if k not in ("timings", "timings_s", "seconds") for d in _close(a[k], b[k], f"{path}.{k}")]
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        if len(a) != len(b):
-            return [f"{path}: length {len(a)} != {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{path}[{i}]")]
-    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
-        return [] if abs(a - b) <= 1e-3 else [f"{path}: {a} != {b}"]
-    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
-
-
 @pytest.mark.parametrize("study", EXAMPLES, ids=lambda p: p.name)
 def test_same_findings_on_the_real_examples(both, study):
     eager, exported = both
     ra = stages.analyse(stages.load(study), *eager).to_dict()
     rb = stages.analyse(stages.load(study), *exported).to_dict()
     assert ra["vertebrae"] and ra["discs"] and ra["measurements"]["vertebrae"]
-    assert _close(ra, rb) == []
+    assert differences(ra, rb, tol=1e-3) == []
 
 
 def test_stale_export_is_ignored(exported_dir, tmp_path, caplog):

@@ -38,6 +38,10 @@ class ExportedRetinaNet(nn.Module):
 
     """
 
+    #: The network's maps are cast to float32 before decoding, so the network may run under float16 autocast
+    #: (:mod:`spinepath.core.precision`); MONAI's eager detector decodes in the maps' dtype.
+    autocast_safe = True
+
     def __init__(self, network: nn.Module, cfg: DetectorConfig) -> None:
         super().__init__()
         self.network = network
@@ -68,7 +72,8 @@ class ExportedRetinaNet(nn.Module):
             images, image_sizes = preprocess_images(input_images, self.spatial_dims, self.size_divisible)
         finally:
             set_track_meta(tracking)
-        head = self.network(images)
+        # float32 from here on: under autocast (CUDA) the network's maps are float16
+        head = {k: [t.float() for t in v] for k, v in self.network(images).items()}
         anchors = self.anchor_generator(images, head[CLS_KEY])
         per_level = [x.shape[2:].numel() * self.num_anchors_per_loc for x in head[CLS_KEY]]
         logits = list(self._reshape_maps(head[CLS_KEY]).split(per_level, dim=1))

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from spinepath.core.config import dataclass_from_dict
 from spinepath.core.levels import DISC_GRADES
+from spinepath.core.precision import autocast
 from spinepath.grading.crops import (
     CropJitter,
     Structure,
@@ -289,19 +290,23 @@ def train_classifier(
 
 
 @torch.no_grad()
-def ensemble_mean(models: list[nn.Module], crops: np.ndarray, to_probs, tta: bool = True, batch: int = 128
-                  ) -> np.ndarray:
+def ensemble_mean(models: list[nn.Module], crops: np.ndarray, to_probs, tta: bool = True, batch: int = 128,
+                  stage: str = "classification") -> np.ndarray:
     """Mean of ``to_probs(logits)`` over models (and a superior-inferior flip when ``tta``), ``(N, H, W)`` crops.
 
-    The crops go to the device of the first model (CUDA when the models were loaded there).
+    The crops go to the device of the first model (CUDA when the models were loaded there); there the forward
+    passes autocast when ``stage`` does (:func:`spinepath.core.precision.autocast`), the logits cast back to float32.
     """
-    x = torch.from_numpy(np.stack([to_input(c) for c in crops])).to(next(models[0].parameters()).device)
+    dev = next(models[0].parameters()).device
+    x = torch.from_numpy(np.stack([to_input(c) for c in crops])).to(dev)
     views = [x, torch.flip(x, dims=[2])] if tta else [x]
     acc = None
     for m in models:
         m.eval()
         for v in views:
-            p = torch.cat([to_probs(m(v[i : i + batch])) for i in range(0, len(v), batch)])
+            with autocast(dev, stage):
+                logits = [m(v[i : i + batch]) for i in range(0, len(v), batch)]
+            p = torch.cat([to_probs(z.float()) for z in logits])
             acc = p if acc is None else acc + p
     return (acc / (len(models) * len(views))).cpu().numpy()
 

@@ -342,7 +342,7 @@ def predict_samples(models: list[nn.Module], cfg: SpiderConfig, images: dict[str
     if not samples:
         return np.zeros((0, N_OUTPUTS), np.float32)
     crops = np.stack([disc_crop(images[s.structure.image_key], s.structure, cfg) for s in samples])
-    return ensemble_mean(models, crops, head_probabilities, tta, batch)
+    return ensemble_mean(models, crops, head_probabilities, tta, batch, stage="degeneration")
 
 
 # ------------------------------------------------------------------------------------ fusion by level
