@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -608,11 +609,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    # a process of its own for one study (the console script, python -m spinepath; not a caller's main([...])):
+    # as app.py, with every network of the model folder exported MONAI's package __init__ files are not needed,
+    # and the interpreter's teardown is skipped once the outputs are on disk (issue 15: the cold start)
+    one_study = argv is None and args.command == "run"
+    if one_study and not args.grader:
+        from spinepath.core.lean import defer_if_exported
+
+        defer_if_exported(args.model)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    if one_study:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -212,3 +212,17 @@ def test_inference_process_imports_only_what_runs(exported_dir, tmp_path):
     assert len(res["levels"]) >= 5
     assert (tmp_path / "out" / "dicom" / "sr.dcm").is_file()
     assert json.loads((tmp_path / "out" / "status.json").read_text())["ok"] is True
+
+
+def test_cli_run_process_takes_the_lean_path(exported_dir, tmp_path):
+    """``spinepath run`` as a process of its own imports only what runs, as app.py does (issue 15)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "spinepath", "-q", "run", "-i", str(EXAMPLE),
+                          "-o", str(tmp_path / "out"), "-m", str(Path(exported_dir) / "model.pt")],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert {"torch", "monai.apps.detection.utils.box_coder", "highdicom"} <= imported  # the log is read for real
+    assert not imported & {"torchvision", "timm", "monai.networks.nets",
+                           "monai.apps.detection.networks.retinanet_detector"}
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["ok"] is True
+    assert json.loads(out.stdout.strip().splitlines()[-1])["levels"][-1] == "S1"
