@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -255,20 +256,13 @@ def bench_batch(study: Path, repeats: int, device: str = "cpu", n_studies: int =
     from spinepath.batch import BatchOptions, run_batch
     from spinepath.io.dicom import copy_with_new_uids
 
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if device == "cpu":  # the workers (new processes) see no GPU
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    hide_gpu = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}  # for the workers (new processes)
     with tempfile.TemporaryDirectory() as d:
         for i in range(n_studies):
             copy_with_new_uids(study, Path(d) / "archive" / f"s{i:02d}")
-        try:
+        with mock.patch.dict(os.environ, hide_gpu):
             res = run_batch(BatchOptions(out=Path(d) / "out", folder=Path(d) / "archive", workers=workers,
                                          progress=False))
-        finally:
-            if saved is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved
         chain = sum(sum(json.loads(p.read_text())["timings_s"].values())
                     for p in (Path(d) / "out").glob("*/vertebrae.json"))
     return {"studies": n_studies, "workers": workers, "done": res["done"], "wall_s": round(res["wall_s"], 2),

@@ -16,9 +16,12 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import logging
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import NoReturn
 
 #: The package trees whose ``__init__`` files are deferred.
 ROOTS = ("monai",)
@@ -140,3 +143,14 @@ def defer_package_inits(roots: tuple[str, ...] = ROOTS) -> bool:
 
         sys.modules["monai"].__version__ = str(get_versions().get("version", "0+unknown"))
     return True
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a one-study process once its outputs are on disk: flush the streams and the logs, skip the teardown.
+
+    The interpreter's teardown of a cold process (freeing the models and the executor) took about 1.4 s.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -18,9 +18,8 @@ def differences(a, b, tol: float = 1e-3, path: str = "") -> list[str]:
     ``tol=math.inf`` compares the findings alone: every field but the floats.
     """
     if isinstance(a, dict) and isinstance(b, dict):
-        keys = set(a) - VOLATILE, set(b) - VOLATILE
-        if keys[0] != keys[1]:
-            return [f"{path}: keys {sorted(keys[0] ^ keys[1])}"]
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
         return [d for k in a if k not in VOLATILE for d in differences(a[k], b[k], tol, f"{path}.{k}" if path else k)]
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         if len(a) != len(b):
