@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     # and the interpreter's teardown is skipped once the outputs are on disk (issue 15: the cold start)
     one_study = argv is None and args.command == "run"
     if one_study and not args.grader:
-        from spinepath.core.lean import defer_if_exported
+        from spinepath.core.lean import defer_if_exported  # only this path needs it
 
         defer_if_exported(args.model)
     try:
@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     if one_study:
-        from spinepath.core.lean import exit_without_teardown
+        from spinepath.core.lean import exit_without_teardown  # only this path needs it
 
         exit_without_teardown(code)
     return code
