@@ -137,5 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from spinepath.outputs.writer import enable_parallel
+
+    enable_parallel()  # a one-study process: the SEG and PDF report in a forked child beside the SR
     # every output is on disk (atomically, status.json last): the interpreter's teardown is skipped
     exit_without_teardown(main())

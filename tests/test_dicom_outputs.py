@@ -90,3 +90,35 @@ def test_sr_requires_findings(graded):
     ungraded.findings = None
     with pytest.raises(ValueError, match="no findings"):
         build_sr(ungraded)
+
+
+def test_forked_pdf_writer_gives_the_same_objects(graded, tmp_path, monkeypatch):
+    """With PARALLEL (a one-study process) the SEG and PDF are built in a forked child: the same three objects."""
+    from spinepath.outputs import writer
+
+    written = {}
+    for parallel in (False, True):
+        monkeypatch.setattr(writer, "PARALLEL", parallel)
+        folder = tmp_path / str(parallel)
+        files = writer.write_dicom_outputs(graded, folder, uid_seed="study-1")
+        assert sorted(p.name for p in folder.iterdir()) == sorted(files.values())
+        written[parallel] = {k: pydicom.dcmread(folder / v) for k, v in files.items()}
+    for kind, ds in written[True].items():
+        seq = written[False][kind]
+        assert ds.SOPInstanceUID == seq.SOPInstanceUID and ds.SeriesInstanceUID == seq.SeriesInstanceUID
+    assert read_pdf(tmp_path / "True" / "report.dcm").startswith(b"%PDF")
+    assert dciodvfy_errors(tmp_path / "True" / "report.dcm") == []
+
+
+def test_forked_pdf_writer_failure_is_raised_in_the_parent(graded, tmp_path, monkeypatch):
+    """A PDF that cannot be built in the child fails the write in the parent, naming the error."""
+    from spinepath.outputs import writer
+
+    def broken(*args, **kwargs):
+        raise ValueError("no room on the page")
+
+    monkeypatch.setattr(writer, "PARALLEL", True)
+    monkeypatch.setattr(writer, "build_pdf_dataset", broken)
+    with pytest.raises(RuntimeError, match="SEG and PDF report could not be written: ValueError: no room on the page"):
+        writer.write_dicom_outputs(graded, tmp_path / "out")
+    assert not (tmp_path / "out" / "report.dcm").exists()
