@@ -235,6 +235,7 @@ def _cmd_evaluate_spider(args: argparse.Namespace) -> int:
     from spinepath.evaluation.spider import evaluate_spider
     from spinepath.grading.grader import Grader
     from spinepath.grading.spider import SpiderGrader
+    from spinepath.stages import load_segmenter
 
     root = Path(args.dataset_dir)
     seqs = tuple(s.strip().lower() for s in args.sequences.split(",") if s.strip())
@@ -247,10 +248,13 @@ def _cmd_evaluate_spider(args: argparse.Namespace) -> int:
         detector = VertebraDetector.load(resolve_model_path(args.model))
         # the product's spark grader: the per-vertebra decision combines its score with the SPIDER evidence
         spark = Grader.load(resolve_grader_path())
+        # and its segmentation: the spondylolisthesis decision combines the image with the measured slip
+        segmenter = load_segmenter()
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     res = evaluate_spider(root, detector, grader, cases=_evaluation_cases(root, args.split), sequences=seqs,
-                          bootstrap=args.bootstrap, progress=not args.quiet, spark_grader=spark)
+                          bootstrap=args.bootstrap, progress=not args.quiet, spark_grader=spark,
+                          segmenter=segmenter)
     return _report(res, root, args)
 
 

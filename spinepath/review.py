@@ -184,6 +184,8 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
             if abs(float(logit(p) - logit(thr))) < rules["degeneration_logit_margin"].get(name, 0.0):
                 fl.add("near_threshold", f"{name.replace('_', ' ')} probability {p:.3f} near its threshold {thr:.3f}")
             ppv = rules.get("degeneration_oof_ppv", {}).get(name)
+            if g.evidence.get(name, {}).get("rule") == "combined":  # decided with a measurement: its own PPV
+                ppv = g.evidence[name].get("oof_ppv", ppv)
             if ppv is not None and ppv < rules.get("degeneration_min_ppv", 0.0) and g.positive(name):
                 # a rare finding's positive call: most such calls were not confirmed out of fold
                 fl.add("low_predictive_value", f"{name.replace('_', ' ')} suspected: out of fold {ppv:.0%} of such "

@@ -31,7 +31,7 @@ from spinepath.detection.predictor import VertebraDetector
 from spinepath.grading.grader import Grader
 from spinepath.grading.inference import classify_detections, fuse_detections
 from spinepath.grading.spider import SpiderGrader
-from spinepath.grading.spider_inference import attach_vertebra_evidence
+from spinepath.grading.spider_inference import attach_listhesis_evidence, attach_vertebra_evidence
 from spinepath.grading.spider_inference import grade_degeneration as grade_spider_discs
 from spinepath.io.dicom import load_companion, load_study
 from spinepath.review import Review
@@ -213,9 +213,13 @@ def _beside(near: str | Path | None, name: str) -> Path | None:
 def segment(result: DetectionResult, segmenter: nn.Module) -> DetectionResult:
     """Segmentation and measurement stage: bodies, discs and canal named by level, measured on the key slice.
 
-    Sets ``result.segmentation`` (:func:`spinepath.segmentation.inference.segment_study`).
+    Sets ``result.segmentation`` (:func:`spinepath.segmentation.inference.segment_study`). Where the discs
+    carry degenerative grades, each disc's spondylolisthesis is then decided from its image probability and
+    the slip measured there (:func:`spinepath.grading.spider_inference.attach_listhesis_evidence`).
     """
-    result.timings["segmentation"] = segment_study(result, segmenter).seconds
+    seg = segment_study(result, segmenter)
+    result.timings["segmentation"] = seg.seconds
+    attach_listhesis_evidence(result.findings, seg.measurements.get("listhesis", {}))
     return result
 
 

@@ -12,6 +12,7 @@ from spinepath.measurements.shape import (
     genant_grade,
     heights,
     listhesis,
+    listhesis_over_disc,
     structure_axes,
 )
 
@@ -77,6 +78,18 @@ def test_listhesis_offset_and_meyerding():
     assert r["offset_mm"] == pytest.approx(10.0, abs=0.8) and r["meyerding"] in (1, 2)
     back = listhesis(box((300, 300), 45, 50, 25.0, 40.0), lower, SP)
     assert back["offset_mm"] == pytest.approx(-10.0, abs=0.8)  # retrolisthesis is negative
+
+
+def test_listhesis_over_the_disc_where_the_lower_body_is_not_segmented():
+    """L5 over S1 with only the L5-S1 disc segmented below it: the disc's inferior boundary is S1's endplate."""
+    disc = box((300, 300), 70, 40, 10.0, 40.0)
+    aligned = box((300, 300), 45, 40, 25.0, 40.0)
+    assert abs(listhesis_over_disc(aligned, disc, SP)["offset_mm"]) < 0.8
+    r = listhesis_over_disc(box((300, 300), 45, 30, 25.0, 40.0), disc, SP)  # 10 mm anterior
+    assert r["offset_mm"] == pytest.approx(10.0, abs=0.8) and r["meyerding"] == 2  # of the 32 mm fitted endplate
+    assert r["line"].mm == pytest.approx(10.0, abs=0.8)
+    back = listhesis_over_disc(box((300, 300), 45, 46, 25.0, 40.0), disc, SP)
+    assert back["offset_mm"] == pytest.approx(-6.0, abs=0.8) and back["meyerding"] == 1
 
 
 @pytest.mark.parametrize("angle", [-25.0, -8.0, 0.0, 12.0, 30.0])
@@ -172,4 +185,9 @@ def test_measurements_of_a_synthetic_spine():
     assert m["listhesis"]["L4-L5"]["offset_mm"] == pytest.approx(6.0, abs=0.8)
     assert m["listhesis"]["L4-L5"]["meyerding"] == 1 and abs(m["listhesis"]["L2-L3"]["offset_mm"]) < 0.8
     assert m["lordosis_deg"] == pytest.approx(0.0, abs=1.5)  # a straight synthetic spine
+    assert m["listhesis"]["L5-S1"]["against"] == "body" and abs(m["listhesis"]["L5-S1"]["offset_mm"]) < 0.8
+    # without the S1 body (the sacrum is rarely segmented) L5-S1 is measured against the disc, the same slip
+    no_s1 = measure_spine({k: v for k, v in bodies.items() if k != "S1"}, discs, canal, SP, image)
+    assert no_s1["listhesis"]["L5-S1"]["against"] == "disc" and abs(no_s1["listhesis"]["L5-S1"]["offset_mm"]) < 0.8
+    assert no_s1["listhesis"]["L4-L5"] == m["listhesis"]["L4-L5"]
     assert m["vertebrae"]["L2"]["canal_ap_mid_body"]["mm"] == pytest.approx(14.0, abs=0.6)

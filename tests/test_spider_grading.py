@@ -154,6 +154,9 @@ def test_evaluate_spider_contract(tiny_spider, data_root, tmp_path):
         assert set(r[k]) == {"auc"}
     assert set(r["vertebra"]) == {"auc", "balanced_accuracy"}
     assert 0.7 < r["located_fraction"] <= 1.0 and r["n_discs"] > 200
+    # spondylolisthesis as the product decides it: with the slip the segmentation measures on each T2
+    assert r["spondylolisthesis_decision"].startswith("image and measured slip on ")
+    assert int(r["spondylolisthesis_decision"].split()[5]) > 100
     bad = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "spider",
                           str(data_root / "spark_midsag"), "--grader", str(out / "spider_grader.pt")],
                          capture_output=True, text=True, timeout=300)
@@ -177,7 +180,9 @@ def test_the_product_reports_degenerative_grades_per_disc(example_copy, tmp_path
         assert 0 <= d["modic"]["probability_any"] <= 1 and d["modic"]["label"] in ("present", "absent")
         for k in ("endplate_change_upper", "endplate_change_lower", "spondylolisthesis", "herniation", "narrowing",
                   "bulging"):
-            assert set(d[k]) == {"probability", "label", "threshold"}
+            # spondylolisthesis names its parts: the image and the measured slip
+            assert set(d[k]) == {"probability", "label", "threshold"} | ({"evidence"} if k == "spondylolisthesis"
+                                                                         else set())
         assert d["sequences"] == ["t2"] and "grade" in d  # beside the spark grade of the same disc
     add_t1_companion(example_copy)  # the example's pixels with T1 timing: the T1 plumbing
     out2 = run_study(example_copy, tmp_path / "t1", model=models[0], grader=models[1])
@@ -291,6 +296,43 @@ def test_vertebra_pathology_combines_its_named_evidence(graded_example):
     # the weights move the decision the way the evidence points
     lo, hi = combined_probability(0.1, 0.5, decision), combined_probability(0.9, 0.5, decision)
     assert lo < decision["threshold"] < hi
+
+
+def test_spondylolisthesis_combines_the_image_with_the_measured_slip(graded_example):
+    """Where the segmentation measured the slip at a disc, spondylolisthesis is the out-of-fold fitted
+    combination of the grader's image probability and that slip; elsewhere the image alone. Both parts stay named
+    in the JSON, and a second pass of the stage decides nothing twice."""
+    from spinepath.grading.spider_inference import (
+        attach_listhesis_evidence,
+        listhesis_probability,
+        load_listhesis_decision,
+    )
+
+    decision = load_listhesis_decision()
+    assert decision["fitted_on"]["discs"] > 400 and 0 < decision["threshold"] < 1 and decision["coef_slip"] > 0
+    slips = graded_example.segmentation.measurements["listhesis"]
+    combined = 0
+    for g in graded_example.findings.degeneration:
+        ev = g.evidence["spondylolisthesis"]
+        assert g.to_dict()["spondylolisthesis"]["evidence"] == ev
+        if g.level not in slips:
+            assert ev["rule"] == "image" and ev["measured_slip"] is None
+            assert abs(g.binary["spondylolisthesis"] - ev["image"]["probability"]) < 1e-4
+            continue
+        combined += 1
+        assert ev["rule"] == "combined" and ev["measured_slip"]["percent"] == slips[g.level]["percent"]
+        p = listhesis_probability(ev["image"]["probability"], slips[g.level]["percent"], decision)
+        assert abs(g.binary["spondylolisthesis"] - p) < 1e-3
+        assert g.thresholds["spondylolisthesis"] == decision["threshold"]
+        assert g.positive("spondylolisthesis") == (p >= decision["threshold"])
+    assert combined >= 4  # the lumbar discs of the example, each between two measured bodies
+    before = [g.binary["spondylolisthesis"] for g in graded_example.findings.degeneration]
+    attach_listhesis_evidence(graded_example.findings, slips)
+    assert [g.binary["spondylolisthesis"] for g in graded_example.findings.degeneration] == before
+    # a larger slip raises the probability, whatever the image says
+    for p_img in (0.01, 0.3):
+        assert listhesis_probability(p_img, 2.0, decision) < listhesis_probability(p_img, 20.0, decision)
+        assert listhesis_probability(p_img, -20.0, decision) == listhesis_probability(p_img, 20.0, decision)
 
 
 def test_monai_resnets_script_to_the_same_outputs():

@@ -81,12 +81,14 @@ def test_flags_follow_the_documented_thresholds():
                    "L3-L4": {"middle": line(6.0), "canal_ap": line(9.0, stenosis="absolute")},
                    "L4-L5": {"middle": line(10.0)}},
          "listhesis": {"L2-L3": {"offset_mm": 2.5, "percent": 7.0, "meyerding": 1},
-                       "L3-L4": {"offset_mm": -4.0, "percent": -11.0, "meyerding": 1}}}
+                       "L3-L4": {"offset_mm": -4.0, "percent": -11.0, "meyerding": 1},
+                       "L5-S1": {"offset_mm": 5.0, "percent": 20.0, "meyerding": 1, "against": "disc"}}}
     f = SpineSegmentation(key_slice=0, slices=[0], instances={}, measurements=m).flags()
     assert f["vertebrae"] == {"L2": ["height loss (Genant grade 2)", "wedge"], "L3": []}
     assert f["discs"] == {"L2-L3": ["canal stenosis (relative)"],
                           "L3-L4": ["narrowing", "canal stenosis (absolute)"], "L4-L5": []}
-    assert f["listhesis"] == {"L2-L3": [], "L3-L4": ["listhesis Meyerding I"]}  # under 3 mm: not flagged
+    # under 3 mm: not flagged; over the disc (no S1 body): evidence only, not graded
+    assert f["listhesis"] == {"L2-L3": [], "L3-L4": ["listhesis Meyerding I"], "L5-S1": []}
     assert flag_code("listhesis Meyerding II").value == "MEYERII"
     assert flag_code("canal stenosis (relative) at mid-body").value == "STENRELB"
     with pytest.raises(ValueError, match="unknown measurement flag"):
@@ -121,11 +123,11 @@ def test_sr_seg_pdf_and_key_image_carry_the_measurements(segmented, tmp_path):
     assert l3["Vertebral body wedge ratio"][1] == "{ratio}" and meas["L1-S1"]["values"][
         "Lumbar lordosis angle L1-S1"][1] == "deg"
     assert len(meas["L1-S1"]["lines"]["Lumbar lordosis angle L1-S1"]) == 2
-    flagged = {lv: f for kind in doc["measurements"]["flags"].values() for lv, f in kind.items() if f}
-    for lv, fl in flagged.items():
-        if "-" not in lv or lv in meas:  # a listhesis flag sits with its upper body
-            group = meas[lv] if lv in meas else meas[lv.split("-")[0]]
-            assert {f[0].upper() + f[1:] for f in fl} <= set(group["flags"])
+    for kind, flagged in doc["measurements"]["flags"].items():
+        for lv, fl in flagged.items():
+            if fl:  # a listhesis flag sits with its upper body
+                group = meas[lv.split("-")[0]] if kind == "listhesis" else meas[lv]
+                assert {f[0].upper() + f[1:] for f in fl} <= set(group["flags"]), (kind, lv)
     # SEG: one segment per body level, per disc level and the canal, each the network's mask
     seg = hd.seg.segread(str(seg_path))
     labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]

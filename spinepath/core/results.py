@@ -259,7 +259,8 @@ class SpineSegmentation:
         Vertebrae: ``height_loss`` (Genant grade 1-3 against the neighbours) and ``wedge``; discs: ``narrowing``
         (middle height below :data:`NARROWING_FRACTION` of the measured neighbouring discs' mean) and
         ``stenosis`` (canal AP at the disc, ``absolute`` / ``relative``); listhesis: ``Meyerding I`` ... once
-        the offset reaches :data:`LISTHESIS_MM`.
+        the offset reaches :data:`LISTHESIS_MM`, against the body below (a slip over the L5-S1 disc, where the
+        sacrum was not segmented, is not graded).
         """
         m = self.measurements
         out: dict[str, dict[str, list[str]]] = {"vertebrae": {}, "discs": {}, "listhesis": {}}
@@ -285,7 +286,8 @@ class SpineSegmentation:
             out["discs"][lv] = f
         roman = ["", "I", "II", "III", "IV", "V"]
         for lv, e in m.get("listhesis", {}).items():
-            big = abs(e["offset_mm"]) >= LISTHESIS_MM and e["meyerding"] > 0
+            # a slip over the disc (no S1 body segmented) is evidence for the decision, too coarse to grade alone
+            big = abs(e["offset_mm"]) >= LISTHESIS_MM and e["meyerding"] > 0 and e.get("against", "body") == "body"
             out["listhesis"][lv] = [f"listhesis Meyerding {roman[e['meyerding']]}"] if big else []
         return out
 
@@ -412,6 +414,9 @@ class DegenerationFinding:
         binary: P(finding) per :data:`DEGENERATION_JSON_NAMES` key.
         thresholds: Decision threshold per binary finding and ``modic_any`` (chosen out of fold).
         sequences: The sequences whose crops were graded (``"t2"``, ``"t1"``).
+        evidence: Per binary finding decided from more than the grader's image probability, its named parts
+            (``spondylolisthesis``: the image probability and the measured slip; see
+            :func:`spinepath.grading.spider_inference.attach_listhesis_evidence`).
 
     """
 
@@ -425,6 +430,7 @@ class DegenerationFinding:
     binary: dict[str, float]
     thresholds: dict[str, float]
     sequences: list[str]
+    evidence: dict[str, dict] = field(default_factory=dict)
 
     def positive(self, name: str) -> bool:
         """The decision for a binary finding (label key) or ``"modic_any"``."""
@@ -443,6 +449,8 @@ class DegenerationFinding:
             out[name] = {"probability": round(self.binary[k], 4),
                          "label": "present" if self.positive(k) else "absent",
                          "threshold": round(self.thresholds.get(k, 0.5), 4)}
+            if k in self.evidence:
+                out[name]["evidence"] = self.evidence[k]
         out["sequences"] = list(self.sequences)
         return out
 

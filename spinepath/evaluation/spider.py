@@ -20,12 +20,17 @@ from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, roc_auc_
 from tqdm.auto import tqdm
 
 from spinepath.core.geometry import series_from_slices
-from spinepath.core.levels import VERTEBRA_LEVELS, disc_index_from_bottom
+from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
 from spinepath.data.spider import SpiderStudy, load_spider_midsag
 from spinepath.grading.spider import SpiderGrader, chain_discs, vertebra_parts, vertebra_probability, vertebra_reference
-from spinepath.grading.spider_inference import combined_probability, load_vertebra_decision
+from spinepath.grading.spider_inference import (
+    combined_probability,
+    listhesis_probability,
+    load_listhesis_decision,
+    load_vertebra_decision,
+)
 from spinepath.grading.spider_training import study_samples
-from spinepath.stages import detect_series, grade
+from spinepath.stages import detect_series, grade, segment
 
 __all__ = ["LocatedDiscs", "disc_index_from_bottom", "evaluate_spider", "locate_discs", "located_fraction"]
 
@@ -180,6 +185,23 @@ def spark_probabilities(study: SpiderStudy, detector, grader) -> dict[int, float
     return {below[f.level]: f.probability for f in res.findings.vertebrae if f.level in below}
 
 
+def measured_slips(study: SpiderStudy, detector, segmenter) -> dict[int, dict]:
+    """The slips the product measures on a patient's T2 (issue 14), by the index of their disc from the bottom.
+
+    The detector names the vertebrae and the segmentation network measures the image, as in the product; an
+    image whose names have no sacral anchor gives none (its indices would not count from S1).
+    """
+    if "t2" not in study.sequences:
+        return {}
+    res = detect_series(series_from_slices([study.load_image("t2")], study.spacing.get("t2") or (1.0, 1.0), 4.0),
+                        detector)
+    if res.naming is None or res.naming.anchor != "S1":
+        return {}
+    segment(res, segmenter)
+    slips = res.segmentation.measurements["listhesis"] if res.segmentation is not None else {}
+    return {disc_index_from_bottom(lv): e for lv, e in slips.items() if lv in DISC_LEVELS}
+
+
 def vertebra_rows(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]], platt: dict,
                   spark: dict[str, dict[int, float]] | None = None, decision: dict | None = None
                   ) -> list[tuple[str, int, float, float]]:
@@ -208,9 +230,31 @@ def vertebra_rows(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]],
     return rows
 
 
+def apply_listhesis_decision(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]], detector, segmenter,
+                             decision: dict, progress: bool = True) -> int:
+    """The product's spondylolisthesis decision on the fused findings: image and measured slip, in place.
+
+    Each located disc whose slip the segmentation measured on the patient's T2 gets
+    :func:`listhesis_probability`; the others keep the image probability (as in the product).
+
+    Returns:
+        How many discs were decided with a measured slip.
+
+    """
+    n = 0
+    for st in tqdm(studies, desc="slips", disable=not progress):
+        found = fused.get(st.patient, {})
+        for i, e in measured_slips(st, detector, segmenter).items():
+            if i in found:
+                found[i]["spondylolisthesis"] = listhesis_probability(found[i]["spondylolisthesis"], e["percent"],
+                                                                      decision)
+                n += 1
+    return n
+
+
 def evaluate_spider(root: str | Path, detector, grader: SpiderGrader, cases: list[str] | None = None,
                     sequences: tuple[str, ...] = ("t1", "t2"), bootstrap: int = 0, progress: bool = True,
-                    spark_grader=None) -> dict:
+                    spark_grader=None, segmenter=None) -> dict:
     """``spinepath evaluate spider``: the contract JSON, end to end from the images.
 
     Labelled discs are matched by ``index_from_bottom`` as the product counts them; ``located_fraction`` =
@@ -218,10 +262,14 @@ def evaluate_spider(root: str | Path, detector, grader: SpiderGrader, cases: lis
     (``intervals``). ``on_located`` repeats the metrics over the located discs only. With ``spark_grader`` the
     vertebra figures are the product's combined decision where the spark heads grade (L1-L5 of an anchored T2;
     ``configs/vertebra_decision.json``), the endplate / marrow evidence alone elsewhere (``vertebra_decision``).
+    With ``segmenter`` (and the T2 among ``sequences``) spondylolisthesis is the product's decision of the image
+    and the slip measured on the T2 where the segmentation measured it (``configs/listhesis_decision.json``).
     """
     studies = [s for s in load_spider_midsag(root) if cases is None or s.patient in cases]
     studies = [s for s in studies if any(q in s.sequences for q in sequences)]
     graded, fused, anchors = grade_studies(studies, detector, grader, sequences, progress)
+    listhesis = load_listhesis_decision() if segmenter is not None and "t2" in sequences else None
+    n_slips = apply_listhesis_decision(studies, fused, detector, segmenter, listhesis, progress) if listhesis else 0
     platt = grader.fusion.vertebra
     thr = float(platt.get("threshold", 0.5))
     spark, decision = None, None
@@ -238,6 +286,8 @@ def evaluate_spider(root: str | Path, detector, grader: SpiderGrader, cases: lis
            "vertebra_threshold": round(thr, 4), "n_vertebrae": len(vrows),
            "vertebra_decision": "combined with the spark score on L1-L5, endplate/marrow elsewhere" if spark
            else "endplate/marrow",
+           "spondylolisthesis_decision": f"image and measured slip on {n_slips} discs, image elsewhere" if listhesis
+           else "image",
            "on_located": spider_metrics([g for g in graded if g.finding is not None],
                                         [v for v in vrows if v[2] > 0])}
     if bootstrap:

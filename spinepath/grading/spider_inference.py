@@ -188,3 +188,66 @@ def attach_vertebra_evidence(findings: Findings, grader: SpiderGrader) -> None:
                                   "threshold": round(f.threshold, 4),
                                   "weights": {"endplate_marrow": round(decision["coef_endplate_marrow"], 4),
                                               "spark_degenerative": round(decision["coef_spark_degenerative"], 4)}}
+
+
+@lru_cache(maxsize=2)
+def load_listhesis_decision(path: str | None = None) -> dict | None:
+    """The spondylolisthesis decision of ``configs/listhesis_decision.json``, or None where there is none.
+
+    Fitted by ``scripts/fit_listhesis_decision.py`` out of fold (image probability and measured slip).
+    """
+    p = Path(path) if path else config_file("listhesis_decision.json")
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+#: The slip feature of the spondylolisthesis decision: log(min(|slip|, SLIP_CAP) + SLIP_FLOOR), slip as a fraction
+#: of the lower body's superior endplate. Measured slips beyond half the endplate (Meyerding III and more) were
+#: mostly misread bodies on spider_midsag (as many among the unlabelled discs as among the labelled ones): capped,
+#: they count as a large slip without outweighing everything; the floor is Meyerding's 1% (no slip).
+SLIP_CAP, SLIP_FLOOR = 0.5, 0.01
+
+
+def slip_feature(slip_percent: float) -> float:
+    """The decision's slip feature of a measured slip (% of the endplate, either direction): :data:`SLIP_CAP`."""
+    return float(np.log(min(abs(float(slip_percent)) / 100.0, SLIP_CAP) + SLIP_FLOOR))
+
+
+def listhesis_probability(image_p: float, slip_percent: float, decision: dict) -> float:
+    """P(spondylolisthesis at a disc) from the grader's image probability and the measured slip there.
+
+    A logistic regression on the image probability's log-odds and :func:`slip_feature` of the slip (% of the
+    lower body's superior endplate; forward or backward: SPIDER's label counts both).
+    """
+    z = (decision["intercept"] + decision["coef_image"] * float(logit(image_p))
+         + decision["coef_slip"] * slip_feature(slip_percent))
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
+def attach_listhesis_evidence(findings: Findings | None, listhesis: dict[str, dict],
+                              decision: dict | None = None) -> None:
+    """Decide spondylolisthesis per disc from the image and the slip measured at that disc (issue 14, item 4).
+
+    ``listhesis``: the measurements' slips by disc level (``measurements["listhesis"]``). Each disc finding keeps
+    its parts in ``evidence["spondylolisthesis"]``: ``image`` (the grader's fused probability and threshold),
+    ``measured_slip`` (offset in mm and %, None where the two bodies were not measured) and ``rule``:
+    ``combined`` (:func:`listhesis_probability` with its out-of-fold threshold; the finding's probability,
+    threshold and label are then the combination's, and ``oof_ppv`` the out-of-fold share of its calls that
+    were confirmed, for the review) or ``image`` (no slip measured, or no decision fitted).
+    """
+    decision = decision if decision is not None else load_listhesis_decision()
+    for g in findings.degeneration if findings is not None else []:
+        key = "spondylolisthesis"
+        if g.evidence.get(key, {}).get("rule") == "combined":
+            continue  # decided already (a stage run twice)
+        slip = listhesis.get(g.level)
+        p_img, thr_img = g.binary[key], g.thresholds.get(key, 0.5)
+        ev = {"image": {"probability": round(p_img, 4), "threshold": round(thr_img, 4)},
+              "measured_slip": None if slip is None else {"offset_mm": slip["offset_mm"], "percent": slip["percent"]},
+              "rule": "image"}
+        if slip is not None and decision is not None:
+            g.binary[key] = listhesis_probability(p_img, slip["percent"], decision)
+            g.thresholds[key] = float(decision["threshold"])
+            ev.update(rule="combined", weights={"image": round(decision["coef_image"], 4),
+                                                 "slip": round(decision["coef_slip"], 4)},
+                      oof_ppv=decision.get("out_of_fold", {}).get("ppv_combined"))
+        g.evidence[key] = ev

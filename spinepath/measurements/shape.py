@@ -264,11 +264,37 @@ def listhesis(upper: np.ndarray, lower: np.ndarray, spacing: tuple[float, float]
     d = np.array([-wall[1], wall[0]]) if np.linalg.norm(wall) > 1e-6 else lax.ap  # across the wall
     d = d / np.linalg.norm(d)
     d = d if d @ lax.ap >= 0 else -d  # towards posterior
+    return _slip(pa, pb, d, plate.mm, spacing)
+
+
+def listhesis_over_disc(upper: np.ndarray, disc: np.ndarray, spacing: tuple[float, float],
+                        upper_axes: Axes | None = None) -> dict | None:
+    """Slip of the upper body over the disc below it, where the lower body itself was not segmented (S1).
+
+    The disc's inferior boundary is the lower body's superior endplate: the offset of the upper body's
+    posterior-inferior corner from the disc's posterior-inferior corner, along that endplate (towards
+    posterior), in mm and in % of the endplate's fitted length, with the Meyerding grade; as
+    :func:`listhesis` otherwise (positive = anterolisthesis).
+    """
+    dax = structure_axes(disc, spacing)
+    ep = endplate_line(disc, spacing, "inferior", dax)
+    if ep is None or ep[1].mm <= 0:
+        return None
+    a = corner(upper, spacing, "inferior", upper_axes)
+    b = corner(disc, spacing, "inferior", dax)
+    pa = np.array([a[0] * spacing[0], a[1] * spacing[1]])
+    pb = np.array([b[0] * spacing[0], b[1] * spacing[1]])
+    return _slip(pa, pb, ep[0], ep[1].mm, spacing)
+
+
+def _slip(pa: np.ndarray, pb: np.ndarray, d: np.ndarray, plate_mm: float, spacing: tuple[float, float]) -> dict:
+    """The slip of corner ``pa`` (mm) from ``pb`` along the unit direction ``d`` (towards posterior)."""
     mm = float((pb - pa) @ d)  # d points posterior: positive when the upper corner is anterior
     end = pa + d * mm
-    pct = 100.0 * mm / plate.mm
+    pct = 100.0 * mm / plate_mm
     m = abs(pct)
     grade = 0 if m < 1 else 1 if m <= 25 else 2 if m <= 50 else 3 if m <= 75 else 4 if m <= 100 else 5
+    a = (pa[0] / spacing[0], pa[1] / spacing[1])
     return {"offset_mm": mm, "percent": pct, "meyerding": grade,
             "line": Line(a, (end[0] / spacing[0], end[1] / spacing[1]), abs(mm))}
 

@@ -13,7 +13,9 @@ mid-sagittal slice of the spine), with the pixel spacing and, for the signal rat
 * canal: anteroposterior diameter through each disc's centre and each body's centre, along that structure's
   AP axis, flagged < 10 mm absolute, 10-12 mm relative stenosis (a cross-sectional area needs axial images);
 * listhesis: the upper body's posterior-inferior corner against the lower body's posterior-superior corner,
-  along the lower body's superior endplate (mm, % of that endplate, Meyerding grade);
+  along the lower body's superior endplate (mm, % of that endplate, Meyerding grade); at L5-S1 without a
+  segmented S1 body (the sacrum is rarely segmented), against the L5-S1 disc's posterior-inferior corner along
+  the disc's inferior boundary, which is S1's superior endplate (``against``: ``body`` or ``disc``);
 * lumbar lordosis: the angle between the L1 superior endplate and the S1 superior endplate (the S1 body's,
   else the inferior boundary of the L5-S1 disc).
 """
@@ -34,6 +36,7 @@ from spinepath.measurements.shape import (
     genant_grade,
     heights,
     listhesis,
+    listhesis_over_disc,
     structure_axes,
 )
 
@@ -105,8 +108,12 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
             continue
         r = listhesis(bodies[up], bodies[lo], spacing, axes.get(up), axes.get(lo))
         if r is not None:
-            out["listhesis"][f"{up}-{lo}"] = {"offset_mm": round(r["offset_mm"], 2), "percent": round(r["percent"], 1),
-                                              "meyerding": r["meyerding"], "line": _line(r["line"])}
+            out["listhesis"][f"{up}-{lo}"] = _slip_entry(r, "body")
+    if "L5" in bodies and "S1" not in bodies and discs.get("L5-S1") is not None and discs["L5-S1"].sum() >= 3:
+        # the sacrum is rarely segmented: S1's superior endplate is the L5-S1 disc's inferior boundary
+        r = listhesis_over_disc(bodies["L5"], discs["L5-S1"], spacing, axes.get("L5"))
+        if r is not None:
+            out["listhesis"]["L5-S1"] = _slip_entry(r, "disc")
     l1 = endplate_line(bodies["L1"], spacing, "superior", axes.get("L1")) if "L1" in bodies else None
     if "S1" in bodies:
         s1 = endplate_line(bodies["S1"], spacing, "superior", axes.get("S1"))
@@ -118,6 +125,12 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
         out["lordosis_deg"] = round(abs(angle_deg(l1[0], s1[0])), 1)
         out["lordosis_lines"] = {"L1_superior": _line(l1[1]), "S1_superior": _line(s1[1])}
     return out
+
+
+def _slip_entry(r: dict, lower: str) -> dict:
+    """A listhesis measurement for the JSON; ``lower``: what the slip was measured against (``body`` / ``disc``)."""
+    return {"offset_mm": round(r["offset_mm"], 2), "percent": round(r["percent"], 1), "meyerding": r["meyerding"],
+            "line": _line(r["line"]), "against": lower}
 
 
 def _canal(canal: np.ndarray, spacing: tuple[float, float], ax: Axes) -> dict | None:
