@@ -37,8 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from spinepath.core.config import config_file  # noqa: E402
 from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
-from spinepath.data.spider import load_spider_midsag  # noqa: E402
-from spinepath.data.split import split_part  # noqa: E402
+from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.evaluation.spider import measured_slips  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
 from spinepath.grading.fusion import best_threshold  # noqa: E402
@@ -61,8 +60,7 @@ def main() -> None:
     detector, _ = load_models()
     segmenter = load_segmenter()
     fused = oof_fused_by_patient(args.oof)
-    studies = {s.patient: s for s in load_spider_midsag(SHARED_EXAMPLES.parent / "spider_midsag")
-               if split_part("spider_midsag", s.patient, s.patient) != "validation" and "t2" in s.sequences}
+    studies = spider_fitting_studies(SHARED_EXAMPLES.parent / "spider_midsag")
     rows, unmeasured = [], []
     for p in tqdm(sorted(set(fused) & set(studies)), desc="measure slips", disable=args.quiet):
         slips = measured_slips(studies[p], detector, segmenter)

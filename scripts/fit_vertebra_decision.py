@@ -32,8 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from spinepath.core.config import config_file  # noqa: E402
 from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
-from spinepath.data.spider import load_spider_midsag  # noqa: E402
-from spinepath.data.split import split_part  # noqa: E402
+from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.evaluation.spider import spark_probabilities  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
 from spinepath.grading.fusion import best_threshold  # noqa: E402
@@ -60,8 +59,7 @@ def main() -> None:
     detector, spark = load_models()
     spider = load_spider_grader()
     fused = oof_fused_by_patient(args.oof)
-    studies = {s.patient: s for s in load_spider_midsag(SHARED_EXAMPLES.parent / "spider_midsag")
-               if split_part("spider_midsag", s.patient, s.patient) != "validation" and "t2" in s.sequences}
+    studies = spider_fitting_studies(SHARED_EXAMPLES.parent / "spider_midsag")
     rows = []
     for p in tqdm(sorted(fused), desc="spark grading", disable=args.quiet):
         if p not in studies:

@@ -31,8 +31,7 @@ sys.path.insert(0, str(REPO))
 from spinepath.core.geometry import series_from_slices  # noqa: E402
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom  # noqa: E402
 from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
-from spinepath.data.spider import load_spider_midsag  # noqa: E402
-from spinepath.data.split import split_part  # noqa: E402
+from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
 from spinepath.grading.spider import (  # noqa: E402
     oof_fused_by_patient,
@@ -64,8 +63,7 @@ def main() -> None:
     detector, spark = load_models()
     spider, segmenter = load_spider_grader(), load_segmenter()
     fused = oof_fused_by_patient(args.oof)
-    studies = {s.patient: s for s in load_spider_midsag(SHARED_EXAMPLES.parent / "spider_midsag")
-               if split_part("spider_midsag", s.patient, s.patient) != "validation" and "t2" in s.sequences}
+    studies = spider_fitting_studies(SHARED_EXAMPLES.parent / "spider_midsag")
     below = {lv: disc_index_from_bottom(f"{lv}-{VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1]}")
              for lv in VERTEBRA_LEVELS[:-1]}
     vert, disc = [], []

@@ -40,6 +40,7 @@ from spinepath.detection.predictor import VertebraDetector  # noqa: E402
 from spinepath.evaluation.calibration import plot_reliability, reliability  # noqa: E402
 from spinepath.evaluation.spider import (  # noqa: E402
     CONTRACT_BINARY,
+    apply_listhesis_decision,
     bootstrap_spider,
     grade_studies,
     spark_probabilities,
@@ -48,8 +49,12 @@ from spinepath.evaluation.spider import (  # noqa: E402
 )
 from spinepath.grading.grader import Grader  # noqa: E402
 from spinepath.grading.spider import SpiderGrader  # noqa: E402
-from spinepath.grading.spider_inference import endplate_marrow, load_vertebra_decision  # noqa: E402
-from spinepath.stages import detect_series, grade, grade_degeneration  # noqa: E402
+from spinepath.grading.spider_inference import (  # noqa: E402
+    endplate_marrow,
+    load_listhesis_decision,
+    load_vertebra_decision,
+)
+from spinepath.stages import detect_series, grade, grade_degeneration, load_segmenter  # noqa: E402
 
 DOCS = REPO / "bundle" / "docs"
 
@@ -92,20 +97,25 @@ def main() -> None:
     det = VertebraDetector.load(resolve_model_path(args.model))
     spark = Grader.load(resolve_grader_path())
     decision = load_vertebra_decision()
+    segmenter, listhesis = load_segmenter(), load_listhesis_decision()
     cases = split_cases(root, "validation")
     studies_all = [s for s in load_spider_midsag(root) if s.patient in cases]
-    report: dict = {"grader": grader.meta, "n_patients": len(studies_all), "vertebra_decision": decision}
+    report: dict = {"grader": grader.meta, "n_patients": len(studies_all), "vertebra_decision": decision,
+                    "listhesis_decision": listhesis}
     spark_p = {st.patient: spark_probabilities(st, det, spark) for st in studies_all}
     keep = {}
     for name, seqs in (("t1_t2", ("t1", "t2")), ("t2_only", ("t2",))):
         studies = [s for s in studies_all if any(q in s.sequences for q in seqs)]
         graded, fused, _ = grade_studies(studies, det, grader, seqs, progress=not args.quiet)
+        # spondylolisthesis as the product decides it: the image with the slip measured on the T2
+        slips = apply_listhesis_decision(studies, fused, det, segmenter, listhesis, not args.quiet)
         vrows = vertebra_rows(studies, fused, grader.fusion.vertebra, spark_p, decision)
         m = spider_metrics(graded, vrows)
         # the endplate / marrow evidence alone, beside the product's decision
         m["vertebra_endplate_marrow_only"] = spider_metrics([], vertebra_rows(studies, fused, grader.fusion.vertebra))[
             "vertebra"]
         m["located_fraction"] = round(sum(g.finding is not None for g in graded) / len(graded), 4)
+        m["spondylolisthesis_decision"] = f"image and measured slip on {slips} discs, image elsewhere"
         m["intervals"] = bootstrap_spider(graded, vrows, args.bootstrap)
         report[name] = m
         keep[name] = (graded, vrows)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from spinepath.core.config import config_file
 from spinepath.data.datasets import dataset_kind, load_spark, load_volume_index
-from spinepath.data.spider import load_spider_midsag, load_spider_seg
+from spinepath.data.spider import SpiderStudy, load_spider_midsag, load_spider_seg
 
 SPLIT_FILE = config_file("split.json")
 #: The parts of the split (``train`` is everything not listed in the others).
@@ -66,3 +66,12 @@ def split_cases(root: str | Path, part: str = "validation", split: dict | None =
         cases = load_spider_seg(root) if kind == "spider_seg" else load_spider_midsag(root)
         return [c.patient for c in cases if split_part(kind, c.patient, c.patient, split) == part]
     return [c.case for c in load_volume_index(root) if split_part(root.name, c.case, c.patient, split) == part]
+
+
+def spider_fitting_studies(root: str | Path, sequence: str = "t2") -> dict[str, SpiderStudy]:
+    """The spider_midsag training + selection patients that have ``sequence``, by patient.
+
+    What the out-of-fold decisions are fitted on; the validation part is never read.
+    """
+    return {s.patient: s for s in load_spider_midsag(root)
+            if split_part("spider_midsag", s.patient, s.patient) != "validation" and sequence in s.sequences}

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from spinepath.core.geometry import series_from_slices
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
+from spinepath.core.results import DetectionResult
 from spinepath.data.spider import SpiderStudy, load_spider_midsag
 from spinepath.grading.spider import SpiderGrader, chain_discs, vertebra_parts, vertebra_probability, vertebra_reference
 from spinepath.grading.spider_inference import (
@@ -168,16 +169,22 @@ def spider_metrics(graded: list[GradedDisc], vertebrae: list[tuple[str, int, flo
     return out
 
 
+def anchored_t2(study: SpiderStudy, detector) -> DetectionResult | None:
+    """The product's detection and names on a patient's T2; None without a T2 or a sacral anchor."""
+    if "t2" not in study.sequences:
+        return None
+    res = detect_series(series_from_slices([study.load_image("t2")], study.spacing.get("t2") or (1.0, 1.0), 4.0),
+                        detector)
+    return res if res.naming is not None and res.naming.anchor == "S1" else None
+
+
 def spark_probabilities(study: SpiderStudy, detector, grader) -> dict[int, float]:
     """The spark grader's fused P(pathological) per vertebra of an anchored T2, by the index of the disc below.
 
     The spark heads grade L1-L5; an image whose names have no sacral anchor gives none.
     """
-    if "t2" not in study.sequences:
-        return {}
-    res = detect_series(series_from_slices([study.load_image("t2")], study.spacing.get("t2") or (1.0, 1.0), 4.0),
-                        detector)
-    if res.naming is None or res.naming.anchor != "S1":
+    res = anchored_t2(study, detector)
+    if res is None:
         return {}
     grade(res, grader)
     below = {lv: disc_index_from_bottom(f"{lv}-{VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1]}")
@@ -191,11 +198,8 @@ def measured_slips(study: SpiderStudy, detector, segmenter) -> dict[int, dict]:
     The detector names the vertebrae and the segmentation network measures the image, as in the product; an
     image whose names have no sacral anchor gives none (its indices would not count from S1).
     """
-    if "t2" not in study.sequences:
-        return {}
-    res = detect_series(series_from_slices([study.load_image("t2")], study.spacing.get("t2") or (1.0, 1.0), 4.0),
-                        detector)
-    if res.naming is None or res.naming.anchor != "S1":
+    res = anchored_t2(study, detector)
+    if res is None:
         return {}
     segment(res, segmenter)
     slips = res.segmentation.measurements["listhesis"] if res.segmentation is not None else {}
