@@ -40,7 +40,7 @@ from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
 from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.evaluation.spider import measured_slips  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
-from spinepath.grading.fusion import best_threshold  # noqa: E402
+from spinepath.grading.fusion import best_threshold, oof_logistic  # noqa: E402
 from spinepath.grading.spider import oof_fused_by_patient  # noqa: E402
 from spinepath.grading.spider_inference import SLIP_CAP, SLIP_FLOOR, slip_feature  # noqa: E402
 from spinepath.stages import load_models, load_segmenter  # noqa: E402
@@ -55,7 +55,6 @@ def main() -> None:
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-    from sklearn.model_selection import GroupKFold
 
     detector, _ = load_models()
     segmenter = load_segmenter()
@@ -79,13 +78,8 @@ def main() -> None:
     X = np.stack([logit(p_img), [slip_feature(r[3]) for r in rows]], axis=1)
     # the same without the cap: log(|slip| + floor)
     x_uncapped = np.stack([logit(p_img), np.log(slip / 100.0 + SLIP_FLOOR)], axis=1)
-    def out_of_fold(x: np.ndarray) -> np.ndarray:
-        o = np.zeros(len(y))
-        for tr, te in GroupKFold(n_splits=5).split(x, y, groups):
-            o[te] = LogisticRegression(C=1.0).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1]
-        return o
-
-    oof = out_of_fold(X)
+    x_linear = np.stack([X[:, 0], slip], axis=1)  # and linear in the slip
+    oof = oof_logistic(X, y, groups)
     y_all = np.r_[y, [u[0] for u in unmeasured]]
     thr = best_threshold(y, oof)
     called = oof >= thr
@@ -105,9 +99,9 @@ def main() -> None:
         "out_of_fold": {
             "auc_image": round(float(roc_auc_score(y, X[:, 0])), 4),
             "auc_slip": round(float(roc_auc_score(y, slip)), 4),
-            "auc_image_refitted": round(float(roc_auc_score(y, out_of_fold(X[:, :1]))), 4),
-            "auc_combined_linear_slip": round(float(roc_auc_score(y, out_of_fold(np.stack([X[:, 0], slip], 1)))), 4),
-            "auc_combined_uncapped": round(float(roc_auc_score(y, out_of_fold(x_uncapped))), 4),
+            "auc_image_refitted": round(float(roc_auc_score(y, oof_logistic(X[:, :1], y, groups))), 4),
+            "auc_combined_linear_slip": round(float(roc_auc_score(y, oof_logistic(x_linear, y, groups))), 4),
+            "auc_combined_uncapped": round(float(roc_auc_score(y, oof_logistic(x_uncapped, y, groups))), 4),
             "auc_combined": round(float(roc_auc_score(y, oof)), 4),
             "balanced_accuracy_combined": round(float(balanced_accuracy_score(y, called)), 4),
             "balanced_accuracy_image": round(float(balanced_accuracy_score(y, p_img >= best_threshold(y, p_img))), 4),

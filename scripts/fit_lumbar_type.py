@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO))
 
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
-from sklearn.model_selection import GroupKFold  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from spinepath.core.geometry import series_from_slices  # noqa: E402
@@ -45,6 +44,7 @@ from spinepath.detection.naming import (  # noqa: E402
     lumbar_junction_probability,
 )
 from spinepath.detection.predictor import VertebraDetector  # noqa: E402
+from spinepath.grading.fusion import oof_logistic  # noqa: E402
 from spinepath.stages import detect_series  # noqa: E402
 
 #: (upper, lower, below, label): 0 = thoracolumbar junction, 1 = lumbar junction.
@@ -90,9 +90,7 @@ def main() -> None:
     # the threshold: out-of-fold probabilities over the training and selection patients (5 folds by patient)
     x_fit, y_fit = np.concatenate([xt, xs]), np.concatenate([yt, ys])
     g_fit = np.array([r["patient"] for r in rows if r["part"] in ("train", "selection")])
-    oof = np.zeros(len(y_fit))
-    for tr, te in GroupKFold(n_splits=5).split(x_fit, y_fit, g_fit):
-        oof[te] = LogisticRegression(C=100.0).fit(x_fit[tr], y_fit[tr]).predict_proba(x_fit[te])[:, 1]
+    oof = oof_logistic(x_fit, y_fit, g_fit, c=100.0)
     neg = np.sort(oof[y_fit == 0])[::-1]
     k = int(np.floor(args.false_alarm * len(neg)))
     thr = float(neg[k]) + 1e-4 if k < len(neg) else 0.5

@@ -35,7 +35,7 @@ from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
 from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.evaluation.spider import spark_probabilities  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
-from spinepath.grading.fusion import best_threshold  # noqa: E402
+from spinepath.grading.fusion import best_threshold, oof_logistic  # noqa: E402
 from spinepath.grading.spider import (  # noqa: E402
     oof_fused_by_patient,
     vertebra_parts,
@@ -54,7 +54,6 @@ def main() -> None:
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-    from sklearn.model_selection import GroupKFold
 
     detector, spark = load_models()
     spider = load_spider_grader()
@@ -73,9 +72,7 @@ def main() -> None:
     groups = np.array([r[0] for r in rows])
     y = np.array([r[2] for r in rows])
     X = np.stack([logit(np.array([r[3] for r in rows])), logit(np.array([r[4] for r in rows]))], axis=1)
-    oof = np.zeros(len(y))
-    for tr, te in GroupKFold(n_splits=5).split(X, y, groups):
-        oof[te] = LogisticRegression(C=1.0).fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
+    oof = oof_logistic(X, y, groups)
     thr = best_threshold(y, oof)
     lr = LogisticRegression(C=1.0).fit(X, y)
     out = {

@@ -33,6 +33,7 @@ from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_
 from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
 from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
+from spinepath.grading.fusion import oof_logistic  # noqa: E402
 from spinepath.grading.spider import (  # noqa: E402
     oof_fused_by_patient,
     vertebra_parts,
@@ -44,14 +45,9 @@ from spinepath.stages import detect_series, grade, load_models, load_segmenter, 
 
 def oof_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
     """Out-of-fold AUC of a logistic regression on ``X`` (5 folds by patient)."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import GroupKFold
 
-    oof = np.zeros(len(y))
-    for tr, te in GroupKFold(n_splits=5).split(X, y, groups):
-        oof[te] = LogisticRegression(C=1.0, max_iter=1000).fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
-    return round(float(roc_auc_score(y, oof)), 4)
+    return round(float(roc_auc_score(y, oof_logistic(X, y, groups, max_iter=1000))), 4)
 
 
 def main() -> None:

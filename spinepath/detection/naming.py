@@ -14,6 +14,7 @@ import numpy as np
 from spinepath.core.config import config_file
 from spinepath.core.levels import names_from_bottom
 from spinepath.core.results import LevelNaming, Vertebra
+from spinepath.grading.calibration import sigmoid
 
 NAMING_RULES = config_file("naming.json")
 #: Every name confidence without a sacral anchor stays below this.
@@ -61,7 +62,7 @@ def lumbar_junction_probability(features: np.ndarray, model: dict) -> float:
     ``scripts/fit_lumbar_type.py``.
     """
     z = float(np.dot(model["coef"], np.log(np.clip(features, 1e-3, None))) + model["intercept"])
-    return float(1.0 / (1.0 + np.exp(-z)))
+    return float(sigmoid(z))
 
 
 def calibrate(raw: float, anchored: bool, rules: dict | None = None) -> float:

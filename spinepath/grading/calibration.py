@@ -25,9 +25,14 @@ def logit(p: np.ndarray | float) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def sigmoid(z: np.ndarray | float) -> np.ndarray:
+    """The logistic function, inverse of :func:`logit`."""
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 def apply_platt(p: np.ndarray, a: float, b: float) -> np.ndarray:
     """``sigmoid(a * logit(p) + b)``: a Platt map applied (``p`` clipped to [1e-6, 1 - 1e-6] first)."""
-    return 1.0 / (1.0 + np.exp(-(a * logit(p) + b)))
+    return sigmoid(a * logit(p) + b)
 
 
 def fit_platt(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:

@@ -161,6 +161,23 @@ def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(min(max(thr[i], 0.0), 1.0))
 
 
+def oof_logistic(X: np.ndarray, y: np.ndarray, groups: np.ndarray, c: float = 1.0, max_iter: int = 100,
+                 n_splits: int = 5) -> np.ndarray:
+    """Out-of-fold probabilities of a logistic regression on ``X`` (``n_splits`` folds that never split a group).
+
+    The decisions fitted by the scripts (``fit_vertebra_decision``, ``fit_listhesis_decision``,
+    ``fit_lumbar_type``, ``measurement_evidence``) choose their thresholds and report their AUCs on these.
+    """
+    # scikit-learn takes about a second to import: only fitting and metrics need it
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+
+    oof = np.zeros(len(y))
+    for tr, te in GroupKFold(n_splits=n_splits).split(X, y, groups):
+        oof[te] = LogisticRegression(C=c, max_iter=max_iter).fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
+    return oof
+
+
 @dataclass
 class FusionModel:
     """A trained LightGBM fusion model.

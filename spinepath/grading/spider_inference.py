@@ -24,7 +24,7 @@ from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_
 from spinepath.core.results import DegenerationFinding, DetectionResult, Findings, key_slice
 from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.predictor import VertebraDetector
-from spinepath.grading.calibration import logit
+from spinepath.grading.calibration import logit, sigmoid
 from spinepath.grading.spider import (
     BINARY,
     DiscSample,
@@ -161,7 +161,7 @@ def combined_probability(endplate_marrow_p: float, spark_p: float, decision: dic
     d = decision or load_vertebra_decision()
     z = (d["intercept"] + d["coef_endplate_marrow"] * float(logit(endplate_marrow_p))
          + d["coef_spark_degenerative"] * float(logit(spark_p)))
-    return float(1.0 / (1.0 + np.exp(-z)))
+    return float(sigmoid(z))
 
 
 def attach_vertebra_evidence(findings: Findings, grader: SpiderGrader) -> None:
@@ -208,7 +208,7 @@ SLIP_CAP, SLIP_FLOOR = 0.5, 0.01
 
 
 def slip_feature(slip_percent: float) -> float:
-    """The decision's slip feature of a measured slip (% of the endplate, either direction): :data:`SLIP_CAP`."""
+    """The decision's feature of a measured slip (% of the endplate, either direction); see :data:`SLIP_CAP`."""
     return float(np.log(min(abs(float(slip_percent)) / 100.0, SLIP_CAP) + SLIP_FLOOR))
 
 
@@ -220,7 +220,7 @@ def listhesis_probability(image_p: float, slip_percent: float, decision: dict) -
     """
     z = (decision["intercept"] + decision["coef_image"] * float(logit(image_p))
          + decision["coef_slip"] * slip_feature(slip_percent))
-    return float(1.0 / (1.0 + np.exp(-z)))
+    return float(sigmoid(z))
 
 
 def attach_listhesis_evidence(findings: Findings | None, listhesis: dict[str, dict],
