@@ -43,6 +43,7 @@ from spinepath.evaluation.spider import (  # noqa: E402
     apply_listhesis_decision,
     bootstrap_spider,
     grade_studies,
+    measured_slips,
     spark_probabilities,
     spider_metrics,
     vertebra_rows,
@@ -103,19 +104,20 @@ def main() -> None:
     report: dict = {"grader": grader.meta, "n_patients": len(studies_all), "vertebra_decision": decision,
                     "listhesis_decision": listhesis}
     spark_p = {st.patient: spark_probabilities(st, det, spark) for st in studies_all}
+    slips = {st.patient: measured_slips(st, det, segmenter) for st in studies_all}  # once, for both variants
     keep = {}
     for name, seqs in (("t1_t2", ("t1", "t2")), ("t2_only", ("t2",))):
         studies = [s for s in studies_all if any(q in s.sequences for q in seqs)]
         graded, fused, _ = grade_studies(studies, det, grader, seqs, progress=not args.quiet)
         # spondylolisthesis as the product decides it: the image with the slip measured on the T2
-        slips = apply_listhesis_decision(studies, fused, det, segmenter, listhesis, not args.quiet)
+        n_slips = apply_listhesis_decision(fused, slips, listhesis)
         vrows = vertebra_rows(studies, fused, grader.fusion.vertebra, spark_p, decision)
         m = spider_metrics(graded, vrows)
         # the endplate / marrow evidence alone, beside the product's decision
         m["vertebra_endplate_marrow_only"] = spider_metrics([], vertebra_rows(studies, fused, grader.fusion.vertebra))[
             "vertebra"]
         m["located_fraction"] = round(sum(g.finding is not None for g in graded) / len(graded), 4)
-        m["spondylolisthesis_decision"] = f"image and measured slip on {slips} discs, image elsewhere"
+        m["spondylolisthesis_decision"] = f"image and measured slip on {n_slips} discs, image elsewhere"
         m["intervals"] = bootstrap_spider(graded, vrows, args.bootstrap)
         report[name] = m
         keep[name] = (graded, vrows)

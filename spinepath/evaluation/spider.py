@@ -234,11 +234,11 @@ def vertebra_rows(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]],
     return rows
 
 
-def apply_listhesis_decision(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]], detector, segmenter,
-                             decision: dict, progress: bool = True) -> int:
+def apply_listhesis_decision(fused: dict[str, dict[int, dict]], slips: dict[str, dict[int, dict]],
+                             decision: dict) -> int:
     """The product's spondylolisthesis decision on the fused findings: image and measured slip, in place.
 
-    Each located disc whose slip the segmentation measured on the patient's T2 gets
+    ``slips``: :func:`measured_slips` per patient. Each located disc with a measured slip gets
     :func:`listhesis_probability`; the others keep the image probability (as in the product).
 
     Returns:
@@ -246,9 +246,8 @@ def apply_listhesis_decision(studies: list[SpiderStudy], fused: dict[str, dict[i
 
     """
     n = 0
-    for st in tqdm(studies, desc="slips", disable=not progress):
-        found = fused.get(st.patient, {})
-        for i, e in measured_slips(st, detector, segmenter).items():
+    for patient, found in fused.items():
+        for i, e in slips.get(patient, {}).items():
             if i in found:
                 found[i]["spondylolisthesis"] = listhesis_probability(found[i]["spondylolisthesis"], e["percent"],
                                                                       decision)
@@ -273,7 +272,11 @@ def evaluate_spider(root: str | Path, detector, grader: SpiderGrader, cases: lis
     studies = [s for s in studies if any(q in s.sequences for q in sequences)]
     graded, fused, anchors = grade_studies(studies, detector, grader, sequences, progress)
     listhesis = load_listhesis_decision() if segmenter is not None and "t2" in sequences else None
-    n_slips = apply_listhesis_decision(studies, fused, detector, segmenter, listhesis, progress) if listhesis else 0
+    n_slips = 0
+    if listhesis:
+        slips = {st.patient: measured_slips(st, detector, segmenter)
+                 for st in tqdm(studies, desc="slips", disable=not progress)}
+        n_slips = apply_listhesis_decision(fused, slips, listhesis)
     platt = grader.fusion.vertebra
     thr = float(platt.get("threshold", 0.5))
     spark, decision = None, None
