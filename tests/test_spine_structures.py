@@ -145,6 +145,9 @@ def test_sr_seg_pdf_and_key_image_carry_the_measurements(segmented, tmp_path):
     assert all(len(r) == len(MEASUREMENT_HEADER) for r in rows)
     names = [r[0] for r in rows]
     assert names.index("L3 body") + 1 == names.index("L3-L4 disc") == names.index("L4 body") - 1  # top-down
+    # the L5 slip says what it was measured against (S1's body, or the L5-S1 disc where S1 was not segmented)
+    l5_slip = segmented.segmentation.measurements["listhesis"]["L5-S1"]
+    assert ("over disc" if l5_slip["against"] == "disc" else "over S1") in rows[names.index("L5 body")][4]
     pdf = (tmp_path / "dicom" / "report.dcm").read_bytes()
     assert len(re.findall(rb"/Type /Page[^s]", pdf)) == 3
     with Image.open(tmp_path / "key_image.png") as im:

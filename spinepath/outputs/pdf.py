@@ -118,7 +118,8 @@ def measurement_table(result: DetectionResult) -> list[list[str]]:
     for lv in sorted(set(m["vertebrae"]) | set(m["discs"]), key=structure_rank):
         if lv in m["vertebrae"]:
             e = m["vertebrae"][lv]
-            slip = next((f"{v['offset_mm']:+.1f} mm ({v['percent']:+.0f}%) over {k.split('-')[1]}"
+            slip = next((f"{v['offset_mm']:+.1f} mm ({v['percent']:+.0f}%) over "
+                         + ("disc" if v.get("against") == "disc" else k.split("-")[1])
                          for k, v in m["listhesis"].items() if k.split("-")[0] == lv), "")
             loss = f"loss {100 * e['height_loss']:.0f}%" if e.get("height_loss") is not None else ""
             ratios = ", ".join(x for x in (f"wedge {e['wedge_ratio']:.2f}" if "wedge_ratio" in e else "",
@@ -269,6 +270,8 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
                  "absolute, 10-12 mm relative stenosis (sagittal diameter only:",
                  "a cross-sectional area needs axial images). Listhesis: posterior corners, perpendicular to the "
                  "lower posterior wall; flagged from 3 mm (Meyerding grade).",
+                 "L5 'over disc': against the L5-S1 disc's lower boundary where S1's body was not segmented; "
+                 "evidence for the listhesis finding, not flagged.",
                  "Structures cut by the field of view are not measured. Research prototype: see the model card."]
         for i, line in enumerate(notes):
             pm.text(0.06, y - 0.013 * i, line, fontsize=6.5, weight="bold" if i == 0 else "normal")
