@@ -102,7 +102,8 @@ def _cmd_train_segmentation(args: argparse.Namespace) -> int:
                                              ("seed", args.seed)) if v is not None})
     res = train_segmentation(args.data_root or SHARED_EXAMPLES.parent, args.out_dir, cfg, step=args.step,
                              max_cases=args.max_cases or 0, num_threads=args.num_threads or 0,
-                             progress=not args.quiet, init_from=args.init_from)
+                             progress=not args.quiet, init_from=args.init_from, pack=args.pack,
+                             device=args.device, workers=args.workers, time_budget_min=args.time_budget or 0.0)
     print(json.dumps({k: v for k, v in res.items() if k != "history"}))
     return 0
 
@@ -500,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     tsg.add_argument("--seed", type=int, help="seed of the initialisation, the batches and the augmentation")
     tsg.add_argument("--init-from", dest="init_from",
                      help="fine-tune these weights (a second cosine cycle) instead of a random initialisation")
+    tsg.add_argument("--pack", help="read the training and selection slices from this pack "
+                                    "(scripts/pack_segmentation_slices.py) instead of the data folder")
+    tsg.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    tsg.add_argument("--workers", type=int, default=0,
+                     help="data-loader processes for the augmentation (0: in-process, reproducible)")
+    tsg.add_argument("--time-budget", dest="time_budget", type=float,
+                     help="minutes: cut the epochs (and the cosine schedule) to those that fit")
     tsg.set_defaults(func=_cmd_train_segmentation)
     tp = tsub.add_parser("pretrain", parents=[quiet],
                          help="self-supervised (SimCLR) pretraining of the grading backbone")

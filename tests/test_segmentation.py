@@ -130,6 +130,31 @@ def test_a_short_training_run_writes_a_model_that_segments(data_root, tmp_path):
     assert p.shape == (1, len(CLASSES), *s.image.shape) and torch.allclose(p.sum(1), torch.ones(1), atol=1e-4)
 
 
+def test_training_from_a_slice_pack_with_workers_and_a_time_budget(data_root, tmp_path):
+    """The pack a lent GPU trains from holds the same slices (8-bit images); loader workers and a time budget
+    that fits fewer epochs than asked cut the cosine schedule there."""
+    from spinepath.segmentation.data import load_slice_pack, save_slice_pack
+    from spinepath.segmentation.network import SegNetConfig
+    from spinepath.segmentation.training import load_slices, train_segmentation
+
+    parts = {"train": load_slices(data_root, "train", step=8, max_cases=1),
+             "selection": load_slices(data_root, "selection", step=8, max_cases=1)}
+    save_slice_pack(tmp_path / "pack.npz.xz", parts)
+    back = load_slice_pack(tmp_path / "pack.npz.xz")
+    assert {p: len(v) for p, v in back.items()} == {p: len(v) for p, v in parts.items()}
+    for a, b in zip(parts["train"] + parts["selection"], back["train"] + back["selection"]):
+        assert (a.source, a.case, a.patient, a.index, a.annotated) == (b.source, b.case, b.patient, b.index,
+                                                                       b.annotated)
+        assert np.array_equal(a.target, b.target) and np.array_equal(a.groups, b.groups)
+        assert np.abs(a.image - b.image).max() <= 0.5 / 255 + 1e-6
+    cfg = SegNetConfig(filters=(8, 16, 32, 64, 64), epochs=50, batch_size=4, patch=96)
+    res = train_segmentation(data_root, tmp_path / "run", cfg, num_threads=2, progress=False,
+                             pack=tmp_path / "pack.npz.xz", workers=1, time_budget_min=0.01)
+    assert res["train_slices"] == len(parts["train"]) and res["selection_slices"] == len(parts["selection"])
+    assert len(res["history"]) == 2 == res["cfg"]["epochs"]  # 0.6 s fit no more than the two measured epochs
+    assert (tmp_path / "run" / "segmentation.pt").is_file()
+
+
 def test_level_instances_follow_the_named_chain():
     """Bodies matched to the named boxes, discs between consecutive named bodies, the canal as one structure."""
     from spinepath.segmentation.instances import level_instances

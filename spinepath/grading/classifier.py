@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,12 +196,20 @@ def objective_value(task: str, m: dict[str, float]) -> float:
     return m["auc"] if task == "vertebra" else m["quadratic_kappa"]
 
 
-def warmup_cosine(opt: torch.optim.Optimizer, warm_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warm_steps`` then cosine decay to 0 at ``total_steps`` (stepped once per batch)."""
-    warm, total = max(1, warm_steps), max(1, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
-    )
+def warmup_cosine(opt: torch.optim.Optimizer, warm_steps: int,
+                  total_steps: int | Callable[[], int]) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warm_steps`` then cosine decay to 0 at ``total_steps`` (stepped once per batch).
+
+    ``total_steps`` may be a callable, read at every step: a horizon shortened during training (a time budget).
+    """
+    warm = max(1, warm_steps)
+    horizon = total_steps if callable(total_steps) else (lambda: total_steps)
+
+    def factor(i: int) -> float:
+        total = max(1, horizon())
+        return min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def train_classifier(

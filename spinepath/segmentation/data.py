@@ -9,12 +9,17 @@ lateral slice (the evaluation contract takes every 4th, starting at ``(n % 4) //
 
 from __future__ import annotations
 
+import io
+import json
+import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from spinepath.core.files import atomic_file
 from spinepath.data.datasets import VolumeCase
 from spinepath.data.spider import SpiderSegCase
 from spinepath.segmentation.partial import label_groups
@@ -103,3 +108,45 @@ def volume_seg_slices(case: VolumeCase, step: int = 4, grid_mm: float = GRID_MM,
         gi, gm = to_grid(image[:, :, k], native, spacing[:2], grid_mm)
         yield SegSlice(gi, gm, groups, [case.structure], case.dataset, case.case, case.patient, k,
                        (float(spacing[0]), float(spacing[1])), native if keep_native else None)
+
+
+def save_slice_pack(path: str | Path, parts: dict[str, list[SegSlice]]) -> None:
+    """Write slices of the grid to one xz-compressed ``.npz`` (images as 8-bit, masks as group indices).
+
+    For a machine without the shared data (a lent GPU): :func:`load_slice_pack` reads it back; training from
+    a pack sees the same slices as from the data folder, up to 8-bit quantisation of the [0, 1] images.
+
+    Args:
+        path: The pack file (``.npz.xz`` by convention).
+        parts: Slices by part name (``train``, ``selection``).
+
+    """
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, list[dict]] = {}
+    for part, slices in parts.items():
+        meta[part] = []
+        for j, s in enumerate(slices):
+            if s.target.min() < 0 or s.target.max() > 255:
+                raise ValueError(f"{s.source} {s.case}: group indices outside 0-255 cannot be packed")
+            arrays[f"{part}_{j}_image"] = np.round(np.clip(s.image, 0, 1) * 255).astype(np.uint8)
+            arrays[f"{part}_{j}_target"] = s.target.astype(np.uint8)
+            meta[part].append({"annotated": s.annotated, "source": s.source, "case": s.case, "patient": s.patient,
+                               "index": int(s.index), "spacing_mm": [float(v) for v in s.spacing_mm]})
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with atomic_file(path, ".xz") as tmp:
+        Path(tmp).write_bytes(lzma.compress(buf.getvalue(), preset=6))
+
+
+def load_slice_pack(path: str | Path) -> dict[str, list[SegSlice]]:
+    """The slices of a :func:`save_slice_pack` file, by part."""
+    with np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes()))) as z:
+        meta = json.loads(z["meta"].tobytes())
+        out: dict[str, list[SegSlice]] = {}
+        for part, rows in meta.items():
+            out[part] = [SegSlice(z[f"{part}_{j}_image"].astype(np.float32) / 255,
+                                  z[f"{part}_{j}_target"].astype(np.int64), label_groups(r["annotated"]),
+                                  r["annotated"], r["source"], r["case"], r["patient"], r["index"],
+                                  tuple(r["spacing_mm"])) for j, r in enumerate(rows)]
+    return out

@@ -6,7 +6,9 @@ validation part is never read here. Patches of :attr:`SegNetConfig.patch` pixels
 augmentation (affine, contrast, bias field, noise); the loss is
 :func:`spinepath.segmentation.partial.partial_label_loss` on the full-resolution output plus the deep-supervision
 outputs (weights 1, 1/2, 1/4). Writes ``<out>/segmentation.pt`` (fp16, best epoch), ``history.json`` and
-``curves.png``; progress with tqdm, quiet on request.
+``curves.png``; progress with tqdm, quiet on request. On a machine without the shared data (a lent GPU) the
+slices come from a pack (:func:`spinepath.segmentation.data.save_slice_pack`); ``device``, loader workers and a
+time budget (the cosine schedule shortened to the epochs that fit) serve such a run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from spinepath.data.datasets import load_volume_index
 from spinepath.data.spider import load_spider_seg
 from spinepath.data.split import split_part
 from spinepath.grading.classifier import warmup_cosine
-from spinepath.segmentation.data import SegSlice, spider_seg_slices, volume_seg_slices
+from spinepath.segmentation.data import SegSlice, load_slice_pack, spider_seg_slices, volume_seg_slices
 from spinepath.segmentation.inference import load_segmenter
 from spinepath.segmentation.metrics import case_dice
 from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities, to_input
@@ -108,15 +110,23 @@ class PatchDataset(torch.utils.data.Dataset):
 
 
 def evaluate_slices(model: torch.nn.Module, slices: list[SegSlice]) -> dict[str, float]:
-    """Mean Dice per annotation name over cases (each case's Dice over all its slices)."""
-    return case_dice((s, predict_probabilities(model, torch.from_numpy(s.image)[None, None])[0].numpy().argmax(0))
-                     for s in slices)
+    """Mean Dice per annotation name over cases (each case's Dice over all its slices), on the model's device."""
+    dev = next(model.parameters()).device
+    return case_dice((s, predict_probabilities(model, torch.from_numpy(s.image)[None, None].to(dev))[0]
+                      .argmax(0).cpu().numpy()) for s in slices)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each loader worker draws its own augmentation (its copy of the transforms would repeat the others')."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_state(seed=info.seed % 2**32)
 
 
 def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetConfig | None = None,
                        step: int = 2, max_cases: int = 0, num_threads: int = 0, progress: bool = True,
                        init_from: str | Path | None = None, extra_train: list[SegSlice] | None = None,
-                       selection_max_cases: int | None = None) -> dict:
+                       selection_max_cases: int | None = None, pack: str | Path | None = None,
+                       device: str = "cpu", workers: int = 0, time_budget_min: float = 0.0) -> dict:
     """Train, choose the best epoch on the selection part, write the model, history and curves.
 
     Args:
@@ -130,6 +140,11 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
         init_from: Fine-tune these weights (a retraining round) instead of a random initialisation.
         extra_train: More training slices (an annotator's corrections).
         selection_max_cases: Selection cases per source (default ``max_cases``).
+        pack: Read the training and selection slices from this pack instead of ``data_root``.
+        device: Torch device of the network (``cpu``, ``cuda``).
+        workers: Data-loader processes for the augmentation (0 = in this process, the reproducible default).
+        time_budget_min: When > 0, the epochs are cut to those that fit in this many minutes (measured on the
+            second epoch) and the cosine schedule ends there.
 
     Returns:
         The history summary (best epoch, its selection Dice per class, slices used).
@@ -140,8 +155,13 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
         torch.set_num_threads(num_threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_slices(data_root, "train", step, max_cases) + list(extra_train or [])
-    select = load_slices(data_root, "selection", 4, max_cases if selection_max_cases is None else selection_max_cases)
+    if pack is not None:
+        parts = load_slice_pack(pack)
+        train, select = parts["train"] + list(extra_train or []), parts["selection"]
+    else:
+        train = load_slices(data_root, "train", step, max_cases) + list(extra_train or [])
+        select = load_slices(data_root, "selection", 4,
+                             max_cases if selection_max_cases is None else selection_max_cases)
     log.info("segmentation: %d training and %d selection slices", len(train), len(select))
     torch.manual_seed(cfg.seed)
     if init_from is not None:
@@ -150,19 +170,29 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
                                       "deep_supr_num": model.meta["cfg"]["deep_supr_num"]})
     else:
         model = build_segnet(cfg)
+    dev = torch.device(device)
+    model.to(dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     dl = torch.utils.data.DataLoader(PatchDataset(train, cfg), batch_size=cfg.batch_size, shuffle=True,
                                      drop_last=len(train) > cfg.batch_size,
-                                     generator=torch.Generator().manual_seed(cfg.seed))
+                                     generator=torch.Generator().manual_seed(cfg.seed), num_workers=workers,
+                                     persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers else None,
+                                     pin_memory=dev.type == "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, len(dl), cfg.epochs * len(dl))
+    sched = warmup_cosine(opt, len(dl), lambda: cfg.epochs * len(dl))
     history: list[dict] = []
     best = (-1.0, -1)
     summary: dict = {}
-    bar = tqdm(range(cfg.epochs), desc="segmentation epochs", disable=not progress)
-    for epoch in bar:
+    start = time.time()
+    bar = tqdm(total=cfg.epochs, desc="segmentation epochs", disable=not progress)
+    epoch = -1
+    while epoch + 1 < cfg.epochs:
+        epoch += 1
         model.train()
         t0, tot, n = time.time(), 0.0, 0
         for img, tgt, groups in dl:
+            img, tgt, groups = img.to(dev, non_blocking=True), tgt.to(dev, non_blocking=True), groups.to(dev)
             outs = model(to_input(img))
             outs = outs.unbind(1) if outs.dim() == 5 else (outs,)
             loss = sum(w * partial_label_loss(o, tgt, groups, cfg.dice_weight) for w, o in zip(DS_WEIGHTS, outs))
@@ -177,17 +207,25 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
         history.append({"epoch": epoch + 1, "loss": round(tot / max(n, 1), 4), "selection_dice": dice,
                         "selection_score": round(score, 4), "seconds": round(time.time() - t0, 1)})
         bar.set_postfix(loss=history[-1]["loss"], dice=round(score, 3))
+        bar.update()
+        if time_budget_min and epoch == 1:
+            fit = 2 + int((60 * time_budget_min - (time.time() - start)) / max(time.time() - t0, 1e-3))
+            if fit < cfg.epochs:
+                log.info("segmentation: %d epochs fit in %.1f min (of %d)", fit, time_budget_min, cfg.epochs)
+                cfg.epochs = max(fit, 2)
+                bar.total = cfg.epochs
         if score > best[0]:
             best = (score, epoch + 1)
             with atomic_file(out / "segmentation.pt", ".pt") as tmp:
-                torch.save({"format": "spinepath-segmentation-1", "cfg": asdict(cfg),
-                            "state": half_state(model.state_dict()), "epoch": epoch + 1, "selection_dice": dice},
-                           tmp)
+                state = half_state({k: v.cpu() for k, v in model.state_dict().items()})
+                torch.save({"format": "spinepath-segmentation-1", "cfg": asdict(cfg), "state": state,
+                            "epoch": epoch + 1, "selection_dice": dice}, tmp)
         summary = {"best_epoch": best[1], "best_selection_score": round(best[0], 4),
                    "best_selection_dice": history[best[1] - 1]["selection_dice"],
                    "train_slices": len(train), "selection_slices": len(select), "cfg": asdict(cfg),
                    "history": history}
         (out / "history.json").write_text(json.dumps(summary, indent=1))  # every epoch: a long run can be cut
+    bar.close()
     plot_curves(history, out / "curves.png")
     return summary
 
