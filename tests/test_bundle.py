@@ -83,4 +83,5 @@ def test_bundle_inference_uses_the_standard_keys_for_the_stages():
     train.read_config(BUNDLE / "configs" / "train.json")
     train["bundle_root"] = str(BUNDLE)
     net = train.get_parsed_content("segmentation_network_def")
-    assert isinstance(net, DynUNet) and train.get_parsed_content("segmentation_config").epochs == 36
+    seg_cfg = train.get_parsed_content("segmentation_config")  # the committed weights' recipe (model card)
+    assert isinstance(net, DynUNet) and (seg_cfg.epochs, seg_cfg.patch) == (228, 256)
