@@ -181,6 +181,11 @@ def test_measurements_of_a_synthetic_spine():
     assert d["canal_ap"]["mm"] == pytest.approx(14.0, abs=0.6) and d["canal_ap"]["stenosis"] == "none"
     assert m["discs"]["L4-L5"]["canal_ap"]["mm"] == pytest.approx(9.0, abs=0.6)
     assert m["discs"]["L4-L5"]["canal_ap"]["stenosis"] == "absolute"
+    # the same narrow canal named as a thoracic level is measured but not graded (the thresholds are lumbar)
+    thor = measure_spine({"T10": bodies["L4"], "T11": bodies["L5"]}, {"T10-T11": discs["L4-L5"]}, canal, SP, image)
+    assert thor["discs"]["T10-T11"]["canal_ap"]["mm"] == pytest.approx(9.0, abs=0.6)
+    assert thor["discs"]["T10-T11"]["canal_ap"]["stenosis"] == "not graded"
+    assert thor["vertebrae"]["T10"]["canal_ap_mid_body"]["stenosis"] == "not graded"
     assert d["t2_signal_ratio"] == pytest.approx(0.5, abs=0.01)
     assert m["listhesis"]["L4-L5"]["offset_mm"] == pytest.approx(6.0, abs=0.8)
     assert m["listhesis"]["L4-L5"]["meyerding"] == 1 and abs(m["listhesis"]["L2-L3"]["offset_mm"]) < 0.8

@@ -224,6 +224,8 @@ CANAL = "spinal canal"
 NARROWING_FRACTION = 0.75
 WEDGE_RATIO = 0.80
 LISTHESIS_MM = 3.0
+#: The canal diameters that are flagged (``measurements.spine``: lumbar levels below 12 mm).
+STENOSIS_GRADES = ("absolute", "relative")
 
 
 @dataclass
@@ -258,9 +260,9 @@ class SpineSegmentation:
 
         Vertebrae: ``height_loss`` (Genant grade 1-3 against the neighbours) and ``wedge``; discs: ``narrowing``
         (middle height below :data:`NARROWING_FRACTION` of the measured neighbouring discs' mean) and
-        ``stenosis`` (canal AP at the disc, ``absolute`` / ``relative``); listhesis: ``Meyerding I`` ... once
-        the offset reaches :data:`LISTHESIS_MM`, against the body below (a slip over the L5-S1 disc, where the
-        sacrum was not segmented, is not graded).
+        ``stenosis`` (canal AP at the disc, ``absolute`` / ``relative``; graded at the lumbar levels only);
+        listhesis: ``Meyerding I`` ... once the offset reaches :data:`LISTHESIS_MM`, against the body below (a
+        slip over the L5-S1 disc, where the sacrum was not segmented, is not graded).
         """
         m = self.measurements
         out: dict[str, dict[str, list[str]]] = {"vertebrae": {}, "discs": {}, "listhesis": {}}
@@ -270,7 +272,7 @@ class SpineSegmentation:
                 f.append(f"height loss (Genant grade {e['genant_grade']})")
             if e.get("wedge_ratio") is not None and e["wedge_ratio"] < WEDGE_RATIO:
                 f.append("wedge")
-            if (e.get("canal_ap_mid_body") or {}).get("stenosis", "none") != "none":
+            if (e.get("canal_ap_mid_body") or {}).get("stenosis") in STENOSIS_GRADES:
                 f.append(f"canal stenosis ({e['canal_ap_mid_body']['stenosis']}) at mid-body")
             out["vertebrae"][lv] = f
         discs = m.get("discs", {})
@@ -281,7 +283,7 @@ class SpineSegmentation:
             nb = [mid[n] for n in order[max(i - 1, 0):i + 2] if n != lv and n in mid]
             if lv in mid and nb and mid[lv] < NARROWING_FRACTION * float(np.mean(nb)):
                 f.append("narrowing")
-            if (discs[lv].get("canal_ap") or {}).get("stenosis", "none") != "none":
+            if (discs[lv].get("canal_ap") or {}).get("stenosis") in STENOSIS_GRADES:
                 f.append(f"canal stenosis ({discs[lv]['canal_ap']['stenosis']})")
             out["discs"][lv] = f
         roman = ["", "I", "II", "III", "IV", "V"]

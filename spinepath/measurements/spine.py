@@ -11,7 +11,9 @@ mid-sagittal slice of the spine), with the pixel spacing and, for the signal rat
   middle height / mean middle height of the two bodies; T2 signal ratio = median disc intensity (mask eroded by
   one pixel) / median canal (CSF) intensity over the disc's rows;
 * canal: anteroposterior diameter through each disc's centre and each body's centre, along that structure's
-  AP axis, flagged < 10 mm absolute, 10-12 mm relative stenosis (a cross-sectional area needs axial images);
+  AP axis, flagged < 10 mm absolute, 10-12 mm relative stenosis at the lumbar levels (L1 to L5-S1: the
+  thresholds are the lumbar canal's; above, the canal holds the cord and the diameter is measured but
+  ``"not graded"``; a cross-sectional area needs axial images);
 * listhesis: the upper body's posterior-inferior corner against the lower body's posterior-superior corner,
   along the lower body's superior endplate (mm, % of that endplate, Meyerding grade); at L5-S1 without a
   segmented S1 body (the sacrum is rarely segmented), against the L5-S1 disc's posterior-inferior corner along
@@ -25,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from spinepath.core.levels import VERTEBRA_LEVELS
+from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS
 from spinepath.measurements.shape import (
     Axes,
     Line,
@@ -41,6 +43,10 @@ from spinepath.measurements.shape import (
 )
 
 POSITIONS = ("anterior", "middle", "posterior")
+#: Levels whose canal diameter is graded against the stenosis thresholds: the lumbar canal, L1 to L5-S1.
+STENOSIS_LEVELS = frozenset(("L1", "L2", "L3", "L4", "L5", *DISC_LEVELS[DISC_LEVELS.index("L1-L2"):]))
+#: The stenosis grade of a canal diameter measured above the lumbar canal.
+NOT_GRADED = "not graded"
 
 
 def _line(ln: Line | None) -> dict | None:
@@ -85,7 +91,7 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
                 e["height_loss"] = round(float(max(loss, 0.0)), 3)
                 e["genant_grade"] = genant_grade(float(loss))
         if canal is not None:
-            e["canal_ap_mid_body"] = _canal(canal, spacing, axes[lv])
+            e["canal_ap_mid_body"] = _canal(canal, spacing, axes[lv], lv)
         out["vertebrae"][lv] = e
     for lv, m in discs.items():
         if m.sum() < 3:
@@ -99,7 +105,7 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
         if h["middle"] is not None and mids:
             e["disc_height_index"] = round(h["middle"].mm / float(np.mean(mids)), 3)
         if canal is not None:
-            e["canal_ap"] = _canal(canal, spacing, ax)
+            e["canal_ap"] = _canal(canal, spacing, ax, lv)
             if image is not None:
                 e["t2_signal_ratio"] = _signal_ratio(image, m, canal)
         out["discs"][lv] = e
@@ -133,10 +139,12 @@ def _slip_entry(r: dict, lower: str) -> dict:
             "line": _line(r["line"]), "against": lower}
 
 
-def _canal(canal: np.ndarray, spacing: tuple[float, float], ax: Axes) -> dict | None:
-    """:func:`canal_ap` with its stenosis flag."""
+def _canal(canal: np.ndarray, spacing: tuple[float, float], ax: Axes, level: str) -> dict | None:
+    """:func:`canal_ap` with its stenosis grade (:data:`NOT_GRADED` above the lumbar canal)."""
     ln = canal_ap(canal, spacing, ax)
-    return None if ln is None else {**_line(ln), "stenosis": canal_stenosis(ln.mm)}
+    if ln is None:
+        return None
+    return {**_line(ln), "stenosis": canal_stenosis(ln.mm) if level in STENOSIS_LEVELS else NOT_GRADED}
 
 
 def _signal_ratio(image: np.ndarray, disc: np.ndarray, canal: np.ndarray) -> float | None:

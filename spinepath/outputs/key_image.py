@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from spinepath import __version__
 from spinepath.core.labels import label_colors
 from spinepath.core.levels import DISC_LEVELS
-from spinepath.core.results import DegenerationFinding, DetectionResult, key_slice
+from spinepath.core.results import STENOSIS_GRADES, DegenerationFinding, DetectionResult, key_slice
 
 #: Key-image colours of vertebra findings and disc grades.
 FINDING_COLOURS = {"pathological": (255, 48, 48), "healthy": (64, 220, 64)}
@@ -49,12 +49,12 @@ def measured_lines(seg) -> list[tuple[dict, str, bool]]:
         loss = any("height loss" in f or f == "wedge" for f in flags["vertebrae"].get(lv, []))
         out += [(e[p], "body", loss) for p in ("anterior", "middle", "posterior") if e.get(p)]
         if e.get("canal_ap_mid_body"):
-            out.append((e["canal_ap_mid_body"], "canal", e["canal_ap_mid_body"]["stenosis"] != "none"))
+            out.append((e["canal_ap_mid_body"], "canal", e["canal_ap_mid_body"]["stenosis"] in STENOSIS_GRADES))
     for lv, e in m["discs"].items():
         narrow = "narrowing" in flags["discs"].get(lv, [])
         out += [(e[p], "disc", narrow) for p in ("anterior", "middle", "posterior") if e.get(p)]
         if e.get("canal_ap"):
-            out.append((e["canal_ap"], "canal", e["canal_ap"]["stenosis"] != "none"))
+            out.append((e["canal_ap"], "canal", e["canal_ap"]["stenosis"] in STENOSIS_GRADES))
     for lv, e in m["listhesis"].items():
         if flags["listhesis"].get(lv):
             out.append((e["line"], "listhesis", True))
