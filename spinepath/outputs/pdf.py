@@ -284,9 +284,10 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
     axk.imshow(key)
     axk.set_title(f"slice {k + 1} of {v.pixels.shape[0]}", fontsize=9)
     axk.axis("off")
+    # two lines by hand: matplotlib wraps at the page's edge, not at the margin
     page2.text(0.06, 0.07, "Beside each disc: Spark grade, then Pfirrmann grade (Pf) and the degenerative findings "
-               "present (M Modic type, E endplate change, L listhesis, H herniation, N narrowing, B bulging).",
-               fontsize=7, wrap=True)
+               "present\n(M Modic type, E endplate change, L listhesis, H herniation, N narrowing, B bulging).",
+               fontsize=7)
     page2.text(0.06, 0.045, f"spinepath {__version__}", fontsize=7)
     buf = io.BytesIO()
     pages.append(page2)
