@@ -152,6 +152,7 @@ def test_training_from_a_slice_pack_with_workers_and_a_time_budget(data_root, tm
                              pack=tmp_path / "pack.npz.xz", workers=1, time_budget_min=0.01)
     assert res["train_slices"] == len(parts["train"]) and res["selection_slices"] == len(parts["selection"])
     assert len(res["history"]) == 2 == res["cfg"]["epochs"]  # 0.6 s fit no more than the two measured epochs
+    assert cfg.epochs == 50  # the caller's configuration is left as it was
     assert (tmp_path / "run" / "segmentation.pt").is_file()
 
 

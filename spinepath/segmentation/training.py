@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +212,7 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
             fit = 2 + int((60 * time_budget_min - (time.time() - start)) / max(time.time() - t0, 1e-3))
             if fit < cfg.epochs:
                 log.info("segmentation: %d epochs fit in %.1f min (of %d)", fit, time_budget_min, cfg.epochs)
-                cfg.epochs = max(fit, 2)
+                cfg = replace(cfg, epochs=max(fit, 2))  # the schedule reads cfg.epochs: it ends there
                 bar.total = cfg.epochs
         if score > best[0]:
             best = (score, epoch + 1)
