@@ -153,8 +153,8 @@ def _cmd_search_spider(args: argparse.Namespace) -> int:
                             data_root=args.data_root, detector=args.detector or "", max_patients=args.max_patients,
                             save=not args.no_save, params_file=args.params_file or SPIDER_PARAMS, seed=args.seed,
                             progress=not args.quiet, num_threads=args.num_threads, max_epochs=args.max_epochs,
-                            scored_folds=args.scored_folds, enqueue=enqueue,
-                            **({"models": tuple(args.models.split(","))} if args.models else {}))
+                            scored_folds=args.scored_folds, enqueue=enqueue, device=args.device,
+                            workers=args.workers, **({"models": tuple(args.models.split(","))} if args.models else {}))
     print(json.dumps(res))
     return 0
 
@@ -485,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--epochs", type=int, help="override the stored epochs (quick runs)")
     ts.add_argument("--max-patients", dest="max_patients", type=int, help="tiny subset (tests)")
     ts.add_argument("--num-threads", dest="num_threads", type=int)
+    ts.add_argument("--device", help="torch device the fold networks train on (cpu, cuda; default cpu)")
+    ts.add_argument("--workers", type=int, help="data-loader processes for the crops (default 0: reproducible)")
     ts.set_defaults(func=_cmd_train_spider)
     tsg = tsub.add_parser("segmentation", parents=[quiet],
                           help="segmentation of bodies, posterior elements, discs and canal (partial labels, "
@@ -560,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--seed", type=int, help="sampler seed (default random: parallel workers differ)")
     ss.add_argument("--num-threads", dest="num_threads", type=int, default=0,
                     help="torch threads per worker (use 1 with several workers on one machine)")
+    ss.add_argument("--device", default="cpu", help="torch device the trial networks train on (cpu, cuda)")
+    ss.add_argument("--workers", type=int, default=0, help="data-loader processes for the crops")
     ss.set_defaults(func=_cmd_search_spider)
     r = sub.add_parser("run", parents=[quiet],
                        help="run detection and grading on a DICOM study folder without Holoscan")

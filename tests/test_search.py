@@ -106,13 +106,13 @@ def test_search_unknown_task_is_rejected(tmp_path):
 
 def test_spider_search_chooses_among_the_named_architectures(tmp_path, data_root):
     """`spinepath search spider` on 15 real training patients: one tiny trial scored on two folds, an enqueued
-    variant tried first, the best parameters stored."""
+    variant tried first, the best parameters stored; the crops made by a loader worker (as on a GPU)."""
     params = tmp_path / "spider_params.json"
     storage = f"sqlite:///{tmp_path / 'spider.db'}"
     cmd = [sys.executable, "-m", "spinepath", "-q", "search", "spider", "--data-root", str(data_root),
            "--max-patients", "15", "--trials", "1", "--max-epochs", "2", "--models", "resnet10_narrow",
            "--storage", storage, "--params-file", str(params), "--seed", "0", "--scored-folds", "2",
-           "--enqueue", '{"crop_mm": 56, "crop_norm": "crop"}']
+           "--enqueue", '{"crop_mm": 56, "crop_norm": "crop"}', "--workers", "1"]  # crops in a loader process
     params.write_text(json.dumps({"params": {"lr": 0.0021, "epochs": 30, "model": "resnet18_narrow"}}))
     res = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -264,7 +264,7 @@ def multitask_loss(logits: torch.Tensor, target: torch.Tensor, weights: dict[str
         if ALL_HEADS[k] > 1:
             total = total + F.cross_entropy(z, y[m], weight=weights[k], label_smoothing=cfg.label_smoothing)
             if k == "pfirrmann" and cfg.ordinal_weight > 0:
-                expected = torch.softmax(z, 1) @ torch.arange(ALL_HEADS[k], dtype=z.dtype)
+                expected = torch.softmax(z, 1) @ torch.arange(ALL_HEADS[k], dtype=z.dtype, device=z.device)
                 total = total + cfg.ordinal_weight * F.mse_loss(expected, y[m].to(z.dtype))
         else:
             t = y[m].float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / 2
@@ -297,11 +297,19 @@ def training_targets(samples: list[DiscSample], cfg: SpiderConfig) -> list[DiscS
     return out
 
 
-def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: list[DiscSample],
-                  progress: bool = True, max_minutes: float = 0.0) -> nn.Module:
-    """Train one multi-task network (AdamW, warm-up + cosine schedule); returns it in eval mode.
+def _seed_crop_worker(worker_id: int) -> None:
+    """Each loader worker draws its own augmentation (its copy of the dataset's generator would repeat the others')."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.rng = random.Random(info.seed)
 
-    With ``cfg.spark_heads`` the SPIDER samples' targets are padded with -1 for the spark heads.
+
+def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: list[DiscSample],
+                  progress: bool = True, max_minutes: float = 0.0, device: str = "cpu",
+                  workers: int = 0) -> nn.Module:
+    """Train one multi-task network (AdamW, warm-up + cosine schedule); returns it in eval mode, on ``device``.
+
+    With ``cfg.spark_heads`` the SPIDER samples' targets are padded with -1 for the spark heads. ``workers``:
+    data-loader processes for the crops (0, the default, keeps a run reproducible on the CPU).
     """
     samples = training_targets(samples, cfg)
     if cfg.spark_heads:
@@ -309,11 +317,14 @@ def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: lis
         samples = [s if len(s.target) == len(SPARK_TARGETS) else
                    replace(s, target=np.concatenate([s.target, np.full(pad, -1, np.int64)])) for s in samples]
     torch.manual_seed(cfg.seed)
-    model = cfg.network()
+    dev = torch.device(device)
+    model = cfg.network().to(dev)
     ds = DiscCrops(images, samples, cfg, train=True)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
-                                     generator=torch.Generator().manual_seed(cfg.seed))
-    weights = head_weights(np.stack([s.target for s in samples]))
+                                     generator=torch.Generator().manual_seed(cfg.seed), num_workers=workers,
+                                     persistent_workers=workers > 0,
+                                     worker_init_fn=_seed_crop_worker if workers else None)
+    weights = {k: w.to(dev) for k, w in head_weights(np.stack([s.target for s in samples])).items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, len(dl), cfg.epochs * len(dl))
     start = time.time()
@@ -322,6 +333,7 @@ def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: lis
         model.train()
         tot, n = 0.0, 0
         for x, y in dl:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             loss = multitask_loss(model(x), y, weights, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()

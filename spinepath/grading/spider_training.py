@@ -77,6 +77,8 @@ class SpiderTrainConfig:
     max_patients: int = 0
     num_threads: int = 0
     quiet: bool = False
+    device: str = "cpu"  # where the fold networks train (the grader is saved from the CPU)
+    workers: int = 0  # data-loader processes for the crops (0: reproducible)
 
 
 def load_spider_params(path: str | Path = SPIDER_PARAMS) -> SpiderConfig:
@@ -193,7 +195,7 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
             m.load_state_dict(torch.load(ck, map_location="cpu"))
             m.eval()
         else:
-            m = train_network(cfg, images, tr, progress=not tc.quiet)
+            m = train_network(cfg, images, tr, progress=not tc.quiet, device=tc.device, workers=tc.workers).cpu()
             torch.save(m.state_dict(), ck)
         models.append(m)
         oof[te] = predict_samples([m], cfg, images, [samples[i] for i in te])
@@ -311,7 +313,8 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
                       data_root: str = "../shared/data", detector: str = "", max_patients: int = 0,
                       save: bool = True, params_file: str | Path = SPIDER_PARAMS, seed: int | None = None,
                       progress: bool = True, num_threads: int = 0, models: tuple[str, ...] = SEARCH_MODELS,
-                      max_epochs: int = 40, scored_folds: int = 1, enqueue: list[dict] | None = None) -> dict:
+                      max_epochs: int = 40, scored_folds: int = 1, enqueue: list[dict] | None = None,
+                      device: str = "cpu", workers: int = 0) -> dict:
     """Optuna search of the multi-task network's hyper-parameters (``spinepath search spider``).
 
     A trial trains on four of the five cross-validation folds of the training and selection patients and is
@@ -322,7 +325,8 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
     architectures the search chooses among (:func:`~spinepath.grading.classifier.build_classifier` names);
     ``max_epochs`` bounds the epochs dimension (10 to 40 by 5 by default; tests run tiny trials);
     ``enqueue``: parameter sets tried first, e.g. variants of the stored best: a parameter a set does not name
-    keeps its stored value where that lies in the search space (else it is sampled).
+    keeps its stored value where that lies in the search space (else it is sampled). ``device`` / ``workers``:
+    where the networks train and how many loader processes make their crops (a lent GPU).
     """
     if not 1 <= scored_folds <= 5:
         raise ValueError(f"scored_folds must be 1 to 5, not {scored_folds}")
@@ -361,7 +365,7 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
         cfg = SpiderConfig.from_dict({**asdict(base), **{k: _suggest(trial, k, d) for k, d in space.items()}})
         scores = []
         for k, (train, held) in enumerate(splits):
-            m = train_network(cfg, images, train, progress=False)
+            m = train_network(cfg, images, train, progress=False, device=device, workers=workers)
             scores.append(network_score(held, predict_samples([m], cfg, images, held)))
             trial.report(float(np.mean([x["score"] for x in scores])), k)
             if k + 1 < scored_folds and trial.should_prune():
