@@ -43,9 +43,8 @@ from spinepath.evaluation.spider import (  # noqa: E402
     apply_listhesis_decision,
     bootstrap_spider,
     grade_studies,
-    measured_slips,
-    spark_probabilities,
     spider_metrics,
+    t2_evidence,
     vertebra_rows,
 )
 from spinepath.grading.grader import Grader  # noqa: E402
@@ -103,8 +102,9 @@ def main() -> None:
     studies_all = [s for s in load_spider_midsag(root) if s.patient in cases]
     report: dict = {"grader": grader.meta, "n_patients": len(studies_all), "vertebra_decision": decision,
                     "listhesis_decision": listhesis}
-    spark_p = {st.patient: spark_probabilities(st, det, spark) for st in studies_all}
-    slips = {st.patient: measured_slips(st, det, segmenter) for st in studies_all}  # once, for both variants
+    # one detection per T2 for the spark scores and the slips, once for both variants
+    evidence = {st.patient: t2_evidence(st, det, spark, segmenter) for st in studies_all}
+    spark_p, slips = ({p: e[k] for p, e in evidence.items()} for k in (0, 1))
     keep = {}
     for name, seqs in (("t1_t2", ("t1", "t2")), ("t2_only", ("t2",))):
         studies = [s for s in studies_all if any(q in s.sequences for q in seqs)]

@@ -178,32 +178,40 @@ def anchored_t2(study: SpiderStudy, detector) -> DetectionResult | None:
     return res if res.naming is not None and res.naming.anchor == "S1" else None
 
 
-def spark_probabilities(study: SpiderStudy, detector, grader) -> dict[int, float]:
-    """The spark grader's fused P(pathological) per vertebra of an anchored T2, by the index of the disc below.
+def t2_evidence(study: SpiderStudy, detector, spark_grader=None, segmenter=None
+                ) -> tuple[dict[int, float], dict[int, dict]]:
+    """What the product reads on a patient's anchored T2 beside the SPIDER grader, from one detection.
 
-    The spark heads grade L1-L5; an image whose names have no sacral anchor gives none.
+    Returns ``(spark, slips)``: with ``spark_grader``, the spark grader's fused P(pathological) per vertebra by
+    the index of the disc below it (the spark heads grade L1-L5); with ``segmenter``, the slips the
+    segmentation measures (issue 14) by the index of their disc from the bottom. Either is empty when not asked
+    for, and both when the image has no T2 or its names no sacral anchor (its indices would not count from S1).
     """
     res = anchored_t2(study, detector)
     if res is None:
-        return {}
-    grade(res, grader)
-    below = {lv: disc_index_from_bottom(f"{lv}-{VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1]}")
-             for lv in VERTEBRA_LEVELS[:-1]}
-    return {below[f.level]: f.probability for f in res.findings.vertebrae if f.level in below}
+        return {}, {}
+    spark: dict[int, float] = {}
+    slips: dict[int, dict] = {}
+    if spark_grader is not None:
+        grade(res, spark_grader)
+        below = {lv: disc_index_from_bottom(f"{lv}-{VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1]}")
+                 for lv in VERTEBRA_LEVELS[:-1]}
+        spark = {below[f.level]: f.probability for f in res.findings.vertebrae if f.level in below}
+    if segmenter is not None:
+        segment(res, segmenter)
+        measured = res.segmentation.measurements["listhesis"] if res.segmentation is not None else {}
+        slips = {disc_index_from_bottom(lv): e for lv, e in measured.items() if lv in DISC_LEVELS}
+    return spark, slips
+
+
+def spark_probabilities(study: SpiderStudy, detector, grader) -> dict[int, float]:
+    """The spark grader's fused P(pathological) per vertebra of an anchored T2 (:func:`t2_evidence`)."""
+    return t2_evidence(study, detector, spark_grader=grader)[0]
 
 
 def measured_slips(study: SpiderStudy, detector, segmenter) -> dict[int, dict]:
-    """The slips the product measures on a patient's T2 (issue 14), by the index of their disc from the bottom.
-
-    The detector names the vertebrae and the segmentation network measures the image, as in the product; an
-    image whose names have no sacral anchor gives none (its indices would not count from S1).
-    """
-    res = anchored_t2(study, detector)
-    if res is None:
-        return {}
-    segment(res, segmenter)
-    slips = res.segmentation.measurements["listhesis"] if res.segmentation is not None else {}
-    return {disc_index_from_bottom(lv): e for lv, e in slips.items() if lv in DISC_LEVELS}
+    """The slips the product measures on a patient's anchored T2, by disc index (:func:`t2_evidence`)."""
+    return t2_evidence(study, detector, segmenter=segmenter)[1]
 
 
 def vertebra_rows(studies: list[SpiderStudy], fused: dict[str, dict[int, dict]], platt: dict,
@@ -272,18 +280,19 @@ def evaluate_spider(root: str | Path, detector, grader: SpiderGrader, cases: lis
     studies = [s for s in studies if any(q in s.sequences for q in sequences)]
     graded, fused, anchors = grade_studies(studies, detector, grader, sequences, progress)
     listhesis = load_listhesis_decision() if segmenter is not None and "t2" in sequences else None
-    n_slips = 0
-    if listhesis:
-        slips = {st.patient: measured_slips(st, detector, segmenter)
-                 for st in tqdm(studies, desc="slips", disable=not progress)}
-        n_slips = apply_listhesis_decision(fused, slips, listhesis)
+    with_spark = spark_grader is not None and "t2" in sequences
+    evidence: dict[str, tuple[dict, dict]] = {}
+    if listhesis or with_spark:  # one detection per T2 serves the spark scores and the slips
+        evidence = {st.patient: t2_evidence(st, detector, spark_grader if with_spark else None,
+                                            segmenter if listhesis else None)
+                    for st in tqdm(studies, desc="T2 evidence", disable=not progress)}
+    n_slips = apply_listhesis_decision(fused, {p: e[1] for p, e in evidence.items()}, listhesis) if listhesis else 0
     platt = grader.fusion.vertebra
     thr = float(platt.get("threshold", 0.5))
     spark, decision = None, None
-    if spark_grader is not None and "t2" in sequences:
+    if with_spark:
         decision = load_vertebra_decision()
-        spark = {st.patient: spark_probabilities(st, detector, spark_grader)
-                 for st in tqdm(studies, desc="spark scores", disable=not progress)}
+        spark = {p: e[0] for p, e in evidence.items()}
     vrows = vertebra_rows(studies, fused, platt, spark, decision)
     res = {"task": "spider_grading", "n_patients": len(studies), "n_discs": len(graded),
            "located_fraction": round(sum(g.finding is not None for g in graded) / max(len(graded), 1), 4),
