@@ -212,6 +212,16 @@ def warmup_cosine(opt: torch.optim.Optimizer, warm_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def seed_loader_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of a training loader: the worker's copy of the dataset reseeds its augmentation.
+
+    Each worker would otherwise repeat the others' draws. The dataset names how (``reseed(seed)``); the seed is
+    torch's per-worker one, drawn from the loader's generator.
+    """
+    info = torch.utils.data.get_worker_info()
+    info.dataset.reseed(info.seed)
+
+
 def train_classifier(
     cfg: GradingConfig,
     images: dict[str, np.ndarray],

@@ -38,7 +38,14 @@ from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_
 from spinepath.core.results import Vertebra
 from spinepath.core.weights import float_state, half_state
 from spinepath.grading.calibration import apply_platt, fit_platt
-from spinepath.grading.classifier import GradingConfig, build_classifier, ensemble_mean, to_input, warmup_cosine
+from spinepath.grading.classifier import (
+    GradingConfig,
+    build_classifier,
+    ensemble_mean,
+    seed_loader_worker,
+    to_input,
+    warmup_cosine,
+)
 from spinepath.grading.crops import Structure, augment_intensity, local_axes, random_jitter, sample_crop
 from spinepath.grading.fusion import best_threshold
 
@@ -222,6 +229,10 @@ class DiscCrops(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def reseed(self, seed: int) -> None:
+        """A new augmentation generator (a loader worker's: :func:`seed_loader_worker`)."""
+        self.rng = random.Random(seed)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.samples[i]
         jit = random_jitter(self.rng, self.cfg.aug_strength) if self.train else None
@@ -297,12 +308,6 @@ def training_targets(samples: list[DiscSample], cfg: SpiderConfig) -> list[DiscS
     return out
 
 
-def _seed_crop_worker(worker_id: int) -> None:
-    """Each loader worker draws its own augmentation (its copy of the dataset's generator would repeat the others')."""
-    info = torch.utils.data.get_worker_info()
-    info.dataset.rng = random.Random(info.seed)
-
-
 def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: list[DiscSample],
                   progress: bool = True, max_minutes: float = 0.0, device: str = "cpu",
                   workers: int = 0) -> nn.Module:
@@ -323,7 +328,7 @@ def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: lis
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                                      generator=torch.Generator().manual_seed(cfg.seed), num_workers=workers,
                                      persistent_workers=workers > 0,
-                                     worker_init_fn=_seed_crop_worker if workers else None)
+                                     worker_init_fn=seed_loader_worker if workers else None)
     weights = {k: w.to(dev) for k, w in head_weights(np.stack([s.target for s in samples])).items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, len(dl), cfg.epochs * len(dl))

@@ -38,7 +38,7 @@ from spinepath.core.weights import half_state
 from spinepath.data.datasets import load_volume_index
 from spinepath.data.spider import load_spider_seg
 from spinepath.data.split import split_part
-from spinepath.grading.classifier import warmup_cosine
+from spinepath.grading.classifier import seed_loader_worker, warmup_cosine
 from spinepath.segmentation.data import SegSlice, load_slice_pack, spider_seg_slices, volume_seg_slices
 from spinepath.segmentation.inference import load_segmenter
 from spinepath.segmentation.metrics import case_dice
@@ -99,6 +99,10 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.slices)
 
+    def reseed(self, seed: int) -> None:
+        """A new state of the augmentation's generators (a loader worker's: ``seed_loader_worker``)."""
+        self.transform.set_random_state(seed=seed % 2**32)  # MONAI takes 32-bit seeds
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.slices[i]
         d = self.transform({"image": s.image[None], "target": s.target[None].astype(np.float32)})
@@ -114,12 +118,6 @@ def evaluate_slices(model: torch.nn.Module, slices: list[SegSlice]) -> dict[str,
     dev = next(model.parameters()).device
     return case_dice((s, predict_probabilities(model, torch.from_numpy(s.image)[None, None].to(dev))[0]
                       .argmax(0).cpu().numpy()) for s in slices)
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Each loader worker draws its own augmentation (its copy of the transforms would repeat the others')."""
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_state(seed=info.seed % 2**32)
 
 
 def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetConfig | None = None,
@@ -177,7 +175,8 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
     dl = torch.utils.data.DataLoader(PatchDataset(train, cfg), batch_size=cfg.batch_size, shuffle=True,
                                      drop_last=len(train) > cfg.batch_size,
                                      generator=torch.Generator().manual_seed(cfg.seed), num_workers=workers,
-                                     persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers else None,
+                                     persistent_workers=workers > 0,
+                                     worker_init_fn=seed_loader_worker if workers else None,
                                      pin_memory=dev.type == "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, len(dl), lambda: cfg.epochs * len(dl))
