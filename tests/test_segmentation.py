@@ -240,6 +240,34 @@ def test_measurement_pairs_take_the_canal_as_one_structure():
     assert ref == pytest.approx(pred, abs=0.1) and ref == pytest.approx(15 * GRID_MM, abs=0.2)
 
 
+def test_a_body_is_measured_only_where_the_reference_canal_covers_it():
+    """SPIDER's canal masks often stop above L5: the vertebra below the canal's end has no reference body (its
+    front wall would be extrapolated, cutting it anywhere), so only the vertebra the canal covers is measured,
+    and its heights agree with the prediction's."""
+    from spinepath.evaluation.segmentation import slice_measurement_pairs
+    from spinepath.segmentation.data import SegSlice
+
+    target = np.zeros((200, 160), np.int64)  # groups: 1 vertebra, 2 disc, 3 spinal canal
+    for top in (20, 110):  # two vertebrae: a 40-row body in front, posterior elements behind the canal
+        target[top:top + 40, 30:90] = 1
+        target[top:top + 60, 110:130] = 1
+    target[60:72, 30:90] = 2
+    target[10:100, 95:110] = 3  # the canal ends at row 100, above the lower vertebra
+    classes = np.zeros_like(target)
+    classes[(target == 1) & (np.arange(160)[None] < 95)] = 1  # the network's bodies
+    classes[(target == 1) & (np.arange(160)[None] >= 95)] = 2  # posterior elements
+    classes[target == 2] = 3
+    classes[target == 3] = 4
+    s = SegSlice(image=np.zeros(target.shape, np.float32), target=target, groups=np.zeros((4, 5)),
+                 annotated=["vertebra", "disc", "spinal_canal"], source="spider_seg", case="x", patient="x",
+                 index=0, spacing_mm=(0.8, 0.8))
+    pairs, n = slice_measurement_pairs(s, classes)
+    assert n == 2  # the upper body and the disc; the lower vertebra has no reference body
+    assert len(pairs["body"]) == 3  # anterior, middle, posterior of the upper body
+    for ref, pred in pairs["body"]:
+        assert ref == pytest.approx(40 * 0.8, abs=2.5) and pred == pytest.approx(ref, abs=0.1)
+
+
 def test_class_offsets_belong_to_the_weights_they_were_chosen_for(tmp_path):
     """The committed weights get the offsets chosen for them on the selection split; other weights get none;
     an offset moves the arg-max where two classes are close."""

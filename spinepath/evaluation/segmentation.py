@@ -12,10 +12,11 @@ predicted body and posterior elements together with SPIDER's whole-vertebra mask
 Measurements compare, on the same slice, each measurement of the predicted masks with the same code applied
 to the reference masks (:mod:`spinepath.measurements.shape`), structures matched by position (the predicted
 component whose centroid is nearest the reference one, within :data:`MATCH_MM`): vertebral body heights (the
-reference body: SPIDER's vertebra component anterior to its canal's front wall), disc heights, and the canal's
-AP diameter through each reference disc (along the disc's axis; the canal is its largest component in the
-reference and in the prediction, as in the product: a stray speck is not the canal). Errors in mm from the
-folder's pixel spacing, pooled over anterior / middle / posterior; ``null`` where the reference gives none.
+reference body: SPIDER's vertebra component anterior to its canal's front wall, where the canal is annotated
+over the body's rows), disc heights, and the canal's AP diameter through each reference disc (along the disc's
+axis; the canal is its largest component in the reference and in the prediction, as in the product: a stray
+speck is not the canal). Errors in mm from the folder's pixel spacing, pooled over anterior / middle /
+posterior; ``null`` where the reference gives none.
 """
 
 from __future__ import annotations
@@ -64,16 +65,25 @@ def _match(ref: list[np.ndarray], pred: list[np.ndarray], spacing: tuple[float, 
     return out
 
 
-def _front_cut(vertebra: np.ndarray, canal: np.ndarray) -> np.ndarray:
-    """A whole-vertebra component cut at the canal's anterior wall (row by row): its body."""
+def _front_cut(vertebra: np.ndarray, canal: np.ndarray) -> np.ndarray | None:
+    """A whole-vertebra component cut at the canal's anterior wall (row by row): its body.
+
+    None where the reference cannot give the body: the canal is not annotated over all the rows of the cut
+    (SPIDER's canal masks often stop above L5 or the sacrum; a wall extrapolated from above would cut such a
+    vertebra anywhere, through its pedicles or across its body). Gaps inside the canal's rows are interpolated.
+    """
     has = canal.any(1)
     if not has.any():
-        return vertebra
+        return None
     front = np.where(has, canal.argmax(1), -1).astype(float)
     rows = np.flatnonzero(has)
     front = np.interp(np.arange(len(front)), rows, front[rows])
     cols = np.arange(vertebra.shape[1])[None]
-    return vertebra & (cols < front[:, None])
+    body = vertebra & (cols < front[:, None])
+    body_rows = np.flatnonzero(body.any(1))
+    if not len(body_rows) or body_rows[0] < rows[0] or body_rows[-1] > rows[-1]:
+        return None
+    return body
 
 
 def _height_pairs(ref: list[np.ndarray], pred: list[np.ndarray], spacing: tuple[float, float]
@@ -113,7 +123,8 @@ def slice_measurement_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[flo
         n += k
     elif "vertebra" in ref and canal_ref is not None:
         cut = (_front_cut(v, canal_ref) for v in components(ref["vertebra"], min_pixels))
-        out["body"], k = _height_pairs([b for b in cut if b.sum() >= min_pixels], body_pred, spacing)
+        out["body"], k = _height_pairs([b for b in cut if b is not None and b.sum() >= min_pixels], body_pred,
+                                       spacing)
         n += k
     if "disc" in ref:
         rd = components(ref["disc"], min_pixels)
