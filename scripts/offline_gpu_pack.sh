@@ -2,7 +2,9 @@
 # Pack what an offline GPU machine with its own Python + PyTorch (+ timm, scikit-learn, matplotlib, pandas) lacks
 # to run the chain, scripts/gpu_check.py and scripts/benchmark.py --devices cuda (issue 15): the pure-Python
 # and manylinux wheels of MONAI, pydicom, highdicom, LightGBM, Dask and the DICOMweb client, unpacked into one
-# folder and compressed, plus the two example studies.
+# folder and compressed, plus the two example studies; Optuna and its SQLite storage for `spinepath search
+# spider` in a pack of their own (optuna.tar.xz, unpacked into the same /tmp/gsite; carried only for
+# scripts/gpu_spider_search.sh, so that a segmentation call keeps its room for the slice pack).
 #
 # Usage: scripts/offline_gpu_pack.sh [OUT_DIR=.gpu] [PYTHON_VERSION=3.12]
 # On the GPU machine:  tar xJf OUT_DIR/site.tar.xz -C /tmp; mkdir -p /tmp/ex; tar xJf OUT_DIR/examples.tar.xz -C /tmp/ex
@@ -27,5 +29,13 @@ find "$tmp/gsite" -name tests -type d -prune -exec rm -rf {} +
 find "$tmp/gsite" -name __pycache__ -type d -prune -exec rm -rf {} +
 rm -rf "$tmp"/gsite/pydicom/data/test_files/* "$tmp"/gsite/distributed/http/static/*
 tar cf - -C "$tmp" gsite | xz -9e -T2 > "$out/site.tar.xz"
+mkdir -p "$tmp/owheels" "$tmp/o/gsite"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$tmp/owheels" \
+    optuna sqlalchemy alembic colorlog Mako MarkupSafe greenlet PyYAML
+for w in "$tmp"/owheels/*.whl; do unzip -q -o "$w" -d "$tmp/o/gsite"; done
+find "$tmp/o/gsite" -name tests -type d -prune -exec rm -rf {} +
+tar cf - -C "$tmp/o" gsite | xz -9e -T2 > "$out/optuna.tar.xz"
 tar cf - -C ../shared/data/dicom_examples chu_t2_02 chu_t2_04 | xz -9e -T2 > "$out/examples.tar.xz"
 ls -la "$out"
