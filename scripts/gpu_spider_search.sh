@@ -46,7 +46,7 @@ timeout $(( minutes * 60 )) python3 -m spinepath -q search spider --study spider
     --models resnet10_narrow,resnet18_narrow --scored-folds 5 --trials 20 --seed 0 \
     --device "$device" --workers "$workers" --data-root "$data" \
     --storage "sqlite:///$out/spider.db" --params-file "$out/spider_params.json" \
-    --enqueue '[{}, {"lr": 0.0024}, {"crop_norm": "crop"}, {"model": "resnet10_narrow"}]' "$@" \
+    --enqueue '[{}, {"crop_px": 96}, {"lr": 0.0024}, {"crop_norm": "crop"}, {"model": "resnet10_narrow"}]' "$@" \
     > "$out/search.log" 2>&1 || rc=$?
 echo "search rc $rc (124: stopped by the $minutes-minute limit; finished trials are in spider.db)" >> "$out/search.log"
 python3 - "$out/spider.db" <<'EOF' | tee -a "$out/search.log"
