@@ -17,25 +17,26 @@ out=${1:-.gpu}
 py=${2:-3.12}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p "$out" "$tmp/wheels" "$tmp/gsite"
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d "$tmp/wheels" \
-    monai==1.6.1 'pydicom>=3,<4' highdicom lightgbm dask distributed tornado zict tblib partd locket \
+mkdir -p "$out"
+
+# pack NAME PACKAGE...: the packages' wheels for the device's Python, unpacked into gsite/ and compressed as
+# $out/NAME.tar.xz (each pack unpacks into the same /tmp/gsite there)
+pack() {
+    local name=$1 dir="$tmp/$1"
+    shift
+    mkdir -p "$dir/wheels" "$dir/gsite"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$dir/wheels" "$@"
+    for w in "$dir"/wheels/*.whl; do unzip -q -o "$w" -d "$dir/gsite"; done
+    # what never runs there: test suites, bytecode, pydicom's test files, the Dask dashboard's static files
+    find "$dir/gsite" -name tests -type d -prune -exec rm -rf {} +
+    find "$dir/gsite" -name __pycache__ -type d -prune -exec rm -rf {} +
+    rm -rf "$dir"/gsite/pydicom/data/test_files/* "$dir"/gsite/distributed/http/static/*
+    tar cf - -C "$dir" gsite | xz -9e -T2 > "$out/$name.tar.xz"
+}
+pack site monai==1.6.1 'pydicom>=3,<4' highdicom lightgbm dask distributed tornado zict tblib partd locket \
     dicomweb-client retrying
-for w in "$tmp"/wheels/*.whl; do unzip -q -o "$w" -d "$tmp/gsite"; done
-# what the chain never imports: test suites, pydicom's test files, the Dask dashboard's static files
-find "$tmp/gsite" -name tests -type d -prune -exec rm -rf {} +
-find "$tmp/gsite" -name __pycache__ -type d -prune -exec rm -rf {} +
-rm -rf "$tmp"/gsite/pydicom/data/test_files/* "$tmp"/gsite/distributed/http/static/*
-tar cf - -C "$tmp" gsite | xz -9e -T2 > "$out/site.tar.xz"
-mkdir -p "$tmp/owheels" "$tmp/o/gsite"
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d "$tmp/owheels" \
-    optuna sqlalchemy alembic colorlog Mako MarkupSafe greenlet PyYAML
-for w in "$tmp"/owheels/*.whl; do unzip -q -o "$w" -d "$tmp/o/gsite"; done
-find "$tmp/o/gsite" -name tests -type d -prune -exec rm -rf {} +
-tar cf - -C "$tmp/o" gsite | xz -9e -T2 > "$out/optuna.tar.xz"
+pack optuna optuna sqlalchemy alembic colorlog Mako MarkupSafe greenlet PyYAML
 tar cf - -C ../shared/data/dicom_examples chu_t2_02 chu_t2_04 | xz -9e -T2 > "$out/examples.tar.xz"
 ls -la "$out"
