@@ -7,9 +7,12 @@ each a logistic regression cross-validated by patient (5 folds), with and withou
 * per-vertebra pathology (issue 13's reference): log-odds of the endplate / marrow evidence and of the spark
   score (the product's decision) vs the same plus the body's height loss and wedge ratio;
 * disc narrowing (SPIDER's label): log-odds of the fused narrowing probability vs the same plus the disc
-  height index and the disc's middle height relative to its measured neighbours.
+  height index and the disc's middle height relative to its measured neighbours;
+* the Pfirrmann grade: the level fusion's booster (nested cross-validation by patient, rounded expected grade)
+  on the committed features vs the same plus the disc's T2 signal ratio to the CSF (what Pfirrmann grades by)
+  and its height index, quadratic κ.
 
-Prints both out-of-fold AUCs of each and the gain with a paired bootstrap 95% interval by patient; the README
+Prints both out-of-fold figures of each and the gain with a paired bootstrap 95% interval by patient; the README
 and the model card report them. A measurement becomes a decision feature only where it measures better: where
 that interval lies above 0.
 
@@ -36,7 +39,10 @@ from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
 from spinepath.grading.fusion import oof_logistic  # noqa: E402
 from spinepath.grading.spider import (  # noqa: E402
+    FUSION_FEATURES,
+    nested_pfirrmann,
     oof_fused_by_patient,
+    pfirrmann_grade,
     vertebra_parts,
     vertebra_probability,
     vertebra_reference,
@@ -74,6 +80,42 @@ def compare(base: np.ndarray, more: np.ndarray, y: np.ndarray, groups: np.ndarra
                                               "ci95": [round(float(q), 4) for q in np.percentile(gains, [2.5, 97.5])]}
 
 
+def kappa_gain(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, n: int = 1000, seed: int = 0
+               ) -> dict:
+    """Quadratic κ of grades ``a`` and ``b`` and the gain of ``b``, paired bootstrap 95% interval by patient."""
+    from sklearn.metrics import cohen_kappa_score
+
+    def kappa(r: np.ndarray, g: np.ndarray) -> float:
+        return float(cohen_kappa_score(y[r], g[r], weights="quadratic"))
+
+    ids = np.unique(groups)
+    rows = {g: np.flatnonzero(groups == g) for g in ids}
+    rng = np.random.default_rng(seed)
+    gains = []
+    for _ in range(n):
+        r = np.concatenate([rows[g] for g in rng.choice(ids, len(ids), replace=True)])
+        gains.append(kappa(r, b) - kappa(r, a))
+    every = np.arange(len(y))
+    return {"kappa": round(kappa(every, a), 4), "kappa_with": round(kappa(every, b), 4),
+            "gain": round(kappa(every, b) - kappa(every, a), 4),
+            "ci95": [round(float(q), 4) for q in np.percentile(gains, [2.5, 97.5])]}
+
+
+def pfirrmann_comparison(oof: str, measured: dict[tuple[str, int], tuple[float, float]]) -> dict:
+    """The Pfirrmann booster with and without the T2 signal ratio and height index (:func:`nested_pfirrmann`)."""
+    z = np.load(oof)
+    X, Y, groups = z["X"], z["Y"], z["groups"]
+    M = np.array([measured.get((str(p), int(i)), (np.nan, np.nan)) for p, i in zip(groups, X[:, -1])], float)
+    pa, y, g = nested_pfirrmann(X, Y, groups)
+    pb, _, _ = nested_pfirrmann(np.hstack([X, M]), Y, groups, (*FUSION_FEATURES, "t2_signal_ratio",
+                                                                  "disc_height_index"))
+    out = kappa_gain(y, pfirrmann_grade(pa, "expected"), pfirrmann_grade(pb, "expected"), g)
+    lab = Y[:, 0] >= 0
+    out["measured_fraction"] = {"t2_signal_ratio": round(float(np.isfinite(M[lab, 0]).mean()), 3),
+                                "disc_height_index": round(float(np.isfinite(M[lab, 1]).mean()), 3)}
+    return out
+
+
 def main() -> None:
     """Measure, compare, print JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,7 +128,7 @@ def main() -> None:
     studies = spider_fitting_studies(SHARED_EXAMPLES.parent / "spider_midsag")
     below = {lv: disc_index_from_bottom(f"{lv}-{VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1]}")
              for lv in VERTEBRA_LEVELS[:-1]}
-    vert, disc = [], []
+    vert, disc, signal = [], [], {}
     for p in tqdm(sorted(set(fused) & set(studies)), desc="measure", disable=args.quiet):
         st = studies[p]
         res = detect_series(series_from_slices([st.load_image("t2")], st.spacing.get("t2") or (1.0, 1.0), 4.0),
@@ -105,6 +147,9 @@ def main() -> None:
             e = m["vertebrae"].get(lv, {})
             vert.append((p, ref, vertebra_probability(parts, spider.fusion.vertebra), sp[i],
                          e.get("height_loss", 0.0), e.get("wedge_ratio", 1.0)))
+        for lv, e in m["discs"].items():
+            signal[(p, disc_index_from_bottom(lv))] = tuple(np.nan if e.get(k) is None else e[k]
+                                                            for k in ("t2_signal_ratio", "disc_height_index"))
         mids = {lv: e["middle"]["mm"] for lv, e in m["discs"].items() if e.get("middle")}
         order = [lv for lv in DISC_LEVELS if lv in mids]
         for lv in DISC_LEVELS:
@@ -131,6 +176,7 @@ def main() -> None:
     a, b, gain = compare(base, np.hstack([base, meas]), y, g)
     out["narrowing_auc"] = {"fused": a, "fused_plus_dhi_relative_height": b,
                             "measurements_alone": oof_auc(meas, y, g), "gain_paired_bootstrap": gain}
+    out["pfirrmann_kappa"] = pfirrmann_comparison(args.oof, signal)
     print(json.dumps(out, indent=1))
 
 

@@ -135,6 +135,26 @@ def test_training_saves_a_grader_that_grades_a_study(tiny_spider, data_root, mod
         SpiderGrader.load(out / "bad.pt")
 
 
+def test_the_pfirrmann_booster_is_compared_on_the_fusions_own_folds(tiny_spider):
+    """``nested_pfirrmann`` reproduces the fusion's nested Pfirrmann predictions and takes more columns."""
+    from spinepath.grading.spider import FUSION_FEATURES, fit_level_fusion, nested_pfirrmann
+
+    out, _ = tiny_spider
+    z = np.load(out / "oof.npz")
+    X, Y, groups = z["X"], z["Y"], z["groups"]
+    _, cv = fit_level_fusion(X, Y, groups)
+    p, y, g = nested_pfirrmann(X, Y, groups)
+    m = Y[:, TARGETS.index("pfirrmann")] >= 0
+    np.testing.assert_allclose(p, cv["pfirrmann"][m], atol=1e-9)
+    assert (y == Y[m, 0]).all() and (g == groups[m]).all() and np.allclose(p.sum(1), 1)
+    # a measurement column (NaN where not measured) changes the predictions but not their shape
+    extra = np.where(np.arange(len(X)) % 3, X[:, -1] * 0.1, np.nan)[:, None]
+    q, _, _ = nested_pfirrmann(np.hstack([X, extra]), Y, groups, (*FUSION_FEATURES, "t2_signal_ratio"))
+    assert q.shape == p.shape and np.allclose(q.sum(1), 1)
+    with pytest.raises(Exception, match="[Ff]eature"):
+        nested_pfirrmann(np.hstack([X, extra]), Y, groups)  # the names must match the columns
+
+
 def test_evaluate_spider_contract(tiny_spider, data_root, tmp_path):
     out, _ = tiny_spider
     res = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "spider",

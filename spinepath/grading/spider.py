@@ -382,13 +382,32 @@ LGB_PARAMS = {"learning_rate": 0.05, "num_leaves": 7, "max_depth": 3, "min_data_
 N_ROUNDS = 150
 
 
-def _fit_booster(X: np.ndarray, y: np.ndarray, n_classes: int):
+def _fit_booster(X: np.ndarray, y: np.ndarray, n_classes: int, features: tuple[str, ...] = FUSION_FEATURES):
     # LightGBM is imported only where a fusion model is fitted or run
     import lightgbm as lgb
 
     params = dict(LGB_PARAMS, objective="multiclass", num_class=n_classes) if n_classes > 2 else \
         dict(LGB_PARAMS, objective="binary")
-    return lgb.train(params, lgb.Dataset(X, label=y, feature_name=list(FUSION_FEATURES)), num_boost_round=N_ROUNDS)
+    return lgb.train(params, lgb.Dataset(X, label=y, feature_name=list(features)), num_boost_round=N_ROUNDS)
+
+
+def nested_pfirrmann(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, features: tuple[str, ...] = FUSION_FEATURES,
+                     n_folds: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nested cross-validated Pfirrmann probabilities of the fusion's booster on ``X`` (columns ``features``).
+
+    What :func:`fit_level_fusion` does for the Pfirrmann target, for other feature sets (the measurements'
+    comparison). Returns ``(probabilities, labels, patients)`` of the labelled rows.
+    """
+    # scikit-learn takes about a second to import: only fitting and metrics need it
+    from sklearn.model_selection import GroupKFold
+
+    j = TARGETS.index("pfirrmann")
+    m = Y[:, j] >= 0
+    Xk, yk, gk = X[m], Y[m, j], groups[m]
+    pk = np.zeros((len(yk), HEADS["pfirrmann"]))
+    for tr, te in GroupKFold(n_splits=n_folds).split(Xk, yk, gk):
+        pk[te] = _fit_booster(Xk[tr], yk[tr], HEADS["pfirrmann"], features).predict(Xk[te])
+    return pk, yk, gk
 
 
 def _n_classes(target: str) -> int:
