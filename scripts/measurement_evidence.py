@@ -37,7 +37,7 @@ from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_
 from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
 from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
-from spinepath.grading.fusion import oof_logistic  # noqa: E402
+from spinepath.grading.fusion import oof_logistic, paired_gain  # noqa: E402
 from spinepath.grading.spider import (  # noqa: E402
     FUSION_FEATURES,
     nested_pfirrmann,
@@ -57,48 +57,20 @@ def oof_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
     return round(float(roc_auc_score(y, oof_logistic(X, y, groups, max_iter=1000))), 4)
 
 
-def compare(base: np.ndarray, more: np.ndarray, y: np.ndarray, groups: np.ndarray, n: int = 1000,
-            seed: int = 0) -> tuple[float, float, dict]:
-    """Out-of-fold AUCs of ``base`` and of ``more`` features, and the gain of ``more``.
-
-    The gain comes with a paired bootstrap 95% interval by patient; each feature set's out-of-fold
-    probabilities are computed once.
-    """
+def compare(base: np.ndarray, more: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, float, dict]:
+    """Out-of-fold AUCs of ``base`` and of ``more`` features, and the gain of ``more`` (:func:`paired_gain`)."""
     from sklearn.metrics import roc_auc_score
 
     pa, pb = (oof_logistic(X, y, groups, max_iter=1000) for X in (base, more))
-    ids = np.unique(groups)
-    rows = {g: np.flatnonzero(groups == g) for g in ids}
-    rng = np.random.default_rng(seed)
-    gains = []
-    for _ in range(n):
-        r = np.concatenate([rows[g] for g in rng.choice(ids, len(ids), replace=True)])
-        if 0 < y[r].sum() < len(r):
-            gains.append(roc_auc_score(y[r], pb[r]) - roc_auc_score(y[r], pa[r]))
-    auc_a, auc_b = float(roc_auc_score(y, pa)), float(roc_auc_score(y, pb))
-    return round(auc_a, 4), round(auc_b, 4), {"gain": round(auc_b - auc_a, 4),
-                                              "ci95": [round(float(q), 4) for q in np.percentile(gains, [2.5, 97.5])]}
+    r = paired_gain(roc_auc_score, y, pa, pb, groups)
+    return r["a"], r["b"], {"gain": r["gain"], "ci95": r["ci95"]}
 
 
-def kappa_gain(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, n: int = 1000, seed: int = 0
-               ) -> dict:
-    """Quadratic κ of grades ``a`` and ``b`` and the gain of ``b``, paired bootstrap 95% interval by patient."""
+def kappa(y: np.ndarray, grades: np.ndarray) -> float:
+    """Quadratic κ of 0-based grades."""
     from sklearn.metrics import cohen_kappa_score
 
-    def kappa(r: np.ndarray, g: np.ndarray) -> float:
-        return float(cohen_kappa_score(y[r], g[r], weights="quadratic"))
-
-    ids = np.unique(groups)
-    rows = {g: np.flatnonzero(groups == g) for g in ids}
-    rng = np.random.default_rng(seed)
-    gains = []
-    for _ in range(n):
-        r = np.concatenate([rows[g] for g in rng.choice(ids, len(ids), replace=True)])
-        gains.append(kappa(r, b) - kappa(r, a))
-    every = np.arange(len(y))
-    return {"kappa": round(kappa(every, a), 4), "kappa_with": round(kappa(every, b), 4),
-            "gain": round(kappa(every, b) - kappa(every, a), 4),
-            "ci95": [round(float(q), 4) for q in np.percentile(gains, [2.5, 97.5])]}
+    return float(cohen_kappa_score(y, grades, weights="quadratic"))
 
 
 def pfirrmann_comparison(oof: str, measured: dict[tuple[str, int], tuple[float, float]]) -> dict:
@@ -109,7 +81,8 @@ def pfirrmann_comparison(oof: str, measured: dict[tuple[str, int], tuple[float, 
     pa, y, g = nested_pfirrmann(X, Y, groups)
     pb, _, _ = nested_pfirrmann(np.hstack([X, M]), Y, groups, (*FUSION_FEATURES, "t2_signal_ratio",
                                                                   "disc_height_index"))
-    out = kappa_gain(y, pfirrmann_grade(pa, "expected"), pfirrmann_grade(pb, "expected"), g)
+    r = paired_gain(kappa, y, pfirrmann_grade(pa, "expected"), pfirrmann_grade(pb, "expected"), g)
+    out = {"kappa": r["a"], "kappa_with": r["b"], "gain": r["gain"], "ci95": r["ci95"]}
     lab = Y[:, 0] >= 0
     out["measured_fraction"] = {"t2_signal_ratio": round(float(np.isfinite(M[lab, 0]).mean()), 3),
                                 "disc_height_index": round(float(np.isfinite(M[lab, 1]).mean()), 3)}

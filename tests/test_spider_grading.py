@@ -155,6 +155,26 @@ def test_the_pfirrmann_booster_is_compared_on_the_fusions_own_folds(tiny_spider)
         nested_pfirrmann(np.hstack([X, extra]), Y, groups)  # the names must match the columns
 
 
+def test_paired_gain_resamples_patients_and_sees_a_real_gain():
+    from sklearn.metrics import roc_auc_score
+
+    from spinepath.grading.fusion import paired_gain
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 5)
+    y = rng.integers(0, 2, len(groups))
+    noise = rng.normal(size=len(y))
+    weak, strong = y + 2.0 * noise, y + 0.3 * noise
+    r = paired_gain(roc_auc_score, y, weak, strong, groups, n=200)
+    assert r["gain"] > 0.1 and r["ci95"][0] > 0 and r["b"] == pytest.approx(roc_auc_score(y, strong), abs=1e-4)
+    same = paired_gain(roc_auc_score, y, weak, weak, groups, n=50)
+    assert same["gain"] == 0 and same["ci95"] == [0.0, 0.0]
+    # a resample holding one class only is skipped, not an error
+    one = paired_gain(roc_auc_score, np.r_[np.zeros(9), 1], np.arange(10.0), np.arange(10.0)[::-1], np.arange(10),
+                      n=50)
+    assert one["gain"] < 0 and len(one["ci95"]) == 2
+
+
 def test_evaluate_spider_contract(tiny_spider, data_root, tmp_path):
     out, _ = tiny_spider
     res = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "spider",

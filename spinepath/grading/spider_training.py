@@ -155,7 +155,7 @@ def spark_samples(data_root: str | Path) -> tuple[dict[str, np.ndarray], list[Di
     return images, out
 
 
-def _folds(patients: list[str], k: int) -> dict[str, int]:
+def patient_folds(patients: list[str], k: int) -> dict[str, int]:
     """Patient -> fold, every k-th patient in numeric order (deterministic)."""
     order = sorted(set(patients), key=lambda p: (len(p), p))
     return {p: i % k for i, p in enumerate(order)}
@@ -182,7 +182,7 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
         spark_images, extra = spark_samples(tc.data_root)
         images.update(spark_images)
         log.info("spark heads: %d spark_midsag crops", len(extra))
-    fold_of = _folds([s.patient for s in samples], tc.folds)
+    fold_of = patient_folds([s.patient for s in samples], tc.folds)
     log.info("SPIDER discs: %d samples of %d patients", len(samples), len(fold_of))
     oof = np.full((len(samples), N_OUTPUTS), np.nan, np.float32)
     models = []
@@ -344,7 +344,7 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
     if max_patients:
         studies = studies[:max_patients]
     images, samples = collect(studies, det, progress=progress, labelled_only=True, anchored_only=True)
-    fold_of = _folds([s.patient for s in samples], 5)
+    fold_of = patient_folds([s.patient for s in samples], 5)
     # (training, held-out) samples of each scored fold, the same for every trial
     splits = [([s for s in samples if fold_of[s.patient] != k], [s for s in samples if fold_of[s.patient] == k])
               for k in range(scored_folds)]
