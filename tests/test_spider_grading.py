@@ -175,6 +175,38 @@ def test_paired_gain_resamples_patients_and_sees_a_real_gain():
     assert one["gain"] < 0 and len(one["ci95"]) == 2
 
 
+def test_parasagittal_crops_carry_their_discs_labels_and_stay_in_their_patients_folds(data_root, models):
+    """spider_seg's central slices of a training patient become T2 samples labelled from spider_midsag."""
+    from spinepath.data.spider import load_spider_midsag, load_spider_seg
+    from spinepath.grading.spider_training import (
+        PARASAGITTAL_SLICES,
+        fold_training_set,
+        parasagittal_samples,
+        patient_folds,
+    )
+
+    seg = {c.patient: c for c in load_spider_seg(data_root / "spider_seg")}
+    studies = [s for s in load_spider_midsag(data_root / "spider_midsag") if s.patient in seg][:2]
+    images, samples = parasagittal_samples(data_root, studies, models[0], progress=False)
+    assert samples and {s.patient for s in samples} <= {st.patient for st in studies}
+    per = {st.patient: {k for k in images if k.startswith(f"{st.patient}_seg_")} for st in studies}
+    assert all(1 <= len(v) <= PARASAGITTAL_SLICES for v in per.values())
+    for st in studies:  # the central slices only
+        case, used = seg[st.patient], per[st.patient]
+        mid = len(case.slices) // 2
+        assert {f"{st.patient}_seg_{n[:-4]}" for n in case.slices[mid - 2: mid + 3]} >= used
+    labels = {st.patient: st.discs_by_index for st in studies}
+    for s in samples:
+        assert s.sequence == "t2" and s.structure.image_key in images
+        assert (s.target == disc_targets(labels[s.patient][s.index])).all()
+    # a patient's parasagittal crops never train the fold that holds that patient out
+    fold_of = patient_folds([st.patient for st in studies], 2)
+    for k in (0, 1):
+        assert all(fold_of[s.patient] != k for s in fold_training_set(k, fold_of, samples, []))
+    with pytest.raises(KeyError):
+        fold_training_set(0, {}, samples, [])
+
+
 def test_evaluate_spider_contract(tiny_spider, data_root, tmp_path):
     out, _ = tiny_spider
     res = subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", "spider",

@@ -102,6 +102,7 @@ class SpiderConfig:
     pfirrmann_sequences: tuple[str, ...] = ("t1", "t2")  # crops whose Pfirrmann label is trained on
     spark_heads: bool = False  # also train the spark_midsag disc / vertebra heads on the same backbone
     crop_norm: str = "image"  # "image": the slice's intensity range; "crop": each crop's own 1st-99.5th pct
+    parasagittal: bool = False  # also train on the spider_seg slices of the fold's training patients (T2)
     seed: int = 0
 
     @classmethod

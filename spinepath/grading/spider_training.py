@@ -28,7 +28,7 @@ from spinepath.core.config import config_file
 from spinepath.core.geometry import series_from_slices
 from spinepath.core.paths import resolve_model_path
 from spinepath.data.datasets import load_spark
-from spinepath.data.spider import SpiderStudy, load_spider_midsag
+from spinepath.data.spider import SpiderStudy, load_spider_midsag, load_spider_seg
 from spinepath.data.split import is_validation, split_part
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.grading.crops import spark_structures
@@ -155,6 +155,55 @@ def spark_samples(data_root: str | Path) -> tuple[dict[str, np.ndarray], list[Di
     return images, out
 
 
+#: How many spider_seg slices per patient :func:`parasagittal_samples` reads (the central ones, 1.8 mm apart).
+PARASAGITTAL_SLICES = 5
+
+
+def parasagittal_samples(data_root: str | Path, studies: list[SpiderStudy], detector: VertebraDetector,
+                         progress: bool = True) -> tuple[dict[str, np.ndarray], list[DiscSample]]:
+    """More T2 crops of the same graded discs: the spider_seg slices of these spider_midsag patients.
+
+    spider_seg holds consecutive central sagittal T2 slices (every 2nd of 0.9 mm) of 31 SPIDER patients. Each
+    slice is detected and named as the product does; where the names are anchored on S1, every disc with a
+    label at its index from the bottom becomes a sample with that label (a disc's grade holds across its
+    central slices). Only the :data:`PARASAGITTAL_SLICES` slices nearest the middle of each case's stack are
+    read (±3.6 mm: the disc, not the foramen), and only the patients of ``studies``; the caller keeps a held-out
+    fold's patients out of its training set.
+    """
+    by_patient = {st.patient: st for st in studies}
+    images: dict[str, np.ndarray] = {}
+    out: list[DiscSample] = []
+    cases = [c for c in load_spider_seg(Path(data_root) / "spider_seg") if c.patient in by_patient]
+    for case in tqdm(cases, desc="parasagittal slices", disable=not progress):
+        labels = by_patient[case.patient].discs_by_index
+        mid, half = len(case.slices) // 2, PARASAGITTAL_SLICES // 2
+        for i in range(max(mid - half, 0), min(mid + half + 1, len(case.slices))):
+            name, img = case.slices[i], case.load(i)[0]
+            res = detect_series(series_from_slices([img], case.spacing, case.thickness), detector)
+            if res.naming is None or res.naming.anchor != "S1":
+                continue
+            key = f"{case.patient}_seg_{Path(name).stem}"
+            images[key] = normalise_image(img)
+            for idx, st, ctx in chain_discs(res.vertebrae, key, float(case.spacing[0]), image_rows=img.shape[0]):
+                if idx in labels:
+                    out.append(DiscSample(case.patient, "t2", idx, st, ctx, disc_targets(labels[idx])))
+    return images, out
+
+
+def fold_training_set(k: int, fold_of: dict[str, int], samples: list[DiscSample], shared: list[DiscSample]
+                      ) -> list[DiscSample]:
+    """The samples fold ``k``'s network trains on.
+
+    Every SPIDER sample (mid-sagittal or parasagittal) of a patient outside fold ``k``, and the ``shared``
+    samples (the spark heads' crops: other patients, no SPIDER label).
+
+    Raises:
+        KeyError: If a sample's patient has no fold (it could leak into a held-out fold).
+
+    """
+    return [s for s in samples if fold_of[s.patient] != k] + list(shared)
+
+
 def patient_folds(patients: list[str], k: int) -> dict[str, int]:
     """Patient -> fold, every k-th patient in numeric order (deterministic)."""
     order = sorted(set(patients), key=lambda p: (len(p), p))
@@ -184,11 +233,17 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
         log.info("spark heads: %d spark_midsag crops", len(extra))
     fold_of = patient_folds([s.patient for s in samples], tc.folds)
     log.info("SPIDER discs: %d samples of %d patients", len(samples), len(fold_of))
+    para: list[DiscSample] = []
+    if cfg.parasagittal:  # a fold trains on the parasagittal crops of its own training patients only
+        para_images, para = parasagittal_samples(tc.data_root, [s for s in studies if s.patient in fold_of],
+                                                 detector, progress=not tc.quiet)
+        images.update(para_images)
+        log.info("parasagittal: %d spider_seg crops", len(para))
     oof = np.full((len(samples), N_OUTPUTS), np.nan, np.float32)
     models = []
     for k in tqdm(range(tc.folds), desc="folds", disable=tc.quiet):
         ck = out / f"fold{k}.pt"
-        tr = [s for s in samples if fold_of[s.patient] != k] + extra
+        tr = fold_training_set(k, fold_of, samples + para, extra)
         te = [i for i, s in enumerate(samples) if fold_of[s.patient] == k]
         if ck.is_file():
             m = cfg.network()
