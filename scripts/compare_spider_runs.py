@@ -22,44 +22,39 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from spinepath.grading.fusion import paired_gain  # noqa: E402
+from spinepath.grading.fusion import paired_gain, quadratic_kappa  # noqa: E402
 from spinepath.grading.spider import BINARY, TARGETS, fit_level_fusion, pfirrmann_grade  # noqa: E402
 
 
-def fused(run: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """``(row keys (patient, index), labels, nested cross-validated fused predictions)`` of one run."""
+def fused(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """``(patient, disc index, labels, nested cross-validated fused predictions)`` of one run's rows."""
     z = np.load(run / "oof.npz")
     _, cv = fit_level_fusion(z["X"], z["Y"], z["groups"])
-    keys = np.array([f"{p}:{int(i)}" for p, i in zip(z["groups"], z["X"][:, -1])])
-    return keys, z["Y"], cv
+    return z["groups"], z["X"][:, -1], z["Y"], cv
 
 
 def main() -> None:
     """Refit both fusions, compare, print JSON."""
-    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+    from sklearn.metrics import roc_auc_score
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_a", type=Path)
     ap.add_argument("run_b", type=Path)
     ap.add_argument("--bootstrap", type=int, default=1000)
     args = ap.parse_args()
-    ka, y, a = fused(args.run_a)
-    kb, yb, b = fused(args.run_b)
-    if not (np.array_equal(ka, kb) and np.array_equal(y, yb)):
+    groups, idx, y, a = fused(args.run_a)
+    groups_b, idx_b, y_b, b = fused(args.run_b)
+    if not (np.array_equal(groups, groups_b) and np.array_equal(idx, idx_b) and np.array_equal(y, y_b)):
         sys.exit("the two runs graded different discs: their level tables cannot be compared row by row")
-    groups = np.array([k.split(":")[0] for k in ka])
-
-    def kappa(t: np.ndarray, g: np.ndarray) -> float:
-        return float(cohen_kappa_score(t, g, weights="quadratic"))
 
     def within_one(t: np.ndarray, g: np.ndarray) -> float:
         return float(np.mean(np.abs(t - g) <= 1))
 
-    out: dict = {"run_a": str(args.run_a), "run_b": str(args.run_b), "levels": len(ka)}
+    out: dict = {"run_a": str(args.run_a), "run_b": str(args.run_b), "levels": len(y)}
     j = TARGETS.index("pfirrmann")
     m = y[:, j] >= 0
     ga, gb = (pfirrmann_grade(p["pfirrmann"][m], "expected") for p in (a, b))
-    out["pfirrmann_kappa"] = paired_gain(kappa, y[m, j], ga, gb, groups[m], args.bootstrap)
+    out["pfirrmann_kappa"] = paired_gain(quadratic_kappa, y[m, j], ga, gb, groups[m], args.bootstrap)
     out["pfirrmann_within_one"] = paired_gain(within_one, y[m, j], ga, gb, groups[m], args.bootstrap)
     j = TARGETS.index("modic")
     m = y[:, j] >= 0

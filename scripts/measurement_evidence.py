@@ -37,9 +37,10 @@ from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_
 from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
 from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
-from spinepath.grading.fusion import oof_logistic, paired_gain  # noqa: E402
+from spinepath.grading.fusion import oof_logistic, paired_gain, quadratic_kappa  # noqa: E402
 from spinepath.grading.spider import (  # noqa: E402
     FUSION_FEATURES,
+    TARGETS,
     nested_pfirrmann,
     oof_fused_by_patient,
     pfirrmann_grade,
@@ -66,13 +67,6 @@ def compare(base: np.ndarray, more: np.ndarray, y: np.ndarray, groups: np.ndarra
     return r["a"], r["b"], {"gain": r["gain"], "ci95": r["ci95"]}
 
 
-def kappa(y: np.ndarray, grades: np.ndarray) -> float:
-    """Quadratic κ of 0-based grades."""
-    from sklearn.metrics import cohen_kappa_score
-
-    return float(cohen_kappa_score(y, grades, weights="quadratic"))
-
-
 def pfirrmann_comparison(oof: str, measured: dict[tuple[str, int], tuple[float, float]]) -> dict:
     """The Pfirrmann booster with and without the T2 signal ratio and height index (:func:`nested_pfirrmann`)."""
     z = np.load(oof)
@@ -81,9 +75,9 @@ def pfirrmann_comparison(oof: str, measured: dict[tuple[str, int], tuple[float, 
     pa, y, g = nested_pfirrmann(X, Y, groups)
     pb, _, _ = nested_pfirrmann(np.hstack([X, M]), Y, groups, (*FUSION_FEATURES, "t2_signal_ratio",
                                                                   "disc_height_index"))
-    r = paired_gain(kappa, y, pfirrmann_grade(pa, "expected"), pfirrmann_grade(pb, "expected"), g)
+    r = paired_gain(quadratic_kappa, y, pfirrmann_grade(pa, "expected"), pfirrmann_grade(pb, "expected"), g)
     out = {"kappa": r["a"], "kappa_with": r["b"], "gain": r["gain"], "ci95": r["ci95"]}
-    lab = Y[:, 0] >= 0
+    lab = Y[:, TARGETS.index("pfirrmann")] >= 0
     out["measured_fraction"] = {"t2_signal_ratio": round(float(np.isfinite(M[lab, 0]).mean()), 3),
                                 "disc_height_index": round(float(np.isfinite(M[lab, 1]).mean()), 3)}
     return out

@@ -29,8 +29,16 @@ from spinepath.data.spider import load_spider_midsag  # noqa: E402
 from spinepath.data.split import split_part  # noqa: E402
 from spinepath.grading.classifier import ensemble_mean  # noqa: E402
 from spinepath.grading.crops import CropJitter  # noqa: E402
-from spinepath.grading.fusion import paired_gain  # noqa: E402
-from spinepath.grading.spider import disc_crop, fit_level_fusion, head_probabilities, level_table  # noqa: E402
+from spinepath.grading.fusion import paired_gain, quadratic_kappa  # noqa: E402
+from spinepath.grading.spider import (  # noqa: E402
+    N_OUTPUTS,
+    TARGETS,
+    disc_crop,
+    fit_level_fusion,
+    head_probabilities,
+    level_table,
+    pfirrmann_grade,
+)
 from spinepath.grading.spider_training import collect, load_spider_params, oof_metrics, patient_folds  # noqa: E402
 from spinepath.stages import load_models  # noqa: E402
 
@@ -63,10 +71,17 @@ def main() -> None:
         m.load_state_dict(torch.load(Path(args.run) / f"fold{k}.pt", map_location="cpu"))
         models.append(m.eval())
     ref = np.load(Path(args.run) / "oof.npz")
+    labels = {(s.patient, s.index): s.target for s in samples}
+    keys = sorted(labels)  # the level table's rows (level_table keys every sample's level)
+    Y = np.stack([labels[q] for q in keys])
+    groups = np.array([q[0] for q in keys])
+    jp = TARGETS.index("pfirrmann")
+    labelled = Y[:, jp] >= 0
+    base = next(iter(VIEWS))
     out: dict = {"discs": len(samples)}
     kept: dict[str, np.ndarray] = {}
     for name, views in tqdm(VIEWS.items(), desc="view sets", disable=args.quiet):
-        probs = np.zeros((len(samples), 15), np.float32)
+        probs = np.zeros((len(samples), N_OUTPUTS), np.float32)
         for k in range(args.folds):
             te = [i for i, s in enumerate(samples) if fold_of[s.patient] == k]
             acc = 0
@@ -77,25 +92,15 @@ def main() -> None:
                     acc = acc + ensemble_mean([models[k]], crops, head_probabilities, True)
             probs[te] = acc / len(views)
         table = level_table(samples, probs)
-        keys = sorted(table)
         X = np.stack([table[q] for q in keys])
-        if name.startswith("flip (committed)"):
+        if name == base:
             out["reproduces_the_run"] = bool(np.allclose(np.nan_to_num(X), np.nan_to_num(ref["X"]), atol=1e-4))
-        labels = {(s.patient, s.index): s.target for s in samples}
-        Y = np.stack([labels[q] for q in keys])
-        groups = np.array([q[0] for q in keys])
         _, cv = fit_level_fusion(X, Y, groups)
         out[name] = oof_metrics(Y, cv)
-        m = Y[:, 0] >= 0
-        kept[name] = np.clip(np.rint(cv["pfirrmann"][m] @ np.arange(5)), 0, 4).astype(int)
-        y, g = Y[m, 0], groups[m]
-    base = next(iter(VIEWS))
-    from sklearn.metrics import cohen_kappa_score
-
-    def kappa(t: np.ndarray, p: np.ndarray) -> float:
-        return float(cohen_kappa_score(t, p, weights="quadratic"))
-
-    out["pfirrmann_kappa_gain"] = {n: paired_gain(kappa, y, kept[base], kept[n], g) for n in list(VIEWS)[1:]}
+        kept[name] = pfirrmann_grade(cv["pfirrmann"][labelled], "expected")
+    out["pfirrmann_kappa_gain"] = {n: paired_gain(quadratic_kappa, Y[labelled, jp], kept[base], kept[n],
+                                                  groups[labelled])
+                                   for n in list(VIEWS)[1:]}
     print(json.dumps(out, indent=1))
 
 

@@ -178,6 +178,14 @@ def oof_logistic(X: np.ndarray, y: np.ndarray, groups: np.ndarray, c: float = 1.
     return oof
 
 
+def quadratic_kappa(y: np.ndarray, grades: np.ndarray) -> float:
+    """Quadratic-weighted Cohen κ of ordinal grades (a :func:`paired_gain` metric)."""
+    # scikit-learn takes about a second to import: only fitting and metrics need it
+    from sklearn.metrics import cohen_kappa_score
+
+    return float(cohen_kappa_score(y, grades, weights="quadratic"))
+
+
 def paired_gain(metric, y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, n: int = 1000,
                 seed: int = 0) -> dict:
     """``metric(y, b) - metric(y, a)`` on the same rows, with a paired bootstrap 95% interval by group (patient).

@@ -392,23 +392,35 @@ def _fit_booster(X: np.ndarray, y: np.ndarray, n_classes: int, features: tuple[s
     return lgb.train(params, lgb.Dataset(X, label=y, feature_name=list(features)), num_boost_round=N_ROUNDS)
 
 
-def nested_pfirrmann(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, features: tuple[str, ...] = FUSION_FEATURES,
-                     n_folds: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nested cross-validated Pfirrmann probabilities of the fusion's booster on ``X`` (columns ``features``).
+def nested_predictions(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, target: str,
+                       features: tuple[str, ...] = FUSION_FEATURES, n_folds: int = 5
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-validated (by patient) predictions of one target's fusion booster on its labelled rows.
 
-    What :func:`fit_level_fusion` does for the Pfirrmann target, for other feature sets (the measurements'
-    comparison). Returns ``(probabilities, labels, patients)`` of the labelled rows.
+    What :func:`fit_level_fusion` computes for each target; with other ``features`` (the columns of ``X``) it
+    measures another feature set the same way. Returns ``(predictions of the labelled rows, their row mask)``:
+    ``(n, classes)`` probabilities for a multi-class target, ``(n,)`` P(positive) for a binary one.
     """
     # scikit-learn takes about a second to import: only fitting and metrics need it
     from sklearn.model_selection import GroupKFold
 
-    j = TARGETS.index("pfirrmann")
-    m = Y[:, j] >= 0
-    Xk, yk, gk = X[m], Y[m, j], groups[m]
-    pk = np.zeros((len(yk), HEADS["pfirrmann"]))
+    m = Y[:, TARGETS.index(target)] >= 0
+    Xk, yk, gk = X[m], Y[m, TARGETS.index(target)], groups[m]
+    nc = _n_classes(target)
+    pk = np.zeros((len(yk), nc)) if nc > 2 else np.zeros(len(yk))
     for tr, te in GroupKFold(n_splits=n_folds).split(Xk, yk, gk):
-        pk[te] = _fit_booster(Xk[tr], yk[tr], HEADS["pfirrmann"], features).predict(Xk[te])
-    return pk, yk, gk
+        pk[te] = _fit_booster(Xk[tr], yk[tr], nc, features).predict(Xk[te])
+    return pk, m
+
+
+def nested_pfirrmann(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, features: tuple[str, ...] = FUSION_FEATURES,
+                     n_folds: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`nested_predictions` of the Pfirrmann booster (the measurements' comparison).
+
+    Returns ``(probabilities, labels, patients)`` of the labelled rows.
+    """
+    pk, m = nested_predictions(X, Y, groups, "pfirrmann", features, n_folds)
+    return pk, Y[m, TARGETS.index("pfirrmann")], groups[m]
 
 
 def _n_classes(target: str) -> int:
@@ -542,20 +554,15 @@ def fit_level_fusion(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_folds: 
     """
     # scikit-learn takes about a second to import: only fitting and metrics need it
     from sklearn.metrics import cohen_kappa_score
-    from sklearn.model_selection import GroupKFold
 
     boosters, cv = {}, {}
     for j, k in enumerate(TARGETS):
-        m = Y[:, j] >= 0
-        Xk, yk, gk = X[m], Y[m, j], groups[m]
+        pk, m = nested_predictions(X, Y, groups, k, n_folds=n_folds)
         nc = _n_classes(k)
-        pk = np.zeros((len(yk), nc)) if nc > 2 else np.zeros(len(yk))
-        for tr, te in GroupKFold(n_splits=n_folds).split(Xk, yk, gk):
-            pk[te] = _fit_booster(Xk[tr], yk[tr], nc).predict(Xk[te])
         full = np.full((len(Y), nc) if nc > 2 else len(Y), np.nan)
         full[m] = pk
         cv[k] = full
-        boosters[k] = _fit_booster(Xk, yk, nc).model_to_string()
+        boosters[k] = _fit_booster(X[m], Y[m, j], nc).model_to_string()
     thresholds = {}
     for k in BINARY:
         m = Y[:, TARGETS.index(k)] >= 0
