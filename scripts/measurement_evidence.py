@@ -8,9 +8,9 @@ each a logistic regression cross-validated by patient (5 folds), with and withou
   score (the product's decision) vs the same plus the body's height loss and wedge ratio;
 * disc narrowing (SPIDER's label): log-odds of the fused narrowing probability vs the same plus the disc
   height index and the disc's middle height relative to its measured neighbours;
-* the Pfirrmann grade: the level fusion's booster (nested cross-validation by patient, rounded expected grade)
-  on the committed features vs the same plus the disc's T2 signal ratio to the CSF (what Pfirrmann grades by)
-  and its height index, quadratic κ.
+* the Pfirrmann grade: the level fusion (nested cross-validation by patient, its setting chosen on the folds,
+  rounded expected grade) on the committed features vs the same plus the disc's T2 signal ratio to the CSF
+  (what Pfirrmann grades by) and its height index as booster features, quadratic κ.
 
 Prints both out-of-fold figures of each and the gain with a paired bootstrap 95% interval by patient; the README
 and the model card report them. A measurement becomes a decision feature only where it measures better: where
@@ -68,7 +68,7 @@ def compare(base: np.ndarray, more: np.ndarray, y: np.ndarray, groups: np.ndarra
 
 
 def pfirrmann_comparison(oof: str, measured: dict[tuple[str, int], tuple[float, float]]) -> dict:
-    """The Pfirrmann booster with and without the T2 signal ratio and height index (:func:`nested_pfirrmann`)."""
+    """The Pfirrmann fusion with and without the T2 signal ratio and height index (:func:`nested_pfirrmann`)."""
     z = np.load(oof)
     X, Y, groups = z["X"], z["Y"], z["groups"]
     M = np.array([measured.get((str(p), int(i)), (np.nan, np.nan)) for p, i in zip(groups, X[:, -1])], float)

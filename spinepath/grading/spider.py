@@ -10,11 +10,14 @@ endplates and the neighbouring bodies in view) goes through one network with a h
   ``bulging`` (one logit each).
 
 One network sees the T1 and the T2 crops (more images; the contrast tells the sequence). The T1 and T2 of a
-patient are separate acquisitions, so they are fused *by level*: per disc, both sequences' head
-probabilities (missing = NaN), the disc's height relative to its neighbouring bodies on each, and its index
-go through one LightGBM model per finding, fitted on out-of-fold network outputs. The per-vertebra
-endplate/marrow probability combines the fused endplate and Modic probabilities of the vertebra's two discs
-(:func:`vertebra_probability`), calibrated and thresholded on out-of-fold data.
+patient are separate acquisitions, so they are fused *by level*: per finding, a weighted mean of both
+sequences' head probabilities (the one present where the other is missing) is the prior, and one LightGBM
+model per finding boosts from it over both sequences' probabilities (missing = NaN), the disc's height
+relative to its neighbouring bodies on each, and its index; the T2's weight and the rounds (0: the prior
+alone) are chosen per finding, and a Platt map per binary finding is fitted, on cross-validated predictions
+by patient of out-of-fold network outputs. The per-vertebra endplate/marrow probability combines the fused
+endplate and Modic probabilities of the vertebra's two discs (:func:`vertebra_probability`), calibrated and
+thresholded on out-of-fold data.
 """
 
 from __future__ import annotations
@@ -380,26 +383,105 @@ def level_table(samples: list[DiscSample], probs: np.ndarray) -> dict[tuple[str,
 LGB_PARAMS = {"learning_rate": 0.05, "num_leaves": 7, "max_depth": 3, "min_data_in_leaf": 20,
               "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0,
               "verbose": -1, "seed": 0, "num_threads": 2}
-N_ROUNDS = 150
+#: The booster alone, from no prior (the fusion of v0.5.2-v0.5.6). Out of fold it fitted the ~860 levels worse
+#: than the plain mean of its own inputs (model card), so it is no longer the default.
+PLAIN: dict = {"t2_weight": None, "rounds": 150, "learning_rate": 0.05}
+#: The fusion's grid, searched per finding on cross-validated predictions by patient: the T2's weight in the
+#: prior (the weighted mean of both sequences' network probabilities; the one present where the other is
+#: missing) and the LightGBM rounds boosted from that prior over every feature (0: the prior alone).
+PRIOR_T2_WEIGHTS = (0.5, 0.7, 0.85, 1.0)
+BOOST_ROUNDS = (0, 15, 30, 60, 120)
+BOOST_LEARNING_RATE = 0.02
+_EPS = 1e-4
 
 
-def _fit_booster(X: np.ndarray, y: np.ndarray, n_classes: int, features: tuple[str, ...] = FUSION_FEATURES):
+def _target_columns(target: str) -> list[str]:
+    if target == "pfirrmann":
+        return [f"pfirrmann_{g}" for g in range(1, 6)]
+    if target == "modic":
+        return [f"modic_{t}" for t in range(4)]
+    return [target]
+
+
+def sequence_prior(X: np.ndarray, target: str, t2_weight: float) -> np.ndarray:
+    """One finding's prior from the network alone: ``t2_weight`` x T2 + the rest x T1, per level.
+
+    Where one sequence is missing (NaN), the other's probabilities. ``X``'s first columns are
+    :data:`FUSION_FEATURES`. Returns ``(N, classes)`` for a multi-class target, ``(N,)`` for a binary one.
+    """
+    cols = _target_columns(target)
+    a2, a1 = (X[:, [FUSION_FEATURES.index(f"{s}_{c}") for c in cols]] for s in SEQUENCES)
+    p = np.where(np.isnan(a1), a2, np.where(np.isnan(a2), a1, t2_weight * a2 + (1 - t2_weight) * a1))
+    return p if len(cols) > 1 else p[:, 0]
+
+
+def _raw_prior(X: np.ndarray, target: str, setting: dict) -> np.ndarray | None:
+    """The prior as LightGBM's raw score (log-probabilities / log-odds), or None for :data:`PLAIN`."""
+    if setting.get("t2_weight") is None:
+        return None
+    p = np.clip(sequence_prior(X, target, setting["t2_weight"]), _EPS, 1 - _EPS)
+    return np.log(p) if p.ndim == 2 else np.log(p / (1 - p))
+
+
+def _fit_booster(X: np.ndarray, y: np.ndarray, n_classes: int, features: tuple[str, ...] = FUSION_FEATURES,
+                 setting: dict = PLAIN, init: np.ndarray | None = None):
+    """LightGBM boosted from ``init`` (raw scores; None: from nothing), or None for a setting of 0 rounds."""
+    if setting["rounds"] == 0:
+        return None
     # LightGBM is imported only where a fusion model is fitted or run
     import lightgbm as lgb
 
-    params = dict(LGB_PARAMS, objective="multiclass", num_class=n_classes) if n_classes > 2 else \
-        dict(LGB_PARAMS, objective="binary")
-    return lgb.train(params, lgb.Dataset(X, label=y, feature_name=list(features)), num_boost_round=N_ROUNDS)
+    params = dict(LGB_PARAMS, learning_rate=setting["learning_rate"])
+    params = dict(params, objective="multiclass", num_class=n_classes) if n_classes > 2 else \
+        dict(params, objective="binary")
+    data = lgb.Dataset(X, label=y, feature_name=list(features), init_score=init)
+    return lgb.train(params, data, num_boost_round=setting["rounds"])
+
+
+def _predict(booster, X: np.ndarray, n_classes: int, init: np.ndarray | None) -> np.ndarray:
+    """Probabilities of a booster on top of its prior's raw scores (either may be absent, not both)."""
+    if booster is None and init is None:
+        raise ValueError("a fused finding needs a booster or a prior")
+    raw = booster.predict(X, raw_score=True) if booster is not None else 0.0
+    raw = raw + init if init is not None else raw
+    if n_classes > 2:
+        e = np.exp(raw - raw.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-raw))
+
+
+def target_score(target: str, y: np.ndarray, p: np.ndarray) -> float:
+    """What the fusion's setting is chosen on: Pfirrmann κ (rounded expected grade), any-Modic AUC, else AUC."""
+    # scikit-learn takes about a second to import: only fitting and metrics need it
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    if target == "pfirrmann":
+        return float(cohen_kappa_score(y, pfirrmann_grade(p, "expected"), weights="quadratic"))
+    if target == "modic":
+        y, p = (y > 0).astype(int), 1 - p[:, 0]
+    return float(roc_auc_score(y, p)) if len(set(y.tolist())) > 1 else 0.5
+
+
+def fusion_settings() -> list[dict]:
+    """The grid of :data:`PRIOR_T2_WEIGHTS` x :data:`BOOST_ROUNDS` (fewer rounds first: ties keep the simpler)."""
+    return [{"t2_weight": w, "rounds": r, "learning_rate": BOOST_LEARNING_RATE} for r in BOOST_ROUNDS
+            for w in PRIOR_T2_WEIGHTS]
 
 
 def nested_predictions(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, target: str,
-                       features: tuple[str, ...] = FUSION_FEATURES, n_folds: int = 5
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Cross-validated (by patient) predictions of one target's fusion booster on its labelled rows.
+                       features: tuple[str, ...] = FUSION_FEATURES, n_folds: int = 5,
+                       settings: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Cross-validated (by patient) fused predictions of one target on its labelled rows, setting chosen.
 
-    What :func:`fit_level_fusion` computes for each target; with other ``features`` (the columns of ``X``) it
-    measures another feature set the same way. Returns ``(predictions of the labelled rows, their row mask)``:
-    ``(n, classes)`` probabilities for a multi-class target, ``(n,)`` P(positive) for a binary one.
+    What :func:`fit_level_fusion` computes for each target; with other ``features`` (the columns of ``X``,
+    :data:`FUSION_FEATURES` first) it measures another feature set the same way. Every setting of
+    ``settings`` (default :func:`fusion_settings`; ``[PLAIN]`` for the booster alone) is predicted on the same
+    folds and the one with the best :func:`target_score` is kept.
+
+    Returns:
+        ``(predictions of the labelled rows, their row mask, the chosen setting)``: ``(n, classes)``
+        probabilities for a multi-class target, ``(n,)`` P(positive) for a binary one.
+
     """
     # scikit-learn takes about a second to import: only fitting and metrics need it
     from sklearn.model_selection import GroupKFold
@@ -407,24 +489,51 @@ def nested_predictions(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, target:
     m = Y[:, TARGETS.index(target)] >= 0
     Xk, yk, gk = X[m], Y[m, TARGETS.index(target)], groups[m]
     nc = _n_classes(target)
-    pk = np.zeros((len(yk), nc)) if nc > 2 else np.zeros(len(yk))
-    for tr, te in GroupKFold(n_splits=n_folds).split(Xk, yk, gk):
-        pk[te] = _fit_booster(Xk[tr], yk[tr], nc, features).predict(Xk[te])
-    return pk, m
+    folds = list(GroupKFold(n_splits=n_folds).split(Xk, yk, gk))
+    best: tuple[float, np.ndarray, dict] | None = None
+    for setting in settings or fusion_settings():
+        init = _raw_prior(Xk, target, setting)
+        pk = np.zeros((len(yk), nc)) if nc > 2 else np.zeros(len(yk))
+        for tr, te in folds:
+            b = _fit_booster(Xk[tr], yk[tr], nc, features, setting, None if init is None else init[tr])
+            pk[te] = _predict(b, Xk[te], nc, None if init is None else init[te])
+        score = target_score(target, yk, pk)
+        if best is None or score > best[0]:
+            best = (score, pk, setting)
+    return best[1], m, best[2]
 
 
 def nested_pfirrmann(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, features: tuple[str, ...] = FUSION_FEATURES,
-                     n_folds: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`nested_predictions` of the Pfirrmann booster (the measurements' comparison).
+                     n_folds: int = 5, settings: list[dict] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`nested_predictions` of the Pfirrmann fusion (the measurements' comparison).
 
     Returns ``(probabilities, labels, patients)`` of the labelled rows.
     """
-    pk, m = nested_predictions(X, Y, groups, "pfirrmann", features, n_folds)
+    pk, m, _ = nested_predictions(X, Y, groups, "pfirrmann", features, n_folds, settings)
     return pk, Y[m, TARGETS.index("pfirrmann")], groups[m]
 
 
 def _n_classes(target: str) -> int:
     return HEADS[target] if HEADS[target] > 1 else 2
+
+
+def calibrate_fused(fused: dict[str, np.ndarray], calibration: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Apply :attr:`LevelFusion.calibration`: each binary finding's Platt map; Modic's to P(any change).
+
+    The Modic type probabilities keep their proportions among the changes (``P(type | change)``); NaN rows
+    (levels a target does not label) stay NaN.
+    """
+    out = dict(fused)
+    for k, c in calibration.items():
+        if k == "modic_any":
+            p = np.asarray(fused["modic"], np.float64)
+            any_ = apply_platt(np.clip(1 - p[:, 0], 1e-6, 1 - 1e-6), c["a"], c["b"])
+            rest = p[:, 1:] / np.clip(p[:, 1:].sum(1, keepdims=True), 1e-12, None)
+            out["modic"] = np.hstack([(1 - any_)[:, None], rest * any_[:, None]])
+        else:
+            out[k] = apply_platt(np.asarray(fused[k], np.float64), c["a"], c["b"])
+    return out
 
 
 @dataclass
@@ -439,6 +548,13 @@ class LevelFusion:
         vertebra: Platt ``(a, b)`` on the logit of the noisy-or of a vertebra's endplate / Modic
             probabilities and its ``threshold`` (see :func:`vertebra_probability`).
         info: Out-of-fold metrics.
+        settings: Per target, the prior's T2 weight and the rounds boosted from it (:func:`fusion_settings`);
+            a target without one is the booster alone (:data:`PLAIN`, graders saved before v0.5.7). A
+            target of 0 rounds has an empty booster: its prior is its answer.
+        calibration: Platt ``{"a", "b"}`` per binary finding and for ``modic_any``, fitted on the nested
+            cross-validated fused probabilities (the networks' class weights make a prior overstate rare
+            findings); a monotone map: rankings and AUCs unchanged, thresholds chosen after it. Absent:
+            the fused probability as it is (graders saved before v0.5.7).
 
     """
 
@@ -447,6 +563,8 @@ class LevelFusion:
     pfirrmann_rule: str = "expected"
     vertebra: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    settings: dict[str, dict] = field(default_factory=dict)
+    calibration: dict[str, dict] = field(default_factory=dict)
     _parsed: dict = field(default_factory=dict, repr=False, compare=False)
 
     def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:
@@ -457,16 +575,20 @@ class LevelFusion:
         X = np.asarray(X, dtype=np.float64).reshape(-1, len(FUSION_FEATURES))
         out = {}
         for k in TARGETS:
+            if not len(X):
+                out[k] = np.zeros((0, HEADS[k]) if HEADS[k] > 1 else 0)
+                continue
             if k not in self._parsed:
-                self._parsed[k] = lgb.Booster(model_str=self.boosters[k])
-            out[k] = np.asarray(self._parsed[k].predict(X), np.float64) if len(X) else \
-                np.zeros((0, HEADS[k]) if HEADS[k] > 1 else 0)
-        return out
+                self._parsed[k] = lgb.Booster(model_str=self.boosters[k]) if self.boosters[k] else None
+            setting = self.settings.get(k, PLAIN)
+            out[k] = _predict(self._parsed[k], X, _n_classes(k), _raw_prior(X, k, setting))
+        return calibrate_fused(out, self.calibration)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return {"boosters": self.boosters, "thresholds": self.thresholds, "pfirrmann_rule": self.pfirrmann_rule,
-                "vertebra": self.vertebra, "info": self.info, "features": list(FUSION_FEATURES)}
+                "vertebra": self.vertebra, "info": self.info, "settings": self.settings,
+                "calibration": self.calibration, "features": list(FUSION_FEATURES)}
 
     @classmethod
     def from_dict(cls, d: dict) -> LevelFusion:
@@ -479,7 +601,7 @@ class LevelFusion:
         if tuple(d.get("features", ())) != FUSION_FEATURES:
             raise ValueError("SPIDER level fusion features do not match this version's")
         return cls(d["boosters"], d["thresholds"], d.get("pfirrmann_rule", "expected"), d.get("vertebra", {}),
-                   d.get("info", {}))
+                   d.get("info", {}), d.get("settings", {}), d.get("calibration", {}))
 
 
 def pfirrmann_grade(prob: np.ndarray, rule: str) -> np.ndarray:
@@ -540,7 +662,10 @@ def oof_fused_by_patient(oof_path: str | Path) -> dict[str, dict[int, dict[str, 
 
 def fit_level_fusion(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_folds: int = 5
                      ) -> tuple[LevelFusion, dict[str, np.ndarray]]:
-    """Fit one booster per target on out-of-fold network outputs; choose decisions on nested CV predictions.
+    """Fit each target's fusion on out-of-fold network outputs; choose decisions on nested CV predictions.
+
+    Per target, the setting (the prior's T2 weight, the rounds boosted from it) with the best cross-validated
+    :func:`target_score` (:func:`nested_predictions`); the booster is then fitted on every labelled row.
 
     Args:
         X: ``(N, len(FUSION_FEATURES))`` rows of :func:`level_table`.
@@ -555,14 +680,22 @@ def fit_level_fusion(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_folds: 
     # scikit-learn takes about a second to import: only fitting and metrics need it
     from sklearn.metrics import cohen_kappa_score
 
-    boosters, cv = {}, {}
+    boosters, cv, settings, calibration = {}, {}, {}, {}
     for j, k in enumerate(TARGETS):
-        pk, m = nested_predictions(X, Y, groups, k, n_folds=n_folds)
+        pk, m, settings[k] = nested_predictions(X, Y, groups, k, n_folds=n_folds)
         nc = _n_classes(k)
         full = np.full((len(Y), nc) if nc > 2 else len(Y), np.nan)
         full[m] = pk
         cv[k] = full
-        boosters[k] = _fit_booster(X[m], Y[m, j], nc).model_to_string()
+        b = _fit_booster(X[m], Y[m, j], nc, setting=settings[k], init=_raw_prior(X[m], k, settings[k]))
+        boosters[k] = b.model_to_string() if b is not None else ""
+        y = (Y[m, j] > 0).astype(int)
+        # the Pfirrmann probabilities come out of the fusion calibrated in frequency (model card); a tiny
+        # run may hold one class only: no map there
+        if k != "pfirrmann" and len(set(y.tolist())) > 1:
+            a, b0 = fit_platt(y, 1 - pk[:, 0] if k == "modic" else pk)
+            calibration["modic_any" if k == "modic" else k] = {"a": a, "b": b0}
+    cv = calibrate_fused(cv, calibration)
     thresholds = {}
     for k in BINARY:
         m = Y[:, TARGETS.index(k)] >= 0
@@ -576,7 +709,7 @@ def fit_level_fusion(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_folds: 
              for r in ("argmax", "expected")}
     rule = max(kappa, key=kappa.get)
     info = {"n_levels": int(len(Y)), "cv_pfirrmann_quadratic_kappa": kappa}
-    return LevelFusion(boosters, thresholds, rule, {}, info), cv
+    return LevelFusion(boosters, thresholds, rule, {}, info, settings, calibration), cv
 
 
 def fit_vertebra_decision(parts: list[dict[str, float | None]], y: np.ndarray) -> dict[str, float]:

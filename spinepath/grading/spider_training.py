@@ -280,7 +280,8 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
         "folds": tc.folds, "cfg": asdict(cfg)})
     grader.save(out / "spider_grader.pt")
     summary = {"spider_grader": str(out / "spider_grader.pt"), "patients": len(fold_of), "samples": len(samples),
-               "levels": len(keys), "fusion": fusion.info, "thresholds": fusion.thresholds,
+               "levels": len(keys), "fusion": fusion.info, "fusion_settings": fusion.settings,
+               "thresholds": fusion.thresholds,
                "pfirrmann_rule": fusion.pfirrmann_rule, "vertebra": fusion.vertebra,
                "oof": oof_metrics(Y, cv)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
