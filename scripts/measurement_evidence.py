@@ -8,9 +8,9 @@ each a logistic regression cross-validated by patient (5 folds), with and withou
   score (the product's decision) vs the same plus the body's height loss and wedge ratio;
 * disc narrowing (SPIDER's label): log-odds of the fused narrowing probability vs the same plus the disc
   height index and the disc's middle height relative to its measured neighbours;
-* the Pfirrmann grade: the level fusion (nested cross-validation by patient, its setting chosen on the folds,
-  rounded expected grade) on the committed features vs the same plus the disc's T2 signal ratio to the CSF
-  (what Pfirrmann grades by) and its height index as booster features, quadratic κ.
+* the Pfirrmann grade: the level fusion with its booster (nested cross-validation by patient, the prior's
+  weight and the rounds chosen on the folds, rounded expected grade) on the committed features vs the same
+  plus the disc's T2 signal ratio to the CSF (what Pfirrmann grades by) and its height index, quadratic κ.
 
 Prints both out-of-fold figures of each and the gain with a paired bootstrap 95% interval by patient; the README
 and the model card report them. A measurement becomes a decision feature only where it measures better: where
@@ -39,8 +39,10 @@ from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
 from spinepath.grading.fusion import oof_logistic, paired_gain, quadratic_kappa  # noqa: E402
 from spinepath.grading.spider import (  # noqa: E402
+    BOOST_ROUNDS,
     FUSION_FEATURES,
     TARGETS,
+    fusion_settings,
     nested_pfirrmann,
     oof_fused_by_patient,
     pfirrmann_grade,
@@ -72,9 +74,11 @@ def pfirrmann_comparison(oof: str, measured: dict[tuple[str, int], tuple[float, 
     z = np.load(oof)
     X, Y, groups = z["X"], z["Y"], z["groups"]
     M = np.array([measured.get((str(p), int(i)), (np.nan, np.nan)) for p, i in zip(groups, X[:, -1])], float)
-    pa, y, g = nested_pfirrmann(X, Y, groups)
+    # the booster's rounds searched on both sides: the features act through it (the committed fusion has none)
+    grid = fusion_settings(BOOST_ROUNDS)
+    pa, y, g = nested_pfirrmann(X, Y, groups, settings=grid)
     pb, _, _ = nested_pfirrmann(np.hstack([X, M]), Y, groups, (*FUSION_FEATURES, "t2_signal_ratio",
-                                                                  "disc_height_index"))
+                                                                  "disc_height_index"), settings=grid)
     r = paired_gain(quadratic_kappa, y, pfirrmann_grade(pa, "expected"), pfirrmann_grade(pb, "expected"), g)
     out = {"kappa": r["a"], "kappa_with": r["b"], "gain": r["gain"], "ci95": r["ci95"]}
     lab = Y[:, TARGETS.index("pfirrmann")] >= 0

@@ -137,7 +137,13 @@ def test_training_saves_a_grader_that_grades_a_study(tiny_spider, data_root, mod
 
 def test_the_pfirrmann_booster_is_compared_on_the_fusions_own_folds(tiny_spider):
     """``nested_pfirrmann`` reproduces the fusion's nested Pfirrmann predictions and takes more columns."""
-    from spinepath.grading.spider import FUSION_FEATURES, fit_level_fusion, nested_pfirrmann
+    from spinepath.grading.spider import (
+        BOOST_ROUNDS,
+        FUSION_FEATURES,
+        fit_level_fusion,
+        fusion_settings,
+        nested_pfirrmann,
+    )
 
     out, _ = tiny_spider
     z = np.load(out / "oof.npz")
@@ -147,12 +153,14 @@ def test_the_pfirrmann_booster_is_compared_on_the_fusions_own_folds(tiny_spider)
     m = Y[:, TARGETS.index("pfirrmann")] >= 0
     np.testing.assert_allclose(p, cv["pfirrmann"][m], atol=1e-9)
     assert (y == Y[m, 0]).all() and (g == groups[m]).all() and np.allclose(p.sum(1), 1)
-    # a measurement column (NaN where not measured) changes the predictions but not their shape
+    # a measurement column (NaN where not measured) goes through the booster (the measurements' comparison
+    # searches its rounds): same shape, probabilities
+    grid = fusion_settings(BOOST_ROUNDS)
     extra = np.where(np.arange(len(X)) % 3, X[:, -1] * 0.1, np.nan)[:, None]
-    q, _, _ = nested_pfirrmann(np.hstack([X, extra]), Y, groups, (*FUSION_FEATURES, "t2_signal_ratio"))
+    q, _, _ = nested_pfirrmann(np.hstack([X, extra]), Y, groups, (*FUSION_FEATURES, "t2_signal_ratio"), settings=grid)
     assert q.shape == p.shape and np.allclose(q.sum(1), 1)
     with pytest.raises(Exception, match="[Ff]eature"):
-        nested_pfirrmann(np.hstack([X, extra]), Y, groups)  # the names must match the columns
+        nested_pfirrmann(np.hstack([X, extra]), Y, groups, settings=grid)  # the names must match the columns
 
 
 def _fusion_rows(rng: np.random.Generator, n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -174,11 +182,12 @@ def _fusion_rows(rng: np.random.Generator, n: int = 400) -> tuple[np.ndarray, np
     return X, Y, np.repeat(np.arange(n // 4), 4).astype(str)
 
 
-def test_the_level_fusion_boosts_from_the_sequences_weighted_mean():
+def test_the_level_fusion_weighs_the_sequences_and_calibrates():
     from sklearn.metrics import roc_auc_score
 
     from spinepath.grading.calibration import apply_platt
     from spinepath.grading.spider import (
+        BOOST_ROUNDS,
         FUSION_FEATURES,
         PLAIN,
         LevelFusion,
@@ -186,6 +195,8 @@ def test_the_level_fusion_boosts_from_the_sequences_weighted_mean():
         _n_classes,
         calibrate_fused,
         fit_level_fusion,
+        fusion_settings,
+        modic_type_weights,
         nested_predictions,
         sequence_prior,
     )
@@ -204,6 +215,10 @@ def test_the_level_fusion_boosts_from_the_sequences_weighted_mean():
     plain, _, chosen = nested_predictions(X, Y, groups, "narrowing", settings=[PLAIN])
     y = Y[:, TARGETS.index("narrowing")]
     assert chosen is PLAIN and roc_auc_score(y, pk) > roc_auc_score(y, plain) + 0.01
+    # the booster from the prior (searched for comparisons) answers probabilities on the same folds
+    boosted, _, s = nested_predictions(X, Y, groups, "narrowing", settings=fusion_settings(BOOST_ROUNDS)[-4:])
+    assert s["rounds"] == BOOST_ROUNDS[-1] and ((boosted > 0) & (boosted < 1)).all()
+    assert roc_auc_score(y, boosted) > roc_auc_score(y, plain)
     fusion, cv = fit_level_fusion(X, Y, groups)
     # the reported probabilities are Platt-calibrated on those predictions: same ranking, the label's frequency
     c = fusion.calibration["narrowing"]
@@ -220,12 +235,18 @@ def test_the_level_fusion_boosts_from_the_sequences_weighted_mean():
         assert fusion.boosters["narrowing"] == ""
         prior = np.clip(sequence_prior(X, "narrowing", s["t2_weight"]), 1e-4, 1 - 1e-4)
         np.testing.assert_allclose(out["narrowing"], apply_platt(prior, c["a"], c["b"]), rtol=1e-9)
-    # Modic: the map moves P(any change); the types keep their proportions among the changes
+    # Modic: the map moves P(any change); the types keep their proportions among the changes, reweighted
+    # by their frequency there (a type the labels hardly hold is pulled down)
     modic = np.array([[0.6, 0.1, 0.3, 0.0], [0.2, 0.0, 0.8, 0.0]])
     got = calibrate_fused({"modic": modic}, {"modic_any": {"a": 1.0, "b": -1.0}})["modic"]
     np.testing.assert_allclose(got.sum(1), 1.0)
     np.testing.assert_allclose(1 - got[:, 0], apply_platt(np.array([0.4, 0.8]), 1.0, -1.0))
     np.testing.assert_allclose(got[0, 1] / got[0, 2], 1 / 3)
+    w = modic_type_weights(np.array([[0.5, 0.25, 0.25, 0.0]] * 4), np.array([2, 2, 2, 0]))
+    assert w[1] > 1 > w[0] and w[2] == 10  # type 2 up, type 1 down; type 3 never predicted: the cap
+    got = calibrate_fused({"modic": modic}, {"modic_any": {"a": 1.0, "b": 0.0, "type_weights": w}})["modic"]
+    np.testing.assert_allclose(got.sum(1), 1.0)
+    assert got[0, 1] / got[0, 2] < 1 / 3
     old = {k: _fit_booster(X, Y[:, j], _n_classes(k)) for j, k in enumerate(TARGETS)}
     legacy = LevelFusion({k: b.model_to_string() for k, b in old.items()}, {}).predict(X[:5])
     for k, b in old.items():

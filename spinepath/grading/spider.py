@@ -11,11 +11,11 @@ endplates and the neighbouring bodies in view) goes through one network with a h
 
 One network sees the T1 and the T2 crops (more images; the contrast tells the sequence). The T1 and T2 of a
 patient are separate acquisitions, so they are fused *by level*: per finding, a weighted mean of both
-sequences' head probabilities (the one present where the other is missing) is the prior, and one LightGBM
-model per finding boosts from it over both sequences' probabilities (missing = NaN), the disc's height
-relative to its neighbouring bodies on each, and its index; the T2's weight and the rounds (0: the prior
-alone) are chosen per finding, and a Platt map per binary finding is fitted, on cross-validated predictions
-by patient of out-of-fold network outputs. The per-vertebra endplate/marrow probability combines the fused
+sequences' head probabilities (the one present where the other is missing; the T2's weight chosen per
+finding) calibrated by a Platt map, both fitted on cross-validated predictions by patient of out-of-fold
+network outputs. A LightGBM model per finding can boost from that prior over both sequences' probabilities
+(missing = NaN), the disc's height relative to its neighbouring bodies on each, and its index; the committed
+fusion searches no rounds (:data:`FUSION_ROUNDS`). The per-vertebra endplate/marrow probability combines the fused
 endplate and Modic probabilities of the vertebra's two discs (:func:`vertebra_probability`), calibrated and
 thresholded on out-of-fold data.
 """
@@ -391,6 +391,10 @@ PLAIN: dict = {"t2_weight": None, "rounds": 150, "learning_rate": 0.05}
 #: missing) and the LightGBM rounds boosted from that prior over every feature (0: the prior alone).
 PRIOR_T2_WEIGHTS = (0.5, 0.7, 0.85, 1.0)
 BOOST_ROUNDS = (0, 15, 30, 60, 120)
+#: The rounds the committed fusion searches: none. With the rounds chosen inside each training part of an outer
+#: cross-validation, boosting from the prior never beat the prior alone (listhesis 0.64 against 0.76; model card,
+#: ``scripts/nested_fusion_choice.py``), so the booster stays for comparisons (``fusion_settings(BOOST_ROUNDS)``).
+FUSION_ROUNDS = (0,)
 BOOST_LEARNING_RATE = 0.02
 _EPS = 1e-4
 
@@ -462,9 +466,9 @@ def target_score(target: str, y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if len(set(y.tolist())) > 1 else 0.5
 
 
-def fusion_settings() -> list[dict]:
-    """The grid of :data:`PRIOR_T2_WEIGHTS` x :data:`BOOST_ROUNDS` (fewer rounds first: ties keep the simpler)."""
-    return [{"t2_weight": w, "rounds": r, "learning_rate": BOOST_LEARNING_RATE} for r in BOOST_ROUNDS
+def fusion_settings(rounds: tuple[int, ...] = FUSION_ROUNDS) -> list[dict]:
+    """The grid of :data:`PRIOR_T2_WEIGHTS` x ``rounds`` (fewer rounds first: ties keep the simpler one)."""
+    return [{"t2_weight": w, "rounds": r, "learning_rate": BOOST_LEARNING_RATE} for r in rounds
             for w in PRIOR_T2_WEIGHTS]
 
 
@@ -518,18 +522,33 @@ def _n_classes(target: str) -> int:
     return HEADS[target] if HEADS[target] > 1 else 2
 
 
+def modic_type_weights(prob: np.ndarray, y: np.ndarray) -> list[float]:
+    """Per Modic type 1-3: its frequency among the labelled changes over its mean ``P(type | change)`` there.
+
+    The networks were trained with class weights, so the rare types are overstated (SPIDER has almost only
+    type 2); counts get half a case each so that an absent type keeps a small probability, and a weight is at
+    most 10 (a type the network hardly predicts cannot be made up).
+    """
+    changed = y > 0
+    q = prob[changed, 1:] / np.clip(prob[changed, 1:].sum(1, keepdims=True), 1e-12, None)
+    freq = (np.bincount(y[changed].astype(int) - 1, minlength=3) + 0.5) / (changed.sum() + 1.5)
+    return [float(v) for v in np.minimum(freq / np.clip(q.mean(0), 1e-6, None), 10.0)]
+
+
 def calibrate_fused(fused: dict[str, np.ndarray], calibration: dict[str, dict]) -> dict[str, np.ndarray]:
     """Apply :attr:`LevelFusion.calibration`: each binary finding's Platt map; Modic's to P(any change).
 
-    The Modic type probabilities keep their proportions among the changes (``P(type | change)``); NaN rows
-    (levels a target does not label) stay NaN.
+    The Modic type probabilities among the changes (``P(type | change)``) are reweighted by ``type_weights``
+    (the types' frequency among the labelled changes over their mean prediction there: a prior shift) and
+    renormalised; NaN rows (levels a target does not label) stay NaN.
     """
     out = dict(fused)
     for k, c in calibration.items():
         if k == "modic_any":
             p = np.asarray(fused["modic"], np.float64)
             any_ = apply_platt(np.clip(1 - p[:, 0], 1e-6, 1 - 1e-6), c["a"], c["b"])
-            rest = p[:, 1:] / np.clip(p[:, 1:].sum(1, keepdims=True), 1e-12, None)
+            rest = p[:, 1:] * np.asarray(c.get("type_weights", [1.0, 1.0, 1.0]))
+            rest = rest / np.clip(rest.sum(1, keepdims=True), 1e-12, None)
             out["modic"] = np.hstack([(1 - any_)[:, None], rest * any_[:, None]])
         else:
             out[k] = apply_platt(np.asarray(fused[k], np.float64), c["a"], c["b"])
@@ -695,6 +714,8 @@ def fit_level_fusion(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_folds: 
         if k != "pfirrmann" and len(set(y.tolist())) > 1:
             a, b0 = fit_platt(y, 1 - pk[:, 0] if k == "modic" else pk)
             calibration["modic_any" if k == "modic" else k] = {"a": a, "b": b0}
+            if k == "modic":
+                calibration["modic_any"]["type_weights"] = modic_type_weights(pk, Y[m, j])
     cv = calibrate_fused(cv, calibration)
     thresholds = {}
     for k in BINARY:
