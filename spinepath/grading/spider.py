@@ -557,10 +557,14 @@ def calibrate_fused(fused: dict[str, np.ndarray], calibration: dict[str, dict]) 
 
 @dataclass
 class LevelFusion:
-    """The LightGBM models that fuse a disc's sequences by level, with the decisions chosen out of fold.
+    """How a disc's sequences are fused by level, with the decisions chosen out of fold.
+
+    Per target: the sequences' weighted mean (:func:`sequence_prior`), a LightGBM booster on top where its
+    setting has rounds (none in the committed fusion; every target in graders saved before v0.5.7, from no
+    prior), then the calibration.
 
     Attributes:
-        boosters: LightGBM text model per :data:`TARGETS` entry.
+        boosters: LightGBM text model per :data:`TARGETS` entry ("" for a setting of 0 rounds).
         thresholds: Decision threshold per binary finding and for ``modic_any`` (max balanced accuracy).
         pfirrmann_rule: ``"argmax"`` or ``"expected"`` (the rounded expected grade), whichever had the higher
             out-of-fold quadratic kappa.
@@ -570,10 +574,11 @@ class LevelFusion:
         settings: Per target, the prior's T2 weight and the rounds boosted from it (:func:`fusion_settings`);
             a target without one is the booster alone (:data:`PLAIN`, graders saved before v0.5.7). A
             target of 0 rounds has an empty booster: its prior is its answer.
-        calibration: Platt ``{"a", "b"}`` per binary finding and for ``modic_any``, fitted on the nested
-            cross-validated fused probabilities (the networks' class weights make a prior overstate rare
-            findings); a monotone map: rankings and AUCs unchanged, thresholds chosen after it. Absent:
-            the fused probability as it is (graders saved before v0.5.7).
+        calibration: Platt ``{"a", "b"}`` per binary finding and for ``modic_any`` (with the Modic
+            ``type_weights``, :func:`modic_type_weights`), fitted on the nested cross-validated fused
+            probabilities (the networks' class weights make a prior overstate rare findings); a monotone map:
+            rankings and AUCs unchanged, thresholds chosen after it. Absent: the fused probability as it is
+            (graders saved before v0.5.7).
 
     """
 
