@@ -253,6 +253,20 @@ def test_the_level_fusion_weighs_the_sequences_and_calibrates():
         np.testing.assert_allclose(legacy[k], b.predict(X[:5]), rtol=1e-6)
 
 
+def test_the_evaluation_fuses_a_t1_only_where_the_product_would():
+    """A T1 beside a T2 counts only when both chains are anchored on S1 (indices from the same vertebra)."""
+    from types import SimpleNamespace
+
+    from spinepath.evaluation.spider import product_samples
+
+    samples = [SimpleNamespace(sequence=q, index=i) for q in ("t2", "t1") for i in (1, 2)]
+    assert product_samples(samples, {"t2": "S1", "t1": "S1"}) == samples
+    for anchors in ({"t2": "S1", "t1": "none"}, {"t2": "L5", "t1": "S1"}):
+        assert [s.sequence for s in product_samples(samples, anchors)] == ["t2", "t2"]
+    t1_alone = samples[2:]
+    assert product_samples(t1_alone, {"t1": "none"}) == t1_alone
+
+
 def test_paired_gain_resamples_patients_and_sees_a_real_gain():
     from sklearn.metrics import roc_auc_score
 

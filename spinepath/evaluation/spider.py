@@ -105,6 +105,18 @@ class GradedDisc:
     finding: dict | None
 
 
+def product_samples(samples: list, anchors: dict[str, str]) -> list:
+    """The disc samples the product would fuse: a T1 beside a T2 only when both are anchored on S1.
+
+    As :func:`spinepath.grading.spider_inference.grade_degeneration` does: otherwise the two chains' indices
+    need not count from the same vertebra, and fusing them by index would mix different discs. A T1 without a
+    T2 is graded on its own.
+    """
+    if "t1" in anchors and "t2" in anchors and not anchors["t1"] == anchors["t2"] == "S1":
+        return [s for s in samples if s.sequence != "t1"]
+    return samples
+
+
 def grade_studies(studies: list[SpiderStudy], detector, grader: SpiderGrader,
                   sequences: tuple[str, ...] = ("t1", "t2"), progress: bool = True
                   ) -> tuple[list[GradedDisc], dict[str, dict[int, dict]], dict[str, list[str]]]:
@@ -121,7 +133,7 @@ def grade_studies(studies: list[SpiderStudy], detector, grader: SpiderGrader,
         images, samples, anch = study_samples(st, detector, sequences)
         for seq, a in anch.items():
             anchors[seq].append(a)
-        found = grader.grade(images, samples)
+        found = grader.grade(images, product_samples(samples, anch))
         fused[st.patient] = found
         graded += [GradedDisc(st.patient, int(d["index_from_bottom"]), d, found.get(int(d["index_from_bottom"])))
                    for d in st.discs]
