@@ -31,10 +31,8 @@ from spinepath.grading.spider import (  # noqa: E402
     FUSION_ROUNDS,
     PLAIN,
     TARGETS,
-    _fit_booster,
     _n_classes,
-    _predict,
-    _raw_prior,
+    fit_predict,
     fusion_settings,
     nested_predictions,
     target_score,
@@ -55,9 +53,7 @@ def chosen_in_inner_folds(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, targ
         inner = np.full((len(tr), len(TARGETS)), -1)
         inner[:, j] = yk[tr]
         _, _, s = nested_predictions(Xk[tr], inner, gk[tr], target, settings=settings)
-        init = _raw_prior(Xk, target, s)
-        b = _fit_booster(Xk[tr], yk[tr], nc, setting=s, init=None if init is None else init[tr])
-        out[te] = _predict(b, Xk[te], nc, None if init is None else init[te])
+        out[te] = fit_predict(Xk, yk, tr, te, target, s)
         chosen.append({"t2_weight": s["t2_weight"], "rounds": s["rounds"]})
     return out, chosen
 

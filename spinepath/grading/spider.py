@@ -50,7 +50,7 @@ from spinepath.grading.classifier import (
     warmup_cosine,
 )
 from spinepath.grading.crops import Structure, augment_intensity, local_axes, random_jitter, sample_crop
-from spinepath.grading.fusion import best_threshold
+from spinepath.grading.fusion import best_threshold, quadratic_kappa
 
 #: Heads of the network and their output sizes (1 = one logit).
 HEADS: dict[str, int] = {"pfirrmann": 5, "modic": 4, "upper_endplate_change": 1, "lower_endplate_change": 1,
@@ -454,13 +454,22 @@ def _predict(booster, X: np.ndarray, n_classes: int, init: np.ndarray | None) ->
     return 1.0 / (1.0 + np.exp(-raw))
 
 
+def fit_predict(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, target: str, setting: dict,
+                features: tuple[str, ...] = FUSION_FEATURES) -> np.ndarray:
+    """One target's fusion with ``setting`` fitted on rows ``train`` of ``(X, y)``, its probabilities on ``test``."""
+    nc = _n_classes(target)
+    init = _raw_prior(X, target, setting)
+    b = _fit_booster(X[train], y[train], nc, features, setting, None if init is None else init[train])
+    return _predict(b, X[test], nc, None if init is None else init[test])
+
+
 def target_score(target: str, y: np.ndarray, p: np.ndarray) -> float:
     """What the fusion's setting is chosen on: Pfirrmann κ (rounded expected grade), any-Modic AUC, else AUC."""
     # scikit-learn takes about a second to import: only fitting and metrics need it
-    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+    from sklearn.metrics import roc_auc_score
 
     if target == "pfirrmann":
-        return float(cohen_kappa_score(y, pfirrmann_grade(p, "expected"), weights="quadratic"))
+        return quadratic_kappa(y, pfirrmann_grade(p, "expected"))
     if target == "modic":
         y, p = (y > 0).astype(int), 1 - p[:, 0]
     return float(roc_auc_score(y, p)) if len(set(y.tolist())) > 1 else 0.5
@@ -496,11 +505,9 @@ def nested_predictions(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, target:
     folds = list(GroupKFold(n_splits=n_folds).split(Xk, yk, gk))
     best: tuple[float, np.ndarray, dict] | None = None
     for setting in settings or fusion_settings():
-        init = _raw_prior(Xk, target, setting)
         pk = np.zeros((len(yk), nc)) if nc > 2 else np.zeros(len(yk))
         for tr, te in folds:
-            b = _fit_booster(Xk[tr], yk[tr], nc, features, setting, None if init is None else init[tr])
-            pk[te] = _predict(b, Xk[te], nc, None if init is None else init[te])
+            pk[te] = fit_predict(Xk, yk, tr, te, target, setting, features)
         score = target_score(target, yk, pk)
         if best is None or score > best[0]:
             best = (score, pk, setting)
@@ -701,9 +708,6 @@ def fit_level_fusion(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_folds: 
         ``(fusion fitted on every row, cross-validated predictions per target)``.
 
     """
-    # scikit-learn takes about a second to import: only fitting and metrics need it
-    from sklearn.metrics import cohen_kappa_score
-
     boosters, cv, settings, calibration = {}, {}, {}, {}
     for j, k in enumerate(TARGETS):
         pk, m, settings[k] = nested_predictions(X, Y, groups, k, n_folds=n_folds)
@@ -731,8 +735,7 @@ def fit_level_fusion(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, n_folds: 
     thresholds["modic_any"] = best_threshold((Y[m, jm] > 0).astype(int), 1 - cv["modic"][m, 0])
     jp = TARGETS.index("pfirrmann")
     m = Y[:, jp] >= 0
-    kappa = {r: float(cohen_kappa_score(Y[m, jp], pfirrmann_grade(cv["pfirrmann"][m], r), weights="quadratic"))
-             for r in ("argmax", "expected")}
+    kappa = {r: quadratic_kappa(Y[m, jp], pfirrmann_grade(cv["pfirrmann"][m], r)) for r in ("argmax", "expected")}
     rule = max(kappa, key=kappa.get)
     info = {"n_levels": int(len(Y)), "cv_pfirrmann_quadratic_kappa": kappa}
     return LevelFusion(boosters, thresholds, rule, {}, info, settings, calibration), cv
