@@ -39,10 +39,18 @@ def _model_dir(argv: list[str]) -> str | None:
     return _arg(argv, "-m", "--model") or os.environ.get("HOLOSCAN_MODEL_PATH")
 
 
-# before the first MONAI import: with the networks exported, MONAI's package __init__ files (every MONAI
-# network, torchvision) are not needed (issue 15)
-from spinepath.core.lean import defer_if_exported, exit_without_teardown  # noqa: E402
+from spinepath.core.lean import defer_if_exported, exit_without_teardown, one_study_gc  # noqa: E402
+from spinepath.outputs.process import start_writer_process  # noqa: E402
 
+# a one-study process (issue 15: the cold start), before torch is imported: no cyclic garbage collection, and
+# the outputs written by a process forked now, which imports and warms up their libraries on the second core
+# while this one imports torch and runs the chain
+if __name__ == "__main__":
+    one_study_gc()
+WRITER_PROCESS = __name__ == "__main__" and start_writer_process()
+
+# before the first MONAI import: with the networks exported, MONAI's package __init__ files (every MONAI
+# network, torchvision) are not needed
 defer_if_exported(_model_dir(sys.argv[1:]))
 
 from monai.deploy.conditions import CountCondition  # noqa: E402
@@ -61,7 +69,7 @@ from operators import (  # noqa: E402
 from spinepath import DISCLAIMER, __version__  # noqa: E402
 from spinepath.core.errors import StudyError  # noqa: E402
 from spinepath.core.paths import model_files  # noqa: E402
-from spinepath.outputs.writer import write_status  # noqa: E402
+from spinepath.outputs.status import write_status  # noqa: E402
 from spinepath.run import default_input  # noqa: E402
 
 
@@ -137,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from spinepath.outputs.writer import enable_parallel
+    if not WRITER_PROCESS:
+        from spinepath.outputs.writer import enable_parallel
 
-    enable_parallel()  # a one-study process: the SEG and PDF report in a forked child beside the SR
+        enable_parallel()  # a one-study process: the SEG and PDF report in a forked child beside the SR
     # every output is on disk (atomically, status.json last): the interpreter's teardown is skipped
     exit_without_teardown(main())

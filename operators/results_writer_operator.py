@@ -1,4 +1,7 @@
-"""Operator: graded result -> JSON, key image, DICOM SR/SEG/PDF (spinepath.outputs.writer.write_outputs)."""
+"""Operator: graded result -> JSON, key image, DICOM SR/SEG/PDF (spinepath.outputs.writer.write_outputs).
+
+In the writer process of a one-study process when one was started (:mod:`spinepath.outputs.process`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from spinepath.outputs.writer import write_outputs
+from spinepath.outputs.process import write_outputs
 
 
 class ResultsWriterOperator(Operator):

@@ -48,7 +48,7 @@ def _metrics(task: str, y: np.ndarray, p: np.ndarray) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from spinepath.evaluation.grading import disc_metrics
-    from spinepath.grading.classifier import disc_grade
+    from spinepath.grading.calibration import disc_grade
 
     if task == "vertebra":
         return {"auc": round(float(roc_auc_score(y, p)), 4), "n": int(len(y))}

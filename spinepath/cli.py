@@ -626,14 +626,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     # a process of its own for one study (the console script, python -m spinepath; not a caller's main([...])):
     # as app.py, with every network of the model folder exported MONAI's package __init__ files are not needed,
-    # the SEG and PDF report are built in a forked child, and the interpreter's teardown is skipped once the
-    # outputs are on disk (issue 15: the cold start)
+    # the outputs are written by a process forked at start-up, and the interpreter's teardown is skipped once
+    # the outputs are on disk (issue 15: the cold start)
     one_study = argv is None and args.command == "run"
+    if one_study:  # before torch is imported: no cyclic garbage collection, the outputs in a forked process
+        # only this path needs them
+        from spinepath.core.lean import one_study_gc
+        from spinepath.outputs.process import start_writer_process
+
+        one_study_gc()
+        writer_process = start_writer_process()
     if one_study and not args.grader:
         from spinepath.core.lean import defer_if_exported  # only this path needs it
 
         defer_if_exported(args.model)
-    if one_study:
+    if one_study and not writer_process:
         from spinepath.outputs.writer import enable_parallel  # only this path needs it (after the deferral)
 
         enable_parallel()  # the SEG and PDF report in a forked child beside the SR

@@ -19,8 +19,7 @@ from scipy.ndimage import convolve
 
 from spinepath.core.config import config_file
 from spinepath.core.results import DetectionResult, Vertebra, key_slice
-from spinepath.grading.calibration import logit
-from spinepath.grading.classifier import disc_grade_margin
+from spinepath.grading.calibration import disc_grade_margin, logit
 
 REVIEW_RULES = config_file("review.json")
 

@@ -18,7 +18,8 @@ from spinepath.detection.predictor import VertebraDetector
 from spinepath.grading.grader import Grader
 from spinepath.grading.spider import SpiderGrader
 from spinepath.io.phantom import write_phantom_study
-from spinepath.outputs.writer import write_outputs, write_status
+from spinepath.outputs.process import write_outputs
+from spinepath.outputs.status import write_status
 
 
 def default_input(work_dir: str | Path) -> tuple[Path, str]:
@@ -53,7 +54,9 @@ def run_study(
     ``model``, ``grader``, ``spider_grader`` and ``segmenter`` are loaded models or paths
     (:func:`spinepath.stages.load_models`, :func:`spinepath.stages.load_spider_grader`,
     :func:`spinepath.stages.load_segmenter`; by default the bundle's, the models beside the detector).
-    ``uid_seed``: derive the DICOM outputs' UIDs from it (:func:`spinepath.outputs.writer.write_outputs`).
+    ``uid_seed``: derive the DICOM outputs' UIDs from it (:func:`spinepath.outputs.writer.write_outputs`). The
+    outputs are written by the writer process when this process started one
+    (:func:`spinepath.outputs.process.start_writer_process`).
 
     Writes ``vertebrae.json``, ``key_image.png``, the DICOM outputs and ``status.json``. On a refused study only
     ``status.json`` (``ok: false``) is written and the error re-raised.

@@ -3,8 +3,7 @@
 import numpy as np
 
 from spinepath.evaluation.calibration import reliability, top_label
-from spinepath.grading.calibration import Calibration, fit_calibration, fit_platt, fit_temperature
-from spinepath.grading.classifier import disc_grade
+from spinepath.grading.calibration import Calibration, disc_grade, fit_calibration, fit_platt, fit_temperature
 from spinepath.grading.fusion import FEATURES, VertebraScores
 from spinepath.grading.grader import Grader
 from spinepath.grading.inference import fuse

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -122,3 +124,97 @@ def test_forked_pdf_writer_failure_is_raised_in_the_parent(graded, tmp_path, mon
     with pytest.raises(RuntimeError, match="SEG and PDF report could not be written: ValueError: no room on the page"):
         writer.write_dicom_outputs(graded, tmp_path / "out")
     assert not (tmp_path / "out" / "report.dcm").exists()
+
+
+WRITER_PROCESS_RUN = """
+import json, pickle, sys
+from spinepath.outputs import process
+started = process.start_writer_process()  # before torch: the result's pickle does not import it
+child = process._WRITER.pid
+error = None
+if sys.argv[1] != "-":  # "-": end without a study (a refused one)
+    result = pickle.load(open(sys.argv[1], "rb"))
+    try:
+        process.write_outputs(result, sys.argv[2], uid_seed="study-1")
+    except RuntimeError as exc:
+        error = str(exc)
+imported = {m: sys.modules.get(m) is not None for m in ("torch", "highdicom", "matplotlib")}
+second = None
+if sys.argv[1] != "-" and error is None:  # a second study: written in this process (matplotlib unhidden)
+    second = process.write_outputs(result, sys.argv[2] + "-second")["levels"]
+print(json.dumps({"started": started, "child": child, "error": error, "imported": imported, "second": second}))
+"""
+
+
+def _writer_process_run(result, out: Path, tmp_path: Path) -> dict:
+    """Run :data:`WRITER_PROCESS_RUN` on ``result`` (None: no study) in a fresh process; its JSON line."""
+    import json
+    import pickle
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    job = "-"
+    if result is not None:
+        job = str(tmp_path / "result.pkl")
+        Path(job).write_bytes(pickle.dumps(result))
+    run = subprocess.run([sys.executable, "-c", WRITER_PROCESS_RUN, job, str(out)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _wait_gone(pid: int, seconds: float = 10) -> None:
+    import time
+
+    import psutil
+
+    deadline = time.time() + seconds
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the writer process outlived its parent"
+        time.sleep(0.1)
+
+
+def test_writer_process_writes_what_the_writer_writes(graded, tmp_path):
+    """A one-study process's writer process (forked before torch) writes the same outputs as the writer itself;
+    the parent imports neither highdicom nor matplotlib (issue 15)."""
+    import json
+
+    from spinepath.outputs import process, writer
+
+    forked, direct = tmp_path / "forked", tmp_path / "direct"
+    res = _writer_process_run(graded, forked, tmp_path)
+    assert res["started"] and res["error"] is None
+    assert res["imported"] == {"torch": False, "highdicom": False, "matplotlib": False}
+    assert res["second"] == graded.to_dict()["levels"]
+    assert (tmp_path / "forked-second" / "dicom" / "report.dcm").is_file()
+    _wait_gone(res["child"])
+    assert not process.start_writer_process()  # this test process has imported torch: it writes in-process
+    writer.write_outputs(graded, direct, uid_seed="study-1")
+    assert sorted(p.name for p in forked.rglob("*")) == sorted(p.name for p in direct.rglob("*"))
+    a, b = (json.loads((d / "vertebrae.json").read_text()) for d in (forked, direct))
+    a.pop("timings_s"), b.pop("timings_s")
+    assert a == b
+    assert json.loads((forked / "status.json").read_text())["ok"] is True
+    for name in ("sr.dcm", "seg.dcm", "report.dcm"):
+        x, y = (pydicom.dcmread(d / "dicom" / name) for d in (forked, direct))
+        assert x.SOPInstanceUID == y.SOPInstanceUID and x.SOPClassUID == y.SOPClassUID
+    assert read_findings(forked / "dicom" / "sr.dcm") == read_findings(direct / "dicom" / "sr.dcm")
+    assert (forked / "key_image.png").read_bytes() == (direct / "key_image.png").read_bytes()
+    assert dciodvfy_errors(forked / "dicom" / "sr.dcm") == []
+
+
+def test_writer_process_failure_is_raised_in_the_parent(graded, tmp_path):
+    """Outputs the writer process cannot write fail in the parent with the child's error; a parent that ends
+    without a study (a refused one) leaves no writer process behind."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    res = _writer_process_run(graded, blocker / "out", tmp_path)
+    assert res["error"].startswith("the outputs could not be written: ") and "a-file" in res["error"]
+    assert not (blocker / "out").exists()
+    _wait_gone(res["child"])
+    res = _writer_process_run(None, tmp_path / "none", tmp_path)
+    assert res["started"] and res["error"] is None
+    _wait_gone(res["child"])
+    assert not (tmp_path / "none").exists()

@@ -14,7 +14,8 @@ from conftest import DATA, REPO
 from spinepath.data.datasets import load_spark
 from spinepath.data.split import is_validation
 from spinepath.evaluation.grading import grading_metrics
-from spinepath.grading.classifier import GradingConfig, disc_grade, predict_structures, train_classifier
+from spinepath.grading.calibration import disc_grade
+from spinepath.grading.classifier import GradingConfig, predict_structures, train_classifier
 from spinepath.grading.crops import chain_structures, sample_crop, spark_structures
 from spinepath.grading.fusion import (
     FEATURES,

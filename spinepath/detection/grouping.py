@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+try:  # the solver alone: with :mod:`spinepath.core.lean`'s deferral, not every solver of scipy.optimize
+    from scipy.optimize._lsap import linear_sum_assignment
+except ImportError:  # another SciPy layout
+    from scipy.optimize import linear_sum_assignment
 
 from spinepath.core.boxes import box_iou
 from spinepath.core.results import LevelNaming, Vertebra

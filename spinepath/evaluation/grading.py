@@ -12,7 +12,7 @@ from spinepath.core.geometry import BODY_HEIGHT_PER_GAP, BODY_WIDTH_PER_GAP
 from spinepath.data.datasets import load_spark
 from spinepath.evaluation.detection import spark_detection
 from spinepath.evaluation.matching import greedy_match
-from spinepath.grading.classifier import disc_grade
+from spinepath.grading.calibration import disc_grade
 from spinepath.grading.crops import spark_structures
 from spinepath.grading.fusion import VertebraScores
 from spinepath.grading.inference import fuse, view_probs

@@ -6,8 +6,9 @@
   grades is unchanged; the grade itself is decided on the uncalibrated probabilities by the disc rule chosen
   out of fold, and the calibrated probabilities are what is reported.
 
-Both are fitted by maximum likelihood on the out-of-fold predictions the fusion model was trained from
-(``spinepath train grading``), never on the validation split.
+The disc grade decision rules (:func:`disc_grade`, :func:`disc_grade_margin`) live here too: torch-free, for
+the review stage and the writer process. Both calibrations are fitted by maximum likelihood on the out-of-fold
+predictions the fusion model was trained from (``spinepath train grading``), never on the validation split.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from spinepath.core.levels import DISC_GRADES
 
 _EPS = 1e-6
 
@@ -119,6 +122,38 @@ class Calibration:
             return None
         v = d.get("vertebra")
         return cls(tuple(v) if v else None, d.get("disc_temperature"), d.get("info", {}))
+
+
+def disc_grade(prob: np.ndarray, decision: str = "argmax") -> np.ndarray:
+    """0-based disc grades from ``(N, 5)`` probabilities.
+
+    ``argmax`` takes the most probable grade. ``ordinal`` keeps Schmorl's node (v5) when it is the most
+    probable, else rounds the expected grade over v1-v4 (renormalised), which respects the ordinal scale.
+    """
+    prob = np.asarray(prob, dtype=np.float64).reshape(-1, len(DISC_GRADES))
+    am = prob.argmax(1)
+    if decision == "argmax":
+        return am
+    p4 = prob[:, :4] / np.maximum(prob[:, :4].sum(1, keepdims=True), 1e-9)
+    exp = np.rint(p4 @ np.arange(4)).astype(int)
+    return np.where(am == 4, 4, exp)
+
+
+def disc_grade_margin(prob: np.ndarray, decision: str = "argmax") -> float:
+    """How far one disc's grade decision is from changing (see :func:`disc_grade`).
+
+    ``argmax``: the gap between the two most probable grades (probability). ``ordinal``: the distance of the
+    expected grade over v1-v4 from its rounding boundary (grades, 0-0.5); 0.5 when Schmorl's node decides.
+    """
+    prob = np.asarray(prob, dtype=np.float64).reshape(len(DISC_GRADES))
+    if decision == "argmax":
+        top = np.sort(prob)[::-1]
+        return float(top[0] - top[1])
+    if prob.argmax() == 4:
+        return 0.5
+    p4 = prob[:4] / max(prob[:4].sum(), 1e-9)
+    exp = float(p4 @ np.arange(4))
+    return float(abs(abs(exp - np.floor(exp)) - 0.5))
 
 
 def fit_calibration(y_vertebra: np.ndarray, p_vertebra: np.ndarray, y_disc: np.ndarray, p_disc: np.ndarray,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from spinepath.core.config import dataclass_from_dict
 from spinepath.core.levels import DISC_GRADES
 from spinepath.core.precision import autocast
+from spinepath.grading.calibration import disc_grade
 from spinepath.grading.crops import (
     CropJitter,
     Structure,
@@ -353,38 +354,6 @@ def predict_structures(
 
 
 # ------------------------------------------------------------------------------------- the saved model
-
-
-def disc_grade(prob: np.ndarray, decision: str = "argmax") -> np.ndarray:
-    """0-based disc grades from ``(N, 5)`` probabilities.
-
-    ``argmax`` takes the most probable grade. ``ordinal`` keeps Schmorl's node (v5) when it is the most
-    probable, else rounds the expected grade over v1-v4 (renormalised), which respects the ordinal scale.
-    """
-    prob = np.asarray(prob, dtype=np.float64).reshape(-1, len(DISC_GRADES))
-    am = prob.argmax(1)
-    if decision == "argmax":
-        return am
-    p4 = prob[:, :4] / np.maximum(prob[:, :4].sum(1, keepdims=True), 1e-9)
-    exp = np.rint(p4 @ np.arange(4)).astype(int)
-    return np.where(am == 4, 4, exp)
-
-
-def disc_grade_margin(prob: np.ndarray, decision: str = "argmax") -> float:
-    """How far one disc's grade decision is from changing (see :func:`disc_grade`).
-
-    ``argmax``: the gap between the two most probable grades (probability). ``ordinal``: the distance of the
-    expected grade over v1-v4 from its rounding boundary (grades, 0-0.5); 0.5 when Schmorl's node decides.
-    """
-    prob = np.asarray(prob, dtype=np.float64).reshape(len(DISC_GRADES))
-    if decision == "argmax":
-        top = np.sort(prob)[::-1]
-        return float(top[0] - top[1])
-    if prob.argmax() == 4:
-        return 0.5
-    p4 = prob[:4] / max(prob[:4].sum(), 1e-9)
-    exp = float(p4 @ np.arange(4))
-    return float(abs(abs(exp - np.floor(exp)) - 0.5))
 
 
 def load_backbone(model: nn.Module, path: str | Path) -> None:

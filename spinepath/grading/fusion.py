@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS
-from spinepath.grading.classifier import disc_grade
+from spinepath.grading.calibration import disc_grade
 
 FEATURES = (
     "p_mid", "p_mean", "p_max", "p_min", "p_std", "n_slices",

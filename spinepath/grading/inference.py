@@ -16,8 +16,7 @@ import numpy as np
 from spinepath.core.geometry import spacing_from_gap
 from spinepath.core.levels import DISC_GRADES, VERTEBRA_LEVELS
 from spinepath.core.results import DetectionResult, DiscFinding, Findings, SliceScores, VertebraFinding, key_slice
-from spinepath.grading.calibration import Calibration
-from spinepath.grading.classifier import disc_grade
+from spinepath.grading.calibration import Calibration, disc_grade
 from spinepath.grading.crops import Structure, chain_structures, random_jitter
 from spinepath.grading.fusion import FEATURES, VertebraScores, disc_features, study_features
 from spinepath.grading.grader import Grader

@@ -34,8 +34,8 @@ from spinepath.data.datasets import load_spark
 from spinepath.data.split import is_validation
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.evaluation.grading import grade_spark_case
-from spinepath.grading.calibration import fit_calibration, fit_platt
-from spinepath.grading.classifier import disc_grade, train_classifier
+from spinepath.grading.calibration import disc_grade, fit_calibration, fit_platt
+from spinepath.grading.classifier import train_classifier
 from spinepath.grading.crops import spark_structures
 from spinepath.grading.fusion import fit_disc_fusion, fit_fusion
 from spinepath.grading.grader import Grader

@@ -19,6 +19,7 @@ from spinepath.outputs.key_image import key_image
 from spinepath.outputs.pdf import build_pdf_dataset
 from spinepath.outputs.seg import build_vertebra_seg
 from spinepath.outputs.sr import build_sr
+from spinepath.outputs.status import write_status
 
 #: Build the SEG and the PDF report in a forked child while this process builds the SR (:func:`write_dicom_outputs`).
 #: Set by the processes that run one study and exit (``app.py``, ``spinepath run``; :func:`enable_parallel`):
@@ -153,11 +154,4 @@ def write_outputs(result: DetectionResult, out_dir: str | Path, dicom: bool | No
     return d
 
 
-def write_status(out_dir: str | Path, ok: bool, message: str, **fields: object) -> Path:
-    """Write the machine-readable ``status.json`` (ok flag + message) into the output folder."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    p = out / "status.json"
-    p.write_text(json.dumps({"ok": ok, "message": message, "software_version": __version__, **fields}, indent=1))
-    return p
-
+__all__ = ["enable_parallel", "seeded_uid", "write_dicom_outputs", "write_outputs", "write_status"]
