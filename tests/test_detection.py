@@ -56,3 +56,24 @@ def test_default_model_finds_lumbar_vertebrae_on_a_real_slice(data_root):
     verts = group_and_name(dets, s.image.shape)
     names = [v.level for v in verts]
     assert "L5" in names and names.index("L5") > names.index("L1")
+
+
+def test_cpu_detector_runs_channels_last_with_the_same_boxes():
+    """On the CPU the detector's network runs on channels-last weights (faster oneDNN convolutions, issue 15):
+    the same boxes and scores as with the usual layout on a real example."""
+    import torch
+    from conftest import EXAMPLE
+
+    from spinepath.io.dicom import load_study
+
+    vol = load_study(EXAMPLE)
+    det = VertebraDetector.load(MODEL)
+    convs = [p for p in det.detector.network.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    fast = det.predict(list(vol.pixels), vol.spacing)
+    det.detector.network.to(memory_format=torch.contiguous_format)
+    usual = det.predict(list(vol.pixels), vol.spacing)
+    assert [len(a.boxes) for a in fast] == [len(b.boxes) for b in usual] and sum(len(a.boxes) for a in fast) > 20
+    for a, b in zip(fast, usual):
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)

@@ -268,6 +268,24 @@ def test_a_body_is_measured_only_where_the_reference_canal_covers_it():
         assert ref == pytest.approx(40 * 0.8, abs=2.5) and pred == pytest.approx(ref, abs=0.1)
 
 
+def test_a_predicted_body_is_the_partner_of_one_reference_body():
+    """Structures are paired one to one: a predicted component spanning two reference bodies (the disc between
+    them missed) is measured against the nearer one only, not twice."""
+    from spinepath.evaluation.segmentation import slice_measurement_pairs
+    from spinepath.segmentation.data import SegSlice
+
+    target = np.zeros((200, 160), np.int64)  # one group: vertebral body (chu_t2-like)
+    target[60:75, 30:90] = 1  # two 15-row bodies with a 3-row gap
+    target[78:93, 30:90] = 1
+    classes = np.zeros_like(target)
+    classes[60:93, 30:90] = 1  # one predicted component over both, its centroid within 10 mm of both
+    s = SegSlice(image=np.zeros(target.shape, np.float32), target=target, groups=np.zeros((2, 5)),
+                 annotated=["vertebral_body"], source="chu_t2", case="x", patient="x", index=0,
+                 spacing_mm=(0.8, 0.8))
+    pairs, n = slice_measurement_pairs(s, classes)
+    assert n == 1 and len(pairs["body"]) == 3  # one body's anterior, middle and posterior heights
+
+
 def test_class_offsets_belong_to_the_weights_they_were_chosen_for(tmp_path):
     """The committed weights get the offsets chosen for them on the selection split; other weights get none;
     an offset moves the arg-max where two classes are close."""

@@ -132,7 +132,12 @@ class VertebraDetector:
             det = build_detector(cfg)
             det.network.load_state_dict(float_state(ckpt["state_dict"]))
             det.eval()
-        return cls(det, cfg, ckpt.get("meta", {})).to(device)
+        model = cls(det, cfg, ckpt.get("meta", {})).to(device)
+        if torch.device(device).type == "cpu":
+            # oneDNN's CPU convolutions run faster on channels-last weights (the maps follow them): on the 19-slice
+            # example, 2 cores, detection 0.90 -> 0.67 s in a cold process, 0.52 -> 0.47 s warm; the same boxes
+            model.detector.network.to(memory_format=torch.channels_last)
+        return model
 
     def export(self, path: str | Path) -> Path:
         """Write the TorchScript export of this detector's network beside its weights file ``path``."""

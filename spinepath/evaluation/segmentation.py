@@ -10,8 +10,8 @@ slices, averaged over cases; a class the folder does not annotate is ``null``; `
 predicted body and posterior elements together with SPIDER's whole-vertebra mask.
 
 Measurements compare, on the same slice, each measurement of the predicted masks with the same code applied
-to the reference masks (:mod:`spinepath.measurements.shape`), structures matched by position (the predicted
-component whose centroid is nearest the reference one, within :data:`MATCH_MM`): vertebral body heights (the
+to the reference masks (:mod:`spinepath.measurements.shape`), structures matched by position (one to one,
+nearest centroids first, within :data:`MATCH_MM`): vertebral body heights (the
 reference body: SPIDER's vertebra component anterior to its canal's front wall, where the canal is annotated
 over the body's rows), disc heights, and the canal's AP diameter through each reference disc (along the disc's
 axis; the canal is its largest component in the reference and in the prediction, as in the product: a stray
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from spinepath.data.datasets import dataset_kind, load_volume_index
 from spinepath.data.spider import load_spider_seg
+from spinepath.evaluation.matching import greedy_match
 from spinepath.measurements.shape import canal_ap, heights, structure_axes
 from spinepath.segmentation.data import GRID_MM, SegSlice, spider_seg_slices, volume_seg_slices
 from spinepath.segmentation.inference import class_offsets, classes_on_pixels, decide
@@ -53,16 +54,18 @@ def _mm(p: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
 
 def _match(ref: list[np.ndarray], pred: list[np.ndarray], spacing: tuple[float, float]
            ) -> list[tuple[np.ndarray, np.ndarray]]:
-    pc = [_mm(ndi.center_of_mass(p), spacing) for p in pred]
-    out = []
-    for r in ref:
-        c = _mm(ndi.center_of_mass(r), spacing)
-        if pc:
-            d = [float(np.linalg.norm(c - q)) for q in pc]
-            i = int(np.argmin(d))
-            if d[i] <= MATCH_MM:
-                out.append((r, pred[i]))
-    return out
+    """(reference, predicted) structures paired one to one, nearest centroids first, within :data:`MATCH_MM`.
+
+    One to one: a predicted component that spans two reference bodies (or a reference sliver beside a body)
+    is the partner of the nearer one only.
+    """
+    if not ref or not pred:
+        return []
+    rc = np.array([_mm(ndi.center_of_mass(r), spacing) for r in ref])
+    pc = np.array([_mm(ndi.center_of_mass(p), spacing) for p in pred])
+    dist = np.linalg.norm(rc[:, None] - pc[None], axis=-1)
+    pairs = greedy_match(dist, np.full(len(ref), MATCH_MM))
+    return [(ref[r], pred[p]) for r, p in sorted(pairs.items())]
 
 
 def _front_cut(vertebra: np.ndarray, canal: np.ndarray) -> np.ndarray | None:
