@@ -18,7 +18,7 @@ from conftest import DATA, EXAMPLE, REPO
 from spinepath import stages
 from spinepath.core.exported import export_meta, export_path
 from spinepath.core.paths import DEFAULT_MODEL
-from spinepath.core.precision import DEFAULT_AMP_STAGES, STAGES, amp_stages, autocast
+from spinepath.core.precision import DEFAULT_AMP_STAGES, STAGES, amp_stages, autocast, forward_context
 from spinepath.detection.exported import ExportedRetinaNet
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.evaluation.parity import compare, differences
@@ -118,6 +118,22 @@ def test_mixed_precision_stages(monkeypatch):
     monkeypatch.setenv("SPINEPATH_AMP", "detction")
     with pytest.raises(ValueError, match="detction"):
         amp_stages()
+
+
+def test_cpu_forward_passes_run_unoptimised_graphs(both):
+    """On the CPU the stages' forward passes run TorchScript graphs without the executor's optimisation passes
+    (one-shot calls in a cold process); the exported segmenter's probabilities are the same either way."""
+    assert torch._C._get_graph_executor_optimize()
+    with forward_context("cpu", "segmentation"):
+        assert not torch._C._get_graph_executor_optimize()
+    assert torch._C._get_graph_executor_optimize()
+    seg = both[1][3]  # the exported segmenter
+    x = torch.rand(1, 1, 160, 192)
+    with torch.no_grad():
+        optimised = [seg(x) for _ in range(3)][-1]
+        with forward_context("cpu", "segmentation"):
+            plain = seg(x)
+    torch.testing.assert_close(plain, optimised, atol=1e-4, rtol=0)
 
 
 def test_parity_compares_findings_and_floats():

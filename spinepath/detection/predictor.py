@@ -7,7 +7,6 @@ and normalised to [0, 1] by volume percentiles. Predictions are mapped back to s
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ import torch
 from spinepath.core.boxes import box_area, box_intersection, box_iou
 from spinepath.core.exported import load_export, save_export
 from spinepath.core.files import atomic_file
-from spinepath.core.precision import autocast
+from spinepath.core.precision import forward_context
 from spinepath.core.weights import float_state, half_state
 from spinepath.detection.network import DetectorConfig, build_detector
 from spinepath.transforms import intensity_range, to_grid
@@ -175,7 +174,7 @@ class VertebraDetector:
             # the exported detector decodes in float32 whatever the network ran in; MONAI's eager one would decode
             # float16 maps in float16 (boxes 0.12 px off on a GPU, a review reason changed): it stays float32
             safe = getattr(self.detector, "autocast_safe", False)
-            with autocast(self.device, "detection") if safe else nullcontext():
+            with forward_context(self.device, "detection", amp=safe):
                 results = self.detector(images)
             for (_, scale), res in zip(chunk, results):
                 out.append(self._postprocess(res, scale))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from spinepath.core.config import dataclass_from_dict
 from spinepath.core.levels import DISC_GRADES
-from spinepath.core.precision import autocast
+from spinepath.core.precision import forward_context
 from spinepath.grading.calibration import disc_grade
 from spinepath.grading.crops import (
     CropJitter,
@@ -315,7 +315,8 @@ def ensemble_mean(models: list[nn.Module], crops: np.ndarray, to_probs, tta: boo
     """Mean of ``to_probs(logits)`` over models (and a superior-inferior flip when ``tta``), ``(N, H, W)`` crops.
 
     The crops go to the device of the first model (CUDA when the models were loaded there); there the forward
-    passes autocast when ``stage`` does (:func:`spinepath.core.precision.autocast`), the logits cast back to float32.
+    passes autocast when ``stage`` does (:func:`spinepath.core.precision.forward_context`), the logits cast back to
+    float32.
     """
     dev = next(models[0].parameters()).device
     x = torch.from_numpy(np.stack([to_input(c) for c in crops])).to(dev)
@@ -324,7 +325,7 @@ def ensemble_mean(models: list[nn.Module], crops: np.ndarray, to_probs, tta: boo
     for m in models:
         m.eval()
         for v in views:
-            with autocast(dev, stage):
+            with forward_context(dev, stage):
                 logits = [m(v[i : i + batch]) for i in range(0, len(v), batch)]
             p = torch.cat([to_probs(z.float()) for z in logits])
             acc = p if acc is None else acc + p

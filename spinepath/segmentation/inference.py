@@ -23,7 +23,7 @@ from torch import nn
 from spinepath.core.config import config_file
 from spinepath.core.exported import file_digest, load_export, save_export
 from spinepath.core.levels import VERTEBRA_LEVELS
-from spinepath.core.precision import autocast
+from spinepath.core.precision import forward_context
 from spinepath.core.results import DetectionResult, SpineSegmentation, key_slice
 from spinepath.core.weights import float_state
 from spinepath.measurements.spine import measure_spine
@@ -95,7 +95,7 @@ def segment_slices(model: nn.Module, images: np.ndarray, spacing: tuple[float, f
     """
     grid = np.stack([grid_image(im, spacing) for im in images])
     dev = next(model.parameters()).device
-    with autocast(dev, "segmentation"):  # the softmax stays float32 under autocast
+    with forward_context(dev, "segmentation"):  # the softmax stays float32 under autocast
         probs = predict_probabilities(model, torch.from_numpy(grid)[:, None].to(dev)).float()
     return classes_on_pixels(probs, tuple(images.shape[1:]), class_offsets(model))
 
