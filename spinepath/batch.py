@@ -248,7 +248,13 @@ def worker_models(paths: ModelPaths) -> tuple:
     """
     with _MODELS_LOCK:
         if paths not in _MODELS:
-            # torch and the models only where studies run: a batch with nothing to do starts fast
+            # torch and the models only where studies run: a batch with nothing to do starts fast; with the
+            # bundle's (or one folder's) exported networks, MONAI's package __init__ files are deferred first,
+            # as in the app and the PACS worker (a worker starts a few seconds sooner)
+            from spinepath.core.lean import defer_if_exported
+
+            if paths.grader is None and paths.spider_grader is None and paths.segmenter is None:
+                defer_if_exported(paths.model)
             from spinepath import stages
 
             _MODELS.clear()

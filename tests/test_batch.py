@@ -249,3 +249,21 @@ def test_arguments(tmp_path, capsys):
         "ModalitiesInStudy": "MR", "StudyDate": "20240101-20241231"}
     with pytest.raises(ValueError, match="twice"):
         parse_query(["PatientID=a", "PatientID=b"])
+
+
+WORKER_MODELS = """
+import json, sys
+from spinepath.batch import ModelPaths, worker_models
+detector, grader, spider, segmenter = worker_models(ModelPaths())
+print(json.dumps({"exported": type(detector.detector).__name__,
+                  "heavy": [m for m in ("monai.networks.nets", "torchvision", "timm") if m in sys.modules]}))
+"""
+
+
+def test_a_worker_loads_the_exported_networks_without_monais_networks():
+    """A batch worker defers MONAI's package imports before loading the bundle's exported networks, as the app
+    does (issue 15: a worker starts sooner)."""
+    out = subprocess.run([sys.executable, "-c", WORKER_MODELS], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"exported": "ExportedRetinaNet", "heavy": []}

@@ -125,22 +125,24 @@ def import_lightgbm_core() -> None:
 
 
 def defer_package_inits(roots: tuple[str, ...] = ROOTS) -> bool:
-    """Defer the package ``__init__`` files of ``roots`` in this process, if none of them is imported yet.
+    """Defer the package ``__init__`` files of those of ``roots`` not imported yet in this process.
 
     Also hides :data:`HIDDEN` from the process (imported by nothing that runs here).
 
     Returns:
-        True when installed (or already installed), False when a root was imported before (nothing changes).
+        True when installed (or already installed), False when MONAI (or, without it in ``roots``, every root)
+        was imported before: nothing changes.
 
     """
     if any(isinstance(f, _Finder) for f in sys.meta_path):
         return True
-    if any(r in sys.modules for r in roots):
+    pending = tuple(r for r in roots if r not in sys.modules)
+    if not pending or ("monai" in roots and "monai" not in pending):
         return False
-    sys.meta_path.insert(0, _Finder(roots))
+    sys.meta_path.insert(0, _Finder(pending))
     for m in HIDDEN:
         sys.modules.setdefault(m, None)  # type: ignore[arg-type]  # `import cupy` raises ImportError here
-    if "monai" in roots:
+    if "monai" in pending:
         from monai._version import get_versions  # a plain module: MONAI's modules read monai.__version__
 
         sys.modules["monai"].__version__ = str(get_versions().get("version", "0+unknown"))
