@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -249,20 +248,27 @@ def bench_warm(study: Path, repeats: int, device: str = "cpu") -> dict:
 def bench_batch(study: Path, repeats: int, device: str = "cpu", n_studies: int = 20, workers: int = 2) -> dict:
     """``spinepath batch`` over copies of the study (folder mode, a local cluster of ``workers``).
 
-    ``overhead_per_study_s``: each task's seconds minus the chain's own stages (reading, writing the folder);
-    ``wall_over_ideal``: the batch's wall time against the chain times summed and shared by the workers (1.0:
-    no start-up, no idle worker; issue 15 asks for throughput within 15 % of the summed chain times).
+    Run as the command (``python -m spinepath batch``), in a process of its own: a local cluster's workers are
+    spawned and re-import the launching program's main module, so run from this script they would import
+    everything it imports (MONAI's networks among them) before their first study, which the command's workers do
+    not. ``overhead_per_study_s``: each task's seconds minus the chain's own stages (reading, writing the
+    folder); ``wall_over_ideal``: the batch's wall time against the chain times summed and shared by the workers
+    (1.0: no start-up, no idle worker; issue 15 asks for throughput within 15 % of the summed chain times).
     """
-    from spinepath.batch import BatchOptions, run_batch
     from spinepath.io.dicom import copy_with_new_uids
 
-    hide_gpu = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}  # for the workers (new processes)
+    env = dict(os.environ)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # for the workers (new processes)
     with tempfile.TemporaryDirectory() as d:
         for i in range(n_studies):
             copy_with_new_uids(study, Path(d) / "archive" / f"s{i:02d}")
-        with mock.patch.dict(os.environ, hide_gpu):
-            res = run_batch(BatchOptions(out=Path(d) / "out", folder=Path(d) / "archive", workers=workers,
-                                         progress=False))
+        r = subprocess.run([sys.executable, "-m", "spinepath", "-q", "batch", "--folder", str(Path(d) / "archive"),
+                            "--out", str(Path(d) / "out"), "--workers", str(workers)],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"spinepath batch failed ({r.returncode}): {r.stderr[-2000:]}")
+        res = json.loads(r.stdout.strip().splitlines()[-1])
         chain = sum(sum(json.loads(p.read_text())["timings_s"].values())
                     for p in (Path(d) / "out").glob("*/vertebrae.json"))
     return {"studies": n_studies, "workers": workers, "done": res["done"], "wall_s": round(res["wall_s"], 2),

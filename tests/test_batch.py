@@ -251,19 +251,23 @@ def test_arguments(tmp_path, capsys):
         parse_query(["PatientID=a", "PatientID=b"])
 
 
-WORKER_MODELS = """
-import json, sys
-from spinepath.batch import ModelPaths, worker_models
-detector, grader, spider, segmenter = worker_models(ModelPaths())
-print(json.dumps({"exported": type(detector.detector).__name__,
-                  "heavy": [m for m in ("monai.networks.nets", "torchvision", "timm") if m in sys.modules]}))
+WORKER_STUDY = """
+import json, sys, tempfile
+from spinepath.batch import ModelPaths, StudyTask, process_study, worker_models
+task = StudyTask("1.2.3", tempfile.mkdtemp(), folder=sys.argv[1], models=ModelPaths())
+res = process_study(task)  # as a Dask worker runs it
+detector = worker_models(ModelPaths())[0]
+print(json.dumps({"status": res["status"], "exported": type(detector.detector).__name__,
+                  "heavy": [m for m in ("monai.networks.nets", "torchvision", "timm", "torch._dynamo", "triton")
+                            if m in sys.modules]}))
 """
 
 
-def test_a_worker_loads_the_exported_networks_without_monais_networks():
-    """A batch worker defers MONAI's package imports before loading the bundle's exported networks, as the app
-    does (issue 15: a worker starts sooner)."""
-    out = subprocess.run([sys.executable, "-c", WORKER_MODELS], capture_output=True, text=True, cwd=REPO, timeout=300)
+def test_a_worker_runs_studies_without_monais_networks():
+    """A batch worker defers MONAI's package imports before its first study imports the chain, then loads the
+    bundle's exported networks, as the app does (issue 15: a worker starts sooner and closes sooner)."""
+    out = subprocess.run([sys.executable, "-c", WORKER_STUDY, str(DATA / "dicom_examples" / "chu_t2_02")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res == {"exported": "ExportedRetinaNet", "heavy": []}
+    assert res == {"status": "done", "exported": "ExportedRetinaNet", "heavy": []}
