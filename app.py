@@ -47,7 +47,7 @@ from spinepath.outputs.process import start_writer_process  # noqa: E402
 # while this one imports torch and runs the chain
 if __name__ == "__main__":
     one_study_gc()
-WRITER_PROCESS = __name__ == "__main__" and start_writer_process()
+    start_writer_process()
 
 # before the first MONAI import: with the networks exported, MONAI's package __init__ files (every MONAI
 # network, torchvision) are not needed
@@ -145,9 +145,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if not WRITER_PROCESS:
-        from spinepath.outputs.writer import enable_parallel
-
-        enable_parallel()  # a one-study process: the SEG and PDF report in a forked child beside the SR
     # every output is on disk (atomically, status.json last): the interpreter's teardown is skipped
     exit_without_teardown(main())

@@ -635,15 +635,11 @@ def main(argv: list[str] | None = None) -> int:
         from spinepath.outputs.process import start_writer_process
 
         one_study_gc()
-        writer_process = start_writer_process()
+        start_writer_process()  # the writer process builds the SEG and PDF in its own child beside the SR
     if one_study and not args.grader:
         from spinepath.core.lean import defer_if_exported  # only this path needs it
 
         defer_if_exported(args.model)
-    if one_study and not writer_process:
-        from spinepath.outputs.writer import enable_parallel  # only this path needs it (after the deferral)
-
-        enable_parallel()  # the SEG and PDF report in a forked child beside the SR
     try:
         code = int(args.func(args))
     except CliError as exc:
