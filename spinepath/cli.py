@@ -487,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--num-threads", dest="num_threads", type=int)
     ts.add_argument("--device", help="torch device the fold networks train on (cpu, cuda; default cpu)")
     ts.add_argument("--workers", type=int, help="data-loader processes for the crops (default 0: reproducible)")
+    ts.add_argument("--init", help="self-supervised backbone (spinepath train pretrain --model resnet18_narrow) "
+                                   "the fold networks start from (default: the params file's, random)")
     ts.set_defaults(func=_cmd_train_spider)
     tsg = tsub.add_parser("segmentation", parents=[quiet],
                           help="segmentation of bodies, posterior elements, discs and canal (partial labels, "
@@ -515,7 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="self-supervised (SimCLR) pretraining of the grading backbone")
     tp.add_argument("--data-root", dest="data_root")
     tp.add_argument("--out", help="backbone file (default runs/pretrain/backbone.pt)")
-    tp.add_argument("--model", help="ConvNeXt size (default convnext_atto, as the searched classifiers)")
+    tp.add_argument("--model", help="backbone: a ConvNeXt size (default convnext_atto, the spark classifiers') "
+                                    "or a MONAI ResNet (resnet18_narrow: the SPIDER grader's)")
+    tp.add_argument("--crop-mm", dest="crop_mm", type=float, help="crop side in mm (default 84; SPIDER: 64)")
+    tp.add_argument("--spider", action="store_true", default=None,
+                    help="also the spider_midsag training + selection images, at the discs the product finds")
     tp.add_argument("--epochs", type=int)
     tp.add_argument("--crops-per-epoch", dest="crops_per_epoch", type=int)
     tp.add_argument("--batch-size", dest="batch_size", type=int)

@@ -33,7 +33,7 @@ def load_review_rules(path: str | Path = REVIEW_RULES) -> dict:
 #: Reason kinds (coded in the SR; ``spinepath.outputs.coding.REVIEW_REASON_CODES``).
 REASON_KINDS = ("no_anchor", "name_confidence", "detection_score", "field_of_view", "near_threshold",
                 "grade_ambiguous", "low_predictive_value", "transitional", "image_quality", "sequence",
-                "flagged_findings")
+                "without_t2", "flagged_findings")
 
 
 @dataclass
@@ -189,6 +189,9 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
                 # a rare finding's positive call: most such calls were not confirmed out of fold
                 fl.add("low_predictive_value", f"{name.replace('_', ' ')} suspected: out of fold {ppv:.0%} of such "
                                                "calls were confirmed")
+        if "t2" not in g.sequences:  # a disc of the T1's chain beyond the T2's: Pfirrmann is defined on a T2
+            fl.add("without_t2", f"Pfirrmann {g.pfirrmann} estimated from the T1 alone: the grade is defined on the "
+                                 "T2 signal, and the T2 did not show this disc")
         exp = float(np.dot(g.pfirrmann_probabilities, np.arange(1, 6)))
         if abs(abs(exp - np.floor(exp)) - 0.5) < rules["disc_grade_margin"]["ordinal"]:
             fl.add("grade_ambiguous", f"Pfirrmann {g.pfirrmann} undecided: expected grade {exp:.2f}")

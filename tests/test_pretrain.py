@@ -73,3 +73,40 @@ def test_train_grading_from_backbone_with_fold_ensemble(tmp_path) -> None:
     assert summary["calibration"]["info"]["n_discs"] > 0
     with pytest.raises(ValueError, match="unknown ensemble"):
         train_grading(GradingTrainConfig(data_root=str(DATA), out_dir=str(out), ensemble="all"))
+
+
+def test_resnet_backbone_from_spider_images_starts_the_spider_network(tmp_path) -> None:
+    from spinepath.data.spider import load_spider_midsag
+    from spinepath.data.split import split_part
+    from spinepath.grading.pretraining import spider_unlabelled
+    from spinepath.grading.spider import SpiderConfig, train_network
+    from spinepath.grading.spider_training import collect
+
+    images, structs = spider_unlabelled(DATA, max_patients=3)
+    patients = {k.split("_")[0] for k in images}
+    assert len(patients) == 3 and {s.image_key for s in structs} <= set(images)
+    assert not any(split_part("spider_midsag", p, p) == "validation" for p in patients)
+    assert all(s.grade == -1 for s in structs)
+    out = tmp_path / "backbone.pt"
+    res = pretrain(PretrainConfig(data_root=str(DATA), out=str(out), model="resnet18_narrow", crop_mm=64.0,
+                                  spider=True, spider_patients=2, epochs=1, crops_per_epoch=16, batch_size=16,
+                                  slice_step=16, quiet=True))
+    assert np.isfinite(res["history"][-1]["loss"]) and res["images"] > len(images) // 3
+    bb = torch.load(out, weights_only=False)["state_dict"]
+    assert not any(k.startswith("fc.") for k in bb)  # the projection head's input, not a classifier
+    cfg = SpiderConfig(model="resnet18_narrow", init=str(out), epochs=1, batch_size=8)
+    net = cfg.network()
+    load_backbone(net, out)
+    assert torch.equal(net.conv1.weight, bb["conv1.weight"])
+    with pytest.raises(ValueError, match="does not match"):
+        load_backbone(SpiderConfig(model="resnet10_narrow").network(), out)
+    # the fold network trains from it (SpiderConfig.init): its first layer starts at the backbone's
+    from spinepath.core.paths import resolve_model_path
+    from spinepath.detection.predictor import VertebraDetector
+
+    studies = [s for s in load_spider_midsag(DATA / "spider_midsag") if s.patient in patients][:2]
+    ims, samples = collect(studies, VertebraDetector.load(resolve_model_path(None)), progress=False,
+                           labelled_only=True)
+    cfg.epochs, cfg.lr = 1, 1e-12  # a step too small to move the weights: the start is what is compared
+    model = train_network(cfg, ims, samples[:16], progress=False)
+    assert torch.allclose(model.conv1.weight, bb["conv1.weight"], atol=1e-6)

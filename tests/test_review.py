@@ -233,3 +233,20 @@ def test_degenerative_near_threshold_is_measured_in_log_odds(reference):
     p = near["spondylolisthesis"]
     assert 0.006 < p < 0.0075
     assert len(got) == 1 and got[0].startswith(f"spondylolisthesis probability {p:.3f} near its threshold 0.006"), got
+
+
+def test_pfirrmann_from_the_t1_alone_is_flagged(reference):
+    """A disc only the T1's chain shows gets a Pfirrmann estimate from the T1: flagged (the grade is a T2 one)."""
+    from spinepath.outputs.coding import REVIEW_REASON_CODES
+    from spinepath.review import REASON_KINDS, review
+
+    g = reference.findings.degeneration[0]
+    assert "t2" in g.sequences
+    kinds = {}
+    for seqs in (["t2"], ["t1", "t2"], ["t1"]):
+        deg = dataclasses.replace(g, sequences=seqs)
+        res = dataclasses.replace(reference, findings=dataclasses.replace(reference.findings, degeneration=[deg]))
+        kinds[tuple(seqs)] = review(res).discs[g.level].kinds
+    assert "without_t2" not in kinds[("t2",)] and "without_t2" not in kinds[("t1", "t2")]
+    assert "without_t2" in kinds[("t1",)]
+    assert set(REASON_KINDS) == set(REVIEW_REASON_CODES)

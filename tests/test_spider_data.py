@@ -7,6 +7,7 @@ from spinepath.data.datasets import dataset_kind
 from spinepath.data.spider import (
     body_boxes,
     canal_front,
+    graded_rows,
     load_spider_midsag,
     load_spider_seg,
     mirror_through_disc,
@@ -36,6 +37,15 @@ def test_spider_midsag_loader(data_root):
     missing = ({"t1", "t2"} - set(only.sequences)).pop()
     with pytest.raises(KeyError, match=f"no {missing} image"):
         only.load_image(missing)
+    # a finding graded on a missing sequence is unknown, not its placeholder (Pfirrmann 1, Modic 0)
+    t1_only = [x for x in studies if x.sequences == ["t1"]]
+    t2_only = [x for x in studies if x.sequences == ["t2"]]
+    assert len(t1_only) == 5 and len(t2_only) == 17
+    assert all(d["pfirrmann"] is None and d["modic"] is None and d["narrowing"] in (0, 1)
+               for x in t1_only for d in x.discs)
+    assert all(d["modic"] is None and 1 <= d["pfirrmann"] <= 5 for x in t2_only for d in x.discs)
+    assert all(d["modic"] in (0, 1, 2, 3) and 1 <= d["pfirrmann"] <= 5 for x in both for d in x.discs)
+    assert graded_rows([{"pfirrmann": 3, "modic": 2}], ["t1", "t2"]) == [{"pfirrmann": 3, "modic": 2}]
 
 
 def test_body_boxes_on_a_synthetic_slice():

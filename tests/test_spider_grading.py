@@ -68,6 +68,11 @@ def test_disc_targets_and_the_vertebra_reference():
     assert vertebra_reference(discs) == {1: 1, 2: 0, 3: 1}
     discs[2]["lower_endplate_change"] = 0
     assert vertebra_reference(discs)[1] == 0
+    # a Modic change not graded (no T1): unknown unless an endplate is positive
+    discs[2]["modic"] = None
+    assert 1 not in vertebra_reference(discs) and 2 not in vertebra_reference(discs)
+    discs[2]["upper_endplate_change"] = 1  # L4's lower endplate: known positive
+    assert vertebra_reference(discs)[2] == 1 and 1 not in vertebra_reference(discs)
     fused = {1: {"lower_endplate_change": 0.9, "upper_endplate_change": 0.1, "modic_any": 0.2},
              2: {"lower_endplate_change": 0.3, "upper_endplate_change": 0.4, "modic_any": 0.5}}
     assert vertebra_parts(fused, 1) == {"upper_endplate": 0.3, "lower_endplate": 0.1, "modic_above": 0.5,

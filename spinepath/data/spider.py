@@ -280,8 +280,26 @@ class SpiderStudy:
         return _read_png(self.root / self.images[sequence]).astype(np.float32)
 
 
+#: The sequences a finding is graded on. Where a patient lacks one, spider_midsag's row holds a placeholder, not
+#: a grade: all 37 discs of the 5 patients without a T2 are Pfirrmann 1 although 14 of them are narrowed (3% of
+#: the Pfirrmann-1 discs of the patients with a T2 are), and Modic changes are 0 on every one of them and on
+#: 112 of the 114 discs of the 17 patients without a T1 (39% of the discs of the patients with both have one).
+GRADED_ON: dict[str, tuple[str, ...]] = {"pfirrmann": ("t2",), "modic": ("t1", "t2")}
+
+
+def graded_rows(discs: list[dict], sequences: list[str] | tuple[str, ...]) -> list[dict]:
+    """Copies of a patient's disc rows with ``None`` for the findings its sequences cannot grade (:data:`GRADED_ON`).
+
+    A ``None`` is an unknown label: training skips it, the evaluation leaves the disc out of that finding.
+    """
+    missing = [k for k, need in GRADED_ON.items() if not set(need) <= set(sequences)]
+    return [{**d, **dict.fromkeys(missing)} for d in discs]
+
+
 def load_spider_midsag(root: str | Path) -> list[SpiderStudy]:
     """Read a spider_midsag-format folder's ``labels.json`` (patients sorted by number).
+
+    A finding graded on a sequence the patient lacks is ``None`` in its disc rows (:func:`graded_rows`).
 
     Raises:
         FileNotFoundError: If labels.json or a listed image is missing.
@@ -300,7 +318,7 @@ def load_spider_midsag(root: str | Path) -> list[SpiderStudy]:
                 root=root,
                 images=dict(e["images"]),
                 spacing={k: (float(v[0]), float(v[1])) for k, v in (e.get("pixel_spacing_mm") or {}).items()},
-                discs=sorted(e.get("discs", []), key=lambda d: d["index_from_bottom"]),
+                discs=graded_rows(sorted(e.get("discs", []), key=lambda d: d["index_from_bottom"]), list(e["images"])),
                 num_vertebrae=e.get("num_vertebrae"),
                 scanner=e.get("scanner") or {},
             )

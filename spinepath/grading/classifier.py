@@ -367,11 +367,12 @@ def load_backbone(model: nn.Module, path: str | Path) -> None:
     ck = torch.load(Path(path), map_location="cpu", weights_only=False)
     if not isinstance(ck, dict) or ck.get("format") != "spinepath-backbone-1":
         raise ValueError(f"{path} is not a spinepath pretrained backbone")
-    state = {k: v for k, v in ck["state_dict"].items() if not k.startswith("head.fc")}
+    heads = ("head.fc", "fc.")  # the classifier layer of a ConvNeXt / of a MONAI ResNet: stays random
+    state = {k: v for k, v in ck["state_dict"].items() if not k.startswith(heads)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch: another model size
         raise ValueError(f"{path} ({ck.get('model')}) does not match the classifier's architecture") from exc
-    if unexpected or any(not k.startswith("head.fc") for k in missing):
+    if unexpected or any(not k.startswith(heads) for k in missing):
         raise ValueError(f"{path} does not match the classifier ({ck.get('model')}): {missing[:3]} {unexpected[:3]}")
 

@@ -1,11 +1,14 @@
-"""Self-supervised pretraining of the grading ConvNeXt on unlabelled spine crops (SimCLR).
+"""Self-supervised pretraining of a grading backbone on unlabelled spine crops (SimCLR).
 
 Crops come from every training image in the shared data, without grades: the spark_midsag training slices
 (at their vertebra and disc centres) and the sagittal slices of the chu_t2, spineweb_vb and ivd_t2 training
-volumes (at the mask centroids and between neighbouring bodies). Two augmented views of each crop (the
-grading augmentation: rotation, scale, shift, superior-inferior flip, gamma, bias field, noise) are pulled
-together by the NT-Xent loss. The backbone then initialises the grading classifiers
-(``GradingConfig.init``). Validation studies of ``configs/split.json`` are never used.
+volumes (at the mask centroids and between neighbouring bodies); with ``spider`` also the spider_midsag T1
+and T2 images of the training and selection patients, at the discs the product finds (their grades unread).
+The backbone is a ConvNeXt (the spark grader's) or a MONAI ResNet (the SPIDER grader's). Two augmented views
+of each crop (the grading augmentation: rotation, scale, shift, superior-inferior flip, gamma, bias field,
+noise) are pulled together by the NT-Xent loss. The backbone then initialises the grading classifiers
+(``GradingConfig.init``) or the SPIDER disc network (``SpiderConfig.init``). Validation studies of
+``configs/split.json`` are never used.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 from spinepath.core.files import atomic_file
 from spinepath.data.datasets import load_spark, load_volume_index
 from spinepath.data.split import is_validation
-from spinepath.grading.classifier import GradingConfig, build_classifier, to_input, warmup_cosine
+from spinepath.grading.classifier import MONAI_RESNETS, GradingConfig, build_classifier, to_input, warmup_cosine
 from spinepath.grading.crops import (
     Structure,
     augment_intensity,
@@ -58,6 +61,8 @@ class PretrainConfig:
     temperature: float = 0.2
     aug_strength: float = 1.0
     slice_step: int = 2
+    spider: bool = False  # also the spider_midsag training + selection images (discs found by the product)
+    spider_patients: int = 0  # at most this many of those patients (0: all; quick runs)
     max_minutes: float = 0.0
     num_threads: int = 0
     seed: int = 0
@@ -88,11 +93,36 @@ def volume_structures(image: np.ndarray, mask: np.ndarray, spacing: tuple[float,
     return images, out
 
 
-def collect_unlabelled(data_root: str | Path, slice_step: int = 2) -> tuple[dict[str, np.ndarray], list[Structure]]:
-    """Images and structure positions of all training data (no grades used)."""
+def spider_unlabelled(data_root: str | Path, max_patients: int = 0) -> tuple[dict[str, np.ndarray], list[Structure]]:
+    """The spider_midsag T1 and T2 images of the training and selection patients at the discs the product finds.
+
+    The detector and naming chain of the committed detector place the discs, as for the SPIDER grader's
+    training (:func:`spinepath.grading.spider_training.study_samples`); no grade is read and the validation
+    patients are left out. ``max_patients``: the first N of the others (0: all).
+    """
+    # the chain (detector, MONAI) is imported only where SPIDER images are asked for
+    from spinepath.core.paths import resolve_model_path
+    from spinepath.data.spider import load_spider_midsag
+    from spinepath.data.split import split_part
+    from spinepath.detection.predictor import VertebraDetector
+    from spinepath.grading.spider_training import collect
+
+    studies = [s for s in load_spider_midsag(Path(data_root) / "spider_midsag")
+               if split_part("spider_midsag", s.patient, s.patient) != "validation"]
+    if max_patients:
+        studies = studies[:max_patients]
+    images, samples = collect(studies, VertebraDetector.load(resolve_model_path(None)), progress=False)
+    return images, [s.structure for s in samples]
+
+
+def collect_unlabelled(data_root: str | Path, slice_step: int = 2, spider: bool = False, spider_patients: int = 0
+                       ) -> tuple[dict[str, np.ndarray], list[Structure]]:
+    """Images and structure positions of all training data (no grades used); SPIDER's too with ``spider``."""
     root = Path(data_root)
     images: dict[str, np.ndarray] = {}
     structs: list[Structure] = []
+    if spider:
+        images, structs = spider_unlabelled(root, spider_patients)
     for c in load_spark(root / "spark_midsag"):
         if is_validation("spark_midsag", c.case):
             continue
@@ -112,13 +142,17 @@ def collect_unlabelled(data_root: str | Path, slice_step: int = 2) -> tuple[dict
 
 
 class SimCLR(nn.Module):
-    """ConvNeXt backbone (timm, 1 channel, no head) + a two-layer projection head."""
+    """Backbone (timm ConvNeXt or MONAI ResNet, 1 channel, no classifier) + a two-layer projection head."""
 
     def __init__(self, model: str) -> None:
         super().__init__()
         self.backbone = build_classifier(GradingConfig(model=model, task="vertebra"))
-        self.backbone.reset_classifier(0)
-        d = self.backbone.num_features
+        if model in MONAI_RESNETS:
+            d = self.backbone.fc.in_features
+            self.backbone.fc = nn.Identity()
+        else:
+            self.backbone.reset_classifier(0)
+            d = self.backbone.num_features
         self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, 128))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +181,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    images, structs = collect_unlabelled(cfg.data_root, cfg.slice_step)
+    images, structs = collect_unlabelled(cfg.data_root, cfg.slice_step, cfg.spider, cfg.spider_patients)
     log.info("pretraining on %d structures in %d images", len(structs), len(images))
     model = SimCLR(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -45,6 +45,7 @@ from spinepath.grading.classifier import (
     GradingConfig,
     build_classifier,
     ensemble_mean,
+    load_backbone,
     seed_loader_worker,
     to_input,
     warmup_cosine,
@@ -106,6 +107,7 @@ class SpiderConfig:
     spark_heads: bool = False  # also train the spark_midsag disc / vertebra heads on the same backbone
     crop_norm: str = "image"  # "image": the slice's intensity range; "crop": each crop's own 1st-99.5th pct
     parasagittal: bool = False  # also train on the spider_seg slices of the fold's training patients (T2)
+    init: str = ""  # self-supervised backbone (``spinepath train pretrain``) to start from; "" = random
     seed: int = 0
 
     @classmethod
@@ -327,7 +329,10 @@ def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: lis
                    replace(s, target=np.concatenate([s.target, np.full(pad, -1, np.int64)])) for s in samples]
     torch.manual_seed(cfg.seed)
     dev = torch.device(device)
-    model = cfg.network().to(dev)
+    model = cfg.network()
+    if cfg.init:
+        load_backbone(model, cfg.init)
+    model = model.to(dev)
     ds = DiscCrops(images, samples, cfg, train=True)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                                      generator=torch.Generator().manual_seed(cfg.seed), num_workers=workers,
@@ -754,15 +759,19 @@ def vertebra_reference(discs: dict[int, dict]) -> dict[int, int]:
 
     Positive when its own endplates are involved: the lower-endplate change of the disc above it, the
     upper-endplate change of the disc below it, or a Modic change at either. Only vertebrae between two
-    labelled discs.
+    labelled discs; a vertebra with no positive part and an unknown one (``None``: not graded) is left out.
     """
     out = {}
     for i, below in discs.items():
         above = discs.get(i + 1)
         if above is None:
             continue
-        out[i] = int(bool(above.get("lower_endplate_change")) or bool(below.get("upper_endplate_change"))
-                     or (above.get("modic") or 0) > 0 or (below.get("modic") or 0) > 0)
+        parts = (above.get("lower_endplate_change"), below.get("upper_endplate_change"), above.get("modic"),
+                 below.get("modic"))
+        if any(v is not None and v > 0 for v in parts):
+            out[i] = 1
+        elif all(v is not None for v in parts):
+            out[i] = 0
     return out
 
 

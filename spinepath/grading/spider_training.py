@@ -79,6 +79,7 @@ class SpiderTrainConfig:
     quiet: bool = False
     device: str = "cpu"  # where the fold networks train (the grader is saved from the CPU)
     workers: int = 0  # data-loader processes for the crops (0: reproducible)
+    init: str = ""  # self-supervised backbone the fold networks start from (overrides the params file's)
 
 
 def load_spider_params(path: str | Path = SPIDER_PARAMS) -> SpiderConfig:
@@ -219,6 +220,8 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
     cfg = load_spider_params(tc.params_file or SPIDER_PARAMS)
     if tc.epochs:
         cfg.epochs = tc.epochs
+    if tc.init:
+        cfg.init = tc.init
     det_path = resolve_model_path(tc.detector or None)
     detector = VertebraDetector.load(det_path)
     studies = [s for s in load_spider_midsag(Path(tc.data_root) / "spider_midsag")

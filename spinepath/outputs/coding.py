@@ -93,6 +93,7 @@ REVIEW_REASON_CODES = {
     "transitional": hd.sr.CodedConcept("TRANSIT", SCHEME, "Transitional lumbosacral vertebra suspected"),
     "image_quality": hd.sr.CodedConcept("IMGQUAL", SCHEME, "Image quality outside the training range"),
     "sequence": hd.sr.CodedConcept("SEQUENCE", SCHEME, "Sequence not known from the acquisition"),
+    "without_t2": hd.sr.CodedConcept("NOT2", SCHEME, "Graded without the T2 the grade is defined on"),
     "flagged_findings": hd.sr.CodedConcept("FLAGGED", SCHEME, "Findings flagged for review"),
 }
 
