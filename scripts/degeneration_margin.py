@@ -7,10 +7,10 @@ original image, so only the grading moves. For every binary finding (and any Mod
 change of the fused log-odds, ``|delta|``; a decision that flips moves across its threshold, so a margin of
 half the finding's 95th percentile of ``|delta|`` around its threshold catches at least 95% of flips on one side or the
 other (``configs/review.json`` -> ``degeneration_logit_margin``). Prints JSON: the margins, the quantiles and
-the fraction of out-of-fold discs (``runs/spider_r18/oof.npz`` when present) each margin flags, and the
-positive predictive value of each finding's calls there (``degeneration_oof_ppv``).
+the fraction of out-of-fold discs (``--oof``, default ``runs/spider_r18/oof.npz``, when present) each margin
+flags, and the positive predictive value of each finding's calls there (``degeneration_oof_ppv``).
 
-Usage: python scripts/degeneration_margin.py [--limit N] [-q]
+Usage: python scripts/degeneration_margin.py [--limit N] [--oof RUN/oof.npz] [-q]
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def main() -> None:
     """Measure and print the margins."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=0, help="first N selection patients only")
+    ap.add_argument("--oof", type=Path, default=REPO / "runs" / "spider_r18" / "oof.npz",
+                    help="the committed grader's training run's level table (for the flagged fractions and PPVs)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     detector, _ = load_models()
@@ -102,7 +104,7 @@ def main() -> None:
                               "q95_abs_delta": round(float(np.quantile(d, 0.95)), 3)}
     margin = {k: round(v["q95_abs_delta"] / 2, 2) for k, v in out["findings"].items()}
     out["degeneration_logit_margin"] = margin
-    oof = REPO / "runs" / "spider_r18" / "oof.npz"
+    oof = args.oof
     if oof.exists():
         z = np.load(oof)
         fus, cv = fit_level_fusion(z["X"], z["Y"], z["groups"])

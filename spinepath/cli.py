@@ -85,9 +85,14 @@ def _cmd_train_grading(args: argparse.Namespace) -> int:
 
 def _cmd_train_spider(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
-    from spinepath.grading.spider_training import SpiderTrainConfig, train_spider
+    from spinepath.grading.spider_training import SpiderTrainConfig, combine_runs, train_spider
 
-    print(json.dumps(train_spider(_options(SpiderTrainConfig, args))))
+    tc = _options(SpiderTrainConfig, args)
+    if args.combine:
+        summary = combine_runs(args.combine, args.out_dir or "runs/spider_combined", tc.data_root)
+        print(json.dumps({k: summary[k] for k in ("spider_grader", "levels", "combined", "oof")}))
+        return 0
+    print(json.dumps(train_spider(tc)))
     return 0
 
 
@@ -487,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--num-threads", dest="num_threads", type=int)
     ts.add_argument("--device", help="torch device the fold networks train on (cpu, cuda; default cpu)")
     ts.add_argument("--workers", type=int, help="data-loader processes for the crops (default 0: reproducible)")
+    ts.add_argument("--combine", nargs="+", metavar="RUN",
+                    help="no training: one grader from these runs' fold networks (averaged), its fusion refitted "
+                         "on their averaged out-of-fold table, written to --out-dir")
     ts.add_argument("--init", help="self-supervised backbone (spinepath train pretrain --model resnet18_narrow) "
                                    "the fold networks start from (default: the params file's, random)")
     ts.set_defaults(func=_cmd_train_spider)
@@ -520,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--model", help="backbone: a ConvNeXt size (default convnext_atto, the spark classifiers') "
                                     "or a MONAI ResNet (resnet18_narrow: the SPIDER grader's)")
     tp.add_argument("--crop-mm", dest="crop_mm", type=float, help="crop side in mm (default 84; SPIDER: 64)")
+    tp.add_argument("--intensity-strength", dest="intensity_strength", type=float,
+                    help="scale of the views' intensity augmentation (default 1; lower keeps the signal "
+                         "intensity a feature: Pfirrmann grades it)")
     tp.add_argument("--spider", action="store_true", default=None,
                     help="also the spider_midsag training + selection images, at the discs the product finds")
     tp.add_argument("--epochs", type=int)

@@ -140,6 +140,37 @@ def test_training_saves_a_grader_that_grades_a_study(tiny_spider, data_root, mod
         SpiderGrader.load(out / "bad.pt")
 
 
+def test_runs_combine_into_one_grader(tiny_spider, data_root, tmp_path):
+    """``train spider --combine``: every fold network of the runs, the fusion refitted on their mean table."""
+    import shutil
+
+    from spinepath.grading.spider import SpiderGrader
+    from spinepath.grading.spider_training import combine_runs
+
+    out, _ = tiny_spider
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(out / "spider_grader.pt", other / "spider_grader.pt")
+    z = dict(np.load(out / "oof.npz"))
+    X2 = z["X"].copy()
+    X2[:, :5] = X2[:, [4, 3, 2, 1, 0]]  # the other run's T2 Pfirrmann probabilities: reversed grades
+    np.savez(other / "oof.npz", **{**z, "X": X2})
+    res = subprocess.run([sys.executable, "-m", "spinepath", "-q", "train", "spider", "--data-root", str(data_root),
+                          "--combine", str(out), str(other), "--out-dir", str(tmp_path / "both")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    both = np.load(tmp_path / "both" / "oof.npz")
+    np.testing.assert_allclose(both["X"], (z["X"] + X2) / 2)
+    assert (both["Y"] == z["Y"]).all() and (both["groups"] == z["groups"]).all()
+    g = SpiderGrader.load(tmp_path / "both" / "spider_grader.pt", exported=False)
+    assert len(g.models) == 4 and g.meta["networks"] == 4 and g.fusion.vertebra
+    first = SpiderGrader.load(out / "spider_grader.pt", exported=False)
+    assert torch.equal(next(g.models[2].parameters()), next(first.models[0].parameters()))  # the second run's
+    np.savez(other / "oof.npz", **{k: v[1:] for k, v in z.items()})  # one disc fewer
+    with pytest.raises(ValueError, match="graded other discs"):
+        combine_runs([out, other], tmp_path / "bad", data_root)
+
+
 def test_the_pfirrmann_booster_is_compared_on_the_fusions_own_folds(tiny_spider):
     """``nested_pfirrmann`` reproduces the fusion's nested Pfirrmann predictions and takes more columns."""
     from spinepath.grading.spider import (

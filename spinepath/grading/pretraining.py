@@ -60,6 +60,7 @@ class PretrainConfig:
     weight_decay: float = 0.05
     temperature: float = 0.2
     aug_strength: float = 1.0
+    intensity_strength: float = 1.0  # times aug_strength for the views' intensity changes (the geometry's stays)
     slice_step: int = 2
     spider: bool = False  # also the spider_midsag training + selection images (discs found by the product)
     spider_patients: int = 0  # at most this many of those patients (0: all; quick runs)
@@ -172,7 +173,7 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 def _view(image: np.ndarray, s: Structure, cfg: PretrainConfig, rng: random.Random) -> np.ndarray:
     scale = math.exp(rng.uniform(-0.1, 0.1))
     x = sample_crop(image, s, cfg.crop_mm * scale, cfg.crop_px, random_jitter(rng, cfg.aug_strength))
-    return to_input(augment_intensity(x, rng, cfg.aug_strength))
+    return to_input(augment_intensity(x, rng, cfg.aug_strength * cfg.intensity_strength))
 
 
 def pretrain(cfg: PretrainConfig) -> dict:

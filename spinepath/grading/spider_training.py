@@ -263,33 +263,76 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
     X = np.stack([table[k] for k in keys])
     Y = np.stack([labels[k] for k in keys])
     groups = np.array([k[0] for k in keys])
-    fusion, cv = fit_level_fusion(X, Y, groups, n_folds=tc.folds)
+    meta = {"detector": str(det_path), "patients": len(fold_of), "discs": len(samples), "levels": len(keys),
+            "folds": tc.folds, "cfg": asdict(cfg)}
+    return fit_and_save_grader(out, cfg, models, X, Y, groups, {s.patient: s for s in studies}, meta,
+                               n_folds=tc.folds, extra={"samples": len(samples)})
+
+
+def fit_and_save_grader(out: Path, cfg: SpiderConfig, models: list, X: np.ndarray, Y: np.ndarray,
+                        groups: np.ndarray, studies: dict[str, SpiderStudy], meta: dict, n_folds: int = 5,
+                        extra: dict | None = None) -> dict:
+    """Fit the level fusion and the vertebra decision on a level table; save grader, table and summary in ``out``.
+
+    ``X`` / ``Y`` / ``groups``: the out-of-fold level table (rows sorted by patient and disc index, the last
+    column of ``X`` the index), as :func:`train_spider` builds it; ``studies``: the patients' labels (the
+    per-vertebra reference). Returns the summary written to ``out/summary.json``.
+    """
+    fusion, cv = fit_level_fusion(X, Y, groups, n_folds=n_folds)
     # the vertebra decision on the nested cross-validated fused probabilities
     by_patient: dict[str, dict[int, dict]] = {}
-    for i, (p, idx) in enumerate(keys):
-        by_patient.setdefault(p, {})[idx] = fused_findings(cv, i)
+    for i, (p, idx) in enumerate(zip(groups, X[:, -1].astype(int))):
+        by_patient.setdefault(str(p), {})[int(idx)] = fused_findings(cv, i)
     parts, yv = [], []
-    spiders = {s.patient: s for s in studies}
     for p, fused in by_patient.items():
-        ref = vertebra_reference(spiders[p].discs_by_index)
+        ref = vertebra_reference(studies[p].discs_by_index)
         for i, y in ref.items():
             q = vertebra_parts(fused, i)
             if q is not None:
                 parts.append(q)
                 yv.append(y)
     fusion.vertebra = fit_vertebra_decision(parts, np.array(yv))
-    grader = SpiderGrader(cfg, models, fusion, {
-        "detector": str(det_path), "patients": len(fold_of), "discs": len(samples), "levels": len(keys),
-        "folds": tc.folds, "cfg": asdict(cfg)})
+    grader = SpiderGrader(cfg, models, fusion, meta)
     grader.save(out / "spider_grader.pt")
-    summary = {"spider_grader": str(out / "spider_grader.pt"), "patients": len(fold_of), "samples": len(samples),
-               "levels": len(keys), "fusion": fusion.info, "fusion_settings": fusion.settings,
+    summary = {"spider_grader": str(out / "spider_grader.pt"), "patients": meta.get("patients"), **(extra or {}),
+               "levels": len(X), "fusion": fusion.info, "fusion_settings": fusion.settings,
                "thresholds": fusion.thresholds,
                "pfirrmann_rule": fusion.pfirrmann_rule, "vertebra": fusion.vertebra,
                "oof": oof_metrics(Y, cv)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     np.savez_compressed(out / "oof.npz", X=X, Y=Y, groups=groups)
     return summary
+
+
+def combine_runs(runs: list[str | Path], out_dir: str | Path, data_root: str | Path = "../shared/data") -> dict:
+    """One grader from several training runs of the same discs: all their fold networks, one fusion.
+
+    The runs' level tables (``oof.npz``) must hold the same rows and labels; their probability columns are
+    averaged (each held-out disc's prediction is then the mean of one fold network per run, as the product's
+    is the mean of all), and the fusion and the vertebra decision are fitted on that table as
+    :func:`train_spider` fits them. The networks must share one architecture (their ``cfg`` but ``init``).
+
+    Raises:
+        ValueError: If the runs graded different discs or their networks differ.
+
+    """
+    runs = [Path(r) for r in runs]
+    tables = [np.load(r / "oof.npz") for r in runs]
+    graders = [SpiderGrader.load(r / "spider_grader.pt", exported=False) for r in runs]
+    for r, t, g in zip(runs[1:], tables[1:], graders[1:]):
+        if not (np.array_equal(t["groups"], tables[0]["groups"]) and np.array_equal(t["Y"], tables[0]["Y"])
+                and np.array_equal(t["X"][:, -1], tables[0]["X"][:, -1])):
+            raise ValueError(f"{r} graded other discs than {runs[0]}: its level table has other rows")
+        if replace(g.cfg, init="") != replace(graders[0].cfg, init=""):
+            raise ValueError(f"{r}'s networks differ from {runs[0]}'s: {g.cfg} vs {graders[0].cfg}")
+    X = np.mean([t["X"] for t in tables], axis=0)
+    studies = {s.patient: s for s in load_spider_midsag(Path(data_root) / "spider_midsag")}
+    models = [m for g in graders for m in g.models]
+    meta = {**graders[0].meta, "combined": [str(r) for r in runs], "networks": len(models)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return fit_and_save_grader(out, replace(graders[0].cfg, init=""), models, X, tables[0]["Y"],
+                               tables[0]["groups"], studies, meta, extra={"combined": meta["combined"]})
 
 
 def target_metrics(Y: np.ndarray, pfirrmann: np.ndarray, modic_none: np.ndarray, binary: dict[str, np.ndarray]
