@@ -531,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--intensity-strength", dest="intensity_strength", type=float,
                     help="scale of the views' intensity augmentation (default 1; lower keeps the signal "
                          "intensity a feature: Pfirrmann grades it)")
+    tp.add_argument("--device", help="torch device the network trains on (cpu, cuda; default cpu)")
     tp.add_argument("--spider", action="store_true", default=None,
                     help="also the spider_midsag training + selection images, at the discs the product finds")
     tp.add_argument("--epochs", type=int)

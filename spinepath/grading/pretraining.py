@@ -67,6 +67,7 @@ class PretrainConfig:
     max_minutes: float = 0.0
     num_threads: int = 0
     seed: int = 0
+    device: str = "cpu"  # where the network trains (the crops are cut on the CPU); the backbone is saved on the CPU
     quiet: bool = False
 
 
@@ -184,7 +185,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     rng = random.Random(cfg.seed)
     images, structs = collect_unlabelled(cfg.data_root, cfg.slice_step, cfg.spider, cfg.spider_patients)
     log.info("pretraining on %d structures in %d images", len(structs), len(images))
-    model = SimCLR(cfg.model)
+    dev = torch.device(cfg.device)
+    model = SimCLR(cfg.model).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, cfg.crops_per_epoch // cfg.batch_size)
     sched = warmup_cosine(opt, steps_per_epoch, cfg.epochs * steps_per_epoch)
@@ -198,7 +200,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             batch = rng.sample(structs, min(cfg.batch_size, len(structs)))
             v1 = [_view(images[s.image_key], s, cfg, rng) for s in batch]
             v2 = [_view(images[s.image_key], s, cfg, rng) for s in batch]
-            x = torch.from_numpy(np.stack(v1 + v2))
+            x = torch.from_numpy(np.stack(v1 + v2)).to(dev)
             loss = nt_xent(model(x), cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -210,7 +212,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             tqdm.write(json.dumps(history[-1]))
         with atomic_file(out, ".pt") as tmp:
             torch.save({"format": "spinepath-backbone-1", "model": cfg.model, "config": asdict(cfg),
-                        "state_dict": model.backbone.state_dict(), "history": history}, tmp)
+                        "state_dict": {k: v.cpu() for k, v in model.backbone.state_dict().items()},
+                        "history": history}, tmp)
         if cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes:
             break
     return {"out": str(out), "structures": len(structs), "images": len(images), "history": history}
