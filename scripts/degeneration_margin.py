@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=0, help="first N selection patients only")
     ap.add_argument("--oof", type=Path, default=REPO / "runs" / "spider_r18" / "oof.npz",
-                    help="the committed grader's training run's level table (for the flagged fractions and PPVs)")
+                    help="a training run's level table, the committed grader's (for the flagged fractions and PPVs)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     detector, _ = load_models()

@@ -25,8 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
-from spinepath.data.spider import load_spider_midsag  # noqa: E402
-from spinepath.data.split import split_part  # noqa: E402
 from spinepath.grading.classifier import ensemble_mean  # noqa: E402
 from spinepath.grading.crops import CropJitter  # noqa: E402
 from spinepath.grading.fusion import paired_gain, quadratic_kappa  # noqa: E402
@@ -39,7 +37,13 @@ from spinepath.grading.spider import (  # noqa: E402
     level_table,
     pfirrmann_grade,
 )
-from spinepath.grading.spider_training import collect, load_spider_params, oof_metrics, patient_folds  # noqa: E402
+from spinepath.grading.spider_training import (  # noqa: E402
+    collect,
+    load_spider_params,
+    oof_metrics,
+    patient_folds,
+    training_studies,
+)
 from spinepath.stages import load_models  # noqa: E402
 
 VIEWS = {
@@ -61,8 +65,7 @@ def main() -> None:
     torch.set_num_threads(2)
     cfg = load_spider_params(args.params) if args.params else load_spider_params()
     detector, _ = load_models()
-    studies = [s for s in load_spider_midsag(SHARED_EXAMPLES.parent / "spider_midsag")
-               if split_part("spider_midsag", s.patient, s.patient) != "validation"]
+    studies = training_studies(SHARED_EXAMPLES.parent)
     images, samples = collect(studies, detector, progress=not args.quiet, labelled_only=True, anchored_only=True)
     fold_of = patient_folds([s.patient for s in samples], args.folds)
     models = []

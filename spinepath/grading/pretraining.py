@@ -104,15 +104,10 @@ def spider_unlabelled(data_root: str | Path, max_patients: int = 0) -> tuple[dic
     """
     # the chain (detector, MONAI) is imported only where SPIDER images are asked for
     from spinepath.core.paths import resolve_model_path
-    from spinepath.data.spider import load_spider_midsag
-    from spinepath.data.split import split_part
     from spinepath.detection.predictor import VertebraDetector
-    from spinepath.grading.spider_training import collect
+    from spinepath.grading.spider_training import collect, training_studies
 
-    studies = [s for s in load_spider_midsag(Path(data_root) / "spider_midsag")
-               if split_part("spider_midsag", s.patient, s.patient) != "validation"]
-    if max_patients:
-        studies = studies[:max_patients]
+    studies = training_studies(data_root, max_patients)
     images, samples = collect(studies, VertebraDetector.load(resolve_model_path(None)), progress=False)
     return images, [s.structure for s in samples]
 

@@ -89,6 +89,16 @@ def load_spider_params(path: str | Path = SPIDER_PARAMS) -> SpiderConfig:
     return SpiderConfig.from_dict(d.get("params", d))
 
 
+def training_studies(data_root: str | Path, max_patients: int = 0) -> list[SpiderStudy]:
+    """The spider_midsag patients outside the validation split (training + selection).
+
+    ``max_patients``: the first N of them (0: all; quick runs).
+    """
+    studies = [s for s in load_spider_midsag(Path(data_root) / "spider_midsag")
+               if split_part("spider_midsag", s.patient, s.patient) != "validation"]
+    return studies[:max_patients] if max_patients else studies
+
+
 def study_samples(study: SpiderStudy, detector: VertebraDetector, sequences: tuple[str, ...] = ("t1", "t2"),
                   labelled_only: bool = False, anchored_only: bool = False
                   ) -> tuple[dict[str, np.ndarray], list[DiscSample], dict[str, str]]:
@@ -224,10 +234,7 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
         cfg.init = tc.init
     det_path = resolve_model_path(tc.detector or None)
     detector = VertebraDetector.load(det_path)
-    studies = [s for s in load_spider_midsag(Path(tc.data_root) / "spider_midsag")
-               if split_part("spider_midsag", s.patient, s.patient) != "validation"]
-    if tc.max_patients:
-        studies = studies[: tc.max_patients]
+    studies = training_studies(tc.data_root, tc.max_patients)
     images, samples = collect(studies, detector, progress=not tc.quiet, labelled_only=True, anchored_only=True)
     extra: list[DiscSample] = []
     if cfg.spark_heads:  # every fold also trains the spark heads on the spark_midsag training crops
@@ -310,7 +317,8 @@ def combine_runs(runs: list[str | Path], out_dir: str | Path, data_root: str | P
     The runs' level tables (``oof.npz``) must hold the same rows and labels; their probability columns are
     averaged (each held-out disc's prediction is then the mean of one fold network per run, as the product's
     is the mean of all), and the fusion and the vertebra decision are fitted on that table as
-    :func:`train_spider` fits them. The networks must share one architecture (their ``cfg`` but ``init``).
+    :func:`train_spider` fits them. The networks must share every setting but ``init`` (one ``cfg`` crops for
+    all of them).
 
     Raises:
         ValueError: If the runs graded different discs or their networks differ.
@@ -326,7 +334,7 @@ def combine_runs(runs: list[str | Path], out_dir: str | Path, data_root: str | P
         if replace(g.cfg, init="") != replace(graders[0].cfg, init=""):
             raise ValueError(f"{r}'s networks differ from {runs[0]}'s: {g.cfg} vs {graders[0].cfg}")
     X = np.mean([t["X"] for t in tables], axis=0)
-    studies = {s.patient: s for s in load_spider_midsag(Path(data_root) / "spider_midsag")}
+    studies = {s.patient: s for s in training_studies(data_root)}
     models = [m for g in graders for m in g.models]
     meta = {**graders[0].meta, "combined": [str(r) for r in runs], "networks": len(models)}
     out = Path(out_dir)
@@ -441,10 +449,7 @@ def run_spider_search(n_trials: int, storage: str | None = None, study_name: str
     if num_threads:
         torch.set_num_threads(num_threads)
     det = VertebraDetector.load(resolve_model_path(detector or None))
-    studies = [s for s in load_spider_midsag(Path(data_root) / "spider_midsag")
-               if split_part("spider_midsag", s.patient, s.patient) != "validation"]
-    if max_patients:
-        studies = studies[:max_patients]
+    studies = training_studies(data_root, max_patients)
     images, samples = collect(studies, det, progress=progress, labelled_only=True, anchored_only=True)
     fold_of = patient_folds([s.patient for s in samples], 5)
     # (training, held-out) samples of each scored fold, the same for every trial
