@@ -497,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "on their averaged out-of-fold table, written to --out-dir")
     ts.add_argument("--init", help="self-supervised backbone (spinepath train pretrain --model resnet18_narrow) "
                                    "the fold networks start from (default: the params file's, random)")
+    ts.add_argument("--distill", nargs="+", metavar="RUN",
+                    help="knowledge distillation: each fold network also learns the mean probabilities of these "
+                         "training runs' network of the same fold (on the same augmented crops)")
+    ts.add_argument("--distill-weight", dest="distill_weight", type=float,
+                    help="the teachers' share of the loss (default 0.5; the labels' is the rest)")
     ts.set_defaults(func=_cmd_train_spider)
     tsg = tsub.add_parser("segmentation", parents=[quiet],
                           help="segmentation of bodies, posterior elements, discs and canal (partial labels, "

@@ -171,6 +171,44 @@ def test_runs_combine_into_one_grader(tiny_spider, data_root, tmp_path):
         combine_runs([out, other], tmp_path / "bad", data_root)
 
 
+def test_a_student_learns_its_teachers_probabilities(tiny_spider, data_root, models, tmp_path):
+    """Knowledge distillation (``train spider --distill RUN``): each fold network also learns the teacher run's
+    network of the same fold; a teacher must crop as the student does and hold one network per fold."""
+    from dataclasses import replace
+
+    from spinepath.grading.spider import SpiderGrader, distillation_loss, predict_samples, train_network
+    from spinepath.grading.spider_training import fold_teachers, study_samples, training_studies
+
+    # the loss is least where the student's probabilities are the teacher's
+    torch.manual_seed(0)
+    z = torch.randn(6, N_OUTPUTS)
+    t = head_probabilities(z)
+    assert distillation_loss(z, t) < distillation_loss(z + 0.5 * torch.randn(6, N_OUTPUTS), t)
+
+    out, _ = tiny_spider
+    teacher = SpiderGrader.load(out / "spider_grader.pt", exported=False)
+    images, samples, _ = study_samples(training_studies(data_root, 1)[0], models[0], labelled_only=True)
+    want = predict_samples([teacher.models[0]], teacher.cfg, images, samples, tta=False)
+    cfg = replace(teacher.cfg, epochs=6, aug_strength=0.0, lr=3e-3)
+    torch.manual_seed(cfg.seed)
+    before = predict_samples([cfg.network().eval()], cfg, images, samples, tta=False)
+    student = train_network(cfg, images, samples, progress=False, teachers=[teacher.models[0]], distill_weight=1.0)
+    after = predict_samples([student], cfg, images, samples, tta=False)
+    assert np.abs(after - want).mean() < 0.5 * np.abs(before - want).mean()
+
+    with pytest.raises(ValueError, match="not one per fold"):
+        fold_teachers([str(out)], teacher.cfg, 5)
+    with pytest.raises(ValueError, match="crop_px"):
+        fold_teachers([str(out)], replace(teacher.cfg, crop_px=96), 2)
+    res = subprocess.run([sys.executable, "-m", "spinepath", "-q", "train", "spider", "--data-root", str(data_root),
+                          "--out-dir", str(tmp_path / "student"), "--max-patients", "8", "--folds", "2",
+                          "--epochs", "1", "--num-threads", "2", "--distill", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    g = SpiderGrader.load(tmp_path / "student" / "spider_grader.pt", exported=False)
+    assert len(g.models) == 2 and g.meta["distilled_from"] == {"runs": [str(out)], "weight": 0.5}
+
+
 def test_the_pfirrmann_booster_is_compared_on_the_fusions_own_folds(tiny_spider):
     """``nested_pfirrmann`` reproduces the fusion's nested Pfirrmann predictions and takes more columns."""
     from spinepath.grading.spider import (

@@ -290,6 +290,22 @@ def multitask_loss(logits: torch.Tensor, target: torch.Tensor, weights: dict[str
     return total
 
 
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Sum over the SPIDER heads of the cross-entropy to a teacher's probabilities (:data:`PROB_COLUMNS` order).
+
+    Multi-class heads: soft cross-entropy to the teacher's distribution; binary heads: BCE to its probability.
+    """
+    total, j = logits.new_zeros(()), 0
+    for k, n in HEADS.items():
+        z, t = logits[:, HEAD_SLICES[k]], teacher[:, j:j + n]
+        if n > 1:
+            total = total - (t * F.log_softmax(z, 1)).sum(1).mean()
+        else:
+            total = total + F.binary_cross_entropy_with_logits(z[:, 0], t[:, 0])
+        j += n
+    return total
+
+
 def head_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """``(N, 15)`` probabilities in :data:`PROB_COLUMNS` order."""
     parts = [torch.softmax(logits[:, HEAD_SLICES[k]], 1) if HEADS[k] > 1 else torch.sigmoid(logits[:, HEAD_SLICES[k]])
@@ -316,11 +332,14 @@ def training_targets(samples: list[DiscSample], cfg: SpiderConfig) -> list[DiscS
 
 def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: list[DiscSample],
                   progress: bool = True, max_minutes: float = 0.0, device: str = "cpu",
-                  workers: int = 0) -> nn.Module:
+                  workers: int = 0, teachers: list[nn.Module] | None = None,
+                  distill_weight: float = 0.5) -> nn.Module:
     """Train one multi-task network (AdamW, warm-up + cosine schedule); returns it in eval mode, on ``device``.
 
     With ``cfg.spark_heads`` the SPIDER samples' targets are padded with -1 for the spark heads. ``workers``:
-    data-loader processes for the crops (0, the default, keeps a run reproducible on the CPU).
+    data-loader processes for the crops (0, the default, keeps a run reproducible on the CPU). ``teachers``
+    (knowledge distillation): networks whose mean probabilities on the same augmented crop the student also
+    learns (:func:`distillation_loss`), weighted ``distill_weight`` against ``1 - distill_weight`` for the labels.
     """
     samples = training_targets(samples, cfg)
     if cfg.spark_heads:
@@ -333,6 +352,8 @@ def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: lis
     if cfg.init:
         load_backbone(model, cfg.init)
     model = model.to(dev)
+    for m in teachers or []:
+        m.eval().to(dev)
     ds = DiscCrops(images, samples, cfg, train=True)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                                      generator=torch.Generator().manual_seed(cfg.seed), num_workers=workers,
@@ -348,7 +369,12 @@ def train_network(cfg: SpiderConfig, images: dict[str, np.ndarray], samples: lis
         tot, n = 0.0, 0
         for x, y in dl:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            loss = multitask_loss(model(x), y, weights, cfg)
+            z = model(x)
+            loss = multitask_loss(z, y, weights, cfg)
+            if teachers:
+                with torch.no_grad():
+                    t = torch.stack([head_probabilities(m(x)) for m in teachers]).mean(0)
+                loss = (1 - distill_weight) * loss + distill_weight * distillation_loss(z, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

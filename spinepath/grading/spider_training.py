@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from spinepath.core.config import config_file
@@ -80,6 +81,8 @@ class SpiderTrainConfig:
     device: str = "cpu"  # where the fold networks train (the grader is saved from the CPU)
     workers: int = 0  # data-loader processes for the crops (0: reproducible)
     init: str = ""  # self-supervised backbone the fold networks start from (overrides the params file's)
+    distill: list[str] = field(default_factory=list)  # teacher runs: each fold network also learns theirs
+    distill_weight: float = 0.5  # the teachers' share of the loss (the labels': the rest)
 
 
 def load_spider_params(path: str | Path = SPIDER_PARAMS) -> SpiderConfig:
@@ -221,6 +224,27 @@ def patient_folds(patients: list[str], k: int) -> dict[str, int]:
     return {p: i % k for i, p in enumerate(order)}
 
 
+#: Settings that decide a crop: a teacher (:func:`fold_teachers`) must see the student's crops.
+CROP_SETTINGS = ("crop_mm", "crop_px", "crop_aspect", "crop_norm")
+
+
+def fold_teachers(runs: list[str], cfg: SpiderConfig, folds: int) -> list[list[nn.Module]]:
+    """Per fold, the teacher runs' network of that fold (trained without the fold's patients).
+
+    Raises:
+        ValueError: If a run has another number of fold networks or crops otherwise than ``cfg``.
+
+    """
+    graders = [SpiderGrader.load(Path(r) / "spider_grader.pt", exported=False) for r in runs]
+    for r, g in zip(runs, graders):
+        if len(g.models) != folds:
+            raise ValueError(f"{r} holds {len(g.models)} networks, not one per fold ({folds}): not a training run")
+        diff = [k for k in CROP_SETTINGS if getattr(g.cfg, k) != getattr(cfg, k)]
+        if diff:
+            raise ValueError(f"{r} crops otherwise than the student ({', '.join(diff)})")
+    return [[g.models[k] for g in graders] for k in range(folds)]
+
+
 def train_spider(tc: SpiderTrainConfig) -> dict:
     """Run the whole training; returns the summary written to ``<out_dir>/summary.json``."""
     if tc.num_threads:
@@ -249,6 +273,7 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
                                                  detector, progress=not tc.quiet)
         images.update(para_images)
         log.info("parasagittal: %d spider_seg crops", len(para))
+    teachers = fold_teachers(tc.distill, cfg, tc.folds) if tc.distill else None
     oof = np.full((len(samples), N_OUTPUTS), np.nan, np.float32)
     models = []
     for k in tqdm(range(tc.folds), desc="folds", disable=tc.quiet):
@@ -260,7 +285,8 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
             m.load_state_dict(torch.load(ck, map_location="cpu"))
             m.eval()
         else:
-            m = train_network(cfg, images, tr, progress=not tc.quiet, device=tc.device, workers=tc.workers).cpu()
+            m = train_network(cfg, images, tr, progress=not tc.quiet, device=tc.device, workers=tc.workers,
+                              teachers=teachers[k] if teachers else None, distill_weight=tc.distill_weight).cpu()
             torch.save(m.state_dict(), ck)
         models.append(m)
         oof[te] = predict_samples([m], cfg, images, [samples[i] for i in te])
@@ -272,6 +298,8 @@ def train_spider(tc: SpiderTrainConfig) -> dict:
     groups = np.array([k[0] for k in keys])
     meta = {"detector": str(det_path), "patients": len(fold_of), "discs": len(samples), "levels": len(keys),
             "folds": tc.folds, "cfg": asdict(cfg)}
+    if tc.distill:
+        meta["distilled_from"] = {"runs": list(tc.distill), "weight": tc.distill_weight}
     return fit_and_save_grader(out, cfg, models, X, Y, groups, {s.patient: s for s in studies}, meta,
                                n_folds=tc.folds, extra={"samples": len(samples)})
 
