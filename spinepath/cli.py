@@ -545,6 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--max-minutes", dest="max_minutes", type=float)
     tp.add_argument("--num-threads", dest="num_threads", type=int)
     tp.add_argument("--seed", type=int)
+    tp.add_argument("--workers", type=int, help="processes cutting the views (default 0: in-process, reproducible)")
+    tp.add_argument("--time-budget", dest="time_budget", type=float,
+                    help="minutes: cut the epochs (and the cosine schedule) to those that fit, timed on the second")
+    tp.add_argument("--pack", help="read the unlabelled images from this pack (scripts/pack_pretrain_images.py) "
+                                   "instead of the data folder")
     tp.set_defaults(func=_cmd_train_pretrain)
 
     s = sub.add_parser("search", help="Optuna hyper-parameter search")

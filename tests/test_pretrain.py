@@ -110,3 +110,43 @@ def test_resnet_backbone_from_spider_images_starts_the_spider_network(tmp_path) 
     cfg.epochs, cfg.lr = 1, 1e-12  # a step too small to move the weights: the start is what is compared
     model = train_network(cfg, ims, samples[:16], progress=False)
     assert torch.allclose(model.conv1.weight, bb["conv1.weight"], atol=1e-6)
+
+
+def test_a_pack_gives_the_same_views_and_trains_with_loader_processes(tmp_path) -> None:
+    """``scripts/pack_pretrain_images.py`` / ``train pretrain --pack``: a machine without the data (a lent GPU)
+    cuts the same views from the pack (8-bit images cut to their structures plus a margin)."""
+    import random
+
+    from spinepath.grading.pretraining import _view, load_pretrain_pack, save_pretrain_pack, view_reach_mm
+
+    images, structs = collect_unlabelled(DATA, slice_step=16)
+    info = save_pretrain_pack(tmp_path / "p.npz.xz", images, structs)
+    assert info["structures"] == len(structs) and info["bytes"] < sum(v.size for v in images.values())
+    packed, pstructs, margin = load_pretrain_pack(tmp_path / "p.npz.xz")
+    assert len(pstructs) == len(structs) and margin == 64.0
+    cfg = PretrainConfig(model="resnet18_narrow", crop_mm=64)
+    assert view_reach_mm(cfg) <= margin < view_reach_mm(PretrainConfig())  # the default 84 mm views need more
+    # the same structures, image by image, in the same order; each image's cut moves all its centres alike
+    orig: dict[str, list] = {}
+    for st in structs:
+        orig.setdefault(st.image_key, []).append(st)
+    got: dict[str, list] = {}
+    for st in pstructs:
+        got.setdefault(st.image_key, []).append(st)
+    assert set(got) == set(orig)
+    for n, key in enumerate(sorted(orig)[:: max(len(orig) // 25, 1)]):
+        shifts = {(round(a.centre[0] - b.centre[0], 6), round(a.centre[1] - b.centre[1], 6))
+                  for a, b in zip(orig[key], got[key])}
+        assert len(shifts) == 1 and min(next(iter(shifts))) >= 0
+        a, b = orig[key][0], got[key][0]
+        assert a.axis == b.axis and a.spacing_mm == b.spacing_mm
+        va = _view(images[key], a, cfg, random.Random(n))
+        vb = _view(packed[key], b, cfg, random.Random(n))
+        assert np.abs(va - vb).max() < 0.1 and np.abs(va - vb).mean() < 0.01
+    res = pretrain(PretrainConfig(pack=str(tmp_path / "p.npz.xz"), model="resnet18_narrow", crop_mm=64,
+                                  out=str(tmp_path / "bb.pt"), epochs=5, crops_per_epoch=32, batch_size=16,
+                                  workers=1, time_budget=1e-4, quiet=True))
+    assert np.isfinite(res["history"][-1]["loss"]) and res["structures"] == len(structs)
+    assert len(res["history"]) == 2  # the time budget cut the 5 epochs to the 2 it always runs
+    with pytest.raises(ValueError, match="margin"):
+        pretrain(PretrainConfig(pack=str(tmp_path / "p.npz.xz"), out=str(tmp_path / "x.pt"), epochs=1))

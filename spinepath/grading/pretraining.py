@@ -13,8 +13,10 @@ noise) are pulled together by the NT-Xent loss. The backbone then initialises th
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import lzma
 import math
 import random
 import time
@@ -64,10 +66,13 @@ class PretrainConfig:
     slice_step: int = 2
     spider: bool = False  # also the spider_midsag training + selection images (discs found by the product)
     spider_patients: int = 0  # at most this many of those patients (0: all; quick runs)
-    max_minutes: float = 0.0
+    max_minutes: float = 0.0  # stop after the epoch that passes this (the schedule stays the asked epochs')
+    time_budget: float = 0.0  # minutes: the epochs (and the cosine schedule) cut to those that fit, timed on epoch 2
     num_threads: int = 0
     seed: int = 0
     device: str = "cpu"  # where the network trains (the crops are cut on the CPU); the backbone is saved on the CPU
+    workers: int = 0  # processes cutting the views (0: in the main process, reproducible on the CPU)
+    pack: str = ""  # read the images and positions from this pack (save_pretrain_pack) instead of data_root
     quiet: bool = False
 
 
@@ -138,6 +143,89 @@ def collect_unlabelled(data_root: str | Path, slice_step: int = 2, spider: bool 
     return images, structs
 
 
+#: Margin kept around a packed image's structures (mm): a view of up to this half-diagonal fits in it.
+PACK_MARGIN_MM = 64.0
+
+
+def view_reach_mm(cfg: PretrainConfig) -> float:
+    """How far from its structure's centre a view may reach (mm): half its largest diagonal plus its largest shift.
+
+    The bounds of :func:`_view`'s scale and :func:`~spinepath.grading.crops.random_jitter` (scale, shift) at
+    ``cfg.aug_strength``.
+    """
+    a = max(cfg.aug_strength, 0.0)
+    half = cfg.crop_mm / 2 * math.exp(0.1) * math.exp(0.15 * a)
+    return half * math.sqrt(2) + 3.0 * a * math.sqrt(2)
+
+
+def save_pretrain_pack(path: str | Path, images: dict[str, np.ndarray], structs: list[Structure],
+                       margin_mm: float = PACK_MARGIN_MM) -> dict:
+    """Write the unlabelled images and positions to one xz-compressed ``.npz`` (for a machine without the data).
+
+    Each image is cut to its structures' bounding box plus ``margin_mm`` and stored in 8 bits (the [0, 1]
+    normalised slice); the structures' centres move with the cut. :func:`load_pretrain_pack` reads it back.
+
+    Returns:
+        ``{"images", "structures", "bytes"}``.
+
+    """
+    arrays: dict[str, np.ndarray] = {}
+    meta: list[dict] = []
+    by_key: dict[str, list[Structure]] = {}
+    for st in structs:
+        by_key.setdefault(st.image_key, []).append(st)
+    for j, (key, sts) in enumerate(sorted(by_key.items())):
+        img = images[key]
+        c = np.array([st.centre for st in sts])
+        m = margin_mm / sts[0].spacing_mm
+        r0, c0 = (max(int(np.floor(v - m)), 0) for v in c.min(0))
+        r1, c1 = (int(np.ceil(v + m)) + 1 for v in c.max(0))
+        arrays[str(j)] = np.round(np.clip(img[r0:r1, c0:c1], 0, 1) * 255).astype(np.uint8)
+        meta.append({"key": key, "spacing_mm": [st.spacing_mm for st in sts],
+                     "centre": [[st.centre[0] - r0, st.centre[1] - c0] for st in sts],
+                     "axis": [list(st.axis) for st in sts]})
+    arrays["meta"] = np.frombuffer(json.dumps({"margin_mm": margin_mm, "images": meta}).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with atomic_file(path, ".xz") as tmp:
+        Path(tmp).write_bytes(lzma.compress(buf.getvalue(), preset=6))
+    return {"images": len(meta), "structures": len(structs), "bytes": Path(path).stat().st_size}
+
+
+def load_pretrain_pack(path: str | Path) -> tuple[dict[str, np.ndarray], list[Structure], float]:
+    """The images, structures and margin (mm) of a :func:`save_pretrain_pack` file."""
+    with np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes()))) as z:
+        meta = json.loads(z["meta"].tobytes())
+        images, structs = {}, []
+        for j, row in enumerate(meta["images"]):
+            images[row["key"]] = z[str(j)].astype(np.float32) / 255
+            structs += [Structure(row["key"], "any", "", (float(c[0]), float(c[1])), (float(a[0]), float(a[1])),
+                                  float(sp)) for c, a, sp in zip(row["centre"], row["axis"], row["spacing_mm"])]
+    return images, structs, float(meta["margin_mm"])
+
+
+class _ViewBatches(torch.utils.data.IterableDataset):
+    """Endless batches of two views per sampled structure, cut in data-loader processes (``workers`` > 0)."""
+
+    def __init__(self, images: dict[str, np.ndarray], structs: list[Structure], cfg: PretrainConfig) -> None:
+        self.images, self.structs, self.cfg = images, structs, cfg
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.cfg.seed * 1000 + (info.id if info else 0))
+        while True:
+            yield _batch(self.images, self.structs, self.cfg, rng)
+
+
+def _batch(images: dict[str, np.ndarray], structs: list[Structure], cfg: PretrainConfig,
+           rng: random.Random) -> torch.Tensor:
+    """``(2B, 1, px, px)``: first views of B sampled structures, then their second views."""
+    batch = rng.sample(structs, min(cfg.batch_size, len(structs)))
+    v1 = [_view(images[s.image_key], s, cfg, rng) for s in batch]
+    v2 = [_view(images[s.image_key], s, cfg, rng) for s in batch]
+    return torch.from_numpy(np.stack(v1 + v2))
+
+
 class SimCLR(nn.Module):
     """Backbone (timm ConvNeXt or MONAI ResNet, 1 channel, no classifier) + a two-layer projection head."""
 
@@ -178,24 +266,36 @@ def pretrain(cfg: PretrainConfig) -> dict:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    images, structs = collect_unlabelled(cfg.data_root, cfg.slice_step, cfg.spider, cfg.spider_patients)
+    if cfg.pack:
+        images, structs, margin = load_pretrain_pack(cfg.pack)
+        if view_reach_mm(cfg) > margin:
+            raise ValueError(f"{cfg.pack}: its {margin:g} mm margin is narrower than a {cfg.crop_mm:g} mm view "
+                             f"reaches ({view_reach_mm(cfg):.0f} mm); pack with a wider margin")
+    else:
+        images, structs = collect_unlabelled(cfg.data_root, cfg.slice_step, cfg.spider, cfg.spider_patients)
     log.info("pretraining on %d structures in %d images", len(structs), len(images))
     dev = torch.device(cfg.device)
     model = SimCLR(cfg.model).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, cfg.crops_per_epoch // cfg.batch_size)
-    sched = warmup_cosine(opt, steps_per_epoch, cfg.epochs * steps_per_epoch)
+    epochs = [cfg.epochs]  # a time budget shortens it after the second epoch; the schedule reads it every step
+    sched = warmup_cosine(opt, steps_per_epoch, lambda: epochs[0] * steps_per_epoch)
     out = Path(cfg.out)
     history = []
+    # views cut in loader processes where asked (a GPU outruns one process); else here, from ``rng`` (reproducible)
+    batches = iter(torch.utils.data.DataLoader(_ViewBatches(images, structs, cfg), batch_size=None,
+                                               num_workers=cfg.workers, persistent_workers=True,
+                                               prefetch_factor=4)) if cfg.workers else None
     t0 = time.time()
-    for ep in tqdm(range(cfg.epochs), desc="pretrain epochs", disable=cfg.quiet):
+    bar = tqdm(total=cfg.epochs, desc="pretrain epochs", disable=cfg.quiet)
+    for ep in range(cfg.epochs):
+        if ep >= epochs[0]:
+            break
+        t_epoch = time.time()
         model.train()
         losses = []
         for _ in range(steps_per_epoch):
-            batch = rng.sample(structs, min(cfg.batch_size, len(structs)))
-            v1 = [_view(images[s.image_key], s, cfg, rng) for s in batch]
-            v2 = [_view(images[s.image_key], s, cfg, rng) for s in batch]
-            x = torch.from_numpy(np.stack(v1 + v2)).to(dev)
+            x = (next(batches) if batches is not None else _batch(images, structs, cfg, rng)).to(dev)
             loss = nt_xent(model(x), cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -209,8 +309,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
             torch.save({"format": "spinepath-backbone-1", "model": cfg.model, "config": asdict(cfg),
                         "state_dict": {k: v.cpu() for k, v in model.backbone.state_dict().items()},
                         "history": history}, tmp)
+        bar.update()
+        if cfg.time_budget and ep == 1:
+            fit = 2 + int((60 * cfg.time_budget - (time.time() - t0)) / max(time.time() - t_epoch, 1e-3))
+            if fit < epochs[0]:
+                log.info("pretraining: %d epochs fit in %.1f min (of %d)", fit, cfg.time_budget, cfg.epochs)
+                epochs[0] = max(fit, 2)
+                bar.total = epochs[0]
         if cfg.max_minutes and (time.time() - t0) / 60 > cfg.max_minutes:
             break
+    bar.close()
     return {"out": str(out), "structures": len(structs), "images": len(images), "history": history}
 
 
