@@ -110,10 +110,9 @@ class PairCrops(torch.utils.data.Dataset):
 def network(cfg, init: str = "") -> torch.nn.Module:
     """resnet18_narrow with a two-channel stem (``init``: a one-channel backbone, its stem weights copied)."""
     m = build_classifier(GradingConfig(model=cfg.model, drop_path=cfg.drop_path), N_OUTPUTS)
-    w = m.conv1.weight.data  # (C, 1, k, k)
     if init:
         load_backbone(m, init)
-        w = m.conv1.weight.data
+    w = m.conv1.weight.data  # (C, 1, k, k)
     conv = torch.nn.Conv2d(2, w.shape[0], w.shape[2:], stride=m.conv1.stride, padding=m.conv1.padding, bias=False)
     conv.weight.data = torch.cat([w, w], 1) / 2
     m.conv1 = conv

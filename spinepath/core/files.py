@@ -1,12 +1,22 @@
-"""Atomic file writing shared by every writer of the package (models, JSON, images, DICOM, NIfTI)."""
+"""Atomic file writing shared by every writer of the package, and xz-compressed array packs.
+
+The writers: models, JSON, images, DICOM, NIfTI; the packs carry training data to a machine without the shared
+data (a lent GPU).
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import lzma
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 @contextmanager
@@ -46,3 +56,22 @@ def atomic_file(path: str | Path, suffix: str = "", durable: bool = False) -> It
                 os.close(dfd)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def write_npz_xz(path: str | Path, arrays: dict[str, np.ndarray], meta: Any) -> None:
+    """Write arrays and JSON-able ``meta`` as one xz-compressed ``.npz``, atomically (:func:`read_npz_xz`).
+
+    ``meta`` is stored as the UTF-8 JSON bytes of an array named ``meta`` (a name ``arrays`` must not use).
+    """
+    if "meta" in arrays:
+        raise ValueError("an array may not be named 'meta': that name holds the metadata")
+    buf = io.BytesIO()
+    np.savez(buf, **arrays, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    with atomic_file(path, ".xz") as tmp:
+        Path(tmp).write_bytes(lzma.compress(buf.getvalue(), preset=6))
+
+
+def read_npz_xz(path: str | Path) -> tuple[dict[str, np.ndarray], Any]:
+    """The arrays and metadata of a :func:`write_npz_xz` file."""
+    with np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes()))) as z:
+        return {k: z[k] for k in z.files if k != "meta"}, json.loads(z["meta"].tobytes())

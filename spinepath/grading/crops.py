@@ -177,6 +177,11 @@ def sample_crop(
     return out.astype(np.float32)
 
 
+#: Bounds of :func:`random_jitter` at strength 1: log-scale and shift per axis (mm).
+JITTER_LOG_SCALE = 0.15
+JITTER_SHIFT_MM = 3.0
+
+
 def random_jitter(rng: random.Random, strength: float) -> CropJitter:
     """Geometric augmentation: small rotation, scale, shift and a superior-inferior flip.
 
@@ -184,8 +189,9 @@ def random_jitter(rng: random.Random, strength: float) -> CropJitter:
     """
     return CropJitter(
         rot_deg=rng.uniform(-10, 10) * strength,
-        scale=math.exp(rng.uniform(-0.15, 0.15) * strength),
-        shift_mm=(rng.uniform(-3, 3) * strength, rng.uniform(-3, 3) * strength),
+        scale=math.exp(rng.uniform(-JITTER_LOG_SCALE, JITTER_LOG_SCALE) * strength),
+        shift_mm=(rng.uniform(-JITTER_SHIFT_MM, JITTER_SHIFT_MM) * strength,
+                  rng.uniform(-JITTER_SHIFT_MM, JITTER_SHIFT_MM) * strength),
         flip_vertical=rng.random() < 0.5,
     )
 

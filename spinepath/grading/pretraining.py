@@ -13,10 +13,8 @@ noise) are pulled together by the NT-Xent loss. The backbone then initialises th
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import lzma
 import math
 import random
 import time
@@ -29,11 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from spinepath.core.files import atomic_file
+from spinepath.core.files import atomic_file, read_npz_xz, write_npz_xz
 from spinepath.data.datasets import load_spark, load_volume_index
 from spinepath.data.split import is_validation
 from spinepath.grading.classifier import MONAI_RESNETS, GradingConfig, build_classifier, to_input, warmup_cosine
 from spinepath.grading.crops import (
+    JITTER_LOG_SCALE,
+    JITTER_SHIFT_MM,
     Structure,
     augment_intensity,
     local_axes,
@@ -143,6 +143,8 @@ def collect_unlabelled(data_root: str | Path, slice_step: int = 2, spider: bool 
     return images, structs
 
 
+#: A view's own log-scale bound (beside the crop jitter's).
+VIEW_LOG_SCALE = 0.1
 #: Margin kept around a packed image's structures (mm): a view of up to this half-diagonal fits in it.
 PACK_MARGIN_MM = 64.0
 
@@ -154,8 +156,8 @@ def view_reach_mm(cfg: PretrainConfig) -> float:
     ``cfg.aug_strength``.
     """
     a = max(cfg.aug_strength, 0.0)
-    half = cfg.crop_mm / 2 * math.exp(0.1) * math.exp(0.15 * a)
-    return half * math.sqrt(2) + 3.0 * a * math.sqrt(2)
+    half = cfg.crop_mm / 2 * math.exp(VIEW_LOG_SCALE) * math.exp(JITTER_LOG_SCALE * a)
+    return (half + JITTER_SHIFT_MM * a) * math.sqrt(2)
 
 
 def save_pretrain_pack(path: str | Path, images: dict[str, np.ndarray], structs: list[Structure],
@@ -184,23 +186,18 @@ def save_pretrain_pack(path: str | Path, images: dict[str, np.ndarray], structs:
         meta.append({"key": key, "spacing_mm": [st.spacing_mm for st in sts],
                      "centre": [[st.centre[0] - r0, st.centre[1] - c0] for st in sts],
                      "axis": [list(st.axis) for st in sts]})
-    arrays["meta"] = np.frombuffer(json.dumps({"margin_mm": margin_mm, "images": meta}).encode(), np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    with atomic_file(path, ".xz") as tmp:
-        Path(tmp).write_bytes(lzma.compress(buf.getvalue(), preset=6))
+    write_npz_xz(path, arrays, {"margin_mm": margin_mm, "images": meta})
     return {"images": len(meta), "structures": len(structs), "bytes": Path(path).stat().st_size}
 
 
 def load_pretrain_pack(path: str | Path) -> tuple[dict[str, np.ndarray], list[Structure], float]:
     """The images, structures and margin (mm) of a :func:`save_pretrain_pack` file."""
-    with np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes()))) as z:
-        meta = json.loads(z["meta"].tobytes())
-        images, structs = {}, []
-        for j, row in enumerate(meta["images"]):
-            images[row["key"]] = z[str(j)].astype(np.float32) / 255
-            structs += [Structure(row["key"], "any", "", (float(c[0]), float(c[1])), (float(a[0]), float(a[1])),
-                                  float(sp)) for c, a, sp in zip(row["centre"], row["axis"], row["spacing_mm"])]
+    z, meta = read_npz_xz(path)
+    images, structs = {}, []
+    for j, row in enumerate(meta["images"]):
+        images[row["key"]] = z[str(j)].astype(np.float32) / 255
+        structs += [Structure(row["key"], "any", "", (float(c[0]), float(c[1])), (float(a[0]), float(a[1])),
+                              float(sp)) for c, a, sp in zip(row["centre"], row["axis"], row["spacing_mm"])]
     return images, structs, float(meta["margin_mm"])
 
 
@@ -255,7 +252,7 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _view(image: np.ndarray, s: Structure, cfg: PretrainConfig, rng: random.Random) -> np.ndarray:
-    scale = math.exp(rng.uniform(-0.1, 0.1))
+    scale = math.exp(rng.uniform(-VIEW_LOG_SCALE, VIEW_LOG_SCALE))
     x = sample_crop(image, s, cfg.crop_mm * scale, cfg.crop_px, random_jitter(rng, cfg.aug_strength))
     return to_input(augment_intensity(x, rng, cfg.aug_strength * cfg.intensity_strength))
 

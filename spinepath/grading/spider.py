@@ -295,14 +295,13 @@ def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 
     Multi-class heads: soft cross-entropy to the teacher's distribution; binary heads: BCE to its probability.
     """
-    total, j = logits.new_zeros(()), 0
-    for k, n in HEADS.items():
-        z, t = logits[:, HEAD_SLICES[k]], teacher[:, j:j + n]
+    total = logits.new_zeros(())
+    for k, n in HEADS.items():  # the SPIDER heads' probability columns lie where their logits do
+        z, t = logits[:, HEAD_SLICES[k]], teacher[:, HEAD_SLICES[k]]
         if n > 1:
             total = total - (t * F.log_softmax(z, 1)).sum(1).mean()
         else:
             total = total + F.binary_cross_entropy_with_logits(z[:, 0], t[:, 0])
-        j += n
     return total
 
 

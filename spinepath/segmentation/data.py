@@ -9,9 +9,6 @@ lateral slice (the evaluation contract takes every 4th, starting at ``(n % 4) //
 
 from __future__ import annotations
 
-import io
-import json
-import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from spinepath.core.files import atomic_file
+from spinepath.core.files import read_npz_xz, write_npz_xz
 from spinepath.data.datasets import VolumeCase
 from spinepath.data.spider import SpiderSegCase
 from spinepath.segmentation.partial import label_groups
@@ -132,21 +129,16 @@ def save_slice_pack(path: str | Path, parts: dict[str, list[SegSlice]]) -> None:
             arrays[f"{part}_{j}_target"] = s.target.astype(np.uint8)
             meta[part].append({"annotated": s.annotated, "source": s.source, "case": s.case, "patient": s.patient,
                                "index": int(s.index), "spacing_mm": [float(v) for v in s.spacing_mm]})
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    with atomic_file(path, ".xz") as tmp:
-        Path(tmp).write_bytes(lzma.compress(buf.getvalue(), preset=6))
+    write_npz_xz(path, arrays, meta)
 
 
 def load_slice_pack(path: str | Path) -> dict[str, list[SegSlice]]:
     """The slices of a :func:`save_slice_pack` file, by part."""
-    with np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes()))) as z:
-        meta = json.loads(z["meta"].tobytes())
-        out: dict[str, list[SegSlice]] = {}
-        for part, rows in meta.items():
-            out[part] = [SegSlice(z[f"{part}_{j}_image"].astype(np.float32) / 255,
-                                  z[f"{part}_{j}_target"].astype(np.int64), label_groups(r["annotated"]),
-                                  r["annotated"], r["source"], r["case"], r["patient"], r["index"],
-                                  tuple(r["spacing_mm"])) for j, r in enumerate(rows)]
+    z, meta = read_npz_xz(path)
+    out: dict[str, list[SegSlice]] = {}
+    for part, rows in meta.items():
+        out[part] = [SegSlice(z[f"{part}_{j}_image"].astype(np.float32) / 255,
+                              z[f"{part}_{j}_target"].astype(np.int64), label_groups(r["annotated"]),
+                              r["annotated"], r["source"], r["case"], r["patient"], r["index"],
+                              tuple(r["spacing_mm"])) for j, r in enumerate(rows)]
     return out
