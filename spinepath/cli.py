@@ -100,12 +100,21 @@ def _cmd_train_segmentation(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
     from spinepath.core.paths import SHARED_EXAMPLES
     from spinepath.segmentation.network import SegNetConfig
-    from spinepath.segmentation.training import train_segmentation
+    from spinepath.segmentation.training import combine_segmenters, train_segmentation
 
+    data_root = args.data_root or SHARED_EXAMPLES.parent
+    if args.combine:
+        try:
+            res = combine_segmenters(args.combine, args.out_dir, data_root, max_cases=args.max_cases or 0,
+                                     num_threads=args.num_threads or 0)
+        except (ValueError, FileNotFoundError) as exc:
+            raise CliError(str(exc)) from None
+        print(json.dumps(res))
+        return 0
     cfg = SegNetConfig(**{k: v for k, v in (("epochs", args.epochs), ("patch", args.patch),
                                              ("batch_size", args.batch_size), ("lr", args.lr),
                                              ("seed", args.seed)) if v is not None})
-    res = train_segmentation(args.data_root or SHARED_EXAMPLES.parent, args.out_dir, cfg, step=args.step,
+    res = train_segmentation(data_root, args.out_dir, cfg, step=args.step,
                              max_cases=args.max_cases or 0, num_threads=args.num_threads or 0,
                              progress=not args.quiet, init_from=args.init_from, pack=args.pack,
                              device=args.device, workers=args.workers, time_budget_min=args.time_budget or 0.0)
@@ -525,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="data-loader processes for the augmentation (0: in-process, reproducible)")
     tsg.add_argument("--time-budget", dest="time_budget", type=float,
                      help="minutes: cut the epochs (and the cosine schedule) to those that fit")
+    tsg.add_argument("--combine", nargs="+", metavar="MODEL",
+                     help="instead of training: one model of these trained networks (the mean of their logits), "
+                          "scored on the selection split, written to OUT_DIR/segmentation.pt")
     tsg.set_defaults(func=_cmd_train_segmentation)
     tp = tsub.add_parser("pretrain", parents=[quiet],
                          help="self-supervised (SimCLR) pretraining of the grading backbone")

@@ -76,7 +76,8 @@ def test_bundle_inference_uses_the_standard_keys_for_the_stages():
     from monai.networks.nets import DynUNet
 
     seg_net = parser.get_parsed_content("segmentation_network_def")  # the TorchScript export when there is one
-    assert getattr(seg_net, "original_name", type(seg_net).__name__) == "DynUNet"
+    assert getattr(seg_net, "original_name", type(seg_net).__name__) == "MeanLogits"  # two networks (model card)
+    assert [getattr(m, "original_name", type(m).__name__) for m in seg_net.members.children()] == ["DynUNet"] * 2
     segmented = stages.segment(graded, parser.get_parsed_content("segmenter"))
     assert segmented.segmentation.measurements["vertebrae"]
     train = ConfigParser()
@@ -85,3 +86,6 @@ def test_bundle_inference_uses_the_standard_keys_for_the_stages():
     net = train.get_parsed_content("segmentation_network_def")
     seg_cfg = train.get_parsed_content("segmentation_config")  # the committed weights' recipe (model card)
     assert isinstance(net, DynUNet) and (seg_cfg.epochs, seg_cfg.patch) == (228, 256)
+    cpu = [train.get_parsed_content(k) for k in ("segmentation_cpu_config", "segmentation_cpu_cycle2_config")]
+    assert [(c.epochs, c.patch, c.lr) for c in cpu] == [(36, 192, 2e-3), (30, 192, 1e-3)]  # the second member's
+    assert "combine_segmenters" in train["run_segmentation_combine"][0]

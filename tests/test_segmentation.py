@@ -1,5 +1,7 @@
 """Segmentation (issue 14): partial labels, each dataset supervising only the classes it annotates."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -304,3 +306,54 @@ def test_class_offsets_belong_to_the_weights_they_were_chosen_for(tmp_path):
     probs = torch.tensor([0.05, 0.30, 0.05, 0.35, 0.25]).view(1, 5, 1, 1)
     assert decide(probs).item() == CLASSES.index("disc")
     assert decide(probs, [0.0, 1.0, 0.0, -1.0, 0.0]).item() == CLASSES.index("vertebral_body")
+
+
+def test_combined_networks_predict_the_mean_of_their_logits(data_root, tmp_path):
+    """`train segmentation --combine`: one model file of two networks, scored on real selection slices; its
+    logits are the members' mean, eager and exported; fine-tuning keeps both members; a combination is not a
+    member, different layouts do not combine, and the CLI says so with a non-zero exit."""
+    import shutil
+    import subprocess
+    import sys
+
+    from spinepath.core.exported import file_digest
+    from spinepath.segmentation.inference import export_segmenter, load_segmenter
+    from spinepath.segmentation.network import MeanLogits, SegNetConfig, build_segnet
+    from spinepath.segmentation.training import combine_segmenters, save_segmenter, train_segmentation
+
+    cfg = SegNetConfig(filters=(8, 16, 32, 64, 64), epochs=1, batch_size=4, patch=128)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"m{seed}.pt")
+        save_segmenter(build_segnet(cfg), cfg, paths[-1], epoch=1, selection_dice={})
+    res = combine_segmenters(paths, tmp_path / "both", data_root, max_cases=1)
+    again = combine_segmenters([shutil.copy(p, tmp_path / f"copy{i}.pt") for i, p in enumerate(paths)],
+                               tmp_path / "again", data_root, max_cases=1)  # the same files elsewhere
+    assert again["members"] == res["members"]
+    assert file_digest(tmp_path / "again" / "segmentation.pt") == file_digest(tmp_path / "both" / "segmentation.pt")
+    assert [m["sha256"] for m in res["members"]] == [file_digest(p) for p in paths]
+    assert set(res["selection_dice"]) >= {"vertebra", "disc", "spinal_canal"}
+    model = load_segmenter(tmp_path / "both" / "segmentation.pt", exported=False)
+    assert isinstance(model, MeanLogits) and model.meta["cfg"]["members"] == 2
+    members = [load_segmenter(p, exported=False) for p in paths]
+    x = torch.rand(1, 1, 64, 48)
+    with torch.no_grad():
+        want = (members[0](x) + members[1](x)) / 2
+        assert torch.allclose(model(x), want, atol=1e-5)
+        export_segmenter(model, tmp_path / "both" / "segmentation.pt")
+        exported = load_segmenter(tmp_path / "both" / "segmentation.pt")
+        assert isinstance(exported, torch.jit.ScriptModule) and torch.allclose(exported(x), want, atol=1e-5)
+    tuned = train_segmentation(data_root, tmp_path / "tuned", cfg, step=8, max_cases=1, progress=False,
+                               init_from=tmp_path / "both" / "segmentation.pt")
+    assert tuned["cfg"]["members"] == 2
+    assert isinstance(load_segmenter(tmp_path / "tuned" / "segmentation.pt", exported=False), MeanLogits)
+    with pytest.raises(ValueError, match="cannot be a member"):
+        combine_segmenters([paths[0], tmp_path / "both" / "segmentation.pt"], tmp_path / "no", data_root)
+    wide = replace(cfg, filters=(8, 16, 32, 64, 128))
+    save_segmenter(build_segnet(wide), wide, tmp_path / "wide.pt", epoch=1, selection_dice={})
+    with pytest.raises(ValueError, match="different network layouts"):
+        combine_segmenters([paths[0], tmp_path / "wide.pt"], tmp_path / "no", data_root)
+    r = subprocess.run([sys.executable, "-m", "spinepath", "train", "segmentation", "--combine", str(paths[0]),
+                        "--out-dir", str(tmp_path / "no")], capture_output=True, text=True)
+    assert r.returncode != 0 and "at least two" in r.stderr and not (tmp_path / "no").exists()

@@ -58,6 +58,21 @@ def atomic_file(path: str | Path, suffix: str = "", durable: bool = False) -> It
         Path(tmp).unlink(missing_ok=True)
 
 
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` of ``obj`` to ``path``, atomically, with the same bytes for the same content.
+
+    ``torch.save`` names its zip archive's folder after the file it writes to, and :func:`atomic_file`'s
+    temporary name is random: saved through a buffer the archive is always named ``archive``, so that equal
+    weights give an equal file and a recorded SHA-256 can be reproduced.
+    """
+    import torch  # only where a model is saved
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_file(path, ".pt") as tmp:
+        Path(tmp).write_bytes(buf.getbuffer())
+
+
 def write_npz_xz(path: str | Path, arrays: dict[str, np.ndarray], meta: Any) -> None:
     """Write arrays and JSON-able ``meta`` as one xz-compressed ``.npz``, atomically (:func:`read_npz_xz`).
 

@@ -16,7 +16,7 @@ import torch
 
 from spinepath.core.boxes import box_area, box_intersection, box_iou
 from spinepath.core.exported import load_export, save_export
-from spinepath.core.files import atomic_file
+from spinepath.core.files import save_torch
 from spinepath.core.precision import forward_context
 from spinepath.core.weights import float_state, half_state
 from spinepath.detection.network import DetectorConfig, build_detector
@@ -97,8 +97,7 @@ class VertebraDetector:
         sd = self.detector.network.state_dict()
         if half:
             sd = half_state(sd)
-        with atomic_file(path, ".pt") as tmp:
-            torch.save({"config": dataclasses.asdict(self.cfg), "state_dict": sd, "meta": self.meta}, tmp)
+        save_torch({"config": dataclasses.asdict(self.cfg), "state_dict": sd, "meta": self.meta}, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", exported: bool = True) -> VertebraDetector:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from spinepath.core.exported import load_export, save_export
-from spinepath.core.files import atomic_file
+from spinepath.core.files import save_torch
 from spinepath.core.weights import float_state, half_state
 from spinepath.grading.calibration import Calibration
 from spinepath.grading.classifier import GradingConfig, build_classifier, predict_structures
@@ -76,8 +76,7 @@ class Grader:
             "meta": self.meta,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
         }
-        with atomic_file(path, ".pt") as tmp:
-            torch.save(ckpt, tmp)
+        save_torch(ckpt, path)
 
     def export(self, path: str | Path) -> Path:
         """Write the TorchScript export of the classifier networks beside this grader's file ``path``."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from spinepath.core.files import atomic_file, read_npz_xz, write_npz_xz
+from spinepath.core.files import read_npz_xz, save_torch, write_npz_xz
 from spinepath.data.datasets import load_spark, load_volume_index
 from spinepath.data.split import is_validation
 from spinepath.grading.classifier import MONAI_RESNETS, GradingConfig, build_classifier, to_input, warmup_cosine
@@ -302,10 +302,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         history.append({"epoch": ep + 1, "loss": float(np.mean(losses)), "minutes": (time.time() - t0) / 60})
         if not cfg.quiet:
             tqdm.write(json.dumps(history[-1]))
-        with atomic_file(out, ".pt") as tmp:
-            torch.save({"format": "spinepath-backbone-1", "model": cfg.model, "config": asdict(cfg),
-                        "state_dict": {k: v.cpu() for k, v in model.backbone.state_dict().items()},
-                        "history": history}, tmp)
+        save_torch({"format": "spinepath-backbone-1", "model": cfg.model, "config": asdict(cfg),
+                    "state_dict": {k: v.cpu() for k, v in model.backbone.state_dict().items()},
+                    "history": history}, out)
         bar.update()
         if cfg.time_budget and ep == 1:
             fit = 2 + int((60 * cfg.time_budget - (time.time() - t0)) / max(time.time() - t_epoch, 1e-3))

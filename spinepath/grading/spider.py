@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from spinepath.core.config import dataclass_from_dict
 from spinepath.core.exported import load_export, save_export
-from spinepath.core.files import atomic_file
+from spinepath.core.files import save_torch
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
 from spinepath.core.results import Vertebra
 from spinepath.core.weights import float_state, half_state
@@ -815,9 +815,8 @@ class SpiderGrader:
     def save(self, path: str | Path) -> None:
         """Write fp16 weights, configuration and fusion, atomically."""
         sds = [half_state(m.state_dict()) for m in self.models]
-        with atomic_file(path, ".pt") as tmp:
-            torch.save({"format": self.FORMAT, "cfg": asdict(self.cfg), "state_dicts": sds,
-                        "fusion": self.fusion.to_dict(), "meta": self.meta}, tmp)
+        save_torch({"format": self.FORMAT, "cfg": asdict(self.cfg), "state_dicts": sds,
+                    "fusion": self.fusion.to_dict(), "meta": self.meta}, path)
 
     def export(self, path: str | Path) -> Path:
         """Write the TorchScript export of the networks beside this grader's file ``path``."""

@@ -29,7 +29,7 @@ from spinepath.core.weights import float_state
 from spinepath.measurements.spine import measure_spine
 from spinepath.segmentation.data import GRID_MM, grid_image
 from spinepath.segmentation.instances import level_instances
-from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities
+from spinepath.segmentation.network import FORMAT, SegNetConfig, build_segnet, predict_probabilities
 from spinepath.segmentation.partial import CLASSES
 
 #: Slices segmented either side of the key slice (for the SEG; the measurements use the key slice). 0 by
@@ -57,7 +57,7 @@ def load_segmenter(path: str | Path, exported: bool = True, device: str = "cpu",
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no segmentation model (train one with `spinepath train segmentation`)")
     d = torch.load(p, map_location="cpu", weights_only=False)
-    if not isinstance(d, dict) or d.get("format") != "spinepath-segmentation-1":
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"{path}: not a spinepath segmentation model")
     found = load_export(p, device) if exported else None
     if found is not None:

@@ -3,21 +3,21 @@
 Five resolution levels, instance norm, leaky ReLU; deep supervision during training (the two coarser decoder
 outputs, upsampled, weighted 1/2 and 1/4 as in nnU-Net). Input: one channel in [0, 1] centred on zero;
 output: :data:`spinepath.segmentation.partial.CLASSES` logits. Sizes divisible by :data:`DIVISOR` pass through.
+Several such networks of one layout (``SegNetConfig.members``) form one model whose logits are their mean
+(:class:`MeanLogits`: the normalised geometric mean of their probabilities), in training as at inference.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
 import torch
-
-if TYPE_CHECKING:
-    from monai.networks.nets import DynUNet
 
 from spinepath.core.config import dataclass_from_dict
 from spinepath.segmentation.partial import CLASSES
 
+#: Format tag of a saved segmentation model file.
+FORMAT = "spinepath-segmentation-1"
 #: Total down-sampling of the network (height and width must be multiples of it).
 DIVISOR = 16
 
@@ -35,6 +35,7 @@ class SegNetConfig:
     weight_decay: float = 1e-4
     dice_weight: float = 1.0
     seed: int = 0
+    members: int = 1  # networks of this layout whose logits are averaged (:class:`MeanLogits`)
 
     @classmethod
     def from_dict(cls, d: dict) -> SegNetConfig:
@@ -42,8 +43,26 @@ class SegNetConfig:
         return dataclass_from_dict(cls, d, tuples=("filters",))
 
 
-def build_segnet(cfg: SegNetConfig) -> DynUNet:
-    """A randomly initialised 2D DynUNet for :data:`CLASSES`."""
+class MeanLogits(torch.nn.Module):
+    """Networks of one layout as one model: the mean of their logits (deep-supervision outputs included).
+
+    The mean of the logits is the softmax's normalised geometric mean of the members' probabilities; the same
+    rule trains (a retraining round fine-tunes all members through it) and predicts.
+    """
+
+    def __init__(self, members: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' mean output."""
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def build_segnet(cfg: SegNetConfig) -> torch.nn.Module:
+    """A randomly initialised 2D DynUNet for :data:`CLASSES` (``cfg.members`` of them: :class:`MeanLogits`)."""
+    if cfg.members > 1:
+        return MeanLogits([build_segnet(replace(cfg, members=1)) for _ in range(cfg.members)])
     from monai.networks.nets import DynUNet  # only where a network is built: an exported one needs no MONAI network
 
     n = len(cfg.filters)

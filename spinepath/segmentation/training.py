@@ -33,7 +33,8 @@ from monai.transforms import (
 )
 from tqdm.auto import tqdm
 
-from spinepath.core.files import atomic_file
+from spinepath.core.exported import file_digest
+from spinepath.core.files import save_torch
 from spinepath.core.weights import half_state
 from spinepath.data.datasets import load_volume_index
 from spinepath.data.spider import load_spider_seg
@@ -42,7 +43,14 @@ from spinepath.grading.classifier import seed_loader_worker, warmup_cosine
 from spinepath.segmentation.data import SegSlice, load_slice_pack, spider_seg_slices, volume_seg_slices
 from spinepath.segmentation.inference import load_segmenter
 from spinepath.segmentation.metrics import case_dice
-from spinepath.segmentation.network import SegNetConfig, build_segnet, predict_probabilities, to_input
+from spinepath.segmentation.network import (
+    FORMAT,
+    MeanLogits,
+    SegNetConfig,
+    build_segnet,
+    predict_probabilities,
+    to_input,
+)
 from spinepath.segmentation.partial import partial_label_loss
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,8 @@ SOURCES = ("spider_seg", "chu_t2", "spineweb_vb", "ivd_t2")
 MAX_GROUPS = 4
 #: Deep-supervision weights of the outputs (full resolution first), nnU-Net style.
 DS_WEIGHTS = (1.0, 0.5, 0.25)
+#: The configuration keys that fix a network's layout (kept when fine-tuning saved weights).
+LAYOUT = ("filters", "deep_supr_num", "members")
 
 
 def load_slices(data_root: str | Path, part: str, step: int = 2, max_cases: int = 0) -> list[SegSlice]:
@@ -164,8 +174,8 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
     torch.manual_seed(cfg.seed)
     if init_from is not None:
         model = load_segmenter(init_from)
-        cfg = SegNetConfig.from_dict({**asdict(cfg), "filters": list(model.meta["cfg"]["filters"]),
-                                      "deep_supr_num": model.meta["cfg"]["deep_supr_num"]})
+        cfg = SegNetConfig.from_dict({**asdict(cfg), **{k: model.meta["cfg"][k] for k in LAYOUT
+                                                        if k in model.meta["cfg"]}})
     else:
         model = build_segnet(cfg)
     dev = torch.device(device)
@@ -215,10 +225,7 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
                 bar.total = cfg.epochs
         if score > best[0]:
             best = (score, epoch + 1)
-            with atomic_file(out / "segmentation.pt", ".pt") as tmp:
-                state = half_state({k: v.cpu() for k, v in model.state_dict().items()})
-                torch.save({"format": "spinepath-segmentation-1", "cfg": asdict(cfg), "state": state,
-                            "epoch": epoch + 1, "selection_dice": dice}, tmp)
+            save_segmenter(model, cfg, out / "segmentation.pt", epoch=epoch + 1, selection_dice=dice)
         summary = {"best_epoch": best[1], "best_selection_score": round(best[0], 4),
                    "best_selection_dice": history[best[1] - 1]["selection_dice"],
                    "train_slices": len(train), "selection_slices": len(select), "cfg": asdict(cfg),
@@ -227,6 +234,46 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
     bar.close()
     plot_curves(history, out / "curves.png")
     return summary
+
+
+def save_segmenter(model: torch.nn.Module, cfg: SegNetConfig, path: str | Path, **meta) -> None:
+    """Write a segmentation model file atomically: fp16 weights, ``cfg`` and ``meta`` (epoch, selection Dice...)."""
+    state = half_state({k: v.cpu() for k, v in model.state_dict().items()})
+    save_torch({"format": FORMAT, "cfg": asdict(cfg), "state": state, **meta}, path)
+
+
+def combine_segmenters(paths: list[str | Path], out_dir: str | Path, data_root: str | Path,
+                       max_cases: int = 0, num_threads: int = 0) -> dict:
+    """One model of several trained networks of one layout: the mean of their logits (:class:`MeanLogits`).
+
+    Writes ``<out_dir>/segmentation.pt`` with each member's weights and its selection Dice, scored like a
+    training epoch (the selection split; validation is not read).
+
+    Raises:
+        ValueError: For fewer than two files, a file that is itself a combination, or different layouts.
+
+    """
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if len(paths) < 2:
+        raise ValueError("combining needs at least two segmentation models")
+    members = [load_segmenter(p, exported=False, offsets=False) for p in paths]
+    cfgs = [SegNetConfig.from_dict(m.meta["cfg"]) for m in members]
+    if any(c.members > 1 for c in cfgs):
+        raise ValueError("a combined model cannot be a member: combine its members' files")
+    if len({(c.filters, c.deep_supr_num) for c in cfgs}) > 1:
+        raise ValueError(f"different network layouts cannot be combined: {[c.filters for c in cfgs]}")
+    model = MeanLogits(members).eval()
+    cfg = replace(cfgs[0], members=len(members))
+    dice = evaluate_slices(model, load_slices(data_root, "selection", 4, max_cases))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # the members by content, not by path: the same files combine to the same bytes wherever they lie
+    info = [{"sha256": file_digest(p), "epoch": m.meta["epoch"], "selection_dice": m.meta["selection_dice"]}
+            for p, m in zip(paths, members)]
+    save_segmenter(model, cfg, out / "segmentation.pt", epoch=None, selection_dice=dice, members=info)
+    return {"segmentation": str(out / "segmentation.pt"), "members": info, "selection_dice": dice,
+            "selection_score": round(float(np.mean(list(dice.values()))), 4)}
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
