@@ -117,7 +117,8 @@ def _cmd_train_segmentation(args: argparse.Namespace) -> int:
     res = train_segmentation(data_root, args.out_dir, cfg, step=args.step,
                              max_cases=args.max_cases or 0, num_threads=args.num_threads or 0,
                              progress=not args.quiet, init_from=args.init_from, pack=args.pack,
-                             device=args.device, workers=args.workers, time_budget_min=args.time_budget or 0.0)
+                             device=args.device, workers=args.workers, time_budget_min=args.time_budget or 0.0,
+                             resume=args.resume)
     print(json.dumps({k: v for k, v in res.items() if k != "history"}))
     return 0
 
@@ -534,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="data-loader processes for the augmentation (0: in-process, reproducible)")
     tsg.add_argument("--time-budget", dest="time_budget", type=float,
                      help="minutes: cut the epochs (and the cosine schedule) to those that fit")
+    tsg.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in OUT_DIR (its last.pt) with the same settings")
     tsg.add_argument("--combine", nargs="+", metavar="MODEL",
                      help="instead of training: one model of these trained networks (the mean of their logits), "
                           "scored on the selection split, written to OUT_DIR/segmentation.pt")

@@ -357,3 +357,40 @@ def test_combined_networks_predict_the_mean_of_their_logits(data_root, tmp_path)
     r = subprocess.run([sys.executable, "-m", "spinepath", "train", "segmentation", "--combine", str(paths[0]),
                         "--out-dir", str(tmp_path / "no")], capture_output=True, text=True)
     assert r.returncode != 0 and "at least two" in r.stderr and not (tmp_path / "no").exists()
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(data_root, tmp_path, monkeypatch):
+    """`train segmentation --resume`: a run cut during its second epoch continues from its last.pt to the same
+    history and the same model file as an uninterrupted run (CPU, no loader workers); other settings are
+    refused; a complete run leaves no last.pt."""
+    from spinepath.core.exported import file_digest
+    from spinepath.segmentation import training
+    from spinepath.segmentation.network import SegNetConfig
+
+    cfg = SegNetConfig(filters=(8, 16, 32, 64, 64), epochs=2, batch_size=4, patch=64)
+    kw = {"step": 8, "max_cases": 1, "num_threads": 2, "progress": False}
+    full = training.train_segmentation(data_root, tmp_path / "full", cfg, **kw)
+    assert len(full["history"]) == 2 and not (tmp_path / "full" / "last.pt").exists()
+    evaluate, calls = training.evaluate_slices, []
+
+    def cut(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the session ends")  # during the second epoch's scoring
+        return evaluate(*args)
+
+    monkeypatch.setattr(training, "evaluate_slices", cut)
+    with pytest.raises(RuntimeError, match="session ends"):
+        training.train_segmentation(data_root, tmp_path / "cut", cfg, **kw)
+    monkeypatch.setattr(training, "evaluate_slices", evaluate)
+    assert (tmp_path / "cut" / "last.pt").is_file()
+    with pytest.raises(ValueError, match="other settings"):
+        training.train_segmentation(data_root, tmp_path / "cut", replace(cfg, lr=1e-3), resume=True, **kw)
+    resumed = training.train_segmentation(data_root, tmp_path / "cut", cfg, resume=True, **kw)
+
+    def without_time(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
+    assert without_time(resumed["history"]) == without_time(full["history"])
+    assert file_digest(tmp_path / "cut" / "segmentation.pt") == file_digest(tmp_path / "full" / "segmentation.pt")
+    assert not (tmp_path / "cut" / "last.pt").exists()

@@ -134,7 +134,8 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
                        step: int = 2, max_cases: int = 0, num_threads: int = 0, progress: bool = True,
                        init_from: str | Path | None = None, extra_train: list[SegSlice] | None = None,
                        selection_max_cases: int | None = None, pack: str | Path | None = None,
-                       device: str = "cpu", workers: int = 0, time_budget_min: float = 0.0) -> dict:
+                       device: str = "cpu", workers: int = 0, time_budget_min: float = 0.0,
+                       resume: bool = False) -> dict:
     """Train, choose the best epoch on the selection part, write the model, history and curves.
 
     Args:
@@ -153,6 +154,13 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
         workers: Data-loader processes for the augmentation (0 = in this process, the reproducible default).
         time_budget_min: When > 0, the epochs are cut to those that fit in this many minutes (measured on the
             second epoch) and the cosine schedule ends there.
+        resume: Continue the interrupted run in ``out_dir`` from its ``last.pt``, written after every epoch
+            (weights, optimiser, schedule, the batches' and the augmentation's random states, history) and
+            removed when the run ends: on the CPU with ``workers=0`` the resumed run equals an uninterrupted
+            one. A long CPU run can so span several sessions.
+
+    Raises:
+        ValueError: When resuming with other settings than the interrupted run's.
 
     Returns:
         The history summary (best epoch, its selection Dice per class, slices used).
@@ -193,9 +201,19 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
     history: list[dict] = []
     best = (-1.0, -1)
     summary: dict = {}
-    start = time.time()
-    bar = tqdm(total=cfg.epochs, desc="segmentation epochs", disable=not progress)
+    asked, last = asdict(cfg), out / "last.pt"
     epoch = -1
+    if resume and last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        if ck["asked_cfg"] != asked:
+            raise ValueError(f"{last}: the interrupted run has other settings ({ck['asked_cfg']}); "
+                             "resume it with those, or start a new run in another folder")
+        cfg = SegNetConfig.from_dict(ck["cfg"])  # its epochs as a time budget cut them
+        _restore_training_state(ck, model, opt, sched, dl)
+        history, best, epoch = ck["history"], tuple(ck["best"]), ck["epochs_done"] - 1
+        log.info("segmentation: resumed after epoch %d of %d", epoch + 1, cfg.epochs)
+    start = time.time()
+    bar = tqdm(total=cfg.epochs, initial=epoch + 1, desc="segmentation epochs", disable=not progress)
     while epoch + 1 < cfg.epochs:
         epoch += 1
         model.train()
@@ -231,9 +249,31 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
                    "train_slices": len(train), "selection_slices": len(select), "cfg": asdict(cfg),
                    "history": history}
         (out / "history.json").write_text(json.dumps(summary, indent=1))  # every epoch: a long run can be cut
+        save_torch({"asked_cfg": asked, "cfg": asdict(cfg), "epochs_done": epoch + 1, "history": history,
+                    "best": list(best), **_training_state(model, opt, sched, dl)}, last)
+    last.unlink(missing_ok=True)  # the run is complete: nothing to resume
     bar.close()
     plot_curves(history, out / "curves.png")
     return summary
+
+
+def _training_state(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, dl: torch.utils.data.DataLoader
+                    ) -> dict:
+    """What an epoch boundary needs to continue exactly: weights, optimiser, schedule and random states."""
+    return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "opt": opt.state_dict(),
+            "sched": sched.state_dict(), "loader_rng": dl.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "augmentation": dl.dataset.transform}  # pickled whole: its transforms' nested generators too
+
+
+def _restore_training_state(ck: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, sched,
+                            dl: torch.utils.data.DataLoader) -> None:
+    """Put :func:`_training_state`'s values back."""
+    model.load_state_dict(ck["state"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    dl.generator.set_state(ck["loader_rng"])
+    torch.set_rng_state(ck["torch_rng"])
+    dl.dataset.transform = ck["augmentation"]
 
 
 def save_segmenter(model: torch.nn.Module, cfg: SegNetConfig, path: str | Path, **meta) -> None:
