@@ -257,15 +257,16 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
     return summary
 
 
-def _training_state(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, dl: torch.utils.data.DataLoader
-                    ) -> dict:
+def _training_state(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, dl: torch.utils.data.DataLoader) -> dict:
     """What an epoch boundary needs to continue exactly: weights, optimiser, schedule and random states."""
     return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "opt": opt.state_dict(),
             "sched": sched.state_dict(), "loader_rng": dl.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "augmentation": dl.dataset.transform}  # pickled whole: its transforms' nested generators too
 
 
-def _restore_training_state(ck: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, sched,
+def _restore_training_state(ck: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                            sched: torch.optim.lr_scheduler.LRScheduler,
                             dl: torch.utils.data.DataLoader) -> None:
     """Put :func:`_training_state`'s values back."""
     model.load_state_dict(ck["state"])
