@@ -127,6 +127,11 @@ def test_a_short_training_run_writes_a_model_that_segments(data_root, tmp_path):
     assert all(v.dtype == torch.float16 for v in saved["state"].values() if v.is_floating_point())
     model = build_segnet(SegNetConfig.from_dict(saved["cfg"]))
     model.load_state_dict(float_state(saved["state"]))
+    # DynUNet registers its input block twice (among its skip layers): the file holds those tensors once
+    st = saved["state"]
+    assert st["input_block.conv1.conv.weight"].data_ptr() == st["skip_layers.downsample.conv1.conv.weight"].data_ptr()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert (tmp_path / "segmentation.pt").stat().st_size < 1.5 * 2 * n_params  # fp16, each weight once
     s = load_slices(data_root, "selection", step=8, max_cases=1)[0]
     p = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
     assert p.shape == (1, len(CLASSES), *s.image.shape) and torch.allclose(p.sum(1), torch.ones(1), atol=1e-4)

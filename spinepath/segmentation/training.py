@@ -279,7 +279,7 @@ def _restore_training_state(ck: dict, model: torch.nn.Module, opt: torch.optim.O
 
 def save_segmenter(model: torch.nn.Module, cfg: SegNetConfig, path: str | Path, **meta) -> None:
     """Write a segmentation model file atomically: fp16 weights, ``cfg`` and ``meta`` (epoch, selection Dice...)."""
-    state = half_state({k: v.cpu() for k, v in model.state_dict().items()})
+    state = half_state(model.state_dict(), device="cpu")
     save_torch({"format": FORMAT, "cfg": asdict(cfg), "state": state, **meta}, path)
 
 
