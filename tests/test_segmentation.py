@@ -399,3 +399,47 @@ def test_an_interrupted_run_resumes_to_the_same_model(data_root, tmp_path, monke
     assert without_time(resumed["history"]) == without_time(full["history"])
     assert file_digest(tmp_path / "cut" / "segmentation.pt") == file_digest(tmp_path / "full" / "segmentation.pt")
     assert not (tmp_path / "cut" / "last.pt").exists()
+
+
+def test_paired_case_gain_resamples_cases_within_each_source():
+    """The selection score is the mean over (source, class) of the mean over cases, so a source of one case
+    weighs as much as one of many; the paired gain sees a real gain, none between a model and itself, and
+    every draw keeps each source's number of cases."""
+    from spinepath.evaluation.segmentation_selection import paired_case_gain, selection_score
+
+    rng = np.random.default_rng(0)
+    base = {("spider_seg", f"p{i}"): {"disc": float(d), "vertebra": 0.92} for i, d in enumerate(rng.uniform(.8, .9, 8))}
+    base[("ivd_t2", "only")] = {"disc": 0.80}
+    assert selection_score(base) == pytest.approx(np.mean([np.mean([v["disc"] for k, v in base.items()
+                                                                      if k[0] == "spider_seg"]), 0.92, 0.80]))
+    better = {k: {n: v + 0.01 for n, v in d.items()} for k, d in base.items()}
+    r = paired_case_gain(base, better, n=200)
+    assert r["gain"] == pytest.approx(0.01, abs=1e-4) and r["ci95"][0] > 0 and r["cases_better"] == 9
+    mixed = {k: {n: v + (0.02 if k[1] in ("p0", "p1") else -0.01) for n, v in d.items()} for k, d in base.items()}
+    r = paired_case_gain(base, mixed, n=200)
+    assert r["gain"] < 0 and r["ci95"][0] < 0  # two cases up, seven down
+    same = paired_case_gain(base, base, n=50)
+    assert same["gain"] == 0 and same["ci95"] == [0, 0]
+    with pytest.raises(ValueError, match="no scored case"):
+        paired_case_gain(base, {("chu_t2", "x"): {"vertebral_body": 0.9}})
+
+
+def test_offset_search_scores_the_contract_dice(data_root):
+    """Without offsets the search's score of a selection case is the contract's Dice of that case (the same
+    slices, the same pixels); the grid is searched best first, and an offset changes the masks."""
+    from spinepath.core.paths import resolve_segmentation_path
+    from spinepath.data.split import split_cases
+    from spinepath.evaluation.segmentation import evaluate_segmentation
+    from spinepath.evaluation.segmentation_selection import search_offsets, selection_probabilities
+    from spinepath.segmentation.inference import load_segmenter
+
+    model = load_segmenter(resolve_segmentation_path(None), offsets=False)
+    slices = selection_probabilities(model, data_root, progress=False, sources=("spider_seg",), max_cases=1)
+    case = split_cases(data_root / "spider_seg", "selection")[0]
+    assert {s.case for s, _ in slices} == {case} and len(slices) > 3
+    results = search_offsets(slices, {"disc": (0.0, -2.0), "spinal_canal": (0.0, 2.25)}, progress=False)
+    assert len(results) == 4 and results[0].score >= results[-1].score
+    assert len({round(r.score, 6) for r in results}) > 1
+    zero = next(r for r in results if not any(r.offsets.values()))
+    contract = evaluate_segmentation(data_root / "spider_seg", model, [case], progress=False)["dice"]
+    assert zero.per_source()["spider_seg"] == {k: v for k, v in contract.items() if v is not None}
