@@ -2,9 +2,9 @@
 
 After detection, naming and (when graded) fusion, every vertebra and disc, and the study, get a flag and the
 reasons behind it: a name without a sacral anchor or of low confidence, a low detection score, a vertebra cut
-by the field of view, a probability near its threshold, and image quality outside the training range (signal
-to noise, in-plane resolution, slice thickness, a field of view missing part of L1-S1, a sequence not known
-from the acquisition). Thresholds live in ``spinepath/configs/review.json``.
+by the field of view, a probability near its threshold, a graded measurement near a grade boundary, and image
+quality outside the training range (signal to noise, in-plane resolution, slice thickness, a field of view
+missing part of L1-S1, a sequence not known from the acquisition). Thresholds live in ``spinepath/configs/review.json``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,18 @@ import numpy as np
 from scipy.ndimage import convolve
 
 from spinepath.core.config import config_file
-from spinepath.core.results import DetectionResult, Vertebra, key_slice
+from spinepath.core.results import (
+    LISTHESIS_MM,
+    NARROWING_FRACTION,
+    WEDGE_RATIO,
+    DetectionResult,
+    Vertebra,
+    key_slice,
+    narrowing_ratios,
+)
 from spinepath.grading.calibration import disc_grade_margin, logit
+from spinepath.measurements.shape import GENANT_LOSS, STENOSIS_MM, canal_stenosis, genant_grade
+from spinepath.measurements.spine import NOT_GRADED
 
 REVIEW_RULES = config_file("review.json")
 
@@ -33,7 +43,16 @@ def load_review_rules(path: str | Path = REVIEW_RULES) -> dict:
 #: Reason kinds (coded in the SR; ``spinepath.outputs.coding.REVIEW_REASON_CODES``).
 REASON_KINDS = ("no_anchor", "name_confidence", "detection_score", "field_of_view", "near_threshold",
                 "grade_ambiguous", "low_predictive_value", "transitional", "image_quality", "sequence",
-                "without_t2", "flagged_findings")
+                "without_t2", "measurement_near_threshold", "flagged_findings")
+
+#: The boundaries each graded measurement is graded against (the flags of ``SpineSegmentation.flags``).
+GRADE_BOUNDARIES: dict[str, tuple[float, ...]] = {
+    "height_loss": GENANT_LOSS,
+    "wedge_ratio": (WEDGE_RATIO,),
+    "narrowing_ratio": (NARROWING_FRACTION,),
+    "canal_ap_mm": STENOSIS_MM,
+    "listhesis_mm": (LISTHESIS_MM,),
+}
 
 
 @dataclass
@@ -137,6 +156,80 @@ def image_quality(result: DetectionResult, flag: Flag, rules: dict | None = None
     return q
 
 
+_FORMATS = {"%": "{:.0%}".format, "mm": "{:.1f} mm".format, "": "{:.2f}".format}
+
+
+#: Whether a graded measurement's value is a reported finding (the flags of ``SpineSegmentation.flags``).
+POSITIVE = {
+    "height_loss": lambda v: genant_grade(v) > 0,
+    "wedge_ratio": lambda v: v < WEDGE_RATIO,
+    "narrowing_ratio": lambda v: v < NARROWING_FRACTION,
+    "canal_ap_mm": lambda v: canal_stenosis(v) != "none",
+    "listhesis_mm": lambda v: v >= LISTHESIS_MM,
+}
+
+
+def uncertain_call(kind: str, value: float, margin: float) -> float | None:
+    """The grade boundary within ``margin`` of a reported finding's value (its grade in doubt), else None.
+
+    Args:
+        kind: A key of :data:`GRADE_BOUNDARIES`.
+        value: The measured value (a slip's size: its absolute offset).
+        margin: How far the value may be off (``measurement_margin`` of ``configs/review.json``).
+
+    """
+    if not POSITIVE[kind](value):
+        return None
+    b = min(GRADE_BOUNDARIES[kind], key=lambda x: abs(value - x))
+    return b if abs(value - b) < margin else None
+
+
+def measurement_reasons(measurements: dict, margins: dict[str, float]) -> tuple[dict[str, list[str]],
+                                                                              dict[str, list[str]]]:
+    """Reported measurement findings whose value lies within its margin of a grade boundary, per level.
+
+    A finding (height loss, wedge, disc narrowing, canal stenosis, listhesis) is reported from a value and a
+    boundary; each kind's margin is a percentile of the difference between the value from the predicted and
+    from the reference masks on the selection patients (``scripts/measurement_margin.py``): nearer its boundary
+    than that, the finding may have another grade or none. Canal diameters are checked where they are graded
+    (lumbar levels); a slip where it is graded (against the body below). Values without a finding are not
+    flagged (the disc narrowing ratio's error would flag most discs).
+
+    Returns:
+        ``({vertebra level: [reason, ...]}, {disc level: [reason, ...]})``.
+
+    """
+    vert: dict[str, list[str]] = {}
+    disc: dict[str, list[str]] = {}
+
+    def check(out: dict[str, list[str]], level: str, kind: str, value: float | None, what: str, unit: str) -> None:
+        if value is None or kind not in margins:
+            return
+        b = uncertain_call(kind, value, margins[kind])
+        if b is not None:
+            fmt = _FORMATS[unit]
+            out.setdefault(level, []).append(f"{what} {fmt(value)} near the {fmt(b)} grade boundary (the "
+                                             f"measurement's error reaches {fmt(margins[kind])})")
+
+    for lv, e in measurements.get("vertebrae", {}).items():
+        check(vert, lv, "height_loss", e.get("height_loss"), "height loss", "%")
+        check(vert, lv, "wedge_ratio", e.get("wedge_ratio"), "wedge ratio", "")
+        c = e.get("canal_ap_mid_body") or {}
+        if c.get("stenosis") not in (None, NOT_GRADED):
+            check(vert, lv, "canal_ap_mm", c["mm"], "canal AP at mid-body", "mm")
+    discs = measurements.get("discs", {})
+    for lv, r in narrowing_ratios(discs).items():
+        check(disc, lv, "narrowing_ratio", r, "disc height ratio to the neighbours", "")
+    for lv, e in discs.items():
+        c = e.get("canal_ap") or {}
+        if c.get("stenosis") not in (None, NOT_GRADED):
+            check(disc, lv, "canal_ap_mm", c["mm"], "canal AP", "mm")
+    for lv, e in measurements.get("listhesis", {}).items():
+        if e.get("against", "body") == "body":
+            check(disc, lv, "listhesis_mm", abs(e["offset_mm"]), "slip", "mm")
+    return vert, disc
+
+
 def review(result: DetectionResult, rules: dict | None = None) -> Review:
     """Flag the study and each of its findings; sets and returns ``result.review``."""
     rules = rules or load_review_rules()
@@ -195,6 +288,16 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
         exp = float(np.dot(g.pfirrmann_probabilities, np.arange(1, 6)))
         if abs(abs(exp - np.floor(exp)) - 0.5) < rules["disc_grade_margin"]["ordinal"]:
             fl.add("grade_ambiguous", f"Pfirrmann {g.pfirrmann} undecided: expected grade {exp:.2f}")
+    seg = result.segmentation
+    if seg is not None and rules.get("measurement_margin"):
+        vert, disc = measurement_reasons(seg.measurements, rules["measurement_margin"])
+        for lv, reasons in vert.items():
+            for reason in reasons:
+                if lv in by_level:
+                    by_level[lv].add("measurement_near_threshold", reason)
+        for lv, reasons in disc.items():
+            for reason in reasons:
+                discs.setdefault(lv, Flag()).add("measurement_near_threshold", reason)
     study = Flag()
     if not result.vertebrae:
         study.add("detection_score", "no vertebra found")

@@ -250,3 +250,59 @@ def test_pfirrmann_from_the_t1_alone_is_flagged(reference):
     assert "without_t2" not in kinds[("t2",)] and "without_t2" not in kinds[("t1", "t2")]
     assert "without_t2" in kinds[("t1",)]
     assert set(REASON_KINDS) == set(REVIEW_REASON_CODES)
+
+
+def test_a_measurement_finding_near_its_grade_boundary_is_flagged(reference):
+    """A reported stenosis, height loss or slip within its measured margin of a grade boundary is flagged, with
+    the value and the boundary; a clear value, a value without a finding, an ungraded canal level and a slip
+    over the disc are not; on the real study every such reason belongs to a reported measurement finding."""
+    import copy
+
+    from spinepath.review import load_review_rules, review
+
+    margins = load_review_rules()["measurement_margin"]
+    assert set(margins) == {"height_loss", "wedge_ratio", "narrowing_ratio", "canal_ap_mm", "listhesis_mm"}
+    seg = reference.segmentation
+    assert seg is not None and seg.measurements["discs"]
+    flags = seg.flags()
+    for lv, fl in reference.review.discs.items():
+        for kind, reason in zip(fl.kinds, fl.reasons):
+            if kind == "measurement_near_threshold":
+                assert flags["discs"].get(lv) or flags["listhesis"].get(lv), (lv, reason)
+
+    def reasons(edit) -> tuple[dict, dict]:
+        m = copy.deepcopy(seg.measurements)
+        edit(m)
+        res = dataclasses.replace(reference, segmentation=dataclasses.replace(seg, measurements=m))
+        rev = review(res)
+        vert = {t.level: [r for k, r in zip(f.kinds, f.reasons) if k == "measurement_near_threshold"]
+                for t, f in zip(res.vertebrae, rev.vertebrae)}
+        disc = {lv: [r for k, r in zip(f.kinds, f.reasons) if k == "measurement_near_threshold"]
+                for lv, f in rev.discs.items()}
+        return vert, disc
+
+    def canal(mm: float, stenosis: str, level: str = "L4-L5"):
+        return lambda m: m["discs"][level].update(canal_ap={"mm": mm, "stenosis": stenosis, "points": [[0, 0], [1, 1]]})
+
+    assert "L4-L5" in seg.measurements["discs"]
+    near = 10.0 + margins["canal_ap_mm"] / 2
+    _, disc = reasons(canal(near, "relative"))
+    assert any(r.startswith(f"canal AP {near:.1f} mm near the 10.0 mm grade boundary") for r in disc["L4-L5"])
+    _, disc = reasons(canal(14.0, "none"))
+    assert not any(r.startswith("canal AP") for r in disc.get("L4-L5", []))
+    thoracic = next((lv for lv in seg.measurements["discs"] if lv.startswith("T")), None)
+    if thoracic is not None:
+        _, disc = reasons(canal(near, "not graded", thoracic))
+        assert not any(r.startswith("canal AP") for r in disc.get(thoracic, []))
+
+    body = next(lv for lv in ("L3", "L2", "L4") if lv in seg.measurements["vertebrae"])
+    vert, _ = reasons(lambda m: m["vertebrae"][body].update(height_loss=0.22))
+    assert any(r.startswith("height loss 22% near the 20% grade boundary") for r in vert[body])
+    vert, _ = reasons(lambda m: m["vertebrae"][body].update(height_loss=0.15))  # no finding
+    assert not any(r.startswith("height loss") for r in vert[body])
+
+    slip = {"offset_mm": 3.5, "percent": 8.0, "meyerding": 1, "line": None}
+    _, disc = reasons(lambda m: m["listhesis"].update({"L4-L5": {**slip, "against": "body"}}))
+    assert any(r.startswith("slip 3.5 mm near the 3.0 mm grade boundary") for r in disc["L4-L5"])
+    _, disc = reasons(lambda m: m["listhesis"].update({"L4-L5": {**slip, "against": "disc"}}))
+    assert not any(r.startswith("slip") for r in disc.get("L4-L5", []))

@@ -443,3 +443,51 @@ def test_offset_search_scores_the_contract_dice(data_root):
     zero = next(r for r in results if not any(r.offsets.values()))
     contract = evaluate_segmentation(data_root / "spider_seg", model, [case], progress=False)["dice"]
     assert zero.per_source()["spider_seg"] == {k: v for k, v in contract.items() if v is not None}
+
+
+def test_positions_named_from_the_bottom_keep_neighbours():
+    """Bodies and discs of a slice are named in order from the bottom; a body missing between two discs leaves
+    its name out, so the bodies around it are not taken for neighbours."""
+    from spinepath.evaluation.measurement_agreement import name_from_bottom
+
+    def band(r0: int, r1: int) -> np.ndarray:
+        m = np.zeros((200, 40), bool)
+        m[r0:r1, 10:30] = True
+        return m
+
+    # from the bottom: disc, body, disc, (no body), disc, body
+    bodies = [band(150, 180), band(55, 85)]
+    discs = [band(185, 195), band(135, 145), band(90, 100)]
+    b, d = name_from_bottom(bodies, discs)
+    assert {k: int(np.flatnonzero(v.any(1))[0]) for k, v in b.items()} == {"L5": 150, "L3": 55}
+    assert {k: int(np.flatnonzero(v.any(1))[0]) for k, v in d.items()} == {"L5-S1": 185, "L4-L5": 135, "L3-L4": 90}
+
+
+def test_derived_values_of_identical_masks_agree(data_root):
+    """A prediction equal to a real spider_seg slice's reference (bodies = the vertebrae in front of the canal)
+    gives every derived value exactly, at every position the reference gives it."""
+    from spinepath.data.split import split_cases
+    from spinepath.evaluation.measurement_agreement import DERIVED, slice_derived_pairs
+    from spinepath.evaluation.segmentation import _front_cut, evaluation_slices
+    from spinepath.segmentation.instances import components
+
+    root = data_root / "spider_seg"
+    slices = evaluation_slices(root, split_cases(root, "selection")[:1])
+    s = slices[len(slices) // 2]
+    s = replace(s, target=s.native, native=None)
+    names = ["background", *s.annotated]
+    canal = s.target == names.index("spinal_canal")
+    vertebra = s.target == names.index("vertebra")
+    cuts = [c for c in (_front_cut(v, canal) for v in components(vertebra, 30)) if c is not None]
+    assert len(cuts) >= 4
+    body = np.any(cuts, axis=0)
+    classes = np.zeros(s.target.shape, np.int64)
+    classes[vertebra] = CLASSES.index("posterior_elements")
+    classes[vertebra & body] = CLASSES.index("vertebral_body")
+    classes[s.target == names.index("disc")] = CLASSES.index("disc")
+    classes[canal] = CLASSES.index("spinal_canal")
+    pairs = slice_derived_pairs(s, classes, s.spacing_mm)
+    assert set(pairs) == set(DERIVED)
+    assert len(pairs["height_loss"]) >= 3 and len(pairs["narrowing_ratio"]) >= 3 and pairs["canal_ap_mm"]
+    for k, v in pairs.items():
+        assert all(r == p for _, r, p in v), k

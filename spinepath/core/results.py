@@ -228,6 +228,27 @@ LISTHESIS_MM = 3.0
 STENOSIS_GRADES = ("absolute", "relative")
 
 
+def narrowing_ratios(discs: dict[str, dict]) -> dict[str, float]:
+    """Each disc's middle height over the mean middle height of its measured neighbouring discs.
+
+    Args:
+        discs: ``measurements["discs"]`` (level -> entry with a ``middle`` line).
+
+    Returns:
+        ``{level: ratio}`` for the discs with a middle height and at least one measured neighbour (the
+        ``narrowing`` flag fires below :data:`NARROWING_FRACTION`).
+
+    """
+    order = [lv for lv in DISC_LEVELS if lv in discs]
+    mid = {lv: discs[lv]["middle"]["mm"] for lv in order if discs[lv].get("middle")}
+    out = {}
+    for i, lv in enumerate(order):
+        nb = [mid[n] for n in order[max(i - 1, 0):i + 2] if n != lv and n in mid]
+        if lv in mid and nb:
+            out[lv] = mid[lv] / float(np.mean(nb))
+    return out
+
+
 @dataclass
 class SpineSegmentation:
     """The segmentation stage's result: named instances and the key slice's measurements.
@@ -276,12 +297,10 @@ class SpineSegmentation:
                 f.append(f"canal stenosis ({e['canal_ap_mid_body']['stenosis']}) at mid-body")
             out["vertebrae"][lv] = f
         discs = m.get("discs", {})
-        order = [lv for lv in DISC_LEVELS if lv in discs]
-        mid = {lv: discs[lv]["middle"]["mm"] for lv in order if discs[lv].get("middle")}
-        for i, lv in enumerate(order):
+        ratios = narrowing_ratios(discs)
+        for lv in [lv for lv in DISC_LEVELS if lv in discs]:
             f = []
-            nb = [mid[n] for n in order[max(i - 1, 0):i + 2] if n != lv and n in mid]
-            if lv in mid and nb and mid[lv] < NARROWING_FRACTION * float(np.mean(nb)):
+            if lv in ratios and ratios[lv] < NARROWING_FRACTION:
                 f.append("narrowing")
             if (discs[lv].get("canal_ap") or {}).get("stenosis") in STENOSIS_GRADES:
                 f.append(f"canal stenosis ({discs[lv]['canal_ap']['stenosis']})")

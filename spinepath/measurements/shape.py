@@ -299,11 +299,17 @@ def _slip(pa: np.ndarray, pb: np.ndarray, d: np.ndarray, plate_mm: float, spacin
             "line": Line(a, (end[0] / spacing[0], end[1] / spacing[1]), abs(mm))}
 
 
+#: Genant's height-loss fractions between grades 0-1, 1-2 and 2-3.
+GENANT_LOSS = (0.20, 0.25, 0.40)
+#: The sagittal canal diameters (mm) below which a canal is absolutely / relatively stenotic.
+STENOSIS_MM = (10.0, 12.0)
+
+
 def genant_grade(loss: float) -> int:
     """Genant's semi-quantitative grade of a height loss fraction: 0 below 0.20, 1 below 0.25, 2 below 0.40, 3."""
-    return 0 if loss < 0.20 else 1 if loss < 0.25 else 2 if loss < 0.40 else 3
+    return sum(loss >= b for b in GENANT_LOSS)
 
 
 def canal_stenosis(ap_mm: float) -> str:
     """The usual sagittal canal thresholds: ``"absolute"`` below 10 mm, ``"relative"`` 10-12 mm, else ``"none"``."""
-    return "absolute" if ap_mm < 10 else "relative" if ap_mm <= 12 else "none"
+    return "absolute" if ap_mm < STENOSIS_MM[0] else "relative" if ap_mm <= STENOSIS_MM[1] else "none"

@@ -1,0 +1,109 @@
+"""How far a graded measurement may sit from its threshold before its grade is in doubt: the review margins.
+
+On the *selection* patients of spider_seg, chu_t2, spineweb_vb and ivd_t2 (the validation part chooses
+nothing), the committed segmentation model segments each case's three central evaluated slices (the product
+measures on the mid-sagittal key slice), and the product's measurement code derives, from the predicted and
+from the reference masks, the values the flags are graded on
+(:mod:`spinepath.evaluation.measurement_agreement`): Genant height loss, wedge ratio, disc narrowing ratio,
+canal AP diameter (lumbar levels, where it is graded), listhesis offset. Each kind's margin is the 90th
+percentile of ``|predicted - reference|``: a reported finding whose value is closer than that to one of its
+grade boundaries may have another grade or none, and the review flags it (``configs/review.json`` ->
+``measurement_margin``; reason ``measurement_near_threshold``). Prints JSON per kind: pairs, MAE, the margin,
+the reported findings and how many of them the margin flags, the pairs that the two masks grade differently
+(reported among them, flagged among them), and the share of all pairs flagged. ``--write`` stores the margins.
+
+Usage: python scripts/measurement_margin.py [--model bundle/models/segmentation.pt] [--write] [-q]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from spinepath.core.paths import SHARED_EXAMPLES, resolve_segmentation_path  # noqa: E402
+from spinepath.data.split import split_cases  # noqa: E402
+from spinepath.evaluation.measurement_agreement import DERIVED, slice_derived_pairs  # noqa: E402
+from spinepath.evaluation.segmentation import evaluation_slices  # noqa: E402
+from spinepath.measurements.spine import STENOSIS_LEVELS  # noqa: E402
+from spinepath.review import GRADE_BOUNDARIES, POSITIVE, REVIEW_RULES, uncertain_call  # noqa: E402
+from spinepath.segmentation.inference import class_offsets, classes_on_pixels, load_segmenter  # noqa: E402
+from spinepath.segmentation.network import predict_probabilities  # noqa: E402
+
+QUANTILE = 90
+SOURCES = ("spider_seg", "chu_t2", "spineweb_vb", "ivd_t2")
+
+
+def grade(value: float, bounds: tuple[float, ...]) -> int:
+    """Which interval between the boundaries a value falls in."""
+    return int(np.searchsorted(bounds, value, side="right"))
+
+
+def main() -> None:
+    """Entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--central", type=int, default=3, help="central slices per case (0: all)")
+    ap.add_argument("--quantile", type=float, default=QUANTILE, help="percentile of |error| taken as the margin")
+    ap.add_argument("--write", action="store_true", help="store the margins in configs/review.json")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args()
+    model = load_segmenter(resolve_segmentation_path(args.model))
+    offsets = class_offsets(model)
+    slices = []
+    for src in SOURCES:
+        root = SHARED_EXAMPLES.parent / src
+        slices += evaluation_slices(root, split_cases(root, "selection"))
+    by_case: dict[tuple[str, str], list[int]] = {}
+    for s in slices:
+        by_case.setdefault((s.source, s.case), []).append(s.index)
+    keep = set()
+    for case, idx in by_case.items():
+        idx = sorted(idx)
+        lo = max(0, len(idx) // 2 - args.central // 2) if args.central else 0
+        keep |= {(*case, i) for i in idx[lo:lo + args.central or None]}
+    pairs: dict[str, list[tuple[str, float, float]]] = {k: [] for k in DERIVED}
+    for s in tqdm([s for s in slices if (s.source, s.case, s.index) in keep], desc="slices", disable=args.quiet):
+        with torch.no_grad():
+            probs = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
+        classes = classes_on_pixels(probs, s.native.shape, offsets)[0]
+        for k, v in slice_derived_pairs(replace(s, target=s.native, native=None), classes, s.spacing_mm).items():
+            # the canal is graded at the lumbar levels only (as in the product)
+            pairs[k] += [x for x in v if k != "canal_ap_mm" or x[0] in STENOSIS_LEVELS]
+    out: dict = {"cases": len(by_case), "slices": len(keep), "quantile": args.quantile, "kinds": {}}
+    margins = {}
+    for k, v in pairs.items():
+        if not v:
+            continue
+        ref, pred = np.array([x[1:] for x in v]).T
+        err = np.abs(pred - ref)
+        margin = float(np.percentile(err, args.quantile))
+        margins[k] = round(margin, 3 if k in ("height_loss", "wedge_ratio", "narrowing_ratio") else 2)
+        bounds = GRADE_BOUNDARIES[k]
+        flips = [i for i in range(len(v)) if grade(ref[i], bounds) != grade(pred[i], bounds)]
+        flagged = [uncertain_call(k, float(p), margins[k]) is not None for p in pred]
+        positive = [POSITIVE[k](float(p)) for p in pred]
+        out["kinds"][k] = {"pairs": len(v), "mae": round(float(err.mean()), 4), "margin": margins[k],
+                           "reported": int(sum(positive)), "reported_flagged": int(sum(flagged)),
+                           "grade_differs": len(flips), "grade_differs_reported": int(sum(positive[i] for i in flips)),
+                           "grade_differs_flagged": int(sum(flagged[i] for i in flips)),
+                           "flagged_fraction": round(float(np.mean(flagged)), 3)}
+    out["measurement_margin"] = margins
+    print(json.dumps(out, indent=1))
+    if args.write:
+        rules = json.loads(Path(REVIEW_RULES).read_text())
+        rules["measurement_margin"] = margins
+        Path(REVIEW_RULES).write_text(json.dumps(rules, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
