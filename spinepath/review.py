@@ -94,10 +94,20 @@ class Review:
     vertebrae: list[Flag]
     discs: dict[str, Flag]
     quality: dict
+    measurements: dict[str, dict[str, Flag]] = field(default_factory=dict)
 
     def vertebra(self, track: Vertebra, result: DetectionResult) -> Flag:
         """The flag of one of ``result``'s vertebrae."""
         return self.vertebrae[result.vertebrae.index(track)]
+
+    def measurement_dicts(self) -> dict[str, dict[str, dict]]:
+        """The measurements' own review per section and measured level (also in the level's vertebra / disc flag).
+
+        Returns:
+            ``{"vertebrae" | "discs" | "listhesis": {level: {"needs_review", "review_reasons"}}}``.
+
+        """
+        return {sec: {lv: f.to_dict() for lv, f in flags.items()} for sec, flags in self.measurements.items()}
 
 
 def noise_sigma(image: np.ndarray) -> float:
@@ -184,8 +194,7 @@ def uncertain_call(kind: str, value: float, margin: float) -> float | None:
     return b if abs(value - b) < margin else None
 
 
-def measurement_reasons(measurements: dict, margins: dict[str, float]) -> tuple[dict[str, list[str]],
-                                                                              dict[str, list[str]]]:
+def measurement_reasons(measurements: dict, margins: dict[str, float]) -> dict[str, dict[str, list[str]]]:
     """Reported measurement findings whose value lies within its margin of a grade boundary, per level.
 
     A finding (height loss, wedge, disc narrowing, canal stenosis, listhesis) is reported from a value and a
@@ -196,38 +205,38 @@ def measurement_reasons(measurements: dict, margins: dict[str, float]) -> tuple[
     flagged (the disc narrowing ratio's error would flag most discs).
 
     Returns:
-        ``({vertebra level: [reason, ...]}, {disc level: [reason, ...]})``.
+        ``{"vertebrae" | "discs" | "listhesis": {level: [reason, ...]}}`` (the sections of the measurements).
 
     """
-    vert: dict[str, list[str]] = {}
-    disc: dict[str, list[str]] = {}
+    out: dict[str, dict[str, list[str]]] = {"vertebrae": {}, "discs": {}, "listhesis": {}}
 
-    def check(out: dict[str, list[str]], level: str, kind: str, value: float | None, what: str, unit: str) -> None:
+    def check(section: str, level: str, kind: str, value: float | None, what: str, unit: str) -> None:
         if value is None or kind not in margins:
             return
         b = uncertain_call(kind, value, margins[kind])
         if b is not None:
             fmt = _FORMATS[unit]
-            out.setdefault(level, []).append(f"{what} {fmt(value)} near the {fmt(b)} grade boundary (the "
-                                             f"measurement's error reaches {fmt(margins[kind])})")
+            out[section].setdefault(level, []).append(
+                f"{what} {fmt(value)} near the {fmt(b)} grade boundary (the measurement's error reaches "
+                f"{fmt(margins[kind])})")
 
     for lv, e in measurements.get("vertebrae", {}).items():
-        check(vert, lv, "height_loss", e.get("height_loss"), "height loss", "%")
-        check(vert, lv, "wedge_ratio", e.get("wedge_ratio"), "wedge ratio", "")
+        check("vertebrae", lv, "height_loss", e.get("height_loss"), "height loss", "%")
+        check("vertebrae", lv, "wedge_ratio", e.get("wedge_ratio"), "wedge ratio", "")
         c = e.get("canal_ap_mid_body") or {}
         if c.get("stenosis") not in (None, NOT_GRADED):
-            check(vert, lv, "canal_ap_mm", c["mm"], "canal AP at mid-body", "mm")
+            check("vertebrae", lv, "canal_ap_mm", c["mm"], "canal AP at mid-body", "mm")
     discs = measurements.get("discs", {})
     for lv, r in narrowing_ratios(discs).items():
-        check(disc, lv, "narrowing_ratio", r, "disc height ratio to the neighbours", "")
+        check("discs", lv, "narrowing_ratio", r, "disc height ratio to the neighbours", "")
     for lv, e in discs.items():
         c = e.get("canal_ap") or {}
         if c.get("stenosis") not in (None, NOT_GRADED):
-            check(disc, lv, "canal_ap_mm", c["mm"], "canal AP", "mm")
+            check("discs", lv, "canal_ap_mm", c["mm"], "canal AP", "mm")
     for lv, e in measurements.get("listhesis", {}).items():
         if e.get("against", "body") == "body":
-            check(disc, lv, "listhesis_mm", abs(e["offset_mm"]), "slip", "mm")
-    return vert, disc
+            check("listhesis", lv, "listhesis_mm", abs(e["offset_mm"]), "slip", "mm")
+    return out
 
 
 def review(result: DetectionResult, rules: dict | None = None) -> Review:
@@ -289,15 +298,18 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
         if abs(abs(exp - np.floor(exp)) - 0.5) < rules["disc_grade_margin"]["ordinal"]:
             fl.add("grade_ambiguous", f"Pfirrmann {g.pfirrmann} undecided: expected grade {exp:.2f}")
     seg = result.segmentation
-    if seg is not None and rules.get("measurement_margin"):
-        vert, disc = measurement_reasons(seg.measurements, rules["measurement_margin"])
-        for lv, reasons in vert.items():
-            for reason in reasons:
-                if lv in by_level:
-                    by_level[lv].add("measurement_near_threshold", reason)
-        for lv, reasons in disc.items():
-            for reason in reasons:
-                discs.setdefault(lv, Flag()).add("measurement_near_threshold", reason)
+    measured: dict[str, dict[str, Flag]] = {}
+    if seg is not None:
+        found = measurement_reasons(seg.measurements, rules.get("measurement_margin", {}))
+        for sec in ("vertebrae", "discs", "listhesis"):
+            measured[sec] = {lv: Flag() for lv in seg.measurements.get(sec, {})}
+            for lv, reasons in found[sec].items():
+                # also on the level's own flag: the vertebra, or the disc (a slip is between two bodies)
+                own = by_level.get(lv) if sec == "vertebrae" else discs.setdefault(lv, Flag())
+                for reason in reasons:
+                    measured[sec][lv].add("measurement_near_threshold", reason)
+                    if own is not None:
+                        own.add("measurement_near_threshold", reason)
     study = Flag()
     if not result.vertebrae:
         study.add("detection_score", "no vertebra found")
@@ -307,5 +319,5 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
     n = sum(f.needs_review for f in flags) + sum(f.needs_review for f in discs.values())
     if n:
         study.add("flagged_findings", f"{n} finding{'s' * (n > 1)} flagged for review")
-    result.review = Review(study, flags, discs, quality)
+    result.review = Review(study, flags, discs, quality, measured)
     return result.review

@@ -97,6 +97,16 @@ def test_review_in_sr_pdf_and_key_image(reference, tmp_path):
             assert len(back["vertebrae"][t.level]["review_reasons"]) == len(set(flag.kinds))
     for lv, d in back["discs"].items():
         assert d["needs_review"] == reference.review.discs[lv].needs_review
+    measured = reference.review.measurements
+    assert back["measurements"] and set(measured) == {"vertebrae", "discs", "listhesis"}
+    for lv, g in back["measurements"].items():  # each measurement group carries its measurements' review
+        if lv == "L1-S1":  # the lordosis
+            assert g["needs_review"] is None
+            continue
+        sec = "discs" if "-" in lv else "vertebrae"
+        below = [k for k in measured["listhesis"] if k.startswith(f"{lv}-")] if sec == "vertebrae" else []
+        flags = [measured[sec][lv], *(measured["listhesis"][k] for k in below)]
+        assert g["needs_review"] == any(f.needs_review for f in flags), lv
     rows = findings_table(reference)
     assert all(len(r) == 7 for r in rows)
     lines = review_lines(reference)
@@ -252,7 +262,7 @@ def test_pfirrmann_from_the_t1_alone_is_flagged(reference):
     assert set(REASON_KINDS) == set(REVIEW_REASON_CODES)
 
 
-def test_a_measurement_finding_near_its_grade_boundary_is_flagged(reference):
+def test_a_measurement_finding_near_its_grade_boundary_is_flagged(reference, tmp_path):
     """A reported stenosis, height loss or slip within its measured margin of a grade boundary is flagged, with
     the value and the boundary; a clear value, a value without a finding, an ungraded canal level and a slip
     over the disc are not; on the real study every such reason belongs to a reported measurement finding."""
@@ -288,6 +298,15 @@ def test_a_measurement_finding_near_its_grade_boundary_is_flagged(reference):
     near = 10.0 + margins["canal_ap_mm"] / 2
     _, disc = reasons(canal(near, "relative"))
     assert any(r.startswith(f"canal AP {near:.1f} mm near the 10.0 mm grade boundary") for r in disc["L4-L5"])
+    # the measurement group says so in the SR, and the JSON's measurements carry it
+    m = copy.deepcopy(seg.measurements)
+    canal(near, "relative")(m)
+    res = dataclasses.replace(reference, segmentation=dataclasses.replace(seg, measurements=m))
+    review(res)
+    back = read_findings(write_dataset(build_sr(res), tmp_path / "sr.dcm"))["measurements"]["L4-L5"]
+    assert back["needs_review"] is True and back["review_reasons"] == ["Measurement near a grade boundary"]
+    js = res.to_dict()["measurements"]["review"]
+    assert js["discs"]["L4-L5"]["needs_review"] and js["discs"]["L4-L5"]["review_reasons"][0].startswith("canal AP")
     _, disc = reasons(canal(14.0, "none"))
     assert not any(r.startswith("canal AP") for r in disc.get("L4-L5", []))
     thoracic = next((lv for lv in seg.measurements["discs"] if lv.startswith("T")), None)

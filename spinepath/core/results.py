@@ -189,6 +189,8 @@ class DetectionResult:
             self.timings.update(self.findings.timings)
         if self.segmentation is not None:
             extra["measurements"] = self.segmentation.measurements_dict(v)
+            if rev is not None and getattr(rev, "measurements", None):
+                extra["measurements"]["review"] = rev.measurement_dicts()
             extra["segmentation"] = self.segmentation.to_dict(v)
         return {
             "disclaimer": DISCLAIMER,

@@ -52,6 +52,7 @@ from spinepath.outputs.coding import (
     vertebra_code,
 )
 from spinepath.outputs.common import no_identifying_warnings
+from spinepath.review import Flag
 
 ALGORITHM = "spinepath"
 SR_SERIES_NUMBER = 902
@@ -235,14 +236,30 @@ def segmentation_groups(result: DetectionResult, algo: hd.sr.AlgorithmIdentifica
 
     source = [_source(vol, k, hd.sr.SourceImageForMeasurementGroup)]
 
-    def group(ident: str, ftype, site, measurements: list, flag_list: list[str]) -> None:
+    measured = getattr(result.review, "measurements", None) or {}
+
+    def review_of(*keys: tuple[str, str]) -> list[hd.sr.QualitativeEvaluation]:
+        """"Needs review" of the group's measurements (with their reasons), once the study was reviewed."""
+        if not measured:
+            return []
+        merged = Flag()
+        for sec, lv in keys:
+            f = measured.get(sec, {}).get(lv)
+            if f is not None:
+                for kind, reason in zip(f.kinds, f.reasons):
+                    merged.add(kind, reason)
+        return review_evaluations(merged)
+
+    def group(ident: str, ftype, site, measurements: list, flag_list: list[str],
+              review: list[hd.sr.QualitativeEvaluation]) -> None:
         if not measurements:
             return
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{ident} measurements"),
             finding_type=ftype, algorithm_id=algo, finding_sites=[hd.sr.FindingSite(site)],
             measurements=measurements, source_images=source,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(MEASUREMENT_FLAG, flag_code(f)) for f in flag_list]))
+            qualitative_evaluations=[*(hd.sr.QualitativeEvaluation(MEASUREMENT_FLAG, flag_code(f)) for f in flag_list),
+                                     *review]))
 
     for lv, e in m["vertebrae"].items():
         below = VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(lv) + 1] if lv != VERTEBRA_LEVELS[-1] else None
@@ -254,18 +271,19 @@ def segmentation_groups(result: DetectionResult, algo: hd.sr.AlgorithmIdentifica
             ms += nums({"offset": {**slip["line"], "mm": slip["offset_mm"]}, "percent": slip["percent"]},
                        {"offset": "listhesis_offset", "percent": "listhesis_percent"})
         group(lv, VERTEBRA, vertebra_code(lv), ms,
-              flags["vertebrae"].get(lv, []) + (flags["listhesis"].get(f"{lv}-{below}", []) if below else []))
+              flags["vertebrae"].get(lv, []) + (flags["listhesis"].get(f"{lv}-{below}", []) if below else []),
+              review_of(("vertebrae", lv), ("listhesis", f"{lv}-{below}")))
     for lv, e in m["discs"].items():
         group(lv, disc_code(lv), disc_code(lv),
               nums(e, {"anterior": "disc_anterior", "middle": "disc_middle", "posterior": "disc_posterior",
                        "disc_height_index": "disc_height_index", "t2_signal_ratio": "t2_signal_ratio",
-                       "canal_ap": "canal_ap"}), flags["discs"].get(lv, []))
+                       "canal_ap": "canal_ap"}), flags["discs"].get(lv, []), review_of(("discs", lv)))
     if m.get("lordosis_deg") is not None:
         name, unit = MEASUREMENT_CODES["lordosis"]
         lines = m["lordosis_lines"]
         group("L1-S1", LUMBAR_SPINE, LUMBAR_SPINE,
               [hd.sr.Measurement(name=name, value=float(m["lordosis_deg"]), unit=unit, algorithm_id=algo,
-                                 referenced_coordinates=[_coordinates(ln, vol, k) for ln in lines.values()])], [])
+                                 referenced_coordinates=[_coordinates(ln, vol, k) for ln in lines.values()])], [], [])
     return groups
 
 
@@ -317,8 +335,8 @@ def _document(ds: list, report: hd.sr.MeasurementReport, series_number: int) -> 
 def read_findings(path: str | Path) -> dict:
     """Read an SR written by :func:`build_sr` back: ``{"vertebrae", "discs", "degeneration", "measurements"}``.
 
-    Each by level; a measurement group gives its values (meaning -> (value, unit)), the SCOORD lines of each
-    and its flags.
+    Each by level; a measurement group gives its values (meaning -> (value, unit)), the SCOORD lines of each,
+    its flags and its review (``needs_review``: None in an SR of an unreviewed result; coded reasons).
     """
     sr = hd.sr.srread(path)
     report = sr.content
@@ -334,7 +352,10 @@ def read_findings(path: str | Path) -> dict:
                 "lines": {mm.name.meaning: [np.asarray(c.value).reshape(-1, 2).tolist()
                                             for c in (mm.referenced_coordinates or [])]
                           for mm in g.get_measurements()},
-                "flags": [q.value.meaning for q in evaluations if q.name == MEASUREMENT_FLAG]}
+                "flags": [q.value.meaning for q in evaluations if q.name == MEASUREMENT_FLAG],
+                "needs_review": next((q.value.meaning == YES.meaning for q in evaluations if q.name == NEEDS_REVIEW),
+                                     None),
+                "review_reasons": [q.value.meaning for q in evaluations if q.name == REVIEW_REASON]}
     for g in report.get_planar_roi_measurement_groups():
         level, kind = str(g.tracking_identifier).rsplit(" ", 1)
         evaluations = g.get_qualitative_evaluations()
