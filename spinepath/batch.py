@@ -476,7 +476,8 @@ def findings_rows(result: Mapping[str, Any], study_uid: str) -> list[dict[str, A
     ``probabilities_v1`` …, ``pfirrmann_grade``, ``pfirrmann_probabilities_1`` … ``_5``, ``modic_type``,
     ``herniation_probability`` …) and its measurements prefixed ``measured_`` (``measured_anterior_mm``,
     ``measured_wedge_ratio``, ``measured_disc_height_index``, ``measured_canal_ap_mm``,
-    ``measured_listhesis_offset_mm``, ``measured_flags`` …). Geometry (boxes, lines, points) is left out.
+    ``measured_listhesis_offset_mm``, ``measured_flags``, ``measured_review_reasons`` …). Geometry (boxes,
+    lines, points) is left out.
 
     Args:
         result: A study's ``vertebrae.json``.
@@ -488,6 +489,7 @@ def findings_rows(result: Mapping[str, Any], study_uid: str) -> list[dict[str, A
     """
     m = result.get("measurements") or {}
     flags = m.get("flags") or {}
+    review_of = m.get("review") or {}
     levels: dict[tuple[str, str], dict[str, Any]] = {}
 
     def row(level: str, kind: str) -> dict[str, Any]:
@@ -503,9 +505,13 @@ def findings_rows(result: Mapping[str, Any], study_uid: str) -> list[dict[str, A
             r = row(level, kind)
             _flatten("measured", values, r)
             reasons = list((flags.get(section) or {}).get(level) or [])
+            review = list(((review_of.get(section) or {}).get(level) or {}).get("review_reasons") or [])
             if kind == "disc":
                 reasons += list((flags.get("listhesis") or {}).get(level) or [])
+                review += list(((review_of.get("listhesis") or {}).get(level) or {}).get("review_reasons") or [])
             r["measured_flags"] = "; ".join(reasons)
+            if review_of:
+                r["measured_review_reasons"] = "; ".join(review)
     for level, values in (m.get("listhesis") or {}).items():
         _flatten("measured_listhesis", values, row(level, "disc"))
     return [levels[k] for k in sorted(levels, key=lambda k: (structure_rank(k[0]), k[0]))]

@@ -146,7 +146,7 @@ def test_dicomweb_batch_with_a_killed_worker(pacs, archive, tmp_path):
     assert {r["study_instance_uid"] for r in rows} == uids
     for col in ("level", "structure", "needs_review", "pathology_probability", "pathology_label", "grade",
                 "pfirrmann_grade", "modic_type", "herniation_probability", "measured_middle_mm",
-                "measured_disc_height_index", "measured_flags"):
+                "measured_disc_height_index", "measured_flags", "measured_review_reasons"):
         assert col in rows[0], col
     for uid in uids:
         mine = [r for r in rows if r["study_instance_uid"] == uid]
