@@ -297,6 +297,8 @@ def test_infer_spine_structures_named_masks(server: str, studies: Path) -> None:
     seg, meas = params["segmentation"], params["measurements"]
     assert len(seg["slices"]) == volume.pixels.shape[0]  # every slice, for the annotator
     assert 18 < meas["vertebrae"]["L3"]["middle"]["mm"] < 40 and "L3-L4" in meas["discs"]
+    assert set(meas["review"]["discs"]) == set(meas["discs"])  # each measured disc with its review
+    assert all(set(r) == {"needs_review", "review_reasons"} for r in meas["review"]["discs"].values())
 
 
 def test_structure_correction_feeds_a_segmentation_round(server: str, studies: Path, model_dir: Path,

@@ -54,7 +54,7 @@ def label_structures(image_path: str | Path, detector, segmenter, out_path: str 
 
     Returns:
         JSON-ready summary: ``label_names``, the ``structures`` found on the key slice, the key slice's
-        ``measurements`` (as in the JSON output) and the disclaimer.
+        ``measurements`` (as in the JSON output, with their ``review``) and the disclaimer.
 
     Raises:
         StudyError: If the image cannot be read or no vertebra is named.
@@ -66,13 +66,14 @@ def label_structures(image_path: str | Path, detector, segmenter, out_path: str 
     if not any(t.level in VERTEBRA_LEVELS for t in result.vertebrae):
         raise StudyError("no vertebra was found and named: nothing to segment by level")
     seg = segment_study(result, segmenter, neighbours=volume.pixels.shape[0])
+    rev = stages.review(result)
     write_label_like(render_structures(result, label_map), volume, reference, out_path, compress)
     return {
         "disclaimer": DISCLAIMER,
         "software": {"name": "spinepath", "version": __version__},
         "label_names": {lab.name: lab.value for lab in label_map.values()},
         "segmentation": seg.to_dict(volume),
-        "measurements": seg.measurements_dict(volume),
+        "measurements": {**seg.measurements_dict(volume), "review": rev.measurement_dicts()},
     }
 
 
