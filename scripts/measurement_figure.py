@@ -81,9 +81,9 @@ def main() -> None:
         ax.plot([col, right], [row, y], color=colour, lw=0.6)
         ax.text(right + 2, y, text, color=colour, fontsize=8, va="center",
                 bbox={"boxstyle": "round,pad=0.15", "fc": "black", "lw": 0})
-    ax.set_title("Key slice (mid-sagittal): body and disc heights at 15 / 50 / 85% of the depth, across the "
-                 "mean endplate direction;\ncanal AP along the structure's AP axis; listhesis between the "
-                 "posterior corners", fontsize=8.5)
+    ax.set_title("Key slice (mid-sagittal): body and disc heights at 15 / 50 / 85% of the depth (each the mean "
+                 "of nine runs over +-10%),\nacross the mean endplate direction; canal AP along the structure's AP "
+                 "axis; listhesis between the posterior corners", fontsize=8.5)
     for name, line in (m.get("lordosis_lines") or {}).items():
         draw(inset, line, "#ff9600", name.replace("_", " "))
     lord = m.get("lordosis_deg")

@@ -9,9 +9,11 @@ and checked.
   for a clearly elongated shape (a disc), else a side of its minimum-area enclosing rectangle (a body as deep
   as it is tall, as on a lateral slice, has no stable principal axis), then the mean direction of its two
   endplates; oriented towards posterior; ``si`` is perpendicular to it, oriented towards inferior.
-* A *height* at a fraction ``f`` of the structure's anteroposterior extent is the length of the mask's run
-  along ``si`` through the point at ``f`` (0 anterior, 1 posterior) on the ``ap`` line through the centroid:
-  anterior, middle and posterior heights at 0.15, 0.5 and 0.85 (inside the rounded corners).
+* A *height* at a fraction ``f`` of the structure's anteroposterior extent is the mean length of the mask's
+  runs along ``si`` through the points at ``f - 0.10 ... f + 0.10`` (nine, 0 anterior, 1 posterior) on the
+  ``ap`` line through the centroid: anterior, middle and posterior heights at 0.15, 0.5 and 0.85 (inside the
+  rounded corners). One run would read a mask's pixel steps and the ragged outline of a partial section; the
+  band's mean is the same height, measured robustly (its line is drawn through ``f``, as long as the mean).
 * An *endplate line* is the straight line fitted (least squares, in mm) to the superior (or inferior) boundary
   of the mask over the central 80% of its anteroposterior extent.
 """
@@ -24,6 +26,8 @@ import numpy as np
 
 #: Positions of the anterior, middle and posterior heights along the anteroposterior extent.
 HEIGHT_POSITIONS = {"anterior": 0.15, "middle": 0.5, "posterior": 0.85}
+#: Half-width of the band of runs averaged into a height (fraction of the extent) and the number of runs.
+HEIGHT_BAND, HEIGHT_RUNS = 0.10, 9
 #: A shape this many times longer than wide (ratio of its principal standard deviations) keeps its principal axis.
 PRINCIPAL = 2.0
 #: A structure whose enclosing rectangle is this much longer than wide has its ``ap`` along the longer side.
@@ -140,20 +144,44 @@ def chord(mask: np.ndarray, spacing: tuple[float, float], through: tuple[float, 
     return Line(start, end, float(b - a))
 
 
-def heights(mask: np.ndarray, spacing: tuple[float, float], axes: Axes | None = None) -> dict[str, Line | None]:
+def heights(mask: np.ndarray, spacing: tuple[float, float], axes: Axes | None = None,
+            band: float = HEIGHT_BAND) -> dict[str, Line | None]:
     """Anterior, middle and posterior heights (:data:`HEIGHT_POSITIONS`) along the structure's ``si`` axis.
 
-    ``axes`` default to the mask's own (:func:`structure_axes`); a disc may pass its neighbours' axes.
+    Args:
+        mask: The structure.
+        spacing: Pixel spacing ``(row_mm, col_mm)``.
+        axes: Default: the mask's own (:func:`structure_axes`); a disc may pass its neighbours' axes.
+        band: Half-width of the band of :data:`HEIGHT_RUNS` runs whose mean length is the height (fraction of
+            the anteroposterior extent); 0: the single run through the position.
+
+    Returns:
+        Per position the height as a :class:`Line` through the position, centred on its run and as long as the
+        band's mean; None where the run through the position misses the mask.
+
     """
     ax = axes or structure_axes(mask, spacing)
     depth = chord(mask, spacing, ax.centre, ax.ap)
     if depth is None:
         return dict.fromkeys(HEIGHT_POSITIONS)
     s = np.array([depth.start[0] * spacing[0], depth.start[1] * spacing[1]])
-    out = {}
+    sp = np.asarray(spacing, float)
+
+    def run(f: float) -> Line | None:
+        p = (s + ax.ap * f * depth.mm) / sp
+        return chord(mask, spacing, (p[0], p[1]), ax.si)
+
+    out: dict[str, Line | None] = {}
     for name, f in HEIGHT_POSITIONS.items():
-        p = s + ax.ap * f * depth.mm
-        out[name] = chord(mask, spacing, (p[0] / spacing[0], p[1] / spacing[1]), ax.si)
+        centre = run(f)
+        if centre is None or band <= 0:
+            out[name] = centre
+            continue
+        lengths = [ln.mm for g in np.linspace(f - band, f + band, HEIGHT_RUNS) if (ln := run(g)) is not None]
+        mid = (np.asarray(centre.start) + np.asarray(centre.end)) / 2 * sp
+        half = ax.si * float(np.mean(lengths)) / 2
+        a, b = (mid - half) / sp, (mid + half) / sp
+        out[name] = Line((float(a[0]), float(a[1])), (float(b[0]), float(b[1])), float(np.mean(lengths)))
     return out
 
 
