@@ -31,11 +31,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spinepath.core.paths import SHARED_EXAMPLES, resolve_segmentation_path  # noqa: E402
+from spinepath.core.thresholds import GRADE_BOUNDARIES, POSITIVE  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
 from spinepath.evaluation.measurement_agreement import DERIVED, slice_derived_pairs  # noqa: E402
 from spinepath.evaluation.segmentation import evaluation_slices  # noqa: E402
 from spinepath.measurements.spine import STENOSIS_LEVELS  # noqa: E402
-from spinepath.review import GRADE_BOUNDARIES, POSITIVE, REVIEW_RULES, uncertain_call  # noqa: E402
+from spinepath.review import REVIEW_RULES, uncertain_call  # noqa: E402
 from spinepath.segmentation.inference import class_offsets, classes_on_pixels, load_segmenter  # noqa: E402
 from spinepath.segmentation.network import predict_probabilities  # noqa: E402
 

@@ -19,16 +19,13 @@ from scipy.ndimage import convolve
 
 from spinepath.core.config import config_file
 from spinepath.core.results import (
-    LISTHESIS_MM,
-    NARROWING_FRACTION,
-    WEDGE_RATIO,
     DetectionResult,
     Vertebra,
     key_slice,
     narrowing_ratios,
 )
+from spinepath.core.thresholds import GRADE_BOUNDARIES, POSITIVE
 from spinepath.grading.calibration import disc_grade_margin, logit
-from spinepath.measurements.shape import GENANT_LOSS, STENOSIS_MM, canal_stenosis, genant_grade
 from spinepath.measurements.spine import NOT_GRADED
 
 REVIEW_RULES = config_file("review.json")
@@ -44,15 +41,6 @@ def load_review_rules(path: str | Path = REVIEW_RULES) -> dict:
 REASON_KINDS = ("no_anchor", "name_confidence", "detection_score", "field_of_view", "near_threshold",
                 "grade_ambiguous", "low_predictive_value", "transitional", "image_quality", "sequence",
                 "without_t2", "measurement_near_threshold", "flagged_findings")
-
-#: The boundaries each graded measurement is graded against (the flags of ``SpineSegmentation.flags``).
-GRADE_BOUNDARIES: dict[str, tuple[float, ...]] = {
-    "height_loss": GENANT_LOSS,
-    "wedge_ratio": (WEDGE_RATIO,),
-    "narrowing_ratio": (NARROWING_FRACTION,),
-    "canal_ap_mm": STENOSIS_MM,
-    "listhesis_mm": (LISTHESIS_MM,),
-}
 
 
 @dataclass
@@ -169,21 +157,11 @@ def image_quality(result: DetectionResult, flag: Flag, rules: dict | None = None
 _FORMATS = {"%": "{:.0%}".format, "mm": "{:.1f} mm".format, "": "{:.2f}".format}
 
 
-#: Whether a graded measurement's value is a reported finding (the flags of ``SpineSegmentation.flags``).
-POSITIVE = {
-    "height_loss": lambda v: genant_grade(v) > 0,
-    "wedge_ratio": lambda v: v < WEDGE_RATIO,
-    "narrowing_ratio": lambda v: v < NARROWING_FRACTION,
-    "canal_ap_mm": lambda v: canal_stenosis(v) != "none",
-    "listhesis_mm": lambda v: v >= LISTHESIS_MM,
-}
-
-
 def uncertain_call(kind: str, value: float, margin: float) -> float | None:
     """The grade boundary within ``margin`` of a reported finding's value (its grade in doubt), else None.
 
     Args:
-        kind: A key of :data:`GRADE_BOUNDARIES`.
+        kind: A key of :data:`spinepath.core.thresholds.GRADE_BOUNDARIES`.
         value: The measured value (a slip's size: its absolute offset).
         margin: How far the value may be off (``measurement_margin`` of ``configs/review.json``).
 

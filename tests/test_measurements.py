@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from spinepath.core.thresholds import canal_stenosis, genant_grade
 from spinepath.measurements.shape import (
     angle_deg,
-    canal_stenosis,
     chord,
     endplate_line,
-    genant_grade,
     heights,
     listhesis,
     listhesis_over_disc,

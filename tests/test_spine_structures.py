@@ -95,6 +95,34 @@ def test_flags_follow_the_documented_thresholds():
         flag_code("osteophyte")
 
 
+def test_flags_and_the_review_share_one_rule_per_finding():
+    """Either side of every boundary, ``flags()`` reports a finding exactly where ``thresholds.POSITIVE`` (the
+    review's rule) calls the value one."""
+    from spinepath.core.thresholds import GRADE_BOUNDARIES, POSITIVE, canal_stenosis, genant_grade
+
+    def flagged(kind: str, v: float) -> bool:
+        line = {"mm": 1.0, "points": [[0, 0], [1, 0]]}
+        m: dict = {"vertebrae": {}, "discs": {}, "listhesis": {}}
+        if kind == "height_loss":
+            m["vertebrae"]["L3"] = {"genant_grade": genant_grade(v), "height_loss": v}
+        elif kind == "wedge_ratio":
+            m["vertebrae"]["L3"] = {"wedge_ratio": v}
+        elif kind == "narrowing_ratio":  # the middle disc over its two neighbours of height 10
+            m["discs"] = {"L2-L3": {"middle": {**line, "mm": 10.0}}, "L3-L4": {"middle": {**line, "mm": 10.0 * v}},
+                          "L4-L5": {"middle": {**line, "mm": 10.0}}}
+        elif kind == "canal_ap_mm":
+            m["discs"]["L3-L4"] = {"canal_ap": {**line, "mm": v, "stenosis": canal_stenosis(v)}}
+        else:
+            m["listhesis"]["L3-L4"] = {"offset_mm": -v, "percent": -v * 3, "meyerding": 1}
+        f = SpineSegmentation(key_slice=0, slices=[0], instances={}, measurements=m).flags()
+        return any(f[s].get(lv) for s, lv in (("vertebrae", "L3"), ("discs", "L3-L4"), ("listhesis", "L3-L4")))
+
+    for kind, bounds in GRADE_BOUNDARIES.items():
+        for b in bounds:
+            for v in (b * 0.98, b, b * 1.02):
+                assert flagged(kind, v) == POSITIVE[kind](v), (kind, v)
+
+
 def test_a_vertebra_cut_by_the_field_of_view_is_not_measured(models, segmented):
     result = stages.detect_series(load_study(EXAMPLE), models[0])
     top = next(t for t in result.vertebrae if t.level == "L1")

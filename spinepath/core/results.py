@@ -13,6 +13,7 @@ import numpy as np
 from spinepath import DISCLAIMER, __version__
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.levels import DISC_GRADE_NAMES, DISC_GRADES, DISC_LEVELS
+from spinepath.core.thresholds import POSITIVE, STENOSIS_GRADES
 
 
 @dataclass(eq=False)
@@ -220,14 +221,6 @@ class DetectionResult:
 
 #: The spinal canal's name in the structure masks, the label map and the SEG.
 CANAL = "spinal canal"
-#: Measurement flags (README "Measurements"): a disc is narrowed below this fraction of its measured
-#: neighbours' mean middle height; a body is wedged below this anterior / posterior ratio; a slip is a
-#: listhesis from this offset (mm).
-NARROWING_FRACTION = 0.75
-WEDGE_RATIO = 0.80
-LISTHESIS_MM = 3.0
-#: The canal diameters that are flagged (``measurements.spine``: lumbar levels below 12 mm).
-STENOSIS_GRADES = ("absolute", "relative")
 
 
 def narrowing_ratios(discs: dict[str, dict]) -> dict[str, float]:
@@ -238,7 +231,7 @@ def narrowing_ratios(discs: dict[str, dict]) -> dict[str, float]:
 
     Returns:
         ``{level: ratio}`` for the discs with a middle height and at least one measured neighbour (the
-        ``narrowing`` flag fires below :data:`NARROWING_FRACTION`).
+        ``narrowing`` flag fires below :data:`~spinepath.core.thresholds.NARROWING_FRACTION`).
 
     """
     order = [lv for lv in DISC_LEVELS if lv in discs]
@@ -285,7 +278,8 @@ class SpineSegmentation:
         (middle height below :data:`NARROWING_FRACTION` of the measured neighbouring discs' mean) and
         ``stenosis`` (canal AP at the disc, ``absolute`` / ``relative``; graded at the lumbar levels only);
         listhesis: ``Meyerding I`` ... once the offset reaches :data:`LISTHESIS_MM`, against the body below (a
-        slip over the L5-S1 disc, where the sacrum was not segmented, is not graded).
+        slip over the L5-S1 disc, where the sacrum was not segmented, is not graded). The boundaries:
+        :mod:`spinepath.core.thresholds`.
         """
         m = self.measurements
         out: dict[str, dict[str, list[str]]] = {"vertebrae": {}, "discs": {}, "listhesis": {}}
@@ -293,7 +287,7 @@ class SpineSegmentation:
             f = []
             if e.get("genant_grade"):
                 f.append(f"height loss (Genant grade {e['genant_grade']})")
-            if e.get("wedge_ratio") is not None and e["wedge_ratio"] < WEDGE_RATIO:
+            if e.get("wedge_ratio") is not None and POSITIVE["wedge_ratio"](e["wedge_ratio"]):
                 f.append("wedge")
             if (e.get("canal_ap_mid_body") or {}).get("stenosis") in STENOSIS_GRADES:
                 f.append(f"canal stenosis ({e['canal_ap_mid_body']['stenosis']}) at mid-body")
@@ -302,7 +296,7 @@ class SpineSegmentation:
         ratios = narrowing_ratios(discs)
         for lv in [lv for lv in DISC_LEVELS if lv in discs]:
             f = []
-            if lv in ratios and ratios[lv] < NARROWING_FRACTION:
+            if lv in ratios and POSITIVE["narrowing_ratio"](ratios[lv]):
                 f.append("narrowing")
             if (discs[lv].get("canal_ap") or {}).get("stenosis") in STENOSIS_GRADES:
                 f.append(f"canal stenosis ({discs[lv]['canal_ap']['stenosis']})")
@@ -310,7 +304,7 @@ class SpineSegmentation:
         roman = ["", "I", "II", "III", "IV", "V"]
         for lv, e in m.get("listhesis", {}).items():
             # a slip over the disc (no S1 body segmented) is evidence for the decision, too coarse to grade alone
-            big = abs(e["offset_mm"]) >= LISTHESIS_MM and e["meyerding"] > 0 and e.get("against", "body") == "body"
+            big = POSITIVE["listhesis_mm"](abs(e["offset_mm"])) and e.get("against", "body") == "body"
             out["listhesis"][lv] = [f"listhesis Meyerding {roman[e['meyerding']]}"] if big else []
         return out
 

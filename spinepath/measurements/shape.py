@@ -26,7 +26,8 @@ import numpy as np
 
 #: Positions of the anterior, middle and posterior heights along the anteroposterior extent.
 HEIGHT_POSITIONS = {"anterior": 0.15, "middle": 0.5, "posterior": 0.85}
-#: Half-width of the band of runs averaged into a height (fraction of the extent) and the number of runs.
+#: Half-width of the band of runs averaged into a height (fraction of the extent) and the number of runs (odd:
+#: the run through the position is one of them).
 HEIGHT_BAND, HEIGHT_RUNS = 0.10, 9
 #: A shape this many times longer than wide (ratio of its principal standard deviations) keeps its principal axis.
 PRINCIPAL = 2.0
@@ -177,7 +178,9 @@ def heights(mask: np.ndarray, spacing: tuple[float, float], axes: Axes | None = 
         if centre is None or band <= 0:
             out[name] = centre
             continue
-        lengths = [ln.mm for g in np.linspace(f - band, f + band, HEIGHT_RUNS) if (ln := run(g)) is not None]
+        grid = np.linspace(f - band, f + band, HEIGHT_RUNS)
+        runs = [centre if i == HEIGHT_RUNS // 2 else run(g) for i, g in enumerate(grid)]  # odd: centre in the middle
+        lengths = [ln.mm for ln in runs if ln is not None]
         mid = (np.asarray(centre.start) + np.asarray(centre.end)) / 2 * sp
         half = ax.si * float(np.mean(lengths)) / 2
         a, b = (mid - half) / sp, (mid + half) / sp
@@ -325,19 +328,3 @@ def _slip(pa: np.ndarray, pb: np.ndarray, d: np.ndarray, plate_mm: float, spacin
     a = (pa[0] / spacing[0], pa[1] / spacing[1])
     return {"offset_mm": mm, "percent": pct, "meyerding": grade,
             "line": Line(a, (end[0] / spacing[0], end[1] / spacing[1]), abs(mm))}
-
-
-#: Genant's height-loss fractions between grades 0-1, 1-2 and 2-3.
-GENANT_LOSS = (0.20, 0.25, 0.40)
-#: The sagittal canal diameters (mm) below which a canal is absolutely / relatively stenotic.
-STENOSIS_MM = (10.0, 12.0)
-
-
-def genant_grade(loss: float) -> int:
-    """Genant's semi-quantitative grade of a height loss fraction: 0 below 0.20, 1 below 0.25, 2 below 0.40, 3."""
-    return sum(loss >= b for b in GENANT_LOSS)
-
-
-def canal_stenosis(ap_mm: float) -> str:
-    """The usual sagittal canal thresholds: ``"absolute"`` below 10 mm, ``"relative"`` 10-12 mm, else ``"none"``."""
-    return "absolute" if ap_mm < STENOSIS_MM[0] else "relative" if ap_mm <= STENOSIS_MM[1] else "none"

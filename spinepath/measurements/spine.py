@@ -28,14 +28,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS
+from spinepath.core.thresholds import canal_stenosis, genant_grade
 from spinepath.measurements.shape import (
     Axes,
     Line,
     angle_deg,
     canal_ap,
-    canal_stenosis,
     endplate_line,
-    genant_grade,
     heights,
     listhesis,
     listhesis_over_disc,

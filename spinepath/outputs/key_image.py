@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw, ImageFont
 from spinepath import __version__
 from spinepath.core.labels import label_colors
 from spinepath.core.levels import DISC_LEVELS
-from spinepath.core.results import STENOSIS_GRADES, DegenerationFinding, DetectionResult, key_slice
+from spinepath.core.results import DegenerationFinding, DetectionResult, key_slice
+from spinepath.core.thresholds import STENOSIS_GRADES
 
 #: Key-image colours of vertebra findings and disc grades.
 FINDING_COLOURS = {"pathological": (255, 48, 48), "healthy": (64, 220, 64)}

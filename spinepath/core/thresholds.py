@@ -1,0 +1,51 @@
+"""The grade boundaries of the measured findings, in one home (README "Measurements").
+
+``measurements`` grades its values with them, ``SpineSegmentation.flags`` reports the findings they make and
+``review`` flags a finding whose value lies near one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+#: Genant's height-loss fractions between grades 0-1, 1-2 and 2-3.
+GENANT_LOSS = (0.20, 0.25, 0.40)
+#: The sagittal canal diameters (mm) below which a canal is absolutely / relatively stenotic.
+STENOSIS_MM = (10.0, 12.0)
+#: A disc is narrowed below this fraction of its measured neighbours' mean middle height.
+NARROWING_FRACTION = 0.75
+#: A body is wedged below this anterior / posterior height ratio.
+WEDGE_RATIO = 0.80
+#: A slip is a listhesis from this offset (mm).
+LISTHESIS_MM = 3.0
+#: The canal grades that are findings (``canal_stenosis``; lumbar levels only, ``measurements.spine``).
+STENOSIS_GRADES = ("absolute", "relative")
+
+
+def genant_grade(loss: float) -> int:
+    """Genant's semi-quantitative grade of a height loss fraction: 0 below 0.20, 1 below 0.25, 2 below 0.40, 3."""
+    return sum(loss >= b for b in GENANT_LOSS)
+
+
+def canal_stenosis(ap_mm: float) -> str:
+    """The usual sagittal canal thresholds: ``"absolute"`` below 10 mm, ``"relative"`` 10-12 mm, else ``"none"``."""
+    return "absolute" if ap_mm < STENOSIS_MM[0] else "relative" if ap_mm <= STENOSIS_MM[1] else "none"
+
+
+#: The boundaries each graded measurement is graded against.
+GRADE_BOUNDARIES: dict[str, tuple[float, ...]] = {
+    "height_loss": GENANT_LOSS,
+    "wedge_ratio": (WEDGE_RATIO,),
+    "narrowing_ratio": (NARROWING_FRACTION,),
+    "canal_ap_mm": STENOSIS_MM,
+    "listhesis_mm": (LISTHESIS_MM,),
+}
+
+#: Whether a graded measurement's value is a reported finding (a slip: its absolute offset).
+POSITIVE: dict[str, Callable[[float], bool]] = {
+    "height_loss": lambda v: genant_grade(v) > 0,
+    "wedge_ratio": lambda v: v < WEDGE_RATIO,
+    "narrowing_ratio": lambda v: v < NARROWING_FRACTION,
+    "canal_ap_mm": lambda v: canal_stenosis(v) in STENOSIS_GRADES,
+    "listhesis_mm": lambda v: v >= LISTHESIS_MM,
+}
