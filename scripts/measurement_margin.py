@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spinepath.core.paths import SHARED_EXAMPLES, resolve_segmentation_path  # noqa: E402
-from spinepath.core.thresholds import GRADE_BOUNDARIES, POSITIVE  # noqa: E402
+from spinepath.core.thresholds import GRADE, POSITIVE  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
 from spinepath.evaluation.measurement_agreement import DERIVED, slice_derived_pairs  # noqa: E402
 from spinepath.evaluation.segmentation import evaluation_slices  # noqa: E402
@@ -42,11 +42,6 @@ from spinepath.segmentation.network import predict_probabilities  # noqa: E402
 
 QUANTILE = 90
 SOURCES = ("spider_seg", "chu_t2", "spineweb_vb", "ivd_t2")
-
-
-def grade(value: float, bounds: tuple[float, ...]) -> int:
-    """Which interval between the boundaries a value falls in."""
-    return int(np.searchsorted(bounds, value, side="right"))
 
 
 def main() -> None:
@@ -89,8 +84,7 @@ def main() -> None:
         err = np.abs(pred - ref)
         margin = float(np.percentile(err, args.quantile))
         margins[k] = round(margin, 3 if k in ("height_loss", "wedge_ratio", "narrowing_ratio") else 2)
-        bounds = GRADE_BOUNDARIES[k]
-        flips = [i for i in range(len(v)) if grade(ref[i], bounds) != grade(pred[i], bounds)]
+        flips = [i for i in range(len(v)) if GRADE[k](float(ref[i])) != GRADE[k](float(pred[i]))]
         flagged = [uncertain_call(k, float(p), margins[k]) is not None for p in pred]
         positive = [POSITIVE[k](float(p)) for p in pred]
         out["kinds"][k] = {"pairs": len(v), "mae": round(float(err.mean()), 4), "margin": margins[k],

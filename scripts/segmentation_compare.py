@@ -5,7 +5,8 @@ annotated classes on the selection patients of spider_seg, chu_t2, spineweb_vb a
 sources and classes, with the best per-class offsets of the grid). Every further model is compared with the
 first: the gain of the score with a paired bootstrap 95% interval that resamples cases within each source
 (:func:`spinepath.evaluation.segmentation_selection.paired_case_gain`). A model is adopted only where the
-interval lies above 0. The validation split is never read.
+interval lies above 0. The validation split is never read. The offsets are chosen and scored on the same
+cases, for every model alike: each score is slightly optimistic, the interval does not count that choice.
 
 Usage: python scripts/segmentation_compare.py BASE.pt OTHER.pt [MORE.pt ...] [--bootstrap 1000] [-q]
 Prints JSON: each model's offsets and per-source Dice, and each other model's gain over BASE.

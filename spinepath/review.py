@@ -75,6 +75,8 @@ class Review:
         vertebrae: Per vertebra, aligned with ``result.vertebrae``.
         discs: Per disc level (``"L4-L5"``).
         quality: The measured image quality (signal-to-noise, pixel and slice size, levels in view).
+        measurements: Per section of the measurements (``vertebrae`` / ``discs`` / ``listhesis``) and level, the
+            measured findings near a grade boundary (also on the level's own vertebra or disc flag).
 
     """
 
@@ -154,7 +156,7 @@ def image_quality(result: DetectionResult, flag: Flag, rules: dict | None = None
     return q
 
 
-_FORMATS = {"%": "{:.0%}".format, "mm": "{:.1f} mm".format, "": "{:.2f}".format}
+_FORMATS = {"%": "{:.1%}".format, "mm": "{:.1f} mm".format, "": "{:.2f}".format}
 
 
 def uncertain_call(kind: str, value: float, margin: float) -> float | None:

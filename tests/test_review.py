@@ -268,6 +268,7 @@ def test_a_measurement_finding_near_its_grade_boundary_is_flagged(reference, tmp
     over the disc are not; on the real study every such reason belongs to a reported measurement finding."""
     import copy
 
+    from spinepath.measurements.spine import graded_height_loss
     from spinepath.review import load_review_rules, review
 
     margins = load_review_rules()["measurement_margin"]
@@ -279,6 +280,9 @@ def test_a_measurement_finding_near_its_grade_boundary_is_flagged(reference, tmp
         for kind, reason in zip(fl.kinds, fl.reasons):
             if kind == "measurement_near_threshold":
                 assert flags["discs"].get(lv) or flags["listhesis"].get(lv), (lv, reason)
+    for t, fl in zip(reference.vertebrae, reference.review.vertebrae):
+        if "measurement_near_threshold" in fl.kinds:
+            assert flags["vertebrae"].get(t.level), (t.level, fl.reasons)
 
     def reasons(edit) -> tuple[dict, dict]:
         m = copy.deepcopy(seg.measurements)
@@ -315,10 +319,18 @@ def test_a_measurement_finding_near_its_grade_boundary_is_flagged(reference, tmp
         assert not any(r.startswith("canal AP") for r in disc.get(thoracic, []))
 
     body = next(lv for lv in ("L3", "L2", "L4") if lv in seg.measurements["vertebrae"])
-    vert, _ = reasons(lambda m: m["vertebrae"][body].update(height_loss=0.22))
-    assert any(r.startswith("height loss 22% near the 20% grade boundary") for r in vert[body])
-    vert, _ = reasons(lambda m: m["vertebrae"][body].update(height_loss=0.15))  # no finding
-    assert not any(r.startswith("height loss") for r in vert[body])
+    lo = round(0.20 + min(margins["height_loss"], 0.05) / 3, 3)  # nearer 0.20 than 0.25
+    for loss in (lo, 0.15, 0.325):  # near 0.20; no finding; between 0.25 and 0.40 (clear of both at 0.057)
+        near = loss >= 0.20 and min(abs(loss - b) for b in (0.20, 0.25, 0.40)) < margins["height_loss"]
+        vert, _ = reasons(lambda m, x=loss: m["vertebrae"][body].update(graded_height_loss(x)))
+        assert any(r.startswith("height loss") for r in vert[body]) is near, (loss, vert[body])
+        m = copy.deepcopy(seg.measurements)
+        m["vertebrae"][body].update(graded_height_loss(loss))
+        reported = any(x.startswith("height loss") for x in dataclasses.replace(seg, measurements=m).flags()[
+            "vertebrae"][body])
+        assert reported is (loss >= 0.20)  # the review flags only reported findings (near is False otherwise)
+    got = reasons(lambda m: m["vertebrae"][body].update(graded_height_loss(lo)))[0][body]
+    assert any(r.startswith(f"height loss {lo:.1%} near the 20.0% grade boundary") for r in got), got
 
     slip = {"offset_mm": 3.5, "percent": 8.0, "meyerding": 1, "line": None}
     _, disc = reasons(lambda m: m["listhesis"].update({"L4-L5": {**slip, "against": "body"}}))

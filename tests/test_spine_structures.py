@@ -96,31 +96,54 @@ def test_flags_follow_the_documented_thresholds():
 
 
 def test_flags_and_the_review_share_one_rule_per_finding():
-    """Either side of every boundary, ``flags()`` reports a finding exactly where ``thresholds.POSITIVE`` (the
-    review's rule) calls the value one."""
-    from spinepath.core.thresholds import GRADE_BOUNDARIES, POSITIVE, canal_stenosis, genant_grade
+    """Either side of every boundary, and where the stored (rounded) value lands on it, ``flags()`` reports a
+    finding exactly where ``thresholds.POSITIVE`` (the review's rule) calls the stored value one."""
+    from spinepath.core.thresholds import GRADE_BOUNDARIES, POSITIVE
+    from spinepath.measurements.shape import Line
+    from spinepath.measurements.spine import graded_canal, graded_height_loss
 
-    def flagged(kind: str, v: float) -> bool:
+    def stored(kind: str, v: float) -> tuple[dict, float]:
+        """The measurements holding value ``v`` of ``kind`` as ``measure_spine`` stores it, and the stored value."""
         line = {"mm": 1.0, "points": [[0, 0], [1, 0]]}
         m: dict = {"vertebrae": {}, "discs": {}, "listhesis": {}}
         if kind == "height_loss":
-            m["vertebrae"]["L3"] = {"genant_grade": genant_grade(v), "height_loss": v}
-        elif kind == "wedge_ratio":
-            m["vertebrae"]["L3"] = {"wedge_ratio": v}
-        elif kind == "narrowing_ratio":  # the middle disc over its two neighbours of height 10
+            m["vertebrae"]["L3"] = e = graded_height_loss(v)
+            return m, e["height_loss"]
+        if kind == "canal_ap_mm":
+            m["discs"]["L3-L4"] = {"canal_ap": (c := graded_canal(Line((0, 0), (0, v), v), "L3-L4"))}
+            return m, c["mm"]
+        if kind == "wedge_ratio":
+            m["vertebrae"]["L3"] = {"wedge_ratio": round(v, 3)}
+            return m, round(v, 3)
+        if kind == "narrowing_ratio":  # the middle disc over its two adjacent discs of height 10
             m["discs"] = {"L2-L3": {"middle": {**line, "mm": 10.0}}, "L3-L4": {"middle": {**line, "mm": 10.0 * v}},
                           "L4-L5": {"middle": {**line, "mm": 10.0}}}
-        elif kind == "canal_ap_mm":
-            m["discs"]["L3-L4"] = {"canal_ap": {**line, "mm": v, "stenosis": canal_stenosis(v)}}
-        else:
-            m["listhesis"]["L3-L4"] = {"offset_mm": -v, "percent": -v * 3, "meyerding": 1}
-        f = SpineSegmentation(key_slice=0, slices=[0], instances={}, measurements=m).flags()
-        return any(f[s].get(lv) for s, lv in (("vertebrae", "L3"), ("discs", "L3-L4"), ("listhesis", "L3-L4")))
+            return m, v
+        m["listhesis"]["L3-L4"] = {"offset_mm": -round(v, 2), "percent": -v * 3, "meyerding": 1}  # retrolisthesis
+        return m, round(v, 2)
 
+    checked = 0
     for kind, bounds in GRADE_BOUNDARIES.items():
         for b in bounds:
-            for v in (b * 0.98, b, b * 1.02):
-                assert flagged(kind, v) == POSITIVE[kind](v), (kind, v)
+            for v in (b * 0.98, b - 0.0004, b, b + 0.0004, b * 1.02):
+                m, value = stored(kind, v)
+                f = SpineSegmentation(key_slice=0, slices=[0], instances={}, measurements=m).flags()
+                got = any(f[s].get(lv) for s, lv in (("vertebrae", "L3"), ("discs", "L3-L4"), ("listhesis", "L3-L4")))
+                assert got == POSITIVE[kind](value), (kind, v, value)
+                checked += got
+    assert checked >= 10  # each boundary's upper or lower side is a finding
+
+
+def test_a_disc_is_compared_with_its_adjacent_discs_only():
+    """With L3-L4 unmeasured, L4-L5 is compared with L5-S1 alone, never with L2-L3 two levels up."""
+    from spinepath.core.results import narrowing_ratios
+
+    def disc(mm: float) -> dict:
+        return {"middle": {"mm": mm, "points": [[0, 0], [mm, 0]]}}
+
+    r = narrowing_ratios({"L2-L3": disc(12.0), "L4-L5": disc(6.0), "L5-S1": disc(8.0)})
+    assert r == {"L4-L5": pytest.approx(0.75), "L5-S1": pytest.approx(8 / 6)}
+    assert narrowing_ratios({"L2-L3": disc(12.0), "L4-L5": disc(6.0)}) == {}
 
 
 def test_a_vertebra_cut_by_the_field_of_view_is_not_measured(models, segmented):

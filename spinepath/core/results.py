@@ -224,21 +224,21 @@ CANAL = "spinal canal"
 
 
 def narrowing_ratios(discs: dict[str, dict]) -> dict[str, float]:
-    """Each disc's middle height over the mean middle height of its measured neighbouring discs.
+    """Each disc's middle height over the mean middle height of its measured adjacent discs (above and below).
 
     Args:
         discs: ``measurements["discs"]`` (level -> entry with a ``middle`` line).
 
     Returns:
-        ``{level: ratio}`` for the discs with a middle height and at least one measured neighbour (the
-        ``narrowing`` flag fires below :data:`~spinepath.core.thresholds.NARROWING_FRACTION`).
+        ``{level: ratio}`` for the discs with a middle height and at least one adjacent disc measured (the
+        ``narrowing`` flag fires below ``spinepath.core.thresholds.NARROWING_FRACTION``); a disc is not compared
+        with one two levels away.
 
     """
-    order = [lv for lv in DISC_LEVELS if lv in discs]
-    mid = {lv: discs[lv]["middle"]["mm"] for lv in order if discs[lv].get("middle")}
+    mid = {lv: discs[lv]["middle"]["mm"] for lv in DISC_LEVELS if lv in discs and discs[lv].get("middle")}
     out = {}
-    for i, lv in enumerate(order):
-        nb = [mid[n] for n in order[max(i - 1, 0):i + 2] if n != lv and n in mid]
+    for i, lv in enumerate(DISC_LEVELS):
+        nb = [mid[n] for n in DISC_LEVELS[max(i - 1, 0):i + 2] if n != lv and n in mid]
         if lv in mid and nb:
             out[lv] = mid[lv] / float(np.mean(nb))
     return out
@@ -275,9 +275,9 @@ class SpineSegmentation:
         """Derived flags per level: ``{"vertebrae": {level: ...}, "discs": ..., "listhesis": ...}``.
 
         Vertebrae: ``height_loss`` (Genant grade 1-3 against the neighbours) and ``wedge``; discs: ``narrowing``
-        (middle height below :data:`NARROWING_FRACTION` of the measured neighbouring discs' mean) and
+        (middle height below ``NARROWING_FRACTION`` of the measured adjacent discs' mean) and
         ``stenosis`` (canal AP at the disc, ``absolute`` / ``relative``; graded at the lumbar levels only);
-        listhesis: ``Meyerding I`` ... once the offset reaches :data:`LISTHESIS_MM`, against the body below (a
+        listhesis: ``Meyerding I`` ... once the offset reaches ``LISTHESIS_MM``, against the body below (a
         slip over the L5-S1 disc, where the sacrum was not segmented, is not graded). The boundaries:
         :mod:`spinepath.core.thresholds`.
         """

@@ -41,11 +41,15 @@ GRADE_BOUNDARIES: dict[str, tuple[float, ...]] = {
     "listhesis_mm": (LISTHESIS_MM,),
 }
 
-#: Whether a graded measurement's value is a reported finding (a slip: its absolute offset).
-POSITIVE: dict[str, Callable[[float], bool]] = {
-    "height_loss": lambda v: genant_grade(v) > 0,
+#: Each graded measurement's grade (a slip: of its absolute offset).
+GRADE: dict[str, Callable[[float], int | bool | str]] = {
+    "height_loss": genant_grade,
     "wedge_ratio": lambda v: v < WEDGE_RATIO,
     "narrowing_ratio": lambda v: v < NARROWING_FRACTION,
-    "canal_ap_mm": lambda v: canal_stenosis(v) in STENOSIS_GRADES,
+    "canal_ap_mm": canal_stenosis,
     "listhesis_mm": lambda v: v >= LISTHESIS_MM,
+}
+#: Whether a graded measurement's value is a reported finding (its grade is one).
+POSITIVE: dict[str, Callable[[float], bool]] = {
+    k: (lambda v, g=g: g(v) not in (0, False, "none")) for k, g in GRADE.items()
 }

@@ -89,7 +89,7 @@ def derived_values(m: dict) -> dict[str, dict[str, float]]:
     out["narrowing_ratio"] = narrowing_ratios(m["discs"])
     for lv, e in m["listhesis"].items():
         if e.get("against") == "body":
-            out["listhesis_mm"][lv] = float(e["offset_mm"])
+            out["listhesis_mm"][lv] = abs(float(e["offset_mm"]))  # graded by its size, as in the product
     return out
 
 

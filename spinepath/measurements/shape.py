@@ -11,9 +11,10 @@ and checked.
   endplates; oriented towards posterior; ``si`` is perpendicular to it, oriented towards inferior.
 * A *height* at a fraction ``f`` of the structure's anteroposterior extent is the mean length of the mask's
   runs along ``si`` through the points at ``f - 0.10 ... f + 0.10`` (nine, 0 anterior, 1 posterior) on the
-  ``ap`` line through the centroid: anterior, middle and posterior heights at 0.15, 0.5 and 0.85 (inside the
-  rounded corners). One run would read a mask's pixel steps and the ragged outline of a partial section; the
-  band's mean is the same height, measured robustly (its line is drawn through ``f``, as long as the mean).
+  ``ap`` line through the centroid: anterior, middle and posterior heights at 0.15, 0.5 and 0.85 (their
+  positions inside the rounded corners; the outer bands reach 0.05 and 0.95). One run would read a mask's
+  pixel steps and the ragged outline of a partial section; the band's mean is the same height, measured
+  robustly (its line is drawn through ``f``, as long as the mean).
 * An *endplate line* is the straight line fitted (least squares, in mm) to the superior (or inferior) boundary
   of the mask over the central 80% of its anteroposterior extent.
 """

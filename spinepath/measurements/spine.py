@@ -87,8 +87,7 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
             nb = [n for n in nb if all(n[p] is not None for p in POSITIONS)]
             if nb:
                 loss = max(1 - h[p].mm / np.mean([n[p].mm for n in nb]) for p in POSITIONS)
-                e["height_loss"] = round(float(max(loss, 0.0)), 3)
-                e["genant_grade"] = genant_grade(float(loss))
+                e.update(graded_height_loss(float(loss)))
         if canal is not None:
             e["canal_ap_mid_body"] = _canal(canal, spacing, axes[lv], lv)
         out["vertebrae"][lv] = e
@@ -138,12 +137,28 @@ def _slip_entry(r: dict, lower: str) -> dict:
             "line": _line(r["line"]), "against": lower}
 
 
+def graded_height_loss(loss: float) -> dict:
+    """A body's height loss as stored (``height_loss``, 3 decimals, 0 for a taller body) with its Genant grade.
+
+    The grade is the stored value's (``genant_grade``): grading the stored value again gives the same grade.
+    """
+    stored = round(max(loss, 0.0), 3)
+    return {"height_loss": stored, "genant_grade": genant_grade(stored)}
+
+
+def graded_canal(ln: Line, level: str) -> dict:
+    """A canal diameter line as stored (mm to 2 decimals) with the stored value's stenosis grade.
+
+    :data:`NOT_GRADED` above the lumbar canal.
+    """
+    d = _line(ln)
+    return {**d, "stenosis": canal_stenosis(d["mm"]) if level in STENOSIS_LEVELS else NOT_GRADED}
+
+
 def _canal(canal: np.ndarray, spacing: tuple[float, float], ax: Axes, level: str) -> dict | None:
-    """:func:`canal_ap` with its stenosis grade (:data:`NOT_GRADED` above the lumbar canal)."""
+    """:func:`canal_ap` with its stenosis grade (:func:`graded_canal`)."""
     ln = canal_ap(canal, spacing, ax)
-    if ln is None:
-        return None
-    return {**_line(ln), "stenosis": canal_stenosis(ln.mm) if level in STENOSIS_LEVELS else NOT_GRADED}
+    return None if ln is None else graded_canal(ln, level)
 
 
 def _signal_ratio(image: np.ndarray, disc: np.ndarray, canal: np.ndarray) -> float | None:
