@@ -19,7 +19,10 @@ part alone, of the combination and of its variants (linear slip, no cap), the po
 calls (the review's ``low_predictive_value`` rule) and, with ``--write``, saves
 ``spinepath/configs/listhesis_decision.json``.
 
-Usage: python scripts/fit_listhesis_decision.py [--oof runs/spider_r18/oof.npz] [--write] [-q]
+``--rows FILE.npz`` keeps the measured rows (patient, disc index from the bottom, label, image probability, signed
+slip %) for ``scripts/listhesis_compare.py``, which compares two segmentation models' slips on the same discs.
+
+Usage: python scripts/fit_listhesis_decision.py [--oof runs/spider_r18/oof.npz] [--write] [--rows FILE.npz] [-q]
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--oof", default=str(REPO / "runs" / "spider_r18" / "oof.npz"))
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--rows", type=Path, help="save the measured rows here (npz)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
@@ -68,9 +72,13 @@ def main() -> None:
             if y is None or i not in fused[p]:
                 continue
             if i in slips:
-                rows.append((p, int(y), fused[p][i]["spondylolisthesis"], slips[i]["percent"]))
+                rows.append((p, int(y), fused[p][i]["spondylolisthesis"], slips[i]["percent"], i))
             else:
                 unmeasured.append((int(y), fused[p][i]["spondylolisthesis"]))
+    if args.rows is not None:
+        np.savez(args.rows, patient=np.array([r[0] for r in rows]), index=np.array([r[4] for r in rows]),
+                 y=np.array([r[1] for r in rows]), image=np.array([r[2] for r in rows]),
+                 slip_percent=np.array([r[3] for r in rows]))
     groups = np.array([r[0] for r in rows])
     y = np.array([r[1] for r in rows])
     p_img = np.array([r[2] for r in rows])
