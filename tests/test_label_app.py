@@ -330,7 +330,7 @@ def test_structure_correction_feeds_a_segmentation_round(server: str, studies: P
     params, _ = _infer(server, "chu_t2_02", "spine_structures")
     assert params["model"]["segmentation_round"] == 1
     r = requests.post(f"{server}/train/spine_structures", params={"run_sync": "true"},
-                      json={"epochs": 1, "lr": 0.05}, timeout=TIMEOUT)
+                      json={"epochs": 1, "lr": 0.05}, timeout=3 * TIMEOUT)  # as the first round
     assert r.status_code == 200, r.text
     rec = json.loads((store / "rounds" / "history.json").read_text())[-1]
     assert rec["round"] == 2 and rec["promoted"] is False
