@@ -422,6 +422,11 @@ def test_paired_case_gain_resamples_cases_within_each_source():
     assert same["gain"] == 0 and same["ci95"] == [0, 0]
     with pytest.raises(ValueError, match="no scored case"):
         paired_case_gain(base, {("chu_t2", "x"): {"vertebral_body": 0.9}})
+    # a class one model did not score on a case: the two scores would weigh different classes
+    fewer = {k: {n: v for n, v in d.items() if not (k == ("spider_seg", "p3") and n == "vertebra")}
+             for k, d in better.items()}
+    with pytest.raises(ValueError, match=r"different classes on 1 case\(s\).*p3"):
+        paired_case_gain(base, fewer, n=20)
 
 
 def test_offset_search_scores_the_contract_dice(data_root):

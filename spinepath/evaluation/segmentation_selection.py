@@ -120,10 +120,19 @@ def paired_case_gain(a: CaseDice, b: CaseDice, n: int = 1000, seed: int = 0,
         ``{"a", "b", "gain", "ci95": [low, high], "n_cases", "cases_better"}`` (rounded to 4 decimals);
         ``cases_better``: cases whose mean Dice over their classes rose.
 
+    Raises:
+        ValueError: If the models share no case, or score different classes on a shared case (a class that one
+            model never predicted and the reference lacks there: the two scores would not be comparable).
+
     """
     keys = sorted(set(a) & set(b))
     if not keys:
         raise ValueError("the two models share no scored case")
+    differ = [k for k in keys if set(a[k]) != set(b[k])]
+    if differ:
+        # a class scored by one model only would weigh in one score and not in the other
+        raise ValueError(f"the two models score different classes on {len(differ)} case(s), e.g. {differ[0]}: "
+                         f"{sorted(a[differ[0]])} against {sorted(b[differ[0]])}")
     by_source: dict[str, list[tuple[str, str]]] = {}
     for k in keys:
         by_source.setdefault(k[0], []).append(k)
