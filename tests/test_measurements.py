@@ -211,3 +211,22 @@ def test_measurements_of_a_synthetic_spine():
     assert no_s1["listhesis"]["L5-S1"]["against"] == "disc" and abs(no_s1["listhesis"]["L5-S1"]["offset_mm"]) < 0.8
     assert no_s1["listhesis"]["L4-L5"] == m["listhesis"]["L4-L5"]
     assert m["vertebrae"]["L2"]["canal_ap_mid_body"]["mm"] == pytest.approx(14.0, abs=0.6)
+
+
+def test_s1_is_measured_not_graded():
+    """S1's heights are reported, its shape is not graded (fused with the sacrum, no endplate below), and it is no
+    neighbour in L5's height loss: an S1 mask running into S2 does not make L5 look crushed, nor itself."""
+    from spinepath.measurements.spine import measure_spine
+
+    bodies, discs, canal, image = synthetic_spine()
+    s1 = bodies["S1"]
+    rows, cols = np.flatnonzero(s1.any(1)), np.flatnonzero(s1.any(0))
+    tall = s1.copy()
+    tall[rows[0]:rows[0] + int(round(40.0 / SP[0])), cols[0]:cols[-1] + 1] = True  # S1 and S2 as one, 40 mm
+    m = measure_spine({**bodies, "S1": tall}, discs, canal, SP, image)
+    assert m["vertebrae"]["S1"]["middle"]["mm"] == pytest.approx(40.0, abs=0.8)
+    assert not {"wedge_ratio", "biconcavity_ratio", "height_loss", "genant_grade"} & set(m["vertebrae"]["S1"])
+    # L5 against L4 alone (25 mm each): no loss; with the 40 mm S1 as a neighbour it would read 23 % (grade 1)
+    assert m["vertebrae"]["L5"]["height_loss"] == pytest.approx(0.0, abs=0.04)
+    assert m["vertebrae"]["L5"]["genant_grade"] == 0
+    assert m["lordosis_deg"] == pytest.approx(0.0, abs=1.5)  # its superior endplate still ends the lordosis

@@ -6,7 +6,9 @@ mid-sagittal slice of the spine), with the pixel spacing and, for the signal rat
 
 * vertebral body: anterior / middle / posterior height; wedge ratio = anterior / posterior; biconcavity ratio =
   middle / posterior; height loss = the largest relative shortfall of its three heights against the mean of
-  the same heights of its named neighbours, graded as Genant's (>= 20 / 25 / 40 %);
+  the same heights of its named neighbours, graded as Genant's (>= 20 / 25 / 40 %). S1 gets its heights only
+  (:data:`UNGRADED_BODIES`): the sacrum's first segment is fused with S2, its lower boundary is no endplate,
+  and Genant's method grades the vertebrae, not the sacrum; nor is it a neighbour in L5's height loss;
 * disc: anterior / middle / posterior height along the mean axis of its two bodies; disc height index =
   middle height / mean middle height of the two bodies; T2 signal ratio = median disc intensity (mask eroded by
   one pixel) / median canal (CSF) intensity over the disc's rows;
@@ -46,6 +48,9 @@ POSITIONS = ("anterior", "middle", "posterior")
 STENOSIS_LEVELS = frozenset(("L1", "L2", "L3", "L4", "L5", *DISC_LEVELS[DISC_LEVELS.index("L1-L2"):]))
 #: The stenosis grade of a canal diameter measured above the lumbar canal.
 NOT_GRADED = "not graded"
+#: Bodies whose shape is not graded (no wedge, biconcavity or height loss, and no neighbour in another body's
+#: height loss): S1, fused with the sacrum below it.
+UNGRADED_BODIES = frozenset(("S1",))
 
 
 def _line(ln: Line | None) -> dict | None:
@@ -78,12 +83,12 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
             continue
         h = hts[lv]
         e: dict = {p: _line(h[p]) for p in POSITIONS}
-        if all(h[p] is not None for p in POSITIONS):
+        if lv not in UNGRADED_BODIES and all(h[p] is not None for p in POSITIONS):
             e["wedge_ratio"] = round(h["anterior"].mm / h["posterior"].mm, 3)
             e["biconcavity_ratio"] = round(h["middle"].mm / h["posterior"].mm, 3)
             i = VERTEBRA_LEVELS.index(lv)
             nb = [hts[n] for n in (VERTEBRA_LEVELS[i - 1] if i else None, VERTEBRA_LEVELS[i + 1]
-                                   if i + 1 < len(VERTEBRA_LEVELS) else None) if n in hts]
+                                   if i + 1 < len(VERTEBRA_LEVELS) else None) if n in hts and n not in UNGRADED_BODIES]
             nb = [n for n in nb if all(n[p] is not None for p in POSITIONS)]
             if nb:
                 loss = max(1 - h[p].mm / np.mean([n[p].mm for n in nb]) for p in POSITIONS)
