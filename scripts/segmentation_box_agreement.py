@@ -8,10 +8,12 @@ clinical 4 mm series), and on every slice pairs each named body with its referen
 within 10 mm): its heights' mean absolute error against the same code on the reference (the contract's
 measurement), against the agreement of the mask with the detector's box (IoU of the mask's bounding box with
 the box). Prints JSON: the pooled pairs' AUC of the agreement for a large error (> 2 mm), the error by
-agreement band, and per candidate threshold the bodies flagged and the errors caught. The validation split is
-never read.
+agreement band, and per candidate threshold the bodies flagged and the errors caught; ``key_slice``: the
+bodies on the slice the product measures (its body-height error end to end, detection and naming included).
+``--part validation`` reports that error on the validation cases; nothing is chosen on it.
 
     python scripts/segmentation_box_agreement.py [--data ../shared/data] [--out runs/box_agreement.json]
+        [--part selection|validation]
 """
 
 from __future__ import annotations
@@ -86,10 +88,10 @@ def case_rows(vol, refs: list[list[np.ndarray]], detector, segmenter, source: st
     return rows
 
 
-def spider_cases(data: Path) -> list[tuple]:
-    """(series, per-slice reference bodies, source, case) of the spider_seg selection patients."""
+def spider_cases(data: Path, part: str = "selection") -> list[tuple]:
+    """(series, per-slice reference bodies, source, case) of the spider_seg patients of a split part."""
     out = []
-    keep = set(split_cases(data / "spider_seg", "selection"))
+    keep = set(split_cases(data / "spider_seg", part))
     for c in load_spider_seg(data / "spider_seg"):
         if c.patient not in keep:
             continue
@@ -106,10 +108,10 @@ def spider_cases(data: Path) -> list[tuple]:
     return out
 
 
-def volume_cases(data: Path, source: str) -> list[tuple]:
-    """(series, per-slice reference bodies, source, case) of a volume folder's selection cases."""
+def volume_cases(data: Path, source: str, part: str = "selection") -> list[tuple]:
+    """(series, per-slice reference bodies, source, case) of a volume folder's cases of a split part."""
     out = []
-    keep = set(split_cases(data / source, "selection"))
+    keep = set(split_cases(data / source, part))
     for v in load_volume_index(data / source):
         if v.case not in keep:
             continue
@@ -145,12 +147,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--part", default="selection", choices=("selection", "validation"),
+                    help="validation: to report the product's key-slice error once, never to choose on")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     data = args.data or SHARED_EXAMPLES.parent
     detector, _ = load_models()
     segmenter = load_segmenter()
-    cases = spider_cases(data) + volume_cases(data, "chu_t2") + volume_cases(data, "spineweb_vb")
+    cases = [*spider_cases(data, args.part), *volume_cases(data, "chu_t2", args.part),
+             *volume_cases(data, "spineweb_vb", args.part)]
     rows = []
     for vol, refs, src, case in tqdm(cases, desc="cases", disable=args.quiet):
         rows += case_rows(vol, refs, detector, segmenter, src, case)

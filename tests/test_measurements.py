@@ -213,9 +213,10 @@ def test_measurements_of_a_synthetic_spine():
     assert m["vertebrae"]["L2"]["canal_ap_mid_body"]["mm"] == pytest.approx(14.0, abs=0.6)
 
 
-def test_s1_is_measured_not_graded():
-    """S1's heights are reported, its shape is not graded (fused with the sacrum, no endplate below), and it is no
-    neighbour in L5's height loss: an S1 mask running into S2 does not make L5 look crushed, nor itself."""
+def test_s1_body_is_not_measured():
+    """S1's body gets no heights (fused with the sacrum, no endplate below: its mask runs into S2), so no ratios,
+    no height loss, and no part in L5's height loss or the L5-S1 disc's height index; its superior endplate still
+    ends the lordosis and its posterior wall takes the L5-S1 slip."""
     from spinepath.measurements.spine import measure_spine
 
     bodies, discs, canal, image = synthetic_spine()
@@ -224,9 +225,13 @@ def test_s1_is_measured_not_graded():
     tall = s1.copy()
     tall[rows[0]:rows[0] + int(round(40.0 / SP[0])), cols[0]:cols[-1] + 1] = True  # S1 and S2 as one, 40 mm
     m = measure_spine({**bodies, "S1": tall}, discs, canal, SP, image)
-    assert m["vertebrae"]["S1"]["middle"]["mm"] == pytest.approx(40.0, abs=0.8)
-    assert not {"wedge_ratio", "biconcavity_ratio", "height_loss", "genant_grade"} & set(m["vertebrae"]["S1"])
+    assert set(m["vertebrae"]["S1"]) == {"canal_ap_mid_body"}
+    assert m["vertebrae"]["S1"]["canal_ap_mid_body"]["stenosis"] == "not graded"  # the sacral canal
     # L5 against L4 alone (25 mm each): no loss; with the 40 mm S1 as a neighbour it would read 23 % (grade 1)
     assert m["vertebrae"]["L5"]["height_loss"] == pytest.approx(0.0, abs=0.04)
     assert m["vertebrae"]["L5"]["genant_grade"] == 0
-    assert m["lordosis_deg"] == pytest.approx(0.0, abs=1.5)  # its superior endplate still ends the lordosis
+    assert m["discs"]["L5-S1"]["disc_height_index"] == pytest.approx(10.0 / 25.0, abs=0.03)  # over L5 alone
+    assert m["lordosis_deg"] == pytest.approx(0.0, abs=1.5)
+    assert m["listhesis"]["L5-S1"]["against"] == "body" and abs(m["listhesis"]["L5-S1"]["offset_mm"]) < 0.8
+    # without a canal, S1 has nothing measured and no entry
+    assert "S1" not in measure_spine(bodies, discs, None, SP, image)["vertebrae"]

@@ -6,12 +6,13 @@ mid-sagittal slice of the spine), with the pixel spacing and, for the signal rat
 
 * vertebral body: anterior / middle / posterior height; wedge ratio = anterior / posterior; biconcavity ratio =
   middle / posterior; height loss = the largest relative shortfall of its three heights against the mean of
-  the same heights of its named neighbours, graded as Genant's (>= 20 / 25 / 40 %). S1 gets its heights only
-  (:data:`UNGRADED_BODIES`): the sacrum's first segment is fused with S2, its lower boundary is no endplate,
-  and Genant's method grades the vertebrae, not the sacrum; nor is it a neighbour in L5's height loss;
+  the same heights of its named neighbours, graded as Genant's (>= 20 / 25 / 40 %). S1's body is not
+  measured (:data:`SACRAL_BODIES`): the sacrum's first segment is fused with S2, its lower boundary is no
+  endplate (the mask runs into S2 or stops short of it), and Genant's method grades vertebrae, not the
+  sacrum; its superior endplate and posterior wall still serve the lordosis and the L5-S1 slip;
 * disc: anterior / middle / posterior height along the mean axis of its two bodies; disc height index =
-  middle height / mean middle height of the two bodies; T2 signal ratio = median disc intensity (mask eroded by
-  one pixel) / median canal (CSF) intensity over the disc's rows;
+  middle height / mean middle height of the two bodies (L5 alone at L5-S1); T2 signal ratio = median disc
+  intensity (mask eroded by one pixel) / median canal (CSF) intensity over the disc's rows;
 * canal: anteroposterior diameter through each disc's centre and each body's centre, along that structure's
   AP axis, flagged < 10 mm absolute, 10-12 mm relative stenosis at the lumbar levels (L1 to L5-S1: the
   thresholds are the lumbar canal's; above, the canal holds the cord and the diameter is measured but
@@ -48,9 +49,9 @@ POSITIONS = ("anterior", "middle", "posterior")
 STENOSIS_LEVELS = frozenset(("L1", "L2", "L3", "L4", "L5", *DISC_LEVELS[DISC_LEVELS.index("L1-L2"):]))
 #: The stenosis grade of a canal diameter measured above the lumbar canal.
 NOT_GRADED = "not graded"
-#: Bodies whose shape is not graded (no wedge, biconcavity or height loss, and no neighbour in another body's
-#: height loss): S1, fused with the sacrum below it.
-UNGRADED_BODIES = frozenset(("S1",))
+#: Bodies without heights (so no ratios, height loss, or part in a neighbour's height loss or a disc's height
+#: index): S1, fused with the sacrum below it.
+SACRAL_BODIES = frozenset(("S1",))
 
 
 def _line(ln: Line | None) -> dict | None:
@@ -77,25 +78,26 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
     out: dict = {"vertebrae": {}, "discs": {}, "listhesis": {}, "lordosis_deg": None, "lordosis_lines": None}
     order = sorted(bodies, key=VERTEBRA_LEVELS.index)
     axes = {lv: structure_axes(m, spacing) for lv, m in bodies.items() if m.sum() >= 3}
-    hts = {lv: heights(bodies[lv], spacing, axes[lv]) for lv in axes}
+    hts = {lv: heights(bodies[lv], spacing, axes[lv]) for lv in axes if lv not in SACRAL_BODIES}
     for lv in order:
-        if lv not in hts:
+        if lv not in axes:
             continue
-        h = hts[lv]
-        e: dict = {p: _line(h[p]) for p in POSITIONS}
-        if lv not in UNGRADED_BODIES and all(h[p] is not None for p in POSITIONS):
+        h = hts.get(lv, dict.fromkeys(POSITIONS))
+        e: dict = {p: _line(h[p]) for p in POSITIONS if lv not in SACRAL_BODIES}
+        if all(h[p] is not None for p in POSITIONS):
             e["wedge_ratio"] = round(h["anterior"].mm / h["posterior"].mm, 3)
             e["biconcavity_ratio"] = round(h["middle"].mm / h["posterior"].mm, 3)
             i = VERTEBRA_LEVELS.index(lv)
             nb = [hts[n] for n in (VERTEBRA_LEVELS[i - 1] if i else None, VERTEBRA_LEVELS[i + 1]
-                                   if i + 1 < len(VERTEBRA_LEVELS) else None) if n in hts and n not in UNGRADED_BODIES]
+                                   if i + 1 < len(VERTEBRA_LEVELS) else None) if n in hts]
             nb = [n for n in nb if all(n[p] is not None for p in POSITIONS)]
             if nb:
                 loss = max(1 - h[p].mm / np.mean([n[p].mm for n in nb]) for p in POSITIONS)
                 e.update(graded_height_loss(float(loss)))
         if canal is not None:
             e["canal_ap_mid_body"] = _canal(canal, spacing, axes[lv], lv)
-        out["vertebrae"][lv] = e
+        if e:
+            out["vertebrae"][lv] = e
     for lv, m in discs.items():
         if m.sum() < 3:
             continue
