@@ -8,7 +8,8 @@ from the reference masks, the values the flags are graded on
 canal AP diameter (lumbar levels, where it is graded), listhesis offset. Each kind's margin is the 90th
 percentile of ``|predicted - reference|``: a reported finding whose value is closer than that to one of its
 grade boundaries may have another grade or none, and the review flags it (``configs/review.json`` ->
-``measurement_margin``; reason ``measurement_near_threshold``). Prints JSON per kind: pairs, MAE, the margin,
+``measurement_margin``; reason ``measurement_near_threshold``). spineweb_vb's lowest reference body is named
+S1, whose body the product does not measure (v0.5.13). Prints JSON per kind: pairs, MAE, the margin,
 the reported findings and how many of them the margin flags, the pairs that the two masks grade differently
 (reported among them, flagged among them), and the share of all pairs flagged. ``--write`` stores the margins.
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from spinepath.core.paths import SHARED_EXAMPLES, resolve_segmentation_path  # noqa: E402
 from spinepath.core.thresholds import GRADE, POSITIVE  # noqa: E402
+from spinepath.data.datasets import dataset_kind, load_volume_index  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
 from spinepath.evaluation.measurement_agreement import DERIVED, slice_derived_pairs  # noqa: E402
 from spinepath.evaluation.segmentation import evaluation_slices  # noqa: E402
@@ -42,6 +44,25 @@ from spinepath.segmentation.network import predict_probabilities  # noqa: E402
 
 QUANTILE = 90
 SOURCES = ("spider_seg", "chu_t2", "spineweb_vb", "ivd_t2")
+
+
+def sacral_masks(keep: set[tuple[str, str, int]]) -> dict[tuple[str, str, int], np.ndarray]:
+    """The reference S1 of each kept volume slice whose source labels it (spineweb_vb: the lowest body is S1).
+
+    The product does not measure S1's body (v0.5.13): the pairs name it S1 (``slice_derived_pairs``).
+    """
+    out = {}
+    for src, case in sorted({(k[0], k[1]) for k in keep}):
+        root = SHARED_EXAMPLES.parent / src
+        if dataset_kind(root) != "volumes":
+            continue
+        vc = next(v for v in load_volume_index(root) if v.case == case)
+        names = vc.inferred_levels()
+        if "S1" not in names:
+            continue
+        mask = vc.load()[1]
+        out |= {k: mask[:, :, k[2]] == names.index("S1") + 1 for k in keep if k[:2] == (src, case)}
+    return out
 
 
 def main() -> None:
@@ -68,11 +89,13 @@ def main() -> None:
         lo = max(0, len(idx) // 2 - args.central // 2) if args.central else 0
         keep |= {(*case, i) for i in idx[lo:lo + args.central or None]}
     pairs: dict[str, list[tuple[str, float, float]]] = {k: [] for k in DERIVED}
+    sacral = sacral_masks(keep)
     for s in tqdm([s for s in slices if (s.source, s.case, s.index) in keep], desc="slices", disable=args.quiet):
         with torch.no_grad():
             probs = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
         classes = classes_on_pixels(probs, s.native.shape, offsets)[0]
-        for k, v in slice_derived_pairs(replace(s, target=s.native, native=None), classes, s.spacing_mm).items():
+        for k, v in slice_derived_pairs(replace(s, target=s.native, native=None), classes, s.spacing_mm,
+                                        sacral.get((s.source, s.case, s.index))).items():
             # the canal is graded at the lumbar levels only (as in the product)
             pairs[k] += [x for x in v if k != "canal_ap_mm" or x[0] in STENOSIS_LEVELS]
     out: dict = {"cases": len(by_case), "slices": len(keep), "quantile": args.quantile, "kinds": {}}

@@ -10,16 +10,17 @@ measurement), against the agreement of the mask with the detector's box (IoU of 
 the box). Prints JSON: the pooled pairs' AUC of the agreement for a large error (> 2 mm), the error by
 agreement band, and per candidate threshold the bodies flagged and the errors caught; ``key_slice``: the
 bodies on the slice the product measures (its body-height error end to end, detection and naming included).
+``measured``: the bodies the product measures (the key slice, not cut by the field of view, not S1);
 ``--part validation`` reports that error on the validation cases; nothing is chosen on it.
 
-    python scripts/segmentation_box_agreement.py [--data ../shared/data] [--out runs/box_agreement.json]
-        [--part selection|validation]
+Usage: python scripts/segmentation_box_agreement.py [--part selection|validation] [--out runs/box_agreement.json] [-q]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +28,22 @@ from scipy import ndimage as ndi
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from spinepath.core.boxes import box_iou
-from spinepath.core.geometry import series_from_slices
-from spinepath.core.paths import SHARED_EXAMPLES
-from spinepath.data.datasets import clinical_slice_indices, load_volume_index
-from spinepath.data.spider import load_spider_seg
-from spinepath.data.split import split_cases
-from spinepath.evaluation.matching import greedy_match
-from spinepath.evaluation.segmentation import MATCH_MM, _front_cut
-from spinepath.measurements.shape import heights
-from spinepath.segmentation.inference import segment_study, slice_boxes
-from spinepath.segmentation.instances import components, largest_component
-from spinepath.stages import detect_series, load_models, load_segmenter
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from spinepath.core.boxes import box_iou  # noqa: E402
+from spinepath.core.geometry import series_from_slices  # noqa: E402
+from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
+from spinepath.data.datasets import clinical_slice_indices, load_volume_index  # noqa: E402
+from spinepath.data.spider import load_spider_seg  # noqa: E402
+from spinepath.data.split import split_cases  # noqa: E402
+from spinepath.evaluation.matching import greedy_match  # noqa: E402
+from spinepath.evaluation.segmentation import MATCH_MM, MIN_AREA_MM2, _front_cut  # noqa: E402
+from spinepath.measurements.shape import heights  # noqa: E402
+from spinepath.measurements.spine import SACRAL_BODIES  # noqa: E402
+from spinepath.segmentation.inference import segment_study, slice_boxes, touches_edge  # noqa: E402
+from spinepath.segmentation.instances import components, largest_component  # noqa: E402
+from spinepath.stages import detect_series, load_models, load_segmenter  # noqa: E402
 
 LARGE_MM = 2.0
 
@@ -68,6 +73,7 @@ def case_rows(vol, refs: list[list[np.ndarray]], detector, segmenter, source: st
         return []
     seg = segment_study(res, segmenter, neighbours=len(refs))
     sp = (float(vol.spacing[0]), float(vol.spacing[1]))
+    cut = {t.level for t in res.vertebrae if t.truncated}  # as segment_study: not measured
     rows = []
     for k, inst in seg.instances.items():
         boxes = slice_boxes(res, k)
@@ -82,7 +88,9 @@ def case_rows(vol, refs: list[list[np.ndarray]], detector, segmenter, source: st
             if err is None:
                 continue
             on_slice = any(k in t.slices and t.level == lv for t in res.vertebrae)
-            rows.append({"source": source, "case": case, "slice": int(k), "level": lv, "key": k == seg.key_slice,
+            key = k == seg.key_slice
+            measured = key and lv not in cut and lv not in SACRAL_BODIES and not touches_edge(m)
+            rows.append({"source": source, "case": case, "slice": int(k), "level": lv, "key": key, "measured": measured,
                          "box_on_slice": on_slice, "agreement": round(box_agreement(m, boxes[lv]), 4),
                          "error_mm": round(err, 3)})
     return rows
@@ -99,7 +107,7 @@ def spider_cases(data: Path, part: str = "selection") -> list[tuple]:
         loaded = [c.load(i) for i in range(len(c.slices))]
         refs = []
         for _, m in loaded:
-            px = max(int(30 * 0.64 / (c.spacing[0] * c.spacing[1])), 4)
+            px = max(int(round(MIN_AREA_MM2 / (c.spacing[0] * c.spacing[1]))), 4)
             cn = largest_component(m == canal, px) if canal is not None else None
             cut = [_front_cut(v, cn) for v in components(m == vert, px)] if cn is not None else []
             refs.append([b for b in cut if b is not None and b.sum() >= px])
@@ -161,6 +169,8 @@ def main() -> None:
         rows += case_rows(vol, refs, detector, segmenter, src, case)
     sources = sorted({r["source"] for r in rows})
     out = {"all": summary(rows), "key_slice": summary([r for r in rows if r["key"]]),
+           "measured": summary([r for r in rows if r["measured"]]),
+           "measured_by_source": {s: summary([r for r in rows if r["measured"] and r["source"] == s]) for s in sources},
            "by_source": {s: summary([r for r in rows if r["source"] == s]) for s in sources}}
     text = json.dumps(out, indent=1)
     print(text)

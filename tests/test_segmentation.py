@@ -468,6 +468,34 @@ def test_positions_named_from_the_bottom_keep_neighbours():
     assert {k: int(np.flatnonzero(v.any(1))[0]) for k, v in d.items()} == {"L5-S1": 185, "L4-L5": 135, "L3-L4": 90}
 
 
+def test_the_reference_s1_is_named_and_not_measured():
+    """Where the source labels the sacrum (spineweb_vb's lowest body is S1), the pairs name that body S1, so that,
+    as in the product, its height loss is not measured and L5's is against L4 alone; the slip over it stays."""
+    from spinepath.evaluation.measurement_agreement import slice_derived_pairs
+    from spinepath.segmentation.data import SegSlice
+
+    sp = (0.5, 0.5)
+    target = np.zeros((400, 120), np.int64)
+    tops = {}
+    top = 10
+    for lv, h in (("L3", 50), ("L4", 50), ("L5", 50), ("S1", 30)):  # S1 reads 40 % shorter than L5
+        target[top:top + h, 20:100] = 1
+        tops[lv] = top
+        top += h + 16
+    sacral = np.zeros(target.shape, bool)
+    sacral[tops["S1"]:tops["S1"] + 30] = True
+    s = SegSlice(np.zeros(target.shape, np.float32), target, label_groups(["vertebral_body"]), ["vertebral_body"],
+                 "spineweb_vb", "x", "x", 0, sp)
+    classes = np.where(target == 1, CLASSES.index("vertebral_body"), 0)
+    as_l5 = slice_derived_pairs(s, classes, sp)  # positions only: the sacrum's body is taken for L5
+    named = slice_derived_pairs(s, classes, sp, sacral)
+    assert {lv for lv, _, _ in as_l5["height_loss"]} == {"L2", "L3", "L4", "L5"}
+    assert dict((lv, r) for lv, r, _ in as_l5["height_loss"])["L5"] == pytest.approx(0.4, abs=0.02)
+    assert {lv for lv, _, _ in named["height_loss"]} == {"L3", "L4", "L5"}  # L3 L4 L5 are now the real ones
+    assert all(r == pytest.approx(0.0, abs=0.02) for _, r, _ in named["height_loss"])
+    assert [lv for lv, _, _ in named["listhesis_mm"]][-1] == "L5-S1"
+
+
 def test_derived_values_of_identical_masks_agree(data_root):
     """A prediction equal to a real spider_seg slice's reference (bodies = the vertebrae in front of the canal)
     gives every derived value exactly, at every position the reference gives it."""

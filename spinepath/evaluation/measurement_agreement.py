@@ -30,12 +30,13 @@ from spinepath.segmentation.partial import CLASSES
 DERIVED = ("height_loss", "wedge_ratio", "narrowing_ratio", "canal_ap_mm", "listhesis_mm")
 
 
-def name_from_bottom(bodies: list[np.ndarray], discs: list[np.ndarray]) -> tuple[dict, dict]:
+def name_from_bottom(bodies: list[np.ndarray], discs: list[np.ndarray], lowest: str = "L5") -> tuple[dict, dict]:
     """Bodies and discs of one slice named in order from the bottom of the image (names stand for positions).
 
-    The lowest body is called L5 and the names go up; a disc takes the names of the bodies around it. Two discs
-    with no body between them (a body the reference cannot give) leave that body's name out, so neighbours stay
-    neighbours. Only the order matters: the names are not the anatomical levels.
+    The lowest body is called ``lowest`` (L5; S1 where the reference labels the sacrum) and the names go up; a
+    disc takes the names of the bodies around it. Two discs with no body between them (a body the reference
+    cannot give) leave that body's name out, so neighbours stay neighbours. Only the order matters: the names
+    are not the anatomical levels (but S1's body is not measured, as in the product).
 
     Returns:
         ``({level: body mask}, {disc level: disc mask})``.
@@ -43,7 +44,7 @@ def name_from_bottom(bodies: list[np.ndarray], discs: list[np.ndarray]) -> tuple
     """
     items = sorted([(ndi.center_of_mass(m)[0], "body", m) for m in bodies]
                    + [(ndi.center_of_mass(m)[0], "disc", m) for m in discs], key=lambda t: -t[0])
-    below, last = VERTEBRA_LEVELS.index("S1"), None
+    below, last = VERTEBRA_LEVELS.index(lowest) + 1, None
     named_bodies: dict[str, np.ndarray] = {}
     named_discs: dict[str, np.ndarray] = {}
     for _, kind, m in items:
@@ -93,8 +94,8 @@ def derived_values(m: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def slice_derived_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[float, float]
-                        ) -> dict[str, list[tuple[str, float, float]]]:
+def slice_derived_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[float, float],
+                        sacral: np.ndarray | None = None) -> dict[str, list[tuple[str, float, float]]]:
     """(reference, predicted) derived values of one slice (its ``target`` on the same pixels).
 
     Only what the slice's source annotates is compared: spider_seg every kind; chu_t2 / spineweb_vb (bodies)
@@ -104,6 +105,9 @@ def slice_derived_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[float, 
         s: An evaluation slice.
         classes: Predicted class indices on the slice's pixels.
         spacing: Those pixels' spacing (mm).
+        sacral: The reference's S1 on the same pixels, where the source labels it (spineweb_vb): when the lowest
+            reference body lies mostly inside it, it is named S1, so that its body is not measured, as in the
+            product (:data:`spinepath.measurements.spine.SACRAL_BODIES`; its wall still takes the L5-S1 slip).
 
     Returns:
         ``{kind: [(level, reference, predicted), ...]}`` for :data:`DERIVED` (empty where the slice lacks a
@@ -126,7 +130,14 @@ def slice_derived_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[float, 
                   if b is not None and b.sum() >= min_pixels]
     else:
         bodies = []
-    ref_bodies, ref_discs = name_from_bottom(bodies, ref_components("disc"))
+    discs = ref_components("disc")
+    lowest = "L5"
+    if sacral is not None and bodies:
+        low = max(bodies, key=lambda b: ndi.center_of_mass(b)[0])
+        if (low & sacral).sum() > 0.5 * low.sum() and not any(
+                ndi.center_of_mass(d)[0] > ndi.center_of_mass(low)[0] for d in discs):
+            lowest = "S1"
+    ref_bodies, ref_discs = name_from_bottom(bodies, discs, lowest)
     pred_bodies = _paired(ref_bodies, components(classes == CLASSES.index("vertebral_body"), min_pixels), spacing)
     pred_discs = _paired(ref_discs, components(classes == CLASSES.index("disc"), min_pixels), spacing)
     pred_canal = largest_component(classes == CLASSES.index("spinal_canal"), min_pixels) if (

@@ -96,7 +96,7 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
                 e.update(graded_height_loss(float(loss)))
         if canal is not None:
             e["canal_ap_mid_body"] = _canal(canal, spacing, axes[lv], lv)
-        if e:
+        if lv not in SACRAL_BODIES or any(v is not None for v in e.values()):
             out["vertebrae"][lv] = e
     for lv, m in discs.items():
         if m.sum() < 3:

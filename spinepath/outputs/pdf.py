@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from spinepath import DISCLAIMER, __version__
 from spinepath.core.levels import structure_rank
 from spinepath.core.results import DetectionResult, key_slice
+from spinepath.measurements.spine import SACRAL_BODIES
 from spinepath.outputs.key_image import key_image
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -127,7 +128,8 @@ def measurement_table(result: DetectionResult) -> list[list[str]]:
                                            else "") if x)
             fl = flags["vertebrae"].get(lv, []) + [f for k, v in flags["listhesis"].items()
                                                    if k.split("-")[0] == lv for f in v]
-            rows.append([f"{lv} body", hts(e), ratios, mm(e.get("canal_ap_mid_body")),
+            rows.append([f"{lv} body", "not measured (sacrum)" if lv in SACRAL_BODIES else hts(e), ratios,
+                         mm(e.get("canal_ap_mid_body")),
                          "; ".join(x for x in (slip, loss) if x), ", ".join(fl)])
         else:
             e = m["discs"][lv]
@@ -265,7 +267,9 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
                  "Heights at 15% / 50% / 85% of the depth, across the mean endplate direction. Wedge = anterior / "
                  "posterior; biconcavity = middle / posterior;",
                  "height loss against the neighbours' mean, Genant grade 1 / 2 / 3 from 20 / 25 / 40%. Disc height "
-                 "index = middle disc height / mean middle height of its two bodies.",
+                 "index = middle disc height / mean middle height of its two bodies (L5 alone at L5-S1).",
+                 "S1 (fused with the sacrum) is not measured as a body: its endplate and wall serve the lordosis and "
+                 "the L5-S1 slip.",
                  "Disc narrowing flag: middle height below 75% of its measured neighbouring discs'. Canal AP < 10 mm "
                  "absolute, 10-12 mm relative stenosis, L1 to L5-S1",
                  "(sagittal diameter only: a cross-sectional area needs axial images; not graded above L1). "
