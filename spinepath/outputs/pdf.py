@@ -267,9 +267,9 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
                  "Heights at 15% / 50% / 85% of the depth, across the mean endplate direction. Wedge = anterior / "
                  "posterior; biconcavity = middle / posterior;",
                  "height loss against the neighbours' mean, Genant grade 1 / 2 / 3 from 20 / 25 / 40%. Disc height "
-                 "index = middle disc height / mean middle height of its two bodies (L5 alone at L5-S1).",
-                 "S1 (fused with the sacrum) is not measured as a body: its endplate and wall serve the lordosis and "
-                 "the L5-S1 slip.",
+                 "index = middle disc height /",
+                 "mean middle height of its two bodies (L5 alone at L5-S1). S1, fused with the sacrum, is not measured "
+                 "as a body.",
                  "Disc narrowing flag: middle height below 75% of its measured neighbouring discs'. Canal AP < 10 mm "
                  "absolute, 10-12 mm relative stenosis, L1 to L5-S1",
                  "(sagittal diameter only: a cross-sectional area needs axial images; not graded above L1). "
