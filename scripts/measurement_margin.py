@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spinepath.core.paths import SHARED_EXAMPLES, resolve_segmentation_path  # noqa: E402
-from spinepath.core.thresholds import GRADE, POSITIVE  # noqa: E402
+from spinepath.core.thresholds import GRADE, NARROWING_LEVELS, POSITIVE  # noqa: E402
 from spinepath.data.datasets import dataset_kind, load_volume_index  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
 from spinepath.evaluation.measurement_agreement import DERIVED, slice_derived_pairs  # noqa: E402
@@ -96,8 +96,9 @@ def main() -> None:
         classes = classes_on_pixels(probs, s.native.shape, offsets)[0]
         for k, v in slice_derived_pairs(replace(s, target=s.native, native=None), classes, s.spacing_mm,
                                         sacral.get((s.source, s.case, s.index))).items():
-            # the canal is graded at the lumbar levels only (as in the product)
-            pairs[k] += [x for x in v if k != "canal_ap_mm" or x[0] in STENOSIS_LEVELS]
+            # the canal and the narrowing are graded at the lumbar levels only (as in the product)
+            graded = {"canal_ap_mm": STENOSIS_LEVELS, "narrowing_ratio": NARROWING_LEVELS}.get(k)
+            pairs[k] += [x for x in v if graded is None or x[0] in graded]
     out: dict = {"cases": len(by_case), "slices": len(keep), "quantile": args.quantile, "kinds": {}}
     margins = {}
     for k, v in pairs.items():

@@ -24,7 +24,7 @@ from spinepath.core.results import (
     key_slice,
     narrowing_ratios,
 )
-from spinepath.core.thresholds import GRADE_BOUNDARIES, POSITIVE
+from spinepath.core.thresholds import GRADE_BOUNDARIES, NARROWING_LEVELS, POSITIVE
 from spinepath.grading.calibration import disc_grade_margin, logit
 from spinepath.measurements.spine import NOT_GRADED
 
@@ -208,7 +208,8 @@ def measurement_reasons(measurements: dict, margins: dict[str, float]) -> dict[s
             check("vertebrae", lv, "canal_ap_mm", c["mm"], "canal AP at mid-body", "mm")
     discs = measurements.get("discs", {})
     for lv, r in narrowing_ratios(discs).items():
-        check("discs", lv, "narrowing_ratio", r, "disc height ratio to the neighbours", "")
+        if lv in NARROWING_LEVELS:  # graded there only
+            check("discs", lv, "narrowing_ratio", r, "disc height ratio to the neighbours", "")
     for lv, e in discs.items():
         c = e.get("canal_ap") or {}
         if c.get("stenosis") not in (None, NOT_GRADED):

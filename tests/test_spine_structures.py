@@ -89,6 +89,11 @@ def test_flags_follow_the_documented_thresholds():
                           "L3-L4": ["narrowing", "canal stenosis (absolute)"], "L4-L5": []}
     # under 3 mm: not flagged; over the disc (no S1 body): evidence only, not graded
     assert f["listhesis"] == {"L2-L3": [], "L3-L4": ["listhesis Meyerding I"], "L5-S1": []}
+    # narrowing is graded from L1-L2 down: above, a disc is shorter than the taller disc below it when healthy
+    thor = {"discs": {"T11-T12": {"middle": line(3.0)}, "T12-L1": {"middle": line(5.0)}, "L1-L2": {"middle": line(6.5)},
+                      "L2-L3": {"middle": line(4.0)}}}
+    ft = SpineSegmentation(key_slice=0, slices=[0], instances={}, measurements=thor).flags()["discs"]
+    assert ft == {"T11-T12": [], "T12-L1": [], "L1-L2": [], "L2-L3": ["narrowing"]}  # 3/5, 5/4.75, 6.5/4.5, 4/6.5
     assert flag_code("listhesis Meyerding II").value == "MEYERII"
     assert flag_code("canal stenosis (relative) at mid-body").value == "STENRELB"
     with pytest.raises(ValueError, match="unknown measurement flag"):

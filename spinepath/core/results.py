@@ -13,7 +13,7 @@ import numpy as np
 from spinepath import DISCLAIMER, __version__
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.levels import DISC_GRADE_NAMES, DISC_GRADES, DISC_LEVELS
-from spinepath.core.thresholds import POSITIVE, STENOSIS_GRADES
+from spinepath.core.thresholds import NARROWING_LEVELS, POSITIVE, STENOSIS_GRADES
 
 
 @dataclass(eq=False)
@@ -275,7 +275,8 @@ class SpineSegmentation:
         """Derived flags per level: ``{"vertebrae": {level: ...}, "discs": ..., "listhesis": ...}``.
 
         Vertebrae: ``height_loss`` (Genant grade 1-3 against the neighbours) and ``wedge``; discs: ``narrowing``
-        (middle height below ``NARROWING_FRACTION`` of the measured adjacent discs' mean) and
+        (middle height below ``NARROWING_FRACTION`` of the measured adjacent discs' mean; graded at
+        ``NARROWING_LEVELS``, L1-L2 to L5-S1) and
         ``stenosis`` (canal AP at the disc, ``absolute`` / ``relative``; graded at the lumbar levels only);
         listhesis: ``Meyerding I`` ... once the offset reaches ``LISTHESIS_MM``, against the body below (a
         slip over the L5-S1 disc, where the sacrum was not segmented, is not graded). The boundaries:
@@ -296,7 +297,7 @@ class SpineSegmentation:
         ratios = narrowing_ratios(discs)
         for lv in [lv for lv in DISC_LEVELS if lv in discs]:
             f = []
-            if lv in ratios and POSITIVE["narrowing_ratio"](ratios[lv]):
+            if lv in ratios and lv in NARROWING_LEVELS and POSITIVE["narrowing_ratio"](ratios[lv]):
                 f.append("narrowing")
             if (discs[lv].get("canal_ap") or {}).get("stenosis") in STENOSIS_GRADES:
                 f.append(f"canal stenosis ({discs[lv]['canal_ap']['stenosis']})")

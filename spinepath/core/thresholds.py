@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from spinepath.core.levels import DISC_LEVELS
+
 #: Genant's height-loss fractions between grades 0-1, 1-2 and 2-3.
 GENANT_LOSS = (0.20, 0.25, 0.40)
 #: The sagittal canal diameters (mm) below which a canal is absolutely / relatively stenotic.
 STENOSIS_MM = (10.0, 12.0)
 #: A disc is narrowed below this fraction of its measured neighbours' mean middle height.
 NARROWING_FRACTION = 0.75
+#: The discs whose narrowing is graded: L1-L2 to L5-S1. Above, the discs grow taller towards the lumbar spine, so a
+#: disc is shorter than its neighbours' mean without being narrowed: on the spider_midsag training + selection T2,
+#: 3 of the 20 flags from T9-T10 to T12-L1 were narrowed discs, against 84 of 101 below
+#: (``scripts/narrowing_by_level.py``).
+NARROWING_LEVELS = frozenset(DISC_LEVELS[DISC_LEVELS.index("L1-L2"):])
 #: A body is wedged below this anterior / posterior height ratio.
 WEDGE_RATIO = 0.80
 #: A slip is a listhesis from this offset (mm).

@@ -270,11 +270,12 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
                  "index = middle disc height /",
                  "mean middle height of its two bodies (L5 alone at L5-S1). S1, fused with the sacrum, is not measured "
                  "as a body.",
-                 "Disc narrowing flag: middle height below 75% of its measured neighbouring discs'. Canal AP < 10 mm "
-                 "absolute, 10-12 mm relative stenosis, L1 to L5-S1",
-                 "(sagittal diameter only: a cross-sectional area needs axial images; not graded above L1). "
-                 "Listhesis: posterior corners, perpendicular to the lower posterior wall;",
-                 "flagged from 3 mm (Meyerding grade).",
+                 "Disc narrowing flag (L1-L2 to L5-S1): middle height below 75% of its measured neighbouring discs'. "
+                 "Canal AP < 10 mm absolute,",
+                 "10-12 mm relative stenosis, L1 to L5-S1 (sagittal diameter only: a cross-sectional area needs axial "
+                 "images; not graded above L1).",
+                 "Listhesis: posterior corners, perpendicular to the lower posterior wall; flagged from 3 mm "
+                 "(Meyerding grade).",
                  "L5 'over disc': against the L5-S1 disc's lower boundary where S1's body was not segmented; "
                  "evidence for the listhesis finding, not flagged.",
                  "Structures cut by the field of view are not measured. Research prototype: see the model card."]
