@@ -5,7 +5,10 @@ names the vertebrae and the committed segmentation network measures the mid-sagi
 (T2 anchored on S1 only). Each measured disc's flag (middle height below 75 % of its measured adjacent discs'
 mean, :func:`spinepath.core.results.narrowing_ratios`) is paired with SPIDER's narrowing label (> 0: narrowed)
 of the same disc (index from the bottom). Prints JSON per level and per region (above T12-L1 / T12-L1 and below):
-discs, labelled narrowed, flagged, flagged and narrowed (PPV), narrowed and flagged (sensitivity).
+discs, labelled narrowed, flagged, flagged and narrowed (PPV), narrowed and flagged (sensitivity). Under
+``listhesis`` the same for the measured slip's flag (``listhesis Meyerding ...``, from 3 mm against the body
+below) against SPIDER's spondylolisthesis label, per level, with the flagged slips' offsets by size (there
+``narrowed`` counts the discs SPIDER labels spondylolisthesis).
 
 Usage: python scripts/narrowing_by_level.py [-q]
 """
@@ -50,7 +53,7 @@ def main() -> None:
     detector, _ = load_models()
     segmenter = load_segmenter()
     studies = spider_fitting_studies(SHARED_EXAMPLES.parent / "spider_midsag")
-    rows = []
+    rows, slips = [], []
     for p in tqdm(sorted(studies), desc="measure", disable=args.quiet):
         st = studies[p]
         if "t2" not in st.sequences:
@@ -60,19 +63,34 @@ def main() -> None:
         if res.naming is None or res.naming.anchor != "S1":
             continue
         segment(res, segmenter)
-        for lv, r in narrowing_ratios(res.segmentation.measurements["discs"]).items():
+        seg = res.segmentation
+        for lv, r in narrowing_ratios(seg.measurements["discs"]).items():
             label = st.discs_by_index.get(disc_index_from_bottom(lv), {}).get("narrowing")
             if label is not None:
                 rows.append((p, lv, int(label > 0), bool(POSITIVE["narrowing_ratio"](r)), round(float(r), 3)))
+        flags = seg.flags()["listhesis"]
+        for lv, e in seg.measurements["listhesis"].items():
+            label = st.discs_by_index.get(disc_index_from_bottom(lv), {}).get("spondylolisthesis")
+            if label is not None:
+                slips.append((p, lv, int(label > 0), bool(flags.get(lv)), round(float(e["offset_mm"]), 2)))
     lumbar = DISC_LEVELS[DISC_LEVELS.index("T12-L1"):]
     out = {"all": counts(rows),
            "above_T12-L1": counts([r for r in rows if r[1] not in lumbar]),
            "T12-L1_and_below": counts([r for r in rows if r[1] in lumbar]),
            "by_level": {lv: counts([r for r in rows if r[1] == lv]) for lv in DISC_LEVELS
                         if any(r[1] == lv for r in rows)}}
+    flagged = [s for s in slips if s[3]]
+    out["listhesis"] = {"all": counts(slips),
+                        "by_level": {lv: counts([s for s in slips if s[1] == lv]) for lv in DISC_LEVELS
+                                     if any(s[1] == lv for s in slips)},
+                        "flagged_by_offset": {name: counts([s for s in flagged if lo <= s[4] < hi])
+                                              for name, lo, hi in (("backward", -1e9, 0), ("forward_3_10mm", 0, 10),
+                                                                   ("forward_10_20mm", 10, 20),
+                                                                   ("forward_20mm_plus", 20, 1e9))},
+                        "flagged_over_15mm_either_way": counts([s for s in flagged if abs(s[4]) > 15])}
     print(json.dumps(out, indent=1))
     if args.out:
-        args.out.write_text(json.dumps({**out, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({**out, "rows": rows, "slips": slips}, indent=1))
 
 
 if __name__ == "__main__":
