@@ -235,3 +235,29 @@ def test_s1_body_is_not_measured():
     assert m["listhesis"]["L5-S1"]["against"] == "body" and abs(m["listhesis"]["L5-S1"]["offset_mm"]) < 0.8
     # without a canal, S1 has nothing measured and no entry
     assert "S1" not in measure_spine(bodies, discs, None, SP, image)["vertebrae"]
+
+
+def test_a_spine_of_bodies_taller_than_deep():
+    """Bodies 32 mm tall and 22 mm deep (thoracic-like, or a small patient's): their longer side runs along the
+    spine, so it is their height, not their endplates; without the spine's direction their "AP" axis was read
+    along the spine and the slips came out tens of millimetres (SPIDER patients 100, 38)."""
+    from spinepath.measurements.shape import structure_axes
+    from spinepath.measurements.spine import measure_spine
+
+    shape = (700, 300)
+    bodies, discs = {}, {}
+    top = 20.0
+    for lv in ("T12", "L1", "L2", "L3", "L4", "L5"):
+        bodies[lv] = box(shape, top, 40.0 - (4.0 if lv == "L3" else 0.0), 32.0, 22.0)
+        top += 32.0
+        if lv != "L5":
+            discs[f"{lv}-{'L1' if lv == 'T12' else 'L' + str(int(lv[1]) + 1)}"] = box(shape, top, 40.0, 8.0, 22.0)
+            top += 8.0
+    assert abs(structure_axes(bodies["L2"], SP).ap[0]) > 0.9  # alone: the long side, along the spine
+    m = measure_spine(bodies, discs, None, SP)
+    for lv in ("L1", "L2", "L4"):
+        assert m["vertebrae"][lv]["middle"]["mm"] == pytest.approx(32.0, abs=0.6), lv
+        assert m["vertebrae"][lv]["wedge_ratio"] == pytest.approx(1.0, abs=0.03)
+    assert m["listhesis"]["L3-L4"]["offset_mm"] == pytest.approx(4.0, abs=0.8)
+    assert abs(m["listhesis"]["L4-L5"]["offset_mm"]) < 0.8 and abs(m["listhesis"]["T12-L1"]["offset_mm"]) < 0.8
+    assert m["discs"]["L1-L2"]["middle"]["mm"] == pytest.approx(8.0, abs=0.6)

@@ -59,12 +59,15 @@ def _points_mm(mask: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
     return np.stack([r * spacing[0], c * spacing[1]], 1).astype(np.float64)
 
 
-def structure_axes(mask: np.ndarray, spacing: tuple[float, float]) -> Axes:
+def structure_axes(mask: np.ndarray, spacing: tuple[float, float], spine: np.ndarray | None = None) -> Axes:
     """Centroid and axes of a mask: ``ap`` along its endplates (pointing posterior), ``si`` across them.
 
     The principal (longer) axis first; then ``ap`` becomes the mean direction of the superior and inferior
     boundary lines fitted on those axes (:func:`endplate_line`), as heights are read between the endplates:
-    the principal axes of a trapezoid, a square-ish body or flared corners tilt.
+    the principal axes of a trapezoid, a square-ish body or flared corners tilt. ``spine``: the spine's local
+    direction at the structure (mm, e.g. through the neighbouring bodies' centres): a first guess nearer that
+    direction than across it is turned by 90 degrees (a body taller than deep, or a partial mask, is longer
+    along the spine, and its long side is not its endplates).
 
     Raises:
         ValueError: For an empty mask.
@@ -77,6 +80,10 @@ def structure_axes(mask: np.ndarray, spacing: tuple[float, float]) -> Axes:
     w, v = np.linalg.eigh(np.cov((pts - c).T))
     # a clearly elongated shape (a disc, most bodies) has its principal axis; a square-ish one its rectangle's
     ap = v[:, int(np.argmax(w))] if w.max() > PRINCIPAL**2 * max(w.min(), 1e-9) else _rectangle_ap(pts - c)
+    if spine is not None and np.linalg.norm(spine) > 0:
+        s = np.asarray(spine, float) / np.linalg.norm(spine)
+        if abs(float(ap @ s)) > abs(float(_si(ap) @ s)):  # along the spine: that is the height, not the depth
+            ap = _si(ap)
     ap = ap if ap[1] >= 0 else -ap
     first = Axes((c[0] / spacing[0], c[1] / spacing[1]), ap, _si(ap))
     plates = [endplate_line(mask, spacing, side, first) for side in ("superior", "inferior")]
