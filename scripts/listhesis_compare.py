@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spinepath.grading.calibration import logit  # noqa: E402
-from spinepath.grading.fusion import oof_logistic  # noqa: E402
+from spinepath.grading.fusion import oof_logistic, paired_gain  # noqa: E402
 from spinepath.grading.spider_inference import slip_feature  # noqa: E402
 
 
@@ -51,17 +51,9 @@ def main() -> None:
         x = np.stack([logit(img), [slip_feature(s) for s in slip]], axis=1)
         scores[name] = {"slip": np.abs(slip), "combined": oof_logistic(x, y, pat)}
     out: dict = {"discs": int(len(y)), "positive": int(y.sum()), "patients": int(len(set(pat)))}
-    rng = np.random.default_rng(args.seed)
-    patients = np.array(sorted(set(pat)))
-    rows = {p: np.flatnonzero(pat == p) for p in patients}
-    draws = [np.concatenate([rows[p] for p in rng.choice(patients, len(patients))]) for _ in range(args.bootstrap)]
     for kind in ("slip", "combined"):
-        auc = {k: float(roc_auc_score(y, scores[k][kind])) for k in ("a", "b")}
-        diffs = [roc_auc_score(y[d], scores["b"][kind][d]) - roc_auc_score(y[d], scores["a"][kind][d])
-                 for d in draws if 0 < y[d].sum() < len(d)]
-        out[kind] = {"auc_a": round(auc["a"], 4), "auc_b": round(auc["b"], 4),
-                     "difference": round(auc["b"] - auc["a"], 4),
-                     "ci95": [round(float(q), 4) for q in np.percentile(diffs, [2.5, 97.5])]}
+        r = paired_gain(roc_auc_score, y, scores["a"][kind], scores["b"][kind], pat, n=args.bootstrap, seed=args.seed)
+        out[kind] = {"auc_a": r["a"], "auc_b": r["b"], "difference": r["gain"], "ci95": r["ci95"]}
     print(json.dumps(out, indent=1))
 
 

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
@@ -37,8 +36,7 @@ from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
 from spinepath.data.datasets import clinical_slice_indices, load_volume_index  # noqa: E402
 from spinepath.data.spider import load_spider_seg  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
-from spinepath.evaluation.matching import greedy_match  # noqa: E402
-from spinepath.evaluation.segmentation import MATCH_MM, MIN_AREA_MM2, _front_cut  # noqa: E402
+from spinepath.evaluation.segmentation import MIN_AREA_MM2, _front_cut, _match  # noqa: E402
 from spinepath.measurements.shape import heights  # noqa: E402
 from spinepath.measurements.spine import SACRAL_BODIES  # noqa: E402
 from spinepath.segmentation.inference import segment_study, slice_boxes, touches_edge  # noqa: E402
@@ -54,10 +52,6 @@ def box_agreement(mask: np.ndarray, box: tuple[float, float, float, float]) -> f
     if not len(rows):
         return 0.0
     return float(box_iou(np.array([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1]), np.asarray(box))[0, 0])
-
-
-def _centre_mm(m: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-    return np.asarray(ndi.center_of_mass(m)) * np.asarray(spacing)
 
 
 def _height_error(ref: np.ndarray, pred: np.ndarray, spacing: tuple[float, float]) -> float | None:
@@ -81,10 +75,10 @@ def case_rows(vol, refs: list[list[np.ndarray]], detector, segmenter, source: st
         ref = refs[k]
         if not bodies or not ref:
             continue
-        dist = np.array([[np.linalg.norm(_centre_mm(r, sp) - _centre_mm(m, sp)) for _, m in bodies] for r in ref])
-        for r, p in greedy_match(dist, np.full(len(ref), MATCH_MM)).items():
-            lv, m = bodies[p]
-            err = _height_error(ref[r], m, sp)
+        level_of = {id(m): lv for lv, m in bodies}
+        for r, m in _match(ref, [m for _, m in bodies], sp):  # the contract's pairing
+            lv = level_of[id(m)]
+            err = _height_error(r, m, sp)
             if err is None:
                 continue
             on_slice = any(k in t.slices and t.level == lv for t in res.vertebrae)

@@ -54,23 +54,14 @@ NOT_GRADED = "not graded"
 SACRAL_BODIES = frozenset(("S1",))
 
 
-def _spine_direction(bodies: dict[str, np.ndarray], level: str, spacing: tuple[float, float]) -> np.ndarray | None:
-    """The spine's direction (mm) at a body, None without a neighbour.
+def _spine_direction(centres: dict[str, np.ndarray], level: str) -> np.ndarray | None:
+    """The spine's direction at a body: from the centre of the named body above to the one below (mm).
 
-    From the centre of the body above to the one below (named adjacent levels; the body's own centre stands in
-    for a missing one).
+    A missing neighbour's place is taken by the body's own centre; None without either neighbour.
     """
     i = VERTEBRA_LEVELS.index(level)
-    ends = [VERTEBRA_LEVELS[j] for j in (i - 1, i + 1) if 0 <= j < len(VERTEBRA_LEVELS)]
-    if not any(n in bodies and bodies[n].any() for n in ends):
-        return None
-
-    def centre(lv: str) -> np.ndarray:
-        m = bodies[lv] if lv in bodies and bodies[lv].any() else bodies[level]
-        return np.asarray(ndi.center_of_mass(m)) * np.asarray(spacing, float)
-
-    above = centre(VERTEBRA_LEVELS[i - 1]) if i > 0 else centre(level)
-    below = centre(VERTEBRA_LEVELS[i + 1]) if i + 1 < len(VERTEBRA_LEVELS) else centre(level)
+    above, below = (centres.get(VERTEBRA_LEVELS[j], centres[level]) if 0 <= j < len(VERTEBRA_LEVELS)
+                    else centres[level] for j in (i - 1, i + 1))
     d = below - above
     return d if np.linalg.norm(d) > 0 else None
 
@@ -98,8 +89,9 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
     """
     out: dict = {"vertebrae": {}, "discs": {}, "listhesis": {}, "lordosis_deg": None, "lordosis_lines": None}
     order = sorted(bodies, key=VERTEBRA_LEVELS.index)
-    axes = {lv: structure_axes(m, spacing, _spine_direction(bodies, lv, spacing)) for lv, m in bodies.items()
-            if m.sum() >= 3}
+    centres = {lv: np.asarray(ndi.center_of_mass(m)) * np.asarray(spacing, float) for lv, m in bodies.items()
+               if m.any()}
+    axes = {lv: structure_axes(m, spacing, _spine_direction(centres, lv)) for lv, m in bodies.items() if m.sum() >= 3}
     hts = {lv: heights(bodies[lv], spacing, axes[lv]) for lv in axes if lv not in SACRAL_BODIES}
     for lv in order:
         if lv not in axes:
