@@ -11,7 +11,9 @@ the two bodies were measured (the validation part is never read). Each row has
   (``runs/<spider run>/oof.npz``),
 * ``slip``: the measured offset in % of the lower body's superior endplate (the committed detector and
   segmentation network on that T2, as the product measures it), as ``spider_inference.slip_feature``: the log of
-  its absolute value, capped at half the endplate.
+  its absolute value, capped at half the endplate. Only slips measured against the body below take part
+  (``spider_inference.decides``: not L5-S1 over the disc where S1 was not segmented); the other discs count as
+  not measured, decided by the image alone as in the product.
 
 A logistic regression on the image log-odds and the slip feature is cross-validated by patient (5 folds); the
 threshold maximises balanced accuracy on those out-of-fold probabilities. Prints the out-of-fold AUC of each
@@ -45,8 +47,23 @@ from spinepath.evaluation.spider import measured_slips  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
 from spinepath.grading.fusion import best_threshold, oof_logistic  # noqa: E402
 from spinepath.grading.spider import oof_fused_by_patient  # noqa: E402
-from spinepath.grading.spider_inference import SLIP_CAP, SLIP_FLOOR, slip_feature  # noqa: E402
+from spinepath.grading.spider_inference import SLIP_CAP, SLIP_FLOOR, decides, slip_feature  # noqa: E402
 from spinepath.stages import load_models, load_segmenter  # noqa: E402
+
+
+def _with_over_disc(rows: list[tuple], over_disc: list[tuple], unmeasured: list[tuple]) -> float:
+    """Out-of-fold AUC over all located discs when the slips over the L5-S1 disc decide as well.
+
+    ``unmeasured``: the ``(label, image probability)`` of the discs without any slip.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    both = rows + over_disc
+    X = np.stack([logit(np.array([r[2] for r in both])), [slip_feature(r[3]) for r in both]], axis=1)
+    y = np.array([r[1] for r in both])
+    oof = oof_logistic(X, y, np.array([r[0] for r in both]))
+    return round(float(roc_auc_score(np.r_[y, [u[0] for u in unmeasured]], np.r_[oof, [u[1] for u in unmeasured]])),
+                 4)
 
 
 def main() -> None:
@@ -64,17 +81,21 @@ def main() -> None:
     segmenter = load_segmenter()
     fused = oof_fused_by_patient(args.oof)
     studies = spider_fitting_studies(SHARED_EXAMPLES.parent / "spider_midsag")
-    rows, unmeasured = [], []
+    rows, unmeasured, over_disc = [], [], []
     for p in tqdm(sorted(set(fused) & set(studies)), desc="measure slips", disable=args.quiet):
         slips = measured_slips(studies[p], detector, segmenter)
         for d in studies[p].discs:
             i, y = int(d["index_from_bottom"]), d.get("spondylolisthesis")
             if y is None or i not in fused[p]:
                 continue
-            if i in slips:
+            if decides(slips.get(i)):
                 rows.append((p, int(y), fused[p][i]["spondylolisthesis"], slips[i]["percent"], i))
+            elif i in slips:  # L5-S1 over the disc: reported, not deciding (a variant below)
+                over_disc.append((p, int(y), fused[p][i]["spondylolisthesis"], slips[i]["percent"], i))
             else:
                 unmeasured.append((int(y), fused[p][i]["spondylolisthesis"]))
+    unmeasured_plain = list(unmeasured)
+    unmeasured += [(r[1], r[2]) for r in over_disc]
     if args.rows is not None:
         np.savez(args.rows, patient=np.array([r[0] for r in rows]), index=np.array([r[4] for r in rows]),
                  y=np.array([r[1] for r in rows]), image=np.array([r[2] for r in rows]),
@@ -95,8 +116,9 @@ def main() -> None:
     out = {
         "description": "Spondylolisthesis per disc (issue 13 item 3, issue 14 item 4): sigmoid(intercept + "
                        "coef_image * logit(image probability) + coef_slip * slip_feature) where the "
-                       "two bodies were measured, the image probability alone elsewhere; threshold maximising "
-                       "balanced accuracy on out-of-fold probabilities (5 folds by patient). Fitted by "
+                       "slip was measured against the body below, the image probability alone elsewhere; "
+                       "threshold maximising balanced accuracy on out-of-fold probabilities (5 folds by "
+                       "patient). Fitted by "
                        "scripts/fit_listhesis_decision.py on the spider_midsag training + selection patients "
                        "(anchored T2). Validation patients never read.",
         "intercept": float(lr.intercept_[0]), "coef_image": float(lr.coef_[0, 0]), "coef_slip": float(lr.coef_[0, 1]),
@@ -117,6 +139,12 @@ def main() -> None:
             # every located labelled disc as the product reports it: the combination where measured, else the image
             "auc_located_discs_image": round(float(roc_auc_score(y_all, np.r_[p_img, [u[1] for u in unmeasured]])), 4),
             "auc_located_discs_product": round(float(roc_auc_score(y_all, np.r_[oof, [u[1] for u in unmeasured]])), 4),
+            # the variant that lets L5-S1's slip over the disc decide too (v0.5.5-v0.5.13)
+            "auc_located_discs_with_slips_over_the_disc": _with_over_disc(rows, over_disc, unmeasured_plain),
+            "over_the_disc": {"discs": len(over_disc), "positive": int(sum(r[1] for r in over_disc)),
+                              "auc_slip": (round(float(roc_auc_score([r[1] for r in over_disc],
+                                                                     [abs(r[3]) for r in over_disc])), 4)
+                                           if 0 < sum(r[1] for r in over_disc) < len(over_disc) else None)},
         },
     }
     print(json.dumps(out, indent=1))

@@ -26,7 +26,7 @@ from spinepath.core.results import (
 )
 from spinepath.core.thresholds import GRADE_BOUNDARIES, NARROWING_LEVELS, POSITIVE
 from spinepath.grading.calibration import disc_grade_margin, logit
-from spinepath.measurements.spine import NOT_GRADED
+from spinepath.measurements.spine import NOT_GRADED, PARTIAL
 
 REVIEW_RULES = config_file("review.json")
 
@@ -40,7 +40,7 @@ def load_review_rules(path: str | Path = REVIEW_RULES) -> dict:
 #: Reason kinds (coded in the SR; ``spinepath.outputs.coding.REVIEW_REASON_CODES``).
 REASON_KINDS = ("no_anchor", "name_confidence", "detection_score", "field_of_view", "near_threshold",
                 "grade_ambiguous", "low_predictive_value", "transitional", "image_quality", "sequence",
-                "without_t2", "measurement_near_threshold", "flagged_findings")
+                "without_t2", "measurement_near_threshold", "partly_segmented", "flagged_findings")
 
 
 @dataclass
@@ -291,6 +291,9 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
                     measured[sec][lv].add("measurement_near_threshold", reason)
                     if own is not None:
                         own.add("measurement_near_threshold", reason)
+        for lv, why in seg.measurements.get("not_measured", {}).items():
+            if why == PARTIAL and lv in by_level:  # a missed body: no measurement where one was expected
+                by_level[lv].add("partly_segmented", "body partly segmented on the key slice: not measured")
     study = Flag()
     if not result.vertebrae:
         study.add("detection_score", "no vertebra found")

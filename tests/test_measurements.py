@@ -8,6 +8,7 @@ from spinepath.core.thresholds import canal_stenosis, genant_grade
 from spinepath.measurements.shape import (
     angle_deg,
     chord,
+    corner,
     endplate_line,
     heights,
     listhesis,
@@ -77,6 +78,32 @@ def test_listhesis_offset_and_meyerding():
     assert r["offset_mm"] == pytest.approx(10.0, abs=0.8) and r["meyerding"] in (1, 2)
     back = listhesis(box((300, 300), 45, 50, 25.0, 40.0), lower, SP)
     assert back["offset_mm"] == pytest.approx(-10.0, abs=0.8)  # retrolisthesis is negative
+
+
+def _about(pivot, r0, c0, h_mm, w_mm, angle):
+    """:func:`box` rotated by ``angle`` degrees about ``pivot`` (mm) instead of its own centre."""
+    dx, dy = c0 + w_mm / 2 - pivot[1], r0 + h_mm / 2 - pivot[0]
+    t = np.radians(angle)
+    cx, cy = dx * np.cos(t) - dy * np.sin(t), dx * np.sin(t) + dy * np.cos(t)
+    return box((300, 300), pivot[0] + cy - h_mm / 2, pivot[1] + cx - w_mm / 2, h_mm, w_mm, angle=angle)
+
+
+def test_a_lordotic_segment_without_slip_reads_no_slip():
+    """Two aligned bodies bent 20 degrees about the posterior disc's middle (a lordotic L4-L5): their posterior
+    corners lie on the walls' bisector, so no slip; across the lower wall alone they would read 1.7 mm backward
+    (half the 10 mm posterior disc height x sin 20 degrees)."""
+    pivot, gap = (100.0, 90.0), 10.0
+    upper = _about(pivot, pivot[0] - gap / 2 - 25, pivot[1] - 40, 25.0, 40.0, 10.0)
+    lower = _about(pivot, pivot[0] + gap / 2, pivot[1] - 40, 25.0, 40.0, -10.0)
+    r = listhesis(upper, lower, SP)
+    assert abs(r["offset_mm"]) < 0.5 and r["meyerding"] == 0
+    pa, pb, pb2 = (np.array(corner(m, SP, side)) * SP for m, side in ((upper, "inferior"), (lower, "superior"),
+                                                                       (lower, "inferior")))
+    wall = (pb2 - pb) / np.linalg.norm(pb2 - pb)
+    assert abs((pb - pa) @ np.array([-wall[1], wall[0]])) == pytest.approx(1.7, abs=0.3)
+    # a real slip on the same bent segment still reads: the upper body 8 mm anterior before the bend
+    shifted = _about(pivot, pivot[0] - gap / 2 - 25, pivot[1] - 48, 25.0, 40.0, 10.0)
+    assert listhesis(shifted, lower, SP)["offset_mm"] == pytest.approx(8.0 * np.cos(np.radians(10)), abs=0.6)
 
 
 def test_listhesis_over_the_disc_where_the_lower_body_is_not_segmented():

@@ -557,11 +557,13 @@ def test_vertebra_pathology_combines_its_named_evidence(graded_example):
 
 
 def test_spondylolisthesis_combines_the_image_with_the_measured_slip(graded_example):
-    """Where the segmentation measured the slip at a disc, spondylolisthesis is the out-of-fold fitted
-    combination of the grader's image probability and that slip; elsewhere the image alone. Both parts stay named
-    in the JSON, and a second pass of the stage decides nothing twice."""
+    """Where the segmentation measured the slip at a disc against the body below, spondylolisthesis is the
+    out-of-fold fitted combination of the grader's image probability and that slip; elsewhere (nothing measured,
+    or L5-S1 measured over the disc where S1 was not segmented) the image alone. Both parts stay named in the
+    JSON, and a second pass of the stage decides nothing twice."""
     from spinepath.grading.spider_inference import (
         attach_listhesis_evidence,
+        decides,
         listhesis_probability,
         load_listhesis_decision,
     )
@@ -573,8 +575,9 @@ def test_spondylolisthesis_combines_the_image_with_the_measured_slip(graded_exam
     for g in graded_example.findings.degeneration:
         ev = g.evidence["spondylolisthesis"]
         assert g.to_dict()["spondylolisthesis"]["evidence"] == ev
-        if g.level not in slips:
-            assert ev["rule"] == "image" and ev["measured_slip"] is None
+        if not decides(slips.get(g.level)):
+            assert ev["rule"] == "image" and (ev["measured_slip"] is None) == (g.level not in slips)
+            assert ev["measured_slip"] is None or ev["measured_slip"]["against"] == "disc"
             assert abs(g.binary["spondylolisthesis"] - ev["image"]["probability"]) < 1e-4
             continue
         combined += 1
@@ -587,6 +590,17 @@ def test_spondylolisthesis_combines_the_image_with_the_measured_slip(graded_exam
     before = [g.binary["spondylolisthesis"] for g in graded_example.findings.degeneration]
     attach_listhesis_evidence(graded_example.findings, slips)
     assert [g.binary["spondylolisthesis"] for g in graded_example.findings.degeneration] == before
+    # a slip over the L5-S1 disc is reported and does not decide
+    g = next(g for g in graded_example.findings.degeneration if g.level == "L5-S1")
+    kept = (g.evidence.pop("spondylolisthesis"), g.binary["spondylolisthesis"], g.thresholds["spondylolisthesis"])
+    p_img = g.binary["spondylolisthesis"] = kept[0]["image"]["probability"]
+    g.thresholds["spondylolisthesis"] = kept[0]["image"]["threshold"]
+    over_disc = {"offset_mm": 9.0, "percent": 25.0, "against": "disc"}
+    attach_listhesis_evidence(graded_example.findings, {"L5-S1": over_disc})
+    ev = g.evidence["spondylolisthesis"]
+    assert ev["rule"] == "image" and ev["measured_slip"]["against"] == "disc" and g.binary["spondylolisthesis"] == p_img
+    g.evidence["spondylolisthesis"], g.binary["spondylolisthesis"], g.thresholds["spondylolisthesis"] = kept
+    assert not decides(None) and decides({"percent": 3.0, "against": "body"})
     # a larger slip raises the probability, whatever the image says
     for p_img in (0.01, 0.3):
         assert listhesis_probability(p_img, 2.0, decision) < listhesis_probability(p_img, 20.0, decision)

@@ -158,7 +158,50 @@ def test_a_vertebra_cut_by_the_field_of_view_is_not_measured(models, segmented):
     seg = stages.segment(result, models[3]).segmentation
     assert "L1" in seg.instances[seg.key_slice]["bodies"]  # segmented, named, in the SEG
     assert "L1" not in seg.measurements["vertebrae"] and "L2" in seg.measurements["vertebrae"]
+    assert seg.measurements["not_measured"]["L1"] == "cut by the field of view"
+    row = next(r for r in measurement_table(result) if r[0] == "L1 body")
+    assert row[1] == "not measured" and row[-1] == "cut by the field of view"
     assert seg.measurements["lordosis_deg"] is None  # its superior endplate is the lordosis' upper line
+
+
+def test_a_partly_segmented_body_is_not_measured_and_flagged(models, monkeypatch):
+    """A named body whose key-slice mask is a piece (under a third of the slice's median body: the network missed
+    the rest) gets no heights and no slip, says why in the JSON and the PDF row, and is flagged for review; the
+    whole bodies beside it stay measured."""
+    from spinepath.measurements.spine import CUT, PARTIAL
+    from spinepath.segmentation import inference
+    from spinepath.segmentation.inference import partial_bodies
+
+    level_instances = inference.level_instances
+
+    def l3_a_piece(classes, boxes, min_pixels):
+        inst = level_instances(classes, boxes, min_pixels)
+        if "L3" in inst["bodies"]:
+            m = inst["bodies"]["L3"]
+            rows, cols = np.nonzero(m)
+            piece = np.zeros_like(m)
+            piece[rows.min():rows.min() + 4, cols.max() - 4:cols.max() + 1] = True  # its posterior-superior corner
+            inst["bodies"]["L3"] = piece & m
+        return inst
+
+    monkeypatch.setattr(inference, "level_instances", l3_a_piece)
+    result = stages.analyse(load_study(EXAMPLE), *models)
+    m = result.segmentation.measurements
+    assert m["not_measured"]["L3"] == PARTIAL and set(m["not_measured"].values()) <= {PARTIAL, CUT}
+    assert "L3" not in m["vertebrae"] and {"L2", "L4"} <= set(m["vertebrae"])
+    assert not {"L2-L3", "L3-L4"} & set(m["listhesis"]) and "L4-L5" in m["listhesis"]
+    assert m["vertebrae"]["L2"]["middle"]["mm"] > 20  # its neighbours measure as before
+    row = next(r for r in measurement_table(result) if r[0] == "L3 body")
+    assert row[1] == "not measured" and row[-1] == PARTIAL
+    flag = result.review.vertebra(next(t for t in result.vertebrae if t.level == "L3"), result)
+    assert flag.needs_review and "partly_segmented" in flag.kinds
+    assert result.to_dict()["measurements"]["not_measured"] == m["not_measured"]
+    # the rule itself: three or more bodies, a share of their median
+    whole = np.ones((20, 20), bool)
+    small = np.zeros((20, 20), bool)
+    small[:5, :5] = True
+    assert partial_bodies({"L1": whole, "L2": whole, "L3": small}) == {"L3"}
+    assert partial_bodies({"L1": whole, "L3": small}) == set()  # too few to know the median body
 
 
 def test_sr_seg_pdf_and_key_image_carry_the_measurements(segmented, tmp_path):

@@ -26,6 +26,7 @@ from spinepath.data.spider import SpiderStudy, load_spider_midsag
 from spinepath.grading.spider import SpiderGrader, chain_discs, vertebra_parts, vertebra_probability, vertebra_reference
 from spinepath.grading.spider_inference import (
     combined_probability,
+    decides,
     listhesis_probability,
     load_listhesis_decision,
     load_vertebra_decision,
@@ -258,8 +259,9 @@ def apply_listhesis_decision(fused: dict[str, dict[int, dict]], slips: dict[str,
                              decision: dict) -> int:
     """The product's spondylolisthesis decision on the fused findings: image and measured slip, in place.
 
-    ``slips``: :func:`measured_slips` per patient. Each located disc with a measured slip gets
-    :func:`listhesis_probability`; the others keep the image probability (as in the product).
+    ``slips``: :func:`measured_slips` per patient. Each located disc with a measured slip that
+    :func:`~spinepath.grading.spider_inference.decides` gets :func:`listhesis_probability`; the others keep the
+    image probability (as in the product).
 
     Returns:
         How many discs were decided with a measured slip.
@@ -268,7 +270,7 @@ def apply_listhesis_decision(fused: dict[str, dict[int, dict]], slips: dict[str,
     n = 0
     for patient, found in fused.items():
         for i, e in slips.get(patient, {}).items():
-            if i in found:
+            if i in found and decides(e):
                 found[i]["spondylolisthesis"] = listhesis_probability(found[i]["spondylolisthesis"], e["percent"],
                                                                       decision)
                 n += 1

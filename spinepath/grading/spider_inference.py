@@ -212,6 +212,18 @@ def slip_feature(slip_percent: float) -> float:
     return float(np.log(min(abs(float(slip_percent)) / 100.0, SLIP_CAP) + SLIP_FLOOR))
 
 
+def decides(slip: dict | None) -> bool:
+    """Whether a measured slip takes part in the spondylolisthesis decision: measured against the body below.
+
+    At L5-S1 without a segmented S1 body (the segmentation learns SPIDER's masks, where the sacrum is
+    background: S1 is a body in 14 of 118 spider_midsag T2) the slip is measured against the L5-S1 disc's
+    posterior corner, which bulges and herniates: on the training + selection T2 those slips did not rank
+    SPIDER's label at all (AUC 0.49, 104 discs, 4 positive). There the image decides alone, as where nothing
+    was measured; the slip is still reported (``against``: ``disc``) and never flagged.
+    """
+    return slip is not None and slip.get("against", "body") == "body"
+
+
 def listhesis_probability(image_p: float, slip_percent: float, decision: dict) -> float:
     """P(spondylolisthesis at a disc) from the grader's image probability and the measured slip there.
 
@@ -229,10 +241,10 @@ def attach_listhesis_evidence(findings: Findings | None, listhesis: dict[str, di
 
     ``listhesis``: the measurements' slips by disc level (``measurements["listhesis"]``). Each disc finding keeps
     its parts in ``evidence["spondylolisthesis"]``: ``image`` (the grader's fused probability and threshold),
-    ``measured_slip`` (offset in mm and %, None where the two bodies were not measured) and ``rule``:
-    ``combined`` (:func:`listhesis_probability` with its out-of-fold threshold; the finding's probability,
-    threshold and label are then the combination's, and ``oof_ppv`` the out-of-fold share of its calls that
-    were confirmed, for the review) or ``image`` (no slip measured, or no decision fitted).
+    ``measured_slip`` (offset in mm and %, what it was measured against; None where nothing was measured) and
+    ``rule``: ``combined`` (:func:`listhesis_probability` with its out-of-fold threshold; the finding's
+    probability, threshold and label are then the combination's, and ``oof_ppv`` the out-of-fold share of its
+    calls that were confirmed, for the review) or ``image`` (no slip that :func:`decides`, or no decision fitted).
     """
     decision = decision if decision is not None else load_listhesis_decision()
     for g in findings.degeneration if findings is not None else []:
@@ -242,9 +254,10 @@ def attach_listhesis_evidence(findings: Findings | None, listhesis: dict[str, di
         slip = listhesis.get(g.level)
         p_img, thr_img = g.binary[key], g.thresholds.get(key, 0.5)
         ev = {"image": {"probability": round(p_img, 4), "threshold": round(thr_img, 4)},
-              "measured_slip": None if slip is None else {"offset_mm": slip["offset_mm"], "percent": slip["percent"]},
+              "measured_slip": None if slip is None else {"offset_mm": slip["offset_mm"], "percent": slip["percent"],
+                                                          "against": slip.get("against", "body")},
               "rule": "image"}
-        if slip is not None and decision is not None:
+        if decides(slip) and decision is not None:
             g.binary[key] = listhesis_probability(p_img, slip["percent"], decision)
             g.thresholds[key] = float(decision["threshold"])
             ev.update(rule="combined", weights={"image": round(decision["coef_image"], 4),

@@ -18,9 +18,11 @@ mid-sagittal slice of the spine), with the pixel spacing and, for the signal rat
   thresholds are the lumbar canal's; above, the canal holds the cord and the diameter is measured but
   ``"not graded"``; a cross-sectional area needs axial images);
 * listhesis: the upper body's posterior-inferior corner against the lower body's posterior-superior corner,
-  along the lower body's superior endplate (mm, % of that endplate, Meyerding grade); at L5-S1 without a
-  segmented S1 body (the sacrum is rarely segmented), against the L5-S1 disc's posterior-inferior corner along
-  the disc's inferior boundary, which is S1's superior endplate (``against``: ``body`` or ``disc``);
+  across the bisector of the two bodies' posterior walls (mm, % of the lower body's superior endplate,
+  Meyerding grade; :func:`~spinepath.measurements.shape.listhesis`); at L5-S1 without a segmented S1 body (the
+  sacrum is rarely segmented), against the L5-S1 disc's posterior-inferior corner along the disc's inferior
+  boundary, which is S1's superior endplate (``against``: ``body`` or ``disc``; only a slip against the body is
+  flagged or decides spondylolisthesis);
 * lumbar lordosis: the angle between the L1 superior endplate and the S1 superior endplate (the S1 body's,
   else the inferior boundary of the L5-S1 disc).
 """
@@ -52,6 +54,8 @@ NOT_GRADED = "not graded"
 #: Bodies without heights (so no ratios, height loss, or part in a neighbour's height loss or a disc's height
 #: index): S1, fused with the sacrum below it.
 SACRAL_BODIES = frozenset(("S1",))
+#: Why a named body was not measured (``measurements["not_measured"]``, set by the segmentation stage).
+CUT, PARTIAL = "cut by the field of view", "partly segmented"
 
 
 def _spine_direction(centres: dict[str, np.ndarray], level: str) -> np.ndarray | None:

@@ -95,6 +95,7 @@ REVIEW_REASON_CODES = {
     "sequence": hd.sr.CodedConcept("SEQUENCE", SCHEME, "Sequence not known from the acquisition"),
     "without_t2": hd.sr.CodedConcept("NOT2", SCHEME, "Graded without the T2 the grade is defined on"),
     "measurement_near_threshold": hd.sr.CodedConcept("MEASTHR", SCHEME, "Measurement near a grade boundary"),
+    "partly_segmented": hd.sr.CodedConcept("PARTSEG", SCHEME, "Structure partly segmented, not measured"),
     "flagged_findings": hd.sr.CodedConcept("FLAGGED", SCHEME, "Findings flagged for review"),
 }
 

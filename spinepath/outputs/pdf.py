@@ -102,7 +102,8 @@ def measurement_table(result: DetectionResult) -> list[list[str]]:
 
     Columns :data:`MEASUREMENT_HEADER`: the three heights, the ratios (wedge and biconcavity of a body; disc
     height index and T2 disc/CSF ratio of a disc), the canal's AP diameter (mid-body or at the disc), the slip
-    over the vertebra below and the height loss against the neighbours, and the derived flags.
+    over the vertebra below and the height loss against the neighbours, and the derived flags. A named body
+    that was not measured says why in the flags column (cut by the field of view, partly segmented).
     """
     seg = result.segmentation
     if seg is None:
@@ -116,8 +117,11 @@ def measurement_table(result: DetectionResult) -> list[list[str]]:
         return f"{x['mm']:.1f}" if x else "-"
 
     rows = []
-    for lv in sorted(set(m["vertebrae"]) | set(m["discs"]), key=structure_rank):
-        if lv in m["vertebrae"]:
+    skipped = m.get("not_measured", {})
+    for lv in sorted(set(m["vertebrae"]) | set(m["discs"]) | set(skipped), key=structure_rank):
+        if lv in skipped and lv not in m["vertebrae"]:
+            rows.append([f"{lv} body", "not measured", "", "-", "", skipped[lv]])
+        elif lv in m["vertebrae"]:
             e = m["vertebrae"][lv]
             slip = next((f"{v['offset_mm']:+.1f} mm ({v['percent']:+.0f}%) over "
                          + ("disc" if v.get("against") == "disc" else k.split("-")[1])
@@ -258,8 +262,8 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
         tab = _table(pm, [0.03, 0.905 - h, 0.94, h], meas, MEASUREMENT_HEADER, fontsize=6.5,
                      widths=[0.8, 1.2, 1.3, 0.7, 1.6, 1.7])
         for (r, c), cell in tab.get_celld().items():
-            if r > 0 and c == 5 and meas[r - 1][5]:
-                cell.set_facecolor("#ffe0e0")
+            if r > 0 and c == 5 and meas[r - 1][5]:  # a finding; why a body was not measured in review yellow
+                cell.set_facecolor("#fff0c0" if meas[r - 1][1] == "not measured" else "#ffe0e0")
         lord = seg.measurements.get("lordosis_deg")
         y = 0.88 - h
         notes = [f"Lumbar lordosis (L1 to S1 superior endplates): {lord:.1f} degrees." if lord is not None
@@ -274,11 +278,12 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
                  "Canal AP < 10 mm absolute,",
                  "10-12 mm relative stenosis, L1 to L5-S1 (sagittal diameter only: a cross-sectional area needs axial "
                  "images; not graded above L1).",
-                 "Listhesis: posterior corners, perpendicular to the lower posterior wall; flagged from 3 mm "
+                 "Listhesis: posterior corners, across the bisector of the two posterior walls; flagged from 3 mm "
                  "(Meyerding grade).",
                  "L5 'over disc': against the L5-S1 disc's lower boundary where S1's body was not segmented; "
-                 "evidence for the listhesis finding, not flagged.",
-                 "Structures cut by the field of view are not measured. Research prototype: see the model card."]
+                 "reported only (not flagged, not evidence).",
+                 "Structures cut by the field of view, and bodies only partly segmented, are not measured. Research "
+                 "prototype: see the model card."]
         for i, line in enumerate(notes):
             pm.text(0.06, y - 0.013 * i, line, fontsize=6.5, weight="bold" if i == 0 else "normal")
         pages.append(pm)

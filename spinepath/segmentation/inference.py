@@ -26,7 +26,7 @@ from spinepath.core.levels import VERTEBRA_LEVELS
 from spinepath.core.precision import forward_context
 from spinepath.core.results import DetectionResult, SpineSegmentation, key_slice
 from spinepath.core.weights import float_state
-from spinepath.measurements.spine import measure_spine
+from spinepath.measurements.spine import CUT, PARTIAL, measure_spine
 from spinepath.segmentation.data import GRID_MM, grid_image
 from spinepath.segmentation.instances import level_instances
 from spinepath.segmentation.network import FORMAT, SegNetConfig, build_segnet, predict_probabilities
@@ -39,6 +39,12 @@ NEIGHBOURS = 0
 OFFSETS_CONFIG = "segmentation_offsets.json"
 #: Components smaller than this many square millimetres are fragments.
 MIN_AREA_MM2 = 17.0
+#: A named body whose mask on the key slice is smaller than this share of the median body mask there is a part
+#: of a body the network segmented only in part: not measured. On the spider_midsag training + selection T2
+#: (118 patients, 725 measured bodies) the smallest whole bodies were 0.40 of their slice's median (a collapsed
+#: L2), 0.42 (a T12), 0.49 (an S1); below 0.27 lay only pieces (10 bodies of 8 patients, two of them S1), whose
+#: slips read up to 35 mm.
+PARTIAL_BODY_SHARE = 1 / 3
 
 
 def load_segmenter(path: str | Path, exported: bool = True, device: str = "cpu", offsets: bool = True) -> nn.Module:
@@ -157,8 +163,21 @@ def touches_edge(mask: np.ndarray) -> bool:
     return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
+def partial_bodies(bodies: dict[str, np.ndarray]) -> set[str]:
+    """The bodies whose masks are smaller than :data:`PARTIAL_BODY_SHARE` of the median body (three or more)."""
+    areas = {lv: int(m.sum()) for lv, m in bodies.items()}
+    if len(areas) < 3:
+        return set()
+    median = float(np.median(list(areas.values())))
+    return {lv for lv, a in areas.items() if a < PARTIAL_BODY_SHARE * median}
+
+
 def segment_study(result: DetectionResult, model: nn.Module, neighbours: int = NEIGHBOURS) -> SpineSegmentation:
     """Segment the key slice and its neighbours, name the instances, measure on the key slice.
+
+    Named bodies cut by the field of view (the detector's ``truncated``, or touching the image border) or only
+    partly segmented (:func:`partial_bodies`) are not measured: ``measurements["not_measured"]`` names them with
+    the reason (:data:`CUT`, :data:`PARTIAL`); they stay in the instances (SEG, key image).
 
     Returns:
         The :class:`spinepath.core.results.SpineSegmentation` (also set as ``result.segmentation``).
@@ -175,9 +194,13 @@ def segment_study(result: DetectionResult, model: nn.Module, neighbours: int = N
     instances = {j: level_instances(c, slice_boxes(result, j), min_pixels) for j, c in zip(slices, classes)}
     inst = instances[k]
     cut = {t.level for t in result.vertebrae if t.truncated}  # the detector saw the field of view cut them
-    bodies = {lv: m for lv, m in inst["bodies"].items() if lv not in cut and not touches_edge(m)}
+    not_measured = {lv: CUT for lv, m in inst["bodies"].items() if lv in cut or touches_edge(m)}
+    bodies = {lv: m for lv, m in inst["bodies"].items() if lv not in not_measured}
+    not_measured.update(dict.fromkeys(partial_bodies(bodies), PARTIAL))
+    bodies = {lv: m for lv, m in bodies.items() if lv not in not_measured}
     discs = {lv: m for lv, m in inst["discs"].items() if not touches_edge(m)}
     measurements = measure_spine(bodies, discs, inst["canal"], spacing, image=vol.pixels[k])
+    measurements["not_measured"] = not_measured
     seg = SpineSegmentation(key_slice=k, slices=slices, instances=instances,
                             measurements=measurements,
                             model={**{k: v for k, v in getattr(model, "meta", {}).items() if k != "cfg"},
