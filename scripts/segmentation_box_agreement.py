@@ -36,11 +36,11 @@ from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
 from spinepath.data.datasets import clinical_slice_indices, load_volume_index  # noqa: E402
 from spinepath.data.spider import load_spider_seg  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
-from spinepath.evaluation.segmentation import MIN_AREA_MM2, _front_cut, _match  # noqa: E402
+from spinepath.evaluation.segmentation import MIN_AREA_MM2, _match, reference_bodies  # noqa: E402
 from spinepath.measurements.shape import heights  # noqa: E402
 from spinepath.measurements.spine import SACRAL_BODIES  # noqa: E402
 from spinepath.segmentation.inference import segment_study, slice_boxes, touches_edge  # noqa: E402
-from spinepath.segmentation.instances import components, largest_component  # noqa: E402
+from spinepath.segmentation.instances import largest_component  # noqa: E402
 from spinepath.stages import detect_series, load_models, load_segmenter  # noqa: E402
 
 LARGE_MM = 2.0
@@ -103,8 +103,7 @@ def spider_cases(data: Path, part: str = "selection") -> list[tuple]:
         for _, m in loaded:
             px = max(int(round(MIN_AREA_MM2 / (c.spacing[0] * c.spacing[1]))), 4)
             cn = largest_component(m == canal, px) if canal is not None else None
-            cut = [_front_cut(v, cn) for v in components(m == vert, px)] if cn is not None else []
-            refs.append([b for b in cut if b is not None and b.sum() >= px])
+            refs.append(reference_bodies(m == vert, cn, px))
         vol = series_from_slices([img for img, _ in loaded], c.spacing, 2 * c.thickness)
         out.append((vol, refs, "spider_seg", c.patient))
     return out

@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 from spinepath.core.levels import VERTEBRA_LEVELS
 from spinepath.core.results import narrowing_ratios
 from spinepath.evaluation.matching import greedy_match
-from spinepath.evaluation.segmentation import MATCH_MM, MIN_AREA_MM2, _front_cut, _mm
+from spinepath.evaluation.segmentation import MATCH_MM, MIN_AREA_MM2, _mm, reference_bodies
 from spinepath.measurements.spine import measure_spine
 from spinepath.segmentation.data import SegSlice
 from spinepath.segmentation.instances import components, largest_component
@@ -125,11 +125,9 @@ def slice_derived_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[float, 
         "spinal_canal" in names) else None
     if "vertebral_body" in names:
         bodies = ref_components("vertebral_body")
-    elif ref_canal is not None:  # SPIDER: the vertebra in front of the canal
-        bodies = [b for b in (_front_cut(v, ref_canal) for v in ref_components("vertebra"))
-                  if b is not None and b.sum() >= min_pixels]
-    else:
-        bodies = []
+    else:  # SPIDER: the vertebra in front of the canal
+        bodies = reference_bodies(s.target == names.index("vertebra"), ref_canal, min_pixels) if (
+            "vertebra" in names) else []
     discs = ref_components("disc")
     lowest = "L5"
     if sacral is not None and bodies:

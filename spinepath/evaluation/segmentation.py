@@ -89,6 +89,18 @@ def _front_cut(vertebra: np.ndarray, canal: np.ndarray) -> np.ndarray | None:
     return body
 
 
+def reference_bodies(vertebra: np.ndarray, canal: np.ndarray | None, min_pixels: int) -> list[np.ndarray]:
+    """SPIDER's vertebral bodies on one slice: each whole-vertebra component in front of the canal.
+
+    Each component of ``vertebra`` (at least ``min_pixels``) is cut at the canal's anterior wall (:func:`_front_cut`);
+    the bodies the reference can give and that keep ``min_pixels``; none without a canal.
+    """
+    if canal is None:
+        return []
+    return [b for b in (_front_cut(v, canal) for v in components(vertebra, min_pixels))
+            if b is not None and b.sum() >= min_pixels]
+
+
 def _height_pairs(ref: list[np.ndarray], pred: list[np.ndarray], spacing: tuple[float, float]
                   ) -> tuple[list[tuple[float, float]], int]:
     """(reference, predicted) heights of matched structures (pooled positions) and how many matched."""
@@ -125,9 +137,7 @@ def slice_measurement_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[flo
         out["body"], k = _height_pairs(components(ref["vertebral_body"], min_pixels), body_pred, spacing)
         n += k
     elif "vertebra" in ref and canal_ref is not None:
-        cut = (_front_cut(v, canal_ref) for v in components(ref["vertebra"], min_pixels))
-        out["body"], k = _height_pairs([b for b in cut if b is not None and b.sum() >= min_pixels], body_pred,
-                                       spacing)
+        out["body"], k = _height_pairs(reference_bodies(ref["vertebra"], canal_ref, min_pixels), body_pred, spacing)
         n += k
     if "disc" in ref:
         rd = components(ref["disc"], min_pixels)
