@@ -1,6 +1,6 @@
 """Does the measured disc narrowing flag agree with SPIDER's narrowing grade, level by level? (issue 14).
 
-On the spider_midsag T2 of the training + selection patients (validation never read), the committed detector
+On the spider_midsag T2 of the training + selection patients (by default; validation not read), the committed detector
 names the vertebrae and the committed segmentation network measures the mid-sagittal image, as the product does
 (T2 anchored on S1 only). Each measured disc's flag (middle height below 75 % of its measured adjacent discs'
 mean, :func:`spinepath.core.results.narrowing_ratios`) is paired with SPIDER's narrowing label (> 0: narrowed)
@@ -10,7 +10,10 @@ discs, labelled narrowed, flagged, flagged and narrowed (PPV), narrowed and flag
 below) against SPIDER's spondylolisthesis label, per level, with the flagged slips' offsets by size (there
 ``narrowed`` counts the discs SPIDER labels spondylolisthesis).
 
-Usage: python scripts/narrowing_by_level.py [-q]
+``--part validation`` reports the same on the validation patients (which chose nothing: the flags' rules were
+set on the training + selection figures; this only measures them once on held-out patients).
+
+Usage: python scripts/narrowing_by_level.py [--part fitting|validation] [--out FILE] [-q]
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from spinepath.core.levels import DISC_LEVELS, disc_index_from_bottom  # noqa: E
 from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
 from spinepath.core.results import narrowing_ratios  # noqa: E402
 from spinepath.core.thresholds import POSITIVE  # noqa: E402
-from spinepath.data.split import spider_fitting_studies  # noqa: E402
+from spinepath.data.spider import load_spider_midsag  # noqa: E402
+from spinepath.data.split import spider_fitting_studies, split_cases  # noqa: E402
 from spinepath.stages import detect_series, load_models, load_segmenter, segment  # noqa: E402
 
 
@@ -49,10 +53,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--part", choices=("fitting", "validation"), default="fitting")
     args = ap.parse_args()
     detector, _ = load_models()
     segmenter = load_segmenter()
-    studies = spider_fitting_studies(SHARED_EXAMPLES.parent / "spider_midsag")
+    root = SHARED_EXAMPLES.parent / "spider_midsag"
+    if args.part == "fitting":
+        studies = spider_fitting_studies(root)
+    else:
+        keep = set(split_cases(root, "validation"))
+        studies = {s.patient: s for s in load_spider_midsag(root) if s.patient in keep}
     rows, slips = [], []
     for p in tqdm(sorted(studies), desc="measure", disable=args.quiet):
         st = studies[p]
