@@ -218,8 +218,9 @@ def decides(slip: dict | None) -> bool:
     At L5-S1 without a segmented S1 body (the segmentation learns SPIDER's masks, where the sacrum is
     background: S1 is a body in 14 of 118 spider_midsag T2) the slip is measured against the L5-S1 disc's
     posterior corner, which bulges and herniates: on the training + selection T2 those slips did not rank
-    SPIDER's label at all (AUC 0.49, 104 discs, 4 positive). There the image decides alone, as where nothing
-    was measured; the slip is still reported (``against``: ``disc``) and never flagged.
+    SPIDER's label (AUC 0.51, 106 discs, 4 positive; ``scripts/fit_listhesis_decision.py``). There the image
+    decides alone, as where nothing was measured; the slip is still reported (``against``: ``disc``) and never
+    flagged.
     """
     return slip is not None and slip.get("against", "body") == "body"
 
