@@ -113,7 +113,8 @@ def _cmd_train_segmentation(args: argparse.Namespace) -> int:
         return 0
     cfg = SegNetConfig(**{k: v for k, v in (("epochs", args.epochs), ("patch", args.patch),
                                              ("batch_size", args.batch_size), ("lr", args.lr),
-                                             ("seed", args.seed)) if v is not None})
+                                             ("seed", args.seed)) if v is not None},
+                       sacrum_unknown=args.sacrum_unknown)
     res = train_segmentation(data_root, args.out_dir, cfg, step=args.step,
                              max_cases=args.max_cases or 0, num_threads=args.num_threads or 0,
                              progress=not args.quiet, init_from=args.init_from, pack=args.pack,
@@ -537,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="minutes: cut the epochs (and the cosine schedule) to those that fit")
     tsg.add_argument("--resume", action="store_true",
                      help="continue the interrupted run in OUT_DIR (its last.pt) with the same settings")
+    tsg.add_argument("--sacrum-unknown", dest="sacrum_unknown", action="store_true",
+                     help="below the labelled spine of spider_seg and chu_t2 (which leave the sacrum unlabelled), "
+                          "unlabelled pixels are left out of the loss instead of teaching 'S1 is no body'")
     tsg.add_argument("--combine", nargs="+", metavar="MODEL",
                      help="instead of training: one model of these trained networks (the mean of their logits), "
                           "scored on the selection split, written to OUT_DIR/segmentation.pt")

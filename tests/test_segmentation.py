@@ -524,3 +524,30 @@ def test_derived_values_of_identical_masks_agree(data_root):
     assert len(pairs["height_loss"]) >= 3 and len(pairs["narrowing_ratio"]) >= 3 and pairs["canal_ap_mm"]
     for k, v in pairs.items():
         assert all(r == p for _, r, p in v), k
+
+
+def test_the_sacrum_of_sources_that_leave_it_unlabelled_is_unknown_not_background():
+    """``--sacrum-unknown``: below the lowest vertebra / disc pixel of each column, a spider_seg or chu_t2 mask's
+    unlabelled pixels leave the loss (-1) instead of teaching that S1 is no body; labels (the canal), the
+    columns without spine, and sources that label S1 (spineweb_vb) stay as they were; the loss ignores them."""
+    from spinepath.segmentation.data import SegSlice, sacrum_unknown
+
+    target = np.zeros((60, 40), np.int64)
+    target[5:20, 5:25] = 1  # L5 (vertebra)
+    target[20:26, 5:25] = 2  # L5-S1 disc, the lowest labelled structure
+    target[5:55, 28:32] = 3  # the canal runs on into the sacrum
+    s = SegSlice(np.zeros(target.shape, np.float32), target, label_groups(["vertebra", "disc", "spinal_canal"]),
+                 ["vertebra", "disc", "spinal_canal"], "spider_seg", "x", "x", 0, (0.8, 0.8))
+    out = sacrum_unknown(s).target
+    assert (out[26:, 5:25] == -1).all() and (out[:26] == target[:26]).all()  # the sacrum below the disc
+    assert (out[:, 25:] == target[:, 25:]).all() and (out[:, :5] == 0).all()  # the canal; no spine in a column
+    assert (sacrum_unknown(replace(s, source="spineweb_vb")).target == target).all()
+    # whatever the network says on the sacrum no longer moves the loss; with the plain mask it did
+    torch.manual_seed(0)
+    logits = torch.randn(1, len(CLASSES), 60, 40)
+    other = logits.clone()
+    other[0, :, 26:, 5:25] = torch.randn(len(CLASSES), 34, 20) * 3
+    groups = torch.from_numpy(s.groups).float()[None]
+    unknown, plain = torch.from_numpy(out)[None], torch.from_numpy(target)[None]
+    assert torch.isclose(partial_label_loss(other, unknown, groups), partial_label_loss(logits, unknown, groups))
+    assert not torch.isclose(partial_label_loss(other, plain, groups), partial_label_loss(logits, plain, groups))

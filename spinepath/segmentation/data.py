@@ -10,7 +10,7 @@ lateral slice (the evaluation contract takes every 4th, starting at ``(n % 4) //
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +105,33 @@ def volume_seg_slices(case: VolumeCase, step: int = 4, grid_mm: float = GRID_MM,
         gi, gm = to_grid(image[:, :, k], native, spacing[:2], grid_mm)
         yield SegSlice(gi, gm, groups, [case.structure], case.dataset, case.case, case.patient, k,
                        (float(spacing[0]), float(spacing[1])), native if keep_native else None)
+
+
+#: Sources whose masks stop above the sacrum though it is a vertebral body there: SPIDER's ``vertebra`` masks
+#: end at L5 (the sacrum is left at 0, background) and chu_t2 labels T11-L5.
+SACRUM_UNLABELLED = frozenset(("spider_seg", "chu_t2"))
+#: Annotations whose lowest pixel in a column bounds the spine there (the canal runs on into the sacrum).
+SPINE_ANNOTATIONS = frozenset(("vertebra", "vertebral_body", "disc"))
+
+
+def sacrum_unknown(s: SegSlice) -> SegSlice:
+    """The slice with its unlabelled pixels below the labelled spine made unknown (-1) in each column.
+
+    In the sources of :data:`SACRUM_UNLABELLED` the sacrum is unlabelled, so their group 0 (for SPIDER:
+    background only; for chu_t2: anything but a body) teaches the network that S1 is no vertebral body, and the
+    product then rarely segments it (S1 a body mask in 14 of 118 spider_midsag T2), so the L5-S1 slip cannot be
+    measured against it. Below the lowest pixel of :data:`SPINE_ANNOTATIONS` in each column those pixels are
+    left out of the loss instead (the loss ignores -1), so that the sources that label S1 (spineweb_vb) are
+    not contradicted. Other sources, and pixels that carry a label (the canal), are returned unchanged.
+    """
+    if s.source not in SACRUM_UNLABELLED:
+        return s
+    spine = np.isin(s.target, [g for g, name in enumerate(s.annotated, start=1) if name in SPINE_ANNOTATIONS])
+    rows = np.arange(s.target.shape[0])[:, None]
+    has = spine.any(0)
+    lowest = np.where(has, s.target.shape[0] - 1 - np.argmax(spine[::-1], axis=0), s.target.shape[0])
+    below = (rows > lowest[None]) & (s.target == 0)
+    return replace(s, target=np.where(below, -1, s.target))
 
 
 def save_slice_pack(path: str | Path, parts: dict[str, list[SegSlice]]) -> None:

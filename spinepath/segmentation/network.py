@@ -36,6 +36,7 @@ class SegNetConfig:
     dice_weight: float = 1.0
     seed: int = 0
     members: int = 1  # networks of this layout whose logits are averaged (:class:`MeanLogits`)
+    sacrum_unknown: bool = False  # training: the sacrum of sources that leave it unlabelled is not background
 
     @classmethod
     def from_dict(cls, d: dict) -> SegNetConfig:

@@ -40,7 +40,13 @@ from spinepath.data.datasets import load_volume_index
 from spinepath.data.spider import load_spider_seg
 from spinepath.data.split import split_part
 from spinepath.grading.classifier import seed_loader_worker, warmup_cosine
-from spinepath.segmentation.data import SegSlice, load_slice_pack, spider_seg_slices, volume_seg_slices
+from spinepath.segmentation.data import (
+    SegSlice,
+    load_slice_pack,
+    sacrum_unknown,
+    spider_seg_slices,
+    volume_seg_slices,
+)
 from spinepath.segmentation.inference import load_segmenter
 from spinepath.segmentation.metrics import case_dice
 from spinepath.segmentation.network import (
@@ -178,6 +184,8 @@ def train_segmentation(data_root: str | Path, out_dir: str | Path, cfg: SegNetCo
         train = load_slices(data_root, "train", step, max_cases) + list(extra_train or [])
         select = load_slices(data_root, "selection", 4,
                              max_cases if selection_max_cases is None else selection_max_cases)
+    if cfg.sacrum_unknown:  # the selection slices keep their masks: Dice is scored as the contract scores it
+        train = [sacrum_unknown(s) for s in train]
     log.info("segmentation: %d training and %d selection slices", len(train), len(select))
     torch.manual_seed(cfg.seed)
     if init_from is not None:
