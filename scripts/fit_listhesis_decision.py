@@ -12,7 +12,7 @@ the two bodies were measured (the validation part is never read). Each row has
 * ``slip``: the measured offset in % of the lower body's superior endplate (the committed detector and
   segmentation network on that T2, as the product measures it), as ``spider_inference.slip_feature``: the log of
   its absolute value, capped at half the endplate. Only slips measured against the body below take part
-  (``spider_inference.decides``: not L5-S1 over the disc where S1 was not segmented); the other discs count as
+  (``thresholds.graded_slip``: not L5-S1 over the disc where S1 was not segmented); the other discs count as
   not measured, decided by the image alone as in the product.
 
 A logistic regression on the image log-odds and the slip feature is cross-validated by patient (5 folds); the
@@ -42,13 +42,23 @@ sys.path.insert(0, str(REPO))
 
 from spinepath.core.config import config_file  # noqa: E402
 from spinepath.core.paths import SHARED_EXAMPLES  # noqa: E402
+from spinepath.core.thresholds import graded_slip  # noqa: E402
 from spinepath.data.split import spider_fitting_studies  # noqa: E402
 from spinepath.evaluation.spider import measured_slips  # noqa: E402
 from spinepath.grading.calibration import logit  # noqa: E402
 from spinepath.grading.fusion import best_threshold, oof_logistic  # noqa: E402
 from spinepath.grading.spider import oof_fused_by_patient  # noqa: E402
-from spinepath.grading.spider_inference import SLIP_CAP, SLIP_FLOOR, decides, slip_feature  # noqa: E402
+from spinepath.grading.spider_inference import SLIP_CAP, SLIP_FLOOR, slip_feature  # noqa: E402
 from spinepath.stages import load_models, load_segmenter  # noqa: E402
+
+
+def _design(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The decision's design of ``(patient, label, image probability, slip %, index)`` rows.
+
+    Returns ``(X, y, groups)``: the features (image log-odds, :func:`slip_feature`), the labels, the patients.
+    """
+    X = np.stack([logit(np.array([r[2] for r in rows])), [slip_feature(r[3]) for r in rows]], axis=1)
+    return X, np.array([r[1] for r in rows]), np.array([r[0] for r in rows])
 
 
 def _with_over_disc(rows: list[tuple], over_disc: list[tuple], unmeasured: list[tuple]) -> float:
@@ -58,10 +68,8 @@ def _with_over_disc(rows: list[tuple], over_disc: list[tuple], unmeasured: list[
     """
     from sklearn.metrics import roc_auc_score
 
-    both = rows + over_disc
-    X = np.stack([logit(np.array([r[2] for r in both])), [slip_feature(r[3]) for r in both]], axis=1)
-    y = np.array([r[1] for r in both])
-    oof = oof_logistic(X, y, np.array([r[0] for r in both]))
+    X, y, groups = _design(rows + over_disc)
+    oof = oof_logistic(X, y, groups)
     return round(float(roc_auc_score(np.r_[y, [u[0] for u in unmeasured]], np.r_[oof, [u[1] for u in unmeasured]])),
                  4)
 
@@ -88,7 +96,7 @@ def main() -> None:
             i, y = int(d["index_from_bottom"]), d.get("spondylolisthesis")
             if y is None or i not in fused[p]:
                 continue
-            if decides(slips.get(i)):
+            if graded_slip(slips.get(i)):
                 rows.append((p, int(y), fused[p][i]["spondylolisthesis"], slips[i]["percent"], i))
             elif i in slips:  # L5-S1 over the disc: reported, not deciding (a variant below)
                 over_disc.append((p, int(y), fused[p][i]["spondylolisthesis"], slips[i]["percent"], i))
@@ -100,11 +108,9 @@ def main() -> None:
         np.savez(args.rows, patient=np.array([r[0] for r in rows]), index=np.array([r[4] for r in rows]),
                  y=np.array([r[1] for r in rows]), image=np.array([r[2] for r in rows]),
                  slip_percent=np.array([r[3] for r in rows]))
-    groups = np.array([r[0] for r in rows])
-    y = np.array([r[1] for r in rows])
+    X, y, groups = _design(rows)
     p_img = np.array([r[2] for r in rows])
     slip = np.array([abs(r[3]) for r in rows])
-    X = np.stack([logit(p_img), [slip_feature(r[3]) for r in rows]], axis=1)
     # the same without the cap: log(|slip| + floor)
     x_uncapped = np.stack([logit(p_img), np.log(slip / 100.0 + SLIP_FLOOR)], axis=1)
     x_linear = np.stack([X[:, 0], slip], axis=1)  # and linear in the slip

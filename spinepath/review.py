@@ -24,7 +24,7 @@ from spinepath.core.results import (
     key_slice,
     narrowing_ratios,
 )
-from spinepath.core.thresholds import GRADE_BOUNDARIES, NARROWING_LEVELS, POSITIVE
+from spinepath.core.thresholds import GRADE_BOUNDARIES, NARROWING_LEVELS, POSITIVE, graded_slip
 from spinepath.grading.calibration import disc_grade_margin, logit
 from spinepath.measurements.spine import NOT_GRADED, PARTIAL
 
@@ -215,7 +215,7 @@ def measurement_reasons(measurements: dict, margins: dict[str, float]) -> dict[s
         if c.get("stenosis") not in (None, NOT_GRADED):
             check("discs", lv, "canal_ap_mm", c["mm"], "canal AP", "mm")
     for lv, e in measurements.get("listhesis", {}).items():
-        if e.get("against", "body") == "body":
+        if graded_slip(e):
             check("listhesis", lv, "listhesis_mm", abs(e["offset_mm"]), "slip", "mm")
     return out
 

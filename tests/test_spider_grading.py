@@ -561,9 +561,9 @@ def test_spondylolisthesis_combines_the_image_with_the_measured_slip(graded_exam
     out-of-fold fitted combination of the grader's image probability and that slip; elsewhere (nothing measured,
     or L5-S1 measured over the disc where S1 was not segmented) the image alone. Both parts stay named in the
     JSON, and a second pass of the stage decides nothing twice."""
+    from spinepath.core.thresholds import graded_slip
     from spinepath.grading.spider_inference import (
         attach_listhesis_evidence,
-        decides,
         listhesis_probability,
         load_listhesis_decision,
     )
@@ -575,7 +575,7 @@ def test_spondylolisthesis_combines_the_image_with_the_measured_slip(graded_exam
     for g in graded_example.findings.degeneration:
         ev = g.evidence["spondylolisthesis"]
         assert g.to_dict()["spondylolisthesis"]["evidence"] == ev
-        if not decides(slips.get(g.level)):
+        if not graded_slip(slips.get(g.level)):
             assert ev["rule"] == "image" and (ev["measured_slip"] is None) == (g.level not in slips)
             assert ev["measured_slip"] is None or ev["measured_slip"]["against"] == "disc"
             assert abs(g.binary["spondylolisthesis"] - ev["image"]["probability"]) < 1e-4
@@ -600,7 +600,7 @@ def test_spondylolisthesis_combines_the_image_with_the_measured_slip(graded_exam
     ev = g.evidence["spondylolisthesis"]
     assert ev["rule"] == "image" and ev["measured_slip"]["against"] == "disc" and g.binary["spondylolisthesis"] == p_img
     g.evidence["spondylolisthesis"], g.binary["spondylolisthesis"], g.thresholds["spondylolisthesis"] = kept
-    assert not decides(None) and decides({"percent": 3.0, "against": "body"})
+    assert not graded_slip(None) and graded_slip({"percent": 3.0, "against": "body"})
     # a larger slip raises the probability, whatever the image says
     for p_img in (0.01, 0.3):
         assert listhesis_probability(p_img, 2.0, decision) < listhesis_probability(p_img, 20.0, decision)

@@ -13,7 +13,7 @@ import numpy as np
 from spinepath import DISCLAIMER, __version__
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.levels import DISC_GRADE_NAMES, DISC_GRADES, DISC_LEVELS
-from spinepath.core.thresholds import NARROWING_LEVELS, POSITIVE, STENOSIS_GRADES
+from spinepath.core.thresholds import NARROWING_LEVELS, POSITIVE, STENOSIS_GRADES, graded_slip
 
 
 @dataclass(eq=False)
@@ -304,8 +304,7 @@ class SpineSegmentation:
             out["discs"][lv] = f
         roman = ["", "I", "II", "III", "IV", "V"]
         for lv, e in m.get("listhesis", {}).items():
-            # a slip over the disc (no S1 body segmented) is evidence for the decision, too coarse to grade alone
-            big = POSITIVE["listhesis_mm"](abs(e["offset_mm"])) and e.get("against", "body") == "body"
+            big = POSITIVE["listhesis_mm"](abs(e["offset_mm"])) and graded_slip(e)
             out["listhesis"][lv] = [f"listhesis Meyerding {roman[e['meyerding']]}"] if big else []
         return out
 

@@ -39,6 +39,18 @@ def canal_stenosis(ap_mm: float) -> str:
     return "absolute" if ap_mm < STENOSIS_MM[0] else "relative" if ap_mm <= STENOSIS_MM[1] else "none"
 
 
+def graded_slip(slip: dict | None) -> bool:
+    """Whether a measured slip is graded: flagged, reviewed and evidence for spondylolisthesis.
+
+    Only a slip measured against the body below (``against``: ``body``). At L5-S1 without a segmented S1 body
+    (the segmentation learns SPIDER's masks, where the sacrum is background: S1 is a body in 14 of 118
+    spider_midsag T2) the slip is measured against the L5-S1 disc's posterior corner, which bulges and
+    herniates: on the training + selection T2 those slips did not rank SPIDER's spondylolisthesis label (AUC
+    0.51, 106 discs, 4 positive; ``scripts/fit_listhesis_decision.py``). Such a slip is reported only.
+    """
+    return slip is not None and slip.get("against", "body") == "body"
+
+
 #: The boundaries each graded measurement is graded against.
 GRADE_BOUNDARIES: dict[str, tuple[float, ...]] = {
     "height_loss": GENANT_LOSS,

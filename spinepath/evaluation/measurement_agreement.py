@@ -19,6 +19,7 @@ from scipy import ndimage as ndi
 
 from spinepath.core.levels import VERTEBRA_LEVELS
 from spinepath.core.results import narrowing_ratios
+from spinepath.core.thresholds import graded_slip
 from spinepath.evaluation.matching import greedy_match
 from spinepath.evaluation.segmentation import MATCH_MM, MIN_AREA_MM2, _mm, reference_bodies
 from spinepath.measurements.spine import measure_spine
@@ -89,7 +90,7 @@ def derived_values(m: dict) -> dict[str, dict[str, float]]:
             out["canal_ap_mm"][lv] = float(e["canal_ap"]["mm"])
     out["narrowing_ratio"] = narrowing_ratios(m["discs"])
     for lv, e in m["listhesis"].items():
-        if e.get("against") == "body":
+        if graded_slip(e):
             out["listhesis_mm"][lv] = abs(float(e["offset_mm"]))  # graded by its size, as in the product
     return out
 

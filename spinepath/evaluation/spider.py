@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 from spinepath.core.geometry import series_from_slices
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom
 from spinepath.core.results import DetectionResult
+from spinepath.core.thresholds import graded_slip
 from spinepath.data.spider import SpiderStudy, load_spider_midsag
 from spinepath.grading.spider import SpiderGrader, chain_discs, vertebra_parts, vertebra_probability, vertebra_reference
 from spinepath.grading.spider_inference import (
     combined_probability,
-    decides,
     listhesis_probability,
     load_listhesis_decision,
     load_vertebra_decision,
@@ -260,7 +260,7 @@ def apply_listhesis_decision(fused: dict[str, dict[int, dict]], slips: dict[str,
     """The product's spondylolisthesis decision on the fused findings: image and measured slip, in place.
 
     ``slips``: :func:`measured_slips` per patient. Each located disc with a measured slip that
-    :func:`~spinepath.grading.spider_inference.decides` gets :func:`listhesis_probability`; the others keep the
+    :func:`~spinepath.core.thresholds.graded_slip` gets :func:`listhesis_probability`; the others keep the
     image probability (as in the product).
 
     Returns:
@@ -270,7 +270,7 @@ def apply_listhesis_decision(fused: dict[str, dict[int, dict]], slips: dict[str,
     n = 0
     for patient, found in fused.items():
         for i, e in slips.get(patient, {}).items():
-            if i in found and decides(e):
+            if i in found and graded_slip(e):
                 found[i]["spondylolisthesis"] = listhesis_probability(found[i]["spondylolisthesis"], e["percent"],
                                                                       decision)
                 n += 1

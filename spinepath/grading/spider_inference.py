@@ -22,6 +22,7 @@ from spinepath.core.config import config_file
 from spinepath.core.geometry import SeriesVolume
 from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_bottom, disc_level_from_bottom
 from spinepath.core.results import DegenerationFinding, DetectionResult, Findings, key_slice
+from spinepath.core.thresholds import graded_slip
 from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.grading.calibration import logit, sigmoid
@@ -212,19 +213,6 @@ def slip_feature(slip_percent: float) -> float:
     return float(np.log(min(abs(float(slip_percent)) / 100.0, SLIP_CAP) + SLIP_FLOOR))
 
 
-def decides(slip: dict | None) -> bool:
-    """Whether a measured slip takes part in the spondylolisthesis decision: measured against the body below.
-
-    At L5-S1 without a segmented S1 body (the segmentation learns SPIDER's masks, where the sacrum is
-    background: S1 is a body in 14 of 118 spider_midsag T2) the slip is measured against the L5-S1 disc's
-    posterior corner, which bulges and herniates: on the training + selection T2 those slips did not rank
-    SPIDER's label (AUC 0.51, 106 discs, 4 positive; ``scripts/fit_listhesis_decision.py``). There the image
-    decides alone, as where nothing was measured; the slip is still reported (``against``: ``disc``) and never
-    flagged.
-    """
-    return slip is not None and slip.get("against", "body") == "body"
-
-
 def listhesis_probability(image_p: float, slip_percent: float, decision: dict) -> float:
     """P(spondylolisthesis at a disc) from the grader's image probability and the measured slip there.
 
@@ -245,7 +233,8 @@ def attach_listhesis_evidence(findings: Findings | None, listhesis: dict[str, di
     ``measured_slip`` (offset in mm and %, what it was measured against; None where nothing was measured) and
     ``rule``: ``combined`` (:func:`listhesis_probability` with its out-of-fold threshold; the finding's
     probability, threshold and label are then the combination's, and ``oof_ppv`` the out-of-fold share of its
-    calls that were confirmed, for the review) or ``image`` (no slip that :func:`decides`, or no decision fitted).
+    calls that were confirmed, for the review) or ``image`` (no graded slip:
+    :func:`~spinepath.core.thresholds.graded_slip`; or no decision fitted).
     """
     decision = decision if decision is not None else load_listhesis_decision()
     for g in findings.degeneration if findings is not None else []:
@@ -258,7 +247,7 @@ def attach_listhesis_evidence(findings: Findings | None, listhesis: dict[str, di
               "measured_slip": None if slip is None else {"offset_mm": slip["offset_mm"], "percent": slip["percent"],
                                                           "against": slip.get("against", "body")},
               "rule": "image"}
-        if decides(slip) and decision is not None:
+        if graded_slip(slip) and decision is not None:
             g.binary[key] = listhesis_probability(p_img, slip["percent"], decision)
             g.thresholds[key] = float(decision["threshold"])
             ev.update(rule="combined", weights={"image": round(decision["coef_image"], 4),
