@@ -288,3 +288,29 @@ def test_a_spine_of_bodies_taller_than_deep():
     assert m["listhesis"]["L3-L4"]["offset_mm"] == pytest.approx(4.0, abs=0.8)
     assert abs(m["listhesis"]["L4-L5"]["offset_mm"]) < 0.8 and abs(m["listhesis"]["T12-L1"]["offset_mm"]) < 0.8
     assert m["discs"]["L1-L2"]["middle"]["mm"] == pytest.approx(8.0, abs=0.6)
+
+
+def test_the_marrow_signal_next_to_an_endplate():
+    """A bright band 4 mm deep under L4's inferior endplate (a Modic-like patch) reads bright against L4's own core
+    and the slice's bodies, on the L4-L5 disc's *above* side only; an even body reads 1; S1 missing leaves
+    L5-S1's *below* side unmeasured; a body too small for a band and a core gives nothing."""
+    from spinepath.measurements.marrow import marrow_features, marrow_signal
+
+    bodies = synthetic_spine()[0]
+    image = np.zeros(bodies["L1"].shape)
+    for m in bodies.values():
+        image[m] = 100.0
+    rows = np.flatnonzero(bodies["L4"].any(1))
+    image[rows.max() - 7:rows.max() + 1][bodies["L4"][rows.max() - 7:rows.max() + 1]] = 300.0  # the last 4 mm
+    s = marrow_signal(image, bodies, SP[0])
+    assert s["L4-L5"]["above"]["band_to_core"] == pytest.approx(301 / 101, abs=1e-3)
+    assert s["L4-L5"]["above"]["band_to_bodies"] == pytest.approx(301 / 101, abs=1e-3)
+    assert s["L4-L5"]["below"] == {"band_to_core": 1.0, "band_to_bodies": 1.0}
+    assert s["L3-L4"]["below"] == {"band_to_core": 1.0, "band_to_bodies": 1.0}  # L4's upper band is even
+    assert set(s) == {"T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"} and s["T12-L1"]["above"] is None
+    no_s1 = marrow_signal(image, {k: v for k, v in bodies.items() if k != "S1"}, SP[0])
+    assert no_s1["L5-S1"]["below"] is None and no_s1["L5-S1"]["above"] is not None
+    assert marrow_signal(image, {"L1": box(bodies["L1"].shape, 20, 30, 2.0, 3.0)}, SP[0]) == {}
+    f = marrow_features(s["L4-L5"])
+    assert f[:2] == pytest.approx(np.log(301 / 101), abs=1e-3) and not f[2:].any()
+    assert list(marrow_features(no_s1["L5-S1"])[4:]) == [0.0, 1.0] and list(marrow_features(None)[4:]) == [1.0, 1.0]
