@@ -279,3 +279,36 @@ def test_segment_slices_keeps_the_native_pixels(data_root):
     # shifting the prediction by two pixels lowers the overlap: the alignment is what is measured
     shifted = ndi.shift(vert.astype(float), (2, 2), order=0) > 0.5
     assert 2 * (shifted & ref).sum() / (shifted.sum() + ref.sum()) < dice
+
+
+def test_a_slice_without_signal_is_not_segmented(models, data_root, monkeypatch):
+    """A slice outside the body (no signal) gets no structures: normalised to its own range it would stretch
+    noise to full contrast and the network would draw structures there. The rule separates the real volumes'
+    empty edge slices from every slice with an annotated structure, and the contract scores such a slice as
+    the product leaves it."""
+    from dataclasses import replace
+
+    from spinepath.data.datasets import load_volume_index
+    from spinepath.segmentation import data as seg_data
+    from spinepath.segmentation.inference import segment_study
+
+    case = next(c for c in load_volume_index(data_root / "chu_t2") if c.case == "05")  # a training volume
+    image, mask, _ = case.load()
+    empty = seg_data.empty_slices(np.moveaxis(image, 2, 0))
+    assert empty[76] and not empty[[k for k in range(image.shape[2]) if mask[:, :, k].any()]].any()
+    flagged = {s.index for s in seg_data.volume_seg_slices(case) if s.empty}
+    assert flagged == {76}
+    volume = load_study(EXAMPLE)
+    blank = replace(volume, pixels=volume.pixels.copy())
+    blank.pixels[-1] = 0
+    result = stages.detect_series(blank, models[0])
+    n = blank.pixels.shape[0]
+
+    def structures(seg):
+        inst = seg.instances[n - 1]
+        return len(inst["bodies"]) + len(inst["discs"]) + (inst["canal"] is not None)
+
+    seg = segment_study(result, models[3], neighbours=n)
+    assert structures(seg) == 0 and structures(seg) < len(seg.instances[seg.key_slice]["bodies"])
+    monkeypatch.setattr(seg_data, "EMPTY_SIGNAL_SHARE", 0.0)  # without the rule the network draws on the noise
+    assert structures(segment_study(result, models[3], neighbours=n)) > 0

@@ -7,7 +7,9 @@ product delivers its masks: the network runs on the 0.8 mm grid and its probabil
 slice's pixels before the arg-max (:func:`spinepath.segmentation.inference.classes_on_pixels`, with the class
 offsets chosen for the weights); the reference masks are not resampled. Dice per case over all its evaluated
 slices, averaged over cases; a class the folder does not annotate is ``null``; ``vertebra`` compares the
-predicted body and posterior elements together with SPIDER's whole-vertebra mask.
+predicted body and posterior elements together with SPIDER's whole-vertebra mask. A volume's slice without
+signal (:func:`spinepath.segmentation.data.empty_slices`: outside the body) is predicted empty, as the product
+leaves it.
 
 Measurements compare, on the same slice, each measurement of the predicted masks with the same code applied
 to the reference masks (:mod:`spinepath.measurements.shape`), structures matched by position (one to one,
@@ -180,6 +182,8 @@ def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[
     pairs, native = [], []
     for s in tqdm(slices, desc="segmentation", disable=not progress):
         probs = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
+        if s.empty:  # no signal: the product segments nothing there (segment_study)
+            probs = torch.zeros_like(probs).index_fill_(1, torch.tensor([0]), 1.0)
         pairs.append((s, decide(probs, offsets)[0].numpy()))
         # scored on the dataset's own pixels, as the product delivers its masks (classes_on_pixels)
         classes = classes_on_pixels(probs, s.native.shape, offsets)[0]

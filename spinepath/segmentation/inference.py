@@ -27,7 +27,7 @@ from spinepath.core.precision import forward_context
 from spinepath.core.results import DetectionResult, SpineSegmentation, key_slice
 from spinepath.core.weights import float_state
 from spinepath.measurements.spine import CUT, PARTIAL, measure_spine
-from spinepath.segmentation.data import GRID_MM, grid_image
+from spinepath.segmentation.data import GRID_MM, empty_slices, grid_image
 from spinepath.segmentation.instances import level_instances
 from spinepath.segmentation.network import FORMAT, SegNetConfig, build_segnet, predict_probabilities
 from spinepath.segmentation.partial import CLASSES
@@ -175,6 +175,9 @@ def partial_bodies(bodies: dict[str, np.ndarray]) -> set[str]:
 def segment_study(result: DetectionResult, model: nn.Module, neighbours: int = NEIGHBOURS) -> SpineSegmentation:
     """Segment the key slice and its neighbours, name the instances, measure on the key slice.
 
+    A neighbour without signal (:func:`~spinepath.segmentation.data.empty_slices`: outside the body) is not
+    segmented: it has no structures.
+
     Named bodies cut by the field of view (the detector's ``truncated``, or touching the image border) or only
     partly segmented (:func:`partial_bodies`) are not measured: ``measurements["not_measured"]`` names them with
     the reason (:data:`CUT`, :data:`PARTIAL`); they stay in the instances (SEG, key image).
@@ -190,8 +193,11 @@ def segment_study(result: DetectionResult, model: nn.Module, neighbours: int = N
     k = key_slice(result)
     n = vol.pixels.shape[0]
     slices = list(range(max(0, k - neighbours), min(n, k + neighbours + 1)))
-    classes = segment_slices(model, vol.pixels[slices], spacing)
-    instances = {j: level_instances(c, slice_boxes(result, j), min_pixels) for j, c in zip(slices, classes)}
+    blank = empty_slices(vol.pixels)
+    run = [j for j in slices if not blank[j] or j == k]  # the key slice holds the detected spine
+    classes = dict(zip(run, segment_slices(model, vol.pixels[run], spacing)))
+    nothing = np.zeros(vol.pixels.shape[1:], np.uint8)
+    instances = {j: level_instances(classes.get(j, nothing), slice_boxes(result, j), min_pixels) for j in slices}
     inst = instances[k]
     cut = {t.level for t in result.vertebrae if t.truncated}  # the detector saw the field of view cut them
     not_measured = {lv: CUT for lv, m in inst["bodies"].items() if lv in cut or touches_edge(m)}
