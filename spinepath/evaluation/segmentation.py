@@ -181,9 +181,11 @@ def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[
     levels = 0
     pairs, native = [], []
     for s in tqdm(slices, desc="segmentation", disable=not progress):
-        probs = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
-        if s.empty:  # no signal: the product segments nothing there (segment_study)
-            probs = torch.zeros_like(probs).index_fill_(1, torch.tensor([0]), 1.0)
+        if s.empty:  # no signal: the product segments nothing there (segment_study), so no forward pass
+            probs = torch.zeros(1, len(CLASSES), *s.image.shape)
+            probs[:, 0] = 1.0
+        else:
+            probs = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
         pairs.append((s, decide(probs, offsets)[0].numpy()))
         # scored on the dataset's own pixels, as the product delivers its masks (classes_on_pixels)
         classes = classes_on_pixels(probs, s.native.shape, offsets)[0]

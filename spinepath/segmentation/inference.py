@@ -193,8 +193,10 @@ def segment_study(result: DetectionResult, model: nn.Module, neighbours: int = N
     k = key_slice(result)
     n = vol.pixels.shape[0]
     slices = list(range(max(0, k - neighbours), min(n, k + neighbours + 1)))
-    blank = empty_slices(vol.pixels) if len(slices) > 1 else np.zeros(n, bool)  # the key slice is always run
-    run = [j for j in slices if not blank[j] or j == k]  # the key slice holds the detected spine
+    run = slices
+    if len(slices) > 1:  # the key slice holds the detected spine: only its neighbours can be empty
+        blank = empty_slices(vol.pixels)
+        run = [j for j in slices if j == k or not blank[j]]
     classes = dict(zip(run, segment_slices(model, vol.pixels[run], spacing)))
     nothing = np.zeros(vol.pixels.shape[1:], np.uint8)
     instances = {j: level_instances(classes.get(j, nothing), slice_boxes(result, j), min_pixels) for j in slices}
