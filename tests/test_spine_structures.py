@@ -290,14 +290,18 @@ def test_a_slice_without_signal_is_not_segmented(models, data_root, monkeypatch)
 
     from spinepath.data.datasets import load_volume_index
     from spinepath.segmentation import data as seg_data
-    from spinepath.segmentation.inference import segment_study
+    from spinepath.segmentation.inference import grid_slice_probabilities, segment_study
 
     case = next(c for c in load_volume_index(data_root / "chu_t2") if c.case == "05")  # a training volume
     image, mask, _ = case.load()
     empty = seg_data.empty_slices(np.moveaxis(image, 2, 0))
     assert empty[76] and not empty[[k for k in range(image.shape[2]) if mask[:, :, k].any()]].any()
-    flagged = {s.index for s in seg_data.volume_seg_slices(case) if s.empty}
-    assert flagged == {76}
+    flagged = [s for s in seg_data.volume_seg_slices(case) if s.empty]
+    assert [s.index for s in flagged] == [76]
+    # every score of the product's masks (contract, selection split) gets that slice empty, as the product does;
+    # the network itself draws structures on it
+    assert (grid_slice_probabilities(models[3], flagged[0]).argmax(1) == 0).all()
+    assert (grid_slice_probabilities(models[3], replace(flagged[0], empty=False)).argmax(1) > 0).sum() > 500
     volume = load_study(EXAMPLE)
     blank = replace(volume, pixels=volume.pixels.copy())
     blank.pixels[-1] = 0

@@ -36,10 +36,9 @@ from spinepath.data.spider import load_spider_seg
 from spinepath.evaluation.matching import greedy_match
 from spinepath.measurements.shape import canal_ap, heights, structure_axes
 from spinepath.segmentation.data import GRID_MM, SegSlice, spider_seg_slices, volume_seg_slices
-from spinepath.segmentation.inference import class_offsets, classes_on_pixels, decide
+from spinepath.segmentation.inference import class_offsets, classes_on_pixels, decide, grid_slice_probabilities
 from spinepath.segmentation.instances import components, largest_component
 from spinepath.segmentation.metrics import case_dice, per_case_dice
-from spinepath.segmentation.network import predict_probabilities
 from spinepath.segmentation.partial import CLASSES
 
 #: The contract's Dice names.
@@ -181,11 +180,7 @@ def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[
     levels = 0
     pairs, native = [], []
     for s in tqdm(slices, desc="segmentation", disable=not progress):
-        if s.empty:  # no signal: the product segments nothing there (segment_study), so no forward pass
-            probs = torch.zeros(1, len(CLASSES), *s.image.shape)
-            probs[:, 0] = 1.0
-        else:
-            probs = predict_probabilities(model, torch.from_numpy(s.image)[None, None])
+        probs = grid_slice_probabilities(model, s)  # empty slices: background, as the product leaves them
         pairs.append((s, decide(probs, offsets)[0].numpy()))
         # scored on the dataset's own pixels, as the product delivers its masks (classes_on_pixels)
         classes = classes_on_pixels(probs, s.native.shape, offsets)[0]

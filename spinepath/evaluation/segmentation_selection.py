@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 from spinepath.data.split import split_cases
 from spinepath.evaluation.segmentation import evaluation_slices
 from spinepath.segmentation.data import SegSlice
-from spinepath.segmentation.inference import decide, probabilities_on_pixels
+from spinepath.segmentation.inference import decide, grid_slice_probabilities, probabilities_on_pixels
 from spinepath.segmentation.metrics import per_case_dice
-from spinepath.segmentation.network import predict_probabilities
 from spinepath.segmentation.partial import CLASSES
 
 SOURCES = ("spider_seg", "chu_t2", "spineweb_vb", "ivd_t2")
@@ -70,6 +69,8 @@ def selection_probabilities(model: torch.nn.Module, data: Path, progress: bool =
                             ) -> list[tuple[SegSlice, torch.Tensor]]:
     """(slice on its own pixels, class probabilities there) of the contract's slices of every selection case.
 
+    Slices without signal get the product's empty answer (:func:`grid_slice_probabilities`), as in the contract.
+
     Args:
         model: A segmenter loaded without offsets.
         data: The folder holding the sources (``../shared/data``).
@@ -83,8 +84,7 @@ def selection_probabilities(model: torch.nn.Module, data: Path, progress: bool =
         cases = split_cases(data / src, "selection")[:max_cases]
         for s in tqdm(evaluation_slices(data / src, cases), desc=src, disable=not progress):
             with torch.no_grad():
-                p = probabilities_on_pixels(predict_probabilities(model, torch.from_numpy(s.image)[None, None]),
-                                            s.native.shape)
+                p = probabilities_on_pixels(grid_slice_probabilities(model, s), s.native.shape)
             out.append((replace(s, target=s.native, native=None), p))
     return out
 

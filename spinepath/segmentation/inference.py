@@ -27,7 +27,7 @@ from spinepath.core.precision import forward_context
 from spinepath.core.results import DetectionResult, SpineSegmentation, key_slice
 from spinepath.core.weights import float_state
 from spinepath.measurements.spine import CUT, PARTIAL, measure_spine
-from spinepath.segmentation.data import GRID_MM, empty_slices, grid_image
+from spinepath.segmentation.data import GRID_MM, SegSlice, empty_slices, grid_image
 from spinepath.segmentation.instances import level_instances
 from spinepath.segmentation.network import FORMAT, SegNetConfig, build_segnet, predict_probabilities
 from spinepath.segmentation.partial import CLASSES
@@ -112,6 +112,19 @@ def probabilities_on_pixels(probs: torch.Tensor, shape: tuple[int, int]) -> torc
     Bilinear, with the corner-aligned mapping of :func:`spinepath.segmentation.data.grid_image`.
     """
     return torch.nn.functional.interpolate(probs, size=shape, mode="bilinear", align_corners=True)
+
+
+def grid_slice_probabilities(model: nn.Module, s: SegSlice) -> torch.Tensor:
+    """Class probabilities ``(1, C, h, w)`` of a resampled slice as the product gets them.
+
+    A slice without signal (``s.empty``) is left empty as :func:`segment_study` leaves it: background with
+    certainty, no forward pass. Used by every score of the product's masks (the contract, the selection split).
+    """
+    if s.empty:
+        probs = torch.zeros(1, len(CLASSES), *s.image.shape)
+        probs[:, 0] = 1.0
+        return probs
+    return predict_probabilities(model, torch.from_numpy(s.image)[None, None])
 
 
 def classes_on_pixels(probs: torch.Tensor, shape: tuple[int, int], log_offsets: list[float] | None = None
