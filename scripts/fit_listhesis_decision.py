@@ -24,7 +24,8 @@ calls (the review's ``low_predictive_value`` rule) and, with ``--write``, saves
 ``--rows FILE.npz`` keeps the measured rows (patient, disc index from the bottom, label, image probability, signed
 slip %) for ``scripts/listhesis_compare.py``, which compares two segmentation models' slips on the same discs.
 
-Usage: python scripts/fit_listhesis_decision.py [--oof runs/spider_r18/oof.npz] [--write] [--rows FILE.npz] [-q]
+Usage: python scripts/fit_listhesis_decision.py [--oof runs/spider_r18/oof.npz] [--write] [--rows FILE.npz]
+       [--segmentation MODEL.pt] [-q]
 """
 
 from __future__ import annotations
@@ -80,13 +81,16 @@ def main() -> None:
     ap.add_argument("--oof", default=str(REPO / "runs" / "spider_r18" / "oof.npz"))
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--rows", type=Path, help="save the measured rows here (npz)")
+    ap.add_argument("--segmentation", type=Path, default=None,
+                    help="measure the slips with this segmentation model (default: the committed one); "
+                         "other weights than the committed ones get no class offsets")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     detector, _ = load_models()
-    segmenter = load_segmenter()
+    segmenter = load_segmenter(args.segmentation)
     fused = oof_fused_by_patient(args.oof)
     studies = spider_fitting_studies(SHARED_EXAMPLES.parent / "spider_midsag")
     rows, unmeasured, over_disc = [], [], []
