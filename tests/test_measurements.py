@@ -264,6 +264,30 @@ def test_s1_body_is_not_measured():
     assert "S1" not in measure_spine(bodies, discs, None, SP, image)["vertebrae"]
 
 
+def test_a_steep_s1_whose_endplate_cannot_be_told_from_a_wall_is_left_out():
+    """S1 tilted 40 degrees below L5: measured when its centre lies below L5's; moved 10 mm back, the line from
+    L5's centre to S1's lies nearer S1's endplate than across it, the spine-direction hint turns S1's axes and its
+    superior endplate would be read on its anterior wall (lordosis 49.6 instead of 40; SPIDER patients 19, 64,
+    156): then S1 takes no part in the lordosis and the L5-S1 slip, and says why."""
+    from spinepath.measurements.spine import UNCLEAR_ENDPLATE, measure_spine
+
+    bodies, discs, canal, image = synthetic_spine()
+    shape = bodies["L1"].shape
+
+    def with_s1(back_mm: float) -> dict:
+        b = {**bodies, "S1": box(shape, 200, 30 + back_mm, 26.0, 34.0, angle=40)}
+        d = {**discs, "L5-S1": box(shape, 188, 30 + back_mm / 2, 8.0, 38.0, angle=20)}
+        return measure_spine(b, d, canal, SP, image)
+
+    below = with_s1(0.0)
+    assert below["lordosis_deg"] == pytest.approx(40.0, abs=1.5) and "not_measured" not in below
+    assert below["listhesis"]["L5-S1"]["against"] == "body"
+    back = with_s1(10.0)
+    assert back["lordosis_deg"] is None and "L5-S1" not in back["listhesis"]
+    assert back["not_measured"] == {"S1": UNCLEAR_ENDPLATE}
+    assert back["listhesis"]["L4-L5"] == below["listhesis"]["L4-L5"]
+
+
 def test_a_spine_of_bodies_taller_than_deep():
     """Bodies 32 mm tall and 22 mm deep (thoracic-like, or a small patient's): their longer side runs along the
     spine, so it is their height, not their endplates; without the spine's direction their "AP" axis was read

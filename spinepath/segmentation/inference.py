@@ -221,7 +221,7 @@ def segment_study(result: DetectionResult, model: nn.Module, neighbours: int = N
     bodies = {lv: m for lv, m in bodies.items() if lv not in not_measured}
     discs = {lv: m for lv, m in inst["discs"].items() if not touches_edge(m)}
     measurements = measure_spine(bodies, discs, inst["canal"], spacing, image=vol.pixels[k])
-    measurements["not_measured"] = not_measured
+    measurements["not_measured"] = {**measurements.get("not_measured", {}), **not_measured}
     seg = SpineSegmentation(key_slice=k, slices=slices, instances=instances,
                             measurements=measurements,
                             model={**{k: v for k, v in getattr(model, "meta", {}).items() if k != "cfg"},
