@@ -285,6 +285,7 @@ def test_a_steep_s1_whose_endplate_cannot_be_told_from_a_wall_is_left_out():
     back = with_s1(10.0)
     assert back["lordosis_deg"] is None and "L5-S1" not in back["listhesis"]
     assert back["not_measured"] == {"S1": UNCLEAR_ENDPLATE}
+    assert "S1" in below["vertebrae"] and "S1" not in back["vertebrae"]  # nor the canal across its unclear axes
     assert back["listhesis"]["L4-L5"] == below["listhesis"]["L4-L5"]
 
 

@@ -17,7 +17,7 @@ from spinepath import stages
 from spinepath.core.results import SpineSegmentation
 from spinepath.io.dicom import load_study
 from spinepath.outputs.coding import flag_code
-from spinepath.outputs.pdf import MEASUREMENT_HEADER, measurement_table
+from spinepath.outputs.pdf import MEASUREMENT_HEADER, lordosis_note, measurement_table
 from spinepath.outputs.sr import read_findings
 from spinepath.outputs.writer import write_outputs
 
@@ -316,3 +316,24 @@ def test_a_slice_without_signal_is_not_segmented(models, data_root, monkeypatch)
     assert structures(seg) == 0 and structures(seg) < len(seg.instances[seg.key_slice]["bodies"])
     monkeypatch.setattr(seg_data, "EMPTY_SIGNAL_SHARE", 0.0)  # without the rule the network draws on the noise
     assert structures(segment_study(result, models[3], neighbours=n)) > 0
+
+
+def test_an_s1_whose_endplate_cannot_be_told_from_a_wall_is_not_measured(models, data_root):
+    """A real steep sacrum (SPIDER training patient 19's T2): the spine's direction from L5 turns S1's axes, and
+    S1's superior endplate would be fitted on its anterior wall (lordosis 63.7 degrees where the endplate gives 11).
+    S1 takes no part in the lordosis, the L5-S1 slip or the canal at its mid-body, and the JSON and the PDF say
+    why."""
+    from spinepath.data.split import spider_fitting_studies
+    from spinepath.evaluation.spider import anchored_t2
+    from spinepath.measurements.spine import UNCLEAR_ENDPLATE
+
+    result = anchored_t2(spider_fitting_studies(data_root / "spider_midsag")["19"], models[0])
+    stages.segment(result, models[3])
+    m = result.segmentation.measurements
+    assert "S1" in result.segmentation.instances[result.segmentation.key_slice]["bodies"]  # segmented, in the SEG
+    assert m["not_measured"]["S1"] == UNCLEAR_ENDPLATE
+    assert m["lordosis_deg"] is None and "L5-S1" not in m["listhesis"] and "L4-L5" in m["listhesis"]
+    assert "S1" not in m["vertebrae"]  # nor its canal "AP" diameter, across the same axes
+    assert UNCLEAR_ENDPLATE in lordosis_note(m)
+    row = next(r for r in measurement_table(result) if r[0] == "S1 body")
+    assert row[1] == "not measured" and row[-1] == UNCLEAR_ENDPLATE

@@ -10,7 +10,8 @@ mid-sagittal slice of the spine), with the pixel spacing and, for the signal rat
   measured (:data:`SACRAL_BODIES`): the sacrum's first segment is fused with S2, its lower boundary is no
   endplate (the mask runs into S2 or stops short of it), and Genant's method grades vertebrae, not the
   sacrum; its superior endplate and posterior wall still serve the lordosis and the L5-S1 slip, unless its
-  axes are unclear (:data:`SACRAL_AXES_MAX_DEG`: then neither is measured, and ``not_measured`` says why);
+  axes are unclear (:data:`SACRAL_AXES_MAX_DEG`: then neither is measured, nor the canal at its mid-body, and
+  ``not_measured`` says why);
 * disc: anterior / middle / posterior height along the mean axis of its two bodies; disc height index =
   middle height / mean middle height of the two bodies (L5 alone at L5-S1); T2 signal ratio = median disc
   intensity (mask eroded by one pixel) / median canal (CSF) intensity over the disc's rows;
@@ -103,7 +104,8 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
 
     Returns:
         ``{"vertebrae": {level: {...}}, "discs": {level: {...}}, "listhesis": {"L4-L5": {...}},
-        "lordosis_deg": float | None, "lordosis_lines": {...}}``.
+        "lordosis_deg": float | None, "lordosis_lines": {...}}``, with ``"not_measured": {"S1":
+        UNCLEAR_ENDPLATE}`` where S1's axes are unclear (the segmentation stage adds its own reasons).
 
     """
     out: dict = {"vertebrae": {}, "discs": {}, "listhesis": {}, "lordosis_deg": None, "lordosis_lines": None}
@@ -131,7 +133,7 @@ def measure_spine(bodies: dict[str, np.ndarray], discs: dict[str, np.ndarray], c
             if nb:
                 loss = max(1 - h[p].mm / np.mean([n[p].mm for n in nb]) for p in POSITIONS)
                 e.update(graded_height_loss(float(loss)))
-        if canal is not None:
+        if canal is not None and lv not in unclear:  # across unclear axes the "AP" diameter is no diameter
             e["canal_ap_mid_body"] = _canal(canal, spacing, axes[lv], lv)
         if lv not in SACRAL_BODIES or any(v is not None for v in e.values()):
             out["vertebrae"][lv] = e

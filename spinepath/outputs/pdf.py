@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from spinepath import DISCLAIMER, __version__
 from spinepath.core.levels import structure_rank
 from spinepath.core.results import DetectionResult, key_slice
-from spinepath.measurements.spine import SACRAL_BODIES
+from spinepath.measurements.spine import SACRAL_BODIES, UNCLEAR_ENDPLATE
 from spinepath.outputs.key_image import key_image
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -103,7 +103,8 @@ def measurement_table(result: DetectionResult) -> list[list[str]]:
     Columns :data:`MEASUREMENT_HEADER`: the three heights, the ratios (wedge and biconcavity of a body; disc
     height index and T2 disc/CSF ratio of a disc), the canal's AP diameter (mid-body or at the disc), the slip
     over the vertebra below and the height loss against the neighbours, and the derived flags. A named body
-    that was not measured says why in the flags column (cut by the field of view, partly segmented).
+    that was not measured, or an S1 left out of the lordosis and the slip, says why in the flags column (cut by
+    the field of view, partly segmented, superior endplate not told from a wall).
     """
     seg = result.segmentation
     if seg is None:
@@ -143,6 +144,16 @@ def measurement_table(result: DetectionResult) -> list[list[str]]:
             rows.append([f"{lv} disc", hts(e), ratios, mm(e.get("canal_ap")), "",
                          ", ".join(flags["discs"].get(lv, []))])
     return rows
+
+
+def lordosis_note(measurements: dict) -> str:
+    """The measurement page's lordosis line: the angle, or why there is none."""
+    lord = measurements.get("lordosis_deg")
+    if lord is not None:
+        return f"Lumbar lordosis (L1 to S1 superior endplates): {lord:.1f} degrees."
+    if measurements.get("not_measured", {}).get("S1") == UNCLEAR_ENDPLATE:
+        return f"Lumbar lordosis: not measured (S1 segmented, but its {UNCLEAR_ENDPLATE} on this slice)."
+    return "Lumbar lordosis: not measured (L1 or S1 not segmented on this slice)."
 
 
 def review_lines(result: DetectionResult, width: int = 110) -> list[str]:
@@ -264,10 +275,8 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
         for (r, c), cell in tab.get_celld().items():
             if r > 0 and c == 5 and meas[r - 1][5]:  # a finding; why a body was not measured in review yellow
                 cell.set_facecolor("#fff0c0" if meas[r - 1][1] == "not measured" else "#ffe0e0")
-        lord = seg.measurements.get("lordosis_deg")
         y = 0.88 - h
-        notes = [f"Lumbar lordosis (L1 to S1 superior endplates): {lord:.1f} degrees." if lord is not None
-                 else "Lumbar lordosis: not measured (L1 or S1 not segmented on this slice).",
+        notes = [lordosis_note(seg.measurements),
                  "Heights at 15% / 50% / 85% of the depth, across the mean endplate direction. Wedge = anterior / "
                  "posterior; biconcavity = middle / posterior;",
                  "height loss against the neighbours' mean, Genant grade 1 / 2 / 3 from 20 / 25 / 40%. Disc height "
