@@ -44,4 +44,5 @@ class DegenerationGradingOperator(Operator):
         result = stages.grade_degeneration(op_input.receive("result"), self.grader, self.detector)
         self.logger.info("degenerative grades of %d discs from %s", len(result.findings.degeneration),
                          "+".join(result.findings.degeneration_model.get("sequences", [])) or "no sequence")
+        self.logger.info("per-vertebra decision: %s", {v.level: v.label for v in result.findings.vertebrae})
         op_output.emit(result, "result")

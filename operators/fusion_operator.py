@@ -35,7 +35,7 @@ class FindingsFusionOperator(Operator):
         """Fuse and attach the findings."""
         result = op_input.receive("result")
         result = stages.fuse(result, op_input.receive("scores"), self.grader)
-        self.logger.info(
-            "findings: %s", {v.level: v.label for v in result.findings.vertebrae}
-        )
+        # one part of each vertebra's decision: the degeneration operator combines it with the endplate evidence
+        self.logger.info("spark degenerative score above its threshold at: %s",
+                         [v.level for v in result.findings.vertebrae if v.label == "pathological"] or "none")
         op_output.emit(result, "result")

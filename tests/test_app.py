@@ -88,6 +88,9 @@ def test_app_end_to_end_on_real_example(tmp_path):
     assert d["input"]["kind"] == "dicom"
     # no patient identifiers in logs
     assert "CHU02" not in r.stdout + r.stderr
+    # the log states the reported per-vertebra decision (the spark score alone is named as one part of it)
+    decided = {v["level"]: v["pathology"]["label"] for v in d["vertebrae"] if v["pathology"] is not None}
+    assert f"per-vertebra decision: {decided}" in r.stdout + r.stderr
 
 
 def test_app_with_holoscan_runtime_variables(tmp_path):
