@@ -256,7 +256,7 @@ def review(result: DetectionResult, rules: dict | None = None) -> Review:
         limit = rules["disc_grade_margin"][decision]
         if margin < limit:
             what = "the two likeliest grades" if decision == "argmax" else "the expected grade"
-            fl.add("grade_ambiguous", f"grade {d.grade} undecided: {what} {margin:.2f} from the next grade "
+            fl.add("grade_ambiguous", f"Spark grade {d.grade} undecided: {what} {margin:.2f} from the next grade "
                                       f"(< {limit:g})")
         discs[d.level] = fl
     for g in result.findings.degeneration if result.findings is not None else []:

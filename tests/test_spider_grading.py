@@ -510,7 +510,7 @@ def test_degenerative_grades_in_the_sr(graded_example, tmp_path):
 def test_degenerative_grades_in_the_pdf_and_key_image(graded_example, tmp_path):
     from PIL import Image
 
-    from spinepath.outputs.key_image import disc_grades_text, key_image
+    from spinepath.outputs.key_image import DEGENERATION_COLOURS, DISC_COLOURS, disc_grades_text, disc_label, key_image
     from spinepath.outputs.pdf import DEGENERATION_HEADER, PFIRRMANN_SHORT, degeneration_table, render_pdf
 
     res = graded_example
@@ -529,6 +529,20 @@ def test_degenerative_grades_in_the_pdf_and_key_image(graded_example, tmp_path):
     k = key_image(res, tmp_path / "key.png")
     with Image.open(tmp_path / "key.png") as im:
         assert im.size[1] > res.volume.pixels.shape[1] and k == res.findings.degeneration_model["t2_slice"]
+    # one disc finding on the key image: the SPIDER grades where they exist (a Spark "protrusion" beside
+    # "no herniation" read as a contradiction), the Spark grade only elsewhere
+    spark = {d.level: d for d in res.findings.discs}
+    both = [g for g in res.findings.degeneration if g.level in spark]
+    assert both
+    for g in both:
+        text, colour = disc_label(g.level, spark[g.level], g)
+        assert text == f"{g.level} {disc_grades_text(g)}" and spark[g.level].grade_name not in text
+        suspected = g.modic_type > 0 or any(g.positive(k) for k in ("upper_endplate_change", "lower_endplate_change",
+                                                                     "spondylolisthesis", "herniation", "narrowing",
+                                                                     "bulging"))
+        assert colour == DEGENERATION_COLOURS[suspected]
+    d = next(iter(spark.values()))
+    assert disc_label(d.level, d, None) == (f"{d.level} {d.grade_name}", DISC_COLOURS[d.grade])
 
 
 def test_vertebra_pathology_combines_its_named_evidence(graded_example):

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from spinepath import __version__
 from spinepath.core.labels import label_colors
 from spinepath.core.levels import DISC_LEVELS
-from spinepath.core.results import DegenerationFinding, DetectionResult, key_slice
+from spinepath.core.results import DegenerationFinding, DetectionResult, DiscFinding, key_slice
 from spinepath.core.thresholds import STENOSIS_GRADES
 
 #: Key-image colours of vertebra findings and disc grades.
@@ -24,8 +24,8 @@ DISC_COLOURS = {"v1": (160, 200, 255), "v2": (255, 220, 64), "v3": (255, 150, 40
 #: Long side of the key image's picture (pixels; small matrices are enlarged) and its font height.
 KEY_IMAGE_SIZE = 768
 FONT_PX = 13
-#: Key-image colour of a disc with degenerative grades only (no Spark grade at that level).
-DEGENERATION_COLOUR = (200, 200, 200)
+#: Key-image colours of a disc graded by the SPIDER grader: a degenerative finding suspected, or none.
+DEGENERATION_COLOURS = {True: (255, 150, 40), False: (160, 200, 255)}
 #: Key-image colours of the measured lines (issue 14): body heights, disc heights, canal AP, listhesis,
 #: lordosis endplates; a flagged measurement is drawn in :data:`FLAGGED_LINE`.
 LINE_COLOURS = {"body": (0, 230, 255), "disc": (120, 255, 120), "canal": (255, 255, 0), "listhesis": (255, 80, 255),
@@ -40,6 +40,23 @@ def disc_grades_text(g: DegenerationFinding) -> str:
     """The degenerative grades beside a disc: ``Pf3 M2 EHN`` (Pfirrmann, Modic type, findings present)."""
     present = "".join(dict.fromkeys(a for k, a in DEGENERATION_ABBREVIATIONS.items() if g.positive(k)))
     return " ".join(x for x in (f"Pf{g.pfirrmann}", f"M{g.modic_type}" if g.modic_type else "", present) if x)
+
+
+def disc_label(level: str, spark: DiscFinding | None, degeneration: DegenerationFinding | None
+               ) -> tuple[str, tuple[int, int, int]]:
+    """A disc's key-image label and colour: its SPIDER grades where the SPIDER grader graded it, else its Spark grade.
+
+    The SPIDER grader is the disc finding (issue 13): on SPIDER's training + selection discs it ranks herniation,
+    bulging and endplate change better than the Spark grade, whose "protrusion" calls were herniated in 7% of
+    discs and bulging in 82% (`scripts/spark_disc_agreement.py`); both beside each other read as a contradiction.
+    The Spark grade stays in the JSON, the SR and the PDF's first table.
+    """
+    if degeneration is not None:
+        suspected = bool(degeneration.modic_type) or any(degeneration.positive(k) for k in DEGENERATION_ABBREVIATIONS)
+        return f"{level} {disc_grades_text(degeneration)}", DEGENERATION_COLOURS[suspected]
+    if spark is not None:
+        return f"{level} {spark.grade_name}", DISC_COLOURS[spark.grade]
+    return level, DEGENERATION_COLOURS[False]
 
 
 def measured_lines(seg) -> list[tuple[dict, str, bool]]:
@@ -95,10 +112,13 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
     f = result.findings
     head = [("NOT FOR DIAGNOSTIC USE", (255, 170, 0))]
     if f is not None:
-        head.append(("boxes: red = pathological, green = healthy; beside each disc: its grade", (255, 255, 255)))
         if f.degeneration:
+            head.append(("boxes: red = pathological, green = healthy; discs: orange = a finding suspected",
+                         (255, 255, 255)))
             head.append(("Pf Pfirrmann, M Modic type, E endplate change, L listhesis, H herniation, N narrowing, "
                          "B bulging", (255, 255, 255)))
+        else:
+            head.append(("boxes: red = pathological, green = healthy; beside each disc: its grade", (255, 255, 255)))
     seg = result.segmentation if result.segmentation is not None and result.segmentation.key_slice == k else None
     if seg is not None:
         lord = seg.measurements.get("lordosis_deg")
@@ -153,8 +173,7 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
         br0, bc0, br1, bc1 = drawn[b_]
         # an edge disc whose upper vertebra is out of view: just above the lower body
         ar0, ac0, ar1, ac1 = drawn.get(a, (br0 - 0.4 * (br1 - br0), bc0, br0, bc1))
-        d = discs.get(lv)
-        text = " ".join(x for x in (lv, d.grade_name if d else "", disc_grades_text(deg[lv]) if lv in deg else "") if x)
+        text, colour = disc_label(lv, discs.get(lv), deg.get(lv))
         if result.review is not None and lv in result.review.discs and result.review.discs[lv].needs_review:
             text += " ?"
         width = draw.textlength(text, font=font)
@@ -164,7 +183,7 @@ def key_image(result: DetectionResult, path: str | Path) -> int:
         else:  # beside the bodies, so that disc and vertebra labels never overlap
             row = (ar0 + ar1 + br0 + br1) / 4
             col = max(2.0, min(ac0, bc0) - 6 - width)
-        label((col, row - FONT_PX / 2), text, DISC_COLOURS[d.grade] if d else DEGENERATION_COLOUR)
+        label((col, row - FONT_PX / 2), text, colour)
     draw.text((4, im.height - line), f"slice {k + 1}/{v.pixels.shape[0]}  spinepath {__version__}",
               fill=(255, 255, 255), font=font)
     im.save(path)

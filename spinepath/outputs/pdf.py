@@ -228,7 +228,7 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
     fig.text(0.06, top - 0.012, "Vertebrae and disc morphology", fontsize=9, weight="bold")
     h1 = 0.0185 * (len(rows) + 1)
     tab = _table(fig, [0.06, top - 0.02 - h1, 0.88, h1], rows, ["Level", "Vertebra", "P(path.)", "Disc below",
-                                                                   "Disc grade", "P(abnormal)", "Review"])
+                                                                   "Spark grade", "P(abnormal)", "Review"])
     for (r, c), cell in tab.get_celld().items():
         if r > 0 and rows and rows[r - 1][1] == "pathological":
             cell.set_facecolor("#ffe0e0")
@@ -250,8 +250,11 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
         y -= h2 + 0.03
     f = result.findings
     thr = f"{f.vertebrae[0].threshold:.2f}" if f is not None and f.vertebrae else "n/a"
-    notes = [f"Vertebra decision threshold {thr}. Disc grades v1 normal, v2 bulge, v3 protrusion, v4 extrusion, "
-             "v5 Schmorl's node (Spark scheme).",
+    notes = [f"Vertebra decision threshold {thr}. Spark grades (the earlier disc model): v1 normal, v2 bulge, "
+             "v3 protrusion, v4 extrusion, v5 Schmorl's node.",
+             "Where a disc has both, its findings are the degenerative ones: on SPIDER's graded discs they rank "
+             "herniation, bulging and endplate change better",
+             "(a Spark protrusion was a herniation in 7% and a bulge in 82% of them; see the model card).",
              "Degenerative findings: Pfirrmann grade I-V of the nucleus on T2; Modic type of the endplate marrow "
              "(T1 with T2); endplate change includes Schmorl's nodes.",
              "Suspected: probability (in brackets) above a sensitive operating point chosen on out-of-fold data "
@@ -304,8 +307,9 @@ def render_pdf(result: DetectionResult, key_png: str | Path | None = None) -> by
     axk.set_title(f"slice {k + 1} of {v.pixels.shape[0]}", fontsize=9)
     axk.axis("off")
     # two lines by hand: matplotlib wraps at the page's edge, not at the margin
-    page2.text(0.06, 0.07, "Beside each disc: Spark grade, then Pfirrmann grade (Pf) and the degenerative findings "
-               "present\n(M Modic type, E endplate change, L listhesis, H herniation, N narrowing, B bulging).",
+    page2.text(0.06, 0.07, "Beside each disc: Pfirrmann grade (Pf), Modic type (M) and the degenerative findings "
+               "present, orange where one is suspected\n(E endplate change, L listhesis, H herniation, N narrowing, "
+               "B bulging); the Spark grade only where the SPIDER grader did not grade the disc.",
                fontsize=7)
     page2.text(0.06, 0.045, f"spinepath {__version__}", fontsize=7)
     buf = io.BytesIO()
