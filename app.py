@@ -11,6 +11,7 @@ else a synthetic phantom study) and says which. Bad input gives a one-line error
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -138,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         write_status(out_dir, False, "processing failed; see the log")
         print("error: processing failed", file=sys.stderr)
         return 3
-    print(
-        f"wrote {out_dir / 'vertebrae.json'} and {out_dir / 'key_image.png'} (input: {getattr(app, 'input_kind', '?')})"
-    )
+    # the DICOM objects this run wrote, as its JSON lists them (not whatever an earlier run left in the folder)
+    dicom = json.loads((out_dir / "vertebrae.json").read_text()).get("dicom_outputs") or {}
+    print(f"wrote {out_dir / 'vertebrae.json'}, {out_dir / 'key_image.png'}"
+          + "".join(f", {out_dir / rel} ({kind})" for kind, rel in dicom.items())
+          + f" (input: {getattr(app, 'input_kind', '?')})")
     return 0
 
 

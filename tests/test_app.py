@@ -91,6 +91,9 @@ def test_app_end_to_end_on_real_example(tmp_path):
     # the log states the reported per-vertebra decision (the spark score alone is named as one part of it)
     decided = {v["level"]: v["pathology"]["label"] for v in d["vertebrae"] if v["pathology"] is not None}
     assert f"per-vertebra decision: {decided}" in r.stdout + r.stderr
+    # the closing line names every file this run wrote, the DICOM objects included
+    assert all(str(out / rel) in r.stdout for rel in ("vertebrae.json", "key_image.png",
+                                                     *d["dicom_outputs"].values()))
 
 
 def test_app_with_holoscan_runtime_variables(tmp_path):
