@@ -485,12 +485,17 @@ def test_degenerative_grades_in_the_sr(graded_example, tmp_path):
 
     from spinepath.core.results import key_slice
     from spinepath.outputs.common import write_dataset
-    from spinepath.outputs.sr import build_sr, read_findings
+    from spinepath.outputs.sr import ALGORITHM_MODELS, build_sr, read_findings
 
     res = graded_example
     p = write_dataset(build_sr(res), tmp_path / "sr.dcm")
     assert dciodvfy_errors(p) == []
-    back = read_findings(p)["degeneration"]
+    found = read_findings(p)
+    # each group names the model it came from: the two disc gradings are told apart in a PACS
+    for kind, groups in (("vertebra", found["vertebrae"]), ("disc", found["discs"]),
+                         ("degeneration", found["degeneration"]), ("measurements", found["measurements"])):
+        assert groups and all(b["algorithm_parameters"] == [ALGORITHM_MODELS[kind]] for b in groups.values()), kind
+    back = found["degeneration"]
     assert set(back) == {g.level for g in res.findings.degeneration}
     key_uid = res.volume.sop_instance_uids[key_slice(res)]
     for g in res.findings.degeneration:

@@ -55,6 +55,20 @@ from spinepath.outputs.common import no_identifying_warnings
 from spinepath.review import Flag
 
 ALGORITHM = "spinepath"
+#: Per kind of measurement group, the model behind it (TID 4019 "Algorithm Parameters"): a PACS reader sees
+#: which of the two disc gradings a group holds and which one is the disc's finding.
+ALGORITHM_MODELS = {
+    "vertebra": "model: per-vertebra decision (spark score with the SPIDER endplate / marrow evidence)",
+    "disc": "model: Spark-scheme disc grade (earlier model, spark_midsag); the disc's findings are in its "
+            "degeneration group",
+    "degeneration": "model: SPIDER degenerative grader (Pfirrmann, Modic and the disc findings)",
+    "measurements": "model: segmentation network and measurements",
+}
+
+
+def algorithm(kind: str) -> hd.sr.AlgorithmIdentification:
+    """The algorithm identification of one kind of measurement group (:data:`ALGORITHM_MODELS`)."""
+    return hd.sr.AlgorithmIdentification(name=ALGORITHM, version=__version__, parameters=[ALGORITHM_MODELS[kind]])
 SR_SERIES_NUMBER = 902
 
 
@@ -156,7 +170,6 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
     f = result.findings
     if f is None:
         raise ValueError("the detection result has no findings: run the grading stage first")
-    algo = hd.sr.AlgorithmIdentification(name=ALGORITHM, version=__version__)
     tracks = {t.level: t for t in result.vertebrae}
     rev = result.review
     vol = result.volume
@@ -169,7 +182,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
             f"{v.level} vertebra", vertebra_region(t), vol, VERTEBRA, vertebra_code(v.level),
             [(PROBABILITY, v.probability)],
             [hd.sr.QualitativeEvaluation(FINDING, ABNORMAL if v.label == "pathological" else NORMAL),
-             *review_evaluations(rev.vertebra(t, result) if rev is not None else None)], algo))
+             *review_evaluations(rev.vertebra(t, result) if rev is not None else None)], algorithm("vertebra")))
     for d in f.discs:
         a, b = d.level.split("-")
         reg = disc_region(tracks[a], tracks[b], d.slices) if a in tracks and b in tracks else None
@@ -180,7 +193,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
             [(PROBABILITY, d.abnormal_probability)],
             [hd.sr.QualitativeEvaluation(FINDING, NORMAL if d.grade == "v1" else ABNORMAL),
              hd.sr.QualitativeEvaluation(DISC_GRADE_NAME, DISC_GRADE_CODES[d.grade]),
-             *review_evaluations(rev.discs.get(d.level) if rev is not None else None)], algo))
+             *review_evaluations(rev.discs.get(d.level) if rev is not None else None)], algorithm("disc")))
     for g in f.degeneration:
         reg = degeneration_region(result, g)
         if reg is None:
@@ -192,7 +205,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
             [hd.sr.QualitativeEvaluation(PFIRRMANN_GRADE, PFIRRMANN_CODES[g.pfirrmann]),
              hd.sr.QualitativeEvaluation(MODIC_TYPE, MODIC_CODES[g.modic_type]),
              *(hd.sr.QualitativeEvaluation(DEGENERATION_CODES[k], PRESENT if g.positive(k) else ABSENT) for k in probs),
-             *review_evaluations(rev.discs.get(g.level) if rev is not None else None)], algo))
+             *review_evaluations(rev.discs.get(g.level) if rev is not None else None)], algorithm("degeneration")))
     return groups
 
 
@@ -307,7 +320,7 @@ def build_sr(result: DetectionResult, series_number: int = SR_SERIES_NUMBER) -> 
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.LN.MRISpineReport,
         imaging_measurements=[*measurement_groups(result),
-                              *segmentation_groups(result, hd.sr.AlgorithmIdentification(ALGORITHM, __version__))],
+                              *segmentation_groups(result, algorithm("measurements"))],
         title=codes.DCM.ImagingMeasurementReport,
     )
     with no_identifying_warnings():
@@ -332,11 +345,18 @@ def _document(ds: list, report: hd.sr.MeasurementReport, series_number: int) -> 
     )
 
 
+def _algorithm_parameters(group) -> list[str]:
+    """The group's own "Algorithm Parameters" texts (TID 4019 items directly in the group)."""
+    return [str(item.TextValue) for container in group for item in container.ContentSequence
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"]
+
+
 def read_findings(path: str | Path) -> dict:
     """Read an SR written by :func:`build_sr` back: ``{"vertebrae", "discs", "degeneration", "measurements"}``.
 
     Each by level; a measurement group gives its values (meaning -> (value, unit)), the SCOORD lines of each,
-    its flags and its review (``needs_review``: None in an SR of an unreviewed result; coded reasons).
+    its flags and its review (``needs_review``: None in an SR of an unreviewed result; coded reasons); every
+    group the model it came from (``algorithm_parameters``, :data:`ALGORITHM_MODELS`).
     """
     sr = hd.sr.srread(path)
     report = sr.content
@@ -355,7 +375,8 @@ def read_findings(path: str | Path) -> dict:
                 "flags": [q.value.meaning for q in evaluations if q.name == MEASUREMENT_FLAG],
                 "needs_review": next((q.value.meaning == YES.meaning for q in evaluations if q.name == NEEDS_REVIEW),
                                      None),
-                "review_reasons": [q.value.meaning for q in evaluations if q.name == REVIEW_REASON]}
+                "review_reasons": [q.value.meaning for q in evaluations if q.name == REVIEW_REASON],
+                "algorithm_parameters": _algorithm_parameters(g)}
     for g in report.get_planar_roi_measurement_groups():
         level, kind = str(g.tracking_identifier).rsplit(" ", 1)
         evaluations = g.get_qualitative_evaluations()
@@ -367,6 +388,7 @@ def read_findings(path: str | Path) -> dict:
             "review_reasons": [q.value.meaning for q in evaluations if q.name == REVIEW_REASON],
             "source_sop_instance_uid": region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
             "polyline": np.asarray(region.value).reshape(-1, 2).tolist(),
+            "algorithm_parameters": _algorithm_parameters(g),
         }
         if kind == "degeneration":
             entry["finding_type"] = g.finding_type.meaning
