@@ -23,6 +23,7 @@ from spinepath.grading.spider import (
     multitask_loss,
     noisy_or,
     pfirrmann_grade,
+    soft_ordinal_targets,
     vertebra_parts,
     vertebra_probability,
     vertebra_reference,
@@ -99,6 +100,24 @@ def test_multitask_loss_skips_unknown_labels_and_probabilities_add_up():
     prob = np.array([[0.1, 0.2, 0.3, 0.4, 0.0], [0.0, 0.0, 0.6, 0.0, 0.4]])
     assert pfirrmann_grade(prob, "argmax").tolist() == [3, 2]
     assert pfirrmann_grade(prob, "expected").tolist() == [2, 3]
+
+
+def test_soft_ordinal_pfirrmann_labels():
+    """SORD targets: a distribution peaked at the grade, symmetric, sharper with a larger ``a``; the option changes
+    only the Pfirrmann term of the loss, and a near miss costs less than a far one."""
+    q = soft_ordinal_targets(torch.tensor([0, 2]), 5, 2.0)
+    assert q.sum(1) == pytest.approx(torch.ones(2)) and q.argmax(1).tolist() == [0, 2]
+    assert q[1, 1] == pytest.approx(q[1, 3]) and q[1, 1] > q[1, 0]
+    assert soft_ordinal_targets(torch.tensor([2]), 5, 8.0)[0, 2] > q[1, 2]
+    y = torch.tensor([[2, 0, 0, 0, 0, 0, 0, 0]] * 2)
+    w = head_weights(np.array([[g, 0, 0, 0, 0, 0, 0, 0] for g in range(5)]))
+    near, far = torch.zeros(1, N_OUTPUTS), torch.zeros(1, N_OUTPUTS)
+    near[0, 3], far[0, 4] = 6.0, 6.0  # the network says grade 4 (near) or 5 (far) for a grade 3 disc
+    cfg = SpiderConfig(pfirrmann_soft=2.0, ordinal_weight=0.0)
+    assert multitask_loss(near, y[:1], w, cfg) < multitask_loss(far, y[:1], w, cfg)
+    logits = torch.randn(2, N_OUTPUTS)
+    a, b = (multitask_loss(logits, y, w, SpiderConfig(pfirrmann_soft=v)) for v in (0.0, 2.0))
+    assert a != b
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,7 @@ class SpiderConfig:
     drop_path: float = 0.1
     label_smoothing: float = 0.05
     ordinal_weight: float = 0.5
+    pfirrmann_soft: float = 0.0  # > 0: soft ordinal labels softmax(-a (k - y)^2) for Pfirrmann (SORD), 0: one-hot
     binary_weight: float = 1.0
     pfirrmann_sequences: tuple[str, ...] = ("t1", "t2")  # crops whose Pfirrmann label is trained on
     spark_heads: bool = False  # also train the spark_midsag disc / vertebra heads on the same backbone
@@ -263,13 +264,23 @@ def head_weights(targets: np.ndarray) -> dict[str, torch.Tensor]:
     return out
 
 
+def soft_ordinal_targets(y: torch.Tensor, n: int, a: float) -> torch.Tensor:
+    """Soft ordinal labels (SORD, Diaz & Marathe 2019): ``softmax(-a (k - y)^2)`` over the ``n`` grades.
+
+    A near miss then costs less than a far one in the cross-entropy itself; larger ``a`` is nearer the one-hot.
+    """
+    k = torch.arange(n, dtype=torch.float32, device=y.device)
+    return torch.softmax(-a * (k[None] - y[:, None].float()) ** 2, dim=1)
+
+
 def multitask_loss(logits: torch.Tensor, target: torch.Tensor, weights: dict[str, torch.Tensor],
                    cfg: SpiderConfig) -> torch.Tensor:
     """Sum of the heads' losses over the labelled entries (a -1 target is skipped).
 
-    Pfirrmann: class-weighted cross-entropy plus ``ordinal_weight`` times the squared error of the expected
-    grade (near misses cost less); Modic: class-weighted cross-entropy; binaries: BCE with a positive weight,
-    times ``binary_weight``. Targets wider than :data:`TARGETS` train the spark heads too (:data:`SPARK_TARGETS`).
+    Pfirrmann: class-weighted cross-entropy (to :func:`soft_ordinal_targets` with ``pfirrmann_soft``) plus
+    ``ordinal_weight`` times the squared error of the expected grade (near misses cost less); Modic:
+    class-weighted cross-entropy; binaries: BCE with a positive weight, times ``binary_weight``. Targets wider
+    than :data:`TARGETS` train the spark heads too (:data:`SPARK_TARGETS`).
     """
     total = logits.new_zeros(())
     for j, k in enumerate(SPARK_TARGETS[: target.shape[1]]):
@@ -278,15 +289,18 @@ def multitask_loss(logits: torch.Tensor, target: torch.Tensor, weights: dict[str
         if not bool(m.any()):
             continue
         z = logits[m, HEAD_SLICES[k]]
-        if ALL_HEADS[k] > 1:
-            total = total + F.cross_entropy(z, y[m], weight=weights[k], label_smoothing=cfg.label_smoothing)
-            if k == "pfirrmann" and cfg.ordinal_weight > 0:
-                expected = torch.softmax(z, 1) @ torch.arange(ALL_HEADS[k], dtype=z.dtype, device=z.device)
-                total = total + cfg.ordinal_weight * F.mse_loss(expected, y[m].to(z.dtype))
-        else:
+        if ALL_HEADS[k] == 1:
             t = y[m].float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / 2
             total = total + cfg.binary_weight * F.binary_cross_entropy_with_logits(
                 z[:, 0], t, pos_weight=weights[k])
+        elif k == "pfirrmann" and cfg.pfirrmann_soft > 0:
+            total = total + F.cross_entropy(z, soft_ordinal_targets(y[m], ALL_HEADS[k], cfg.pfirrmann_soft),
+                                            weight=weights[k])
+        else:
+            total = total + F.cross_entropy(z, y[m], weight=weights[k], label_smoothing=cfg.label_smoothing)
+        if k == "pfirrmann" and cfg.ordinal_weight > 0:
+            expected = torch.softmax(z, 1) @ torch.arange(ALL_HEADS[k], dtype=z.dtype, device=z.device)
+            total = total + cfg.ordinal_weight * F.mse_loss(expected, y[m].to(z.dtype))
     return total
 
 
