@@ -16,7 +16,6 @@ Usage: python scripts/segmentation_extent.py [--part selection|validation] [--ou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spinepath import stages  # noqa: E402
+from spinepath.core.files import print_json  # noqa: E402
 from spinepath.data.split import split_cases  # noqa: E402
 from spinepath.evaluation.segmentation import evaluation_slices  # noqa: E402
 from spinepath.segmentation.inference import (  # noqa: E402
@@ -92,10 +92,7 @@ def main() -> None:
                 "dice": round(float(np.mean([r["dice"] for r in rows])), 4),
                 "dice_within_extent": round(float(np.mean([r["dice_within_extent"] for r in rows])), 4),
                 "cases": rows}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_json(out, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spinepath import stages  # noqa: E402
+from spinepath.core.files import print_json  # noqa: E402
 from spinepath.core.levels import DISC_GRADES, disc_index_from_bottom  # noqa: E402
 from spinepath.data.spider import load_spider_midsag  # noqa: E402
 from spinepath.data.split import split_part  # noqa: E402
@@ -104,10 +105,7 @@ def main() -> None:
             "endplate_change (spark P(v5))": paired_gain(_auc, end, spark[:, 4], s_end, patients),
         },
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_json(out, args.out)
 
 
 if __name__ == "__main__":

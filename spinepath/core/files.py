@@ -90,3 +90,12 @@ def read_npz_xz(path: str | Path) -> tuple[dict[str, np.ndarray], Any]:
     """The arrays and metadata of a :func:`write_npz_xz` file."""
     with np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes()))) as z:
         return {k: z[k] for k in z.files if k != "meta"}, json.loads(z["meta"].tobytes())
+
+
+def print_json(obj: Any, out: str | Path | None = None) -> None:
+    """Print a report's JSON (indent 1) and, with ``out``, also write it there atomically (a script's ``--out``)."""
+    text = json.dumps(obj, indent=1)
+    print(text)
+    if out:
+        with atomic_file(out) as tmp:
+            Path(tmp).write_text(text + "\n")
