@@ -35,9 +35,8 @@ from spinepath.segmentation.inference import (  # noqa: E402
 )
 from spinepath.segmentation.network import CLASSES  # noqa: E402
 
-#: Per source: the annotation scored and the network class compared with it.
-SOURCES = {"chu_t2": ("vertebral_body", "vertebral_body"), "spineweb_vb": ("vertebral_body", "vertebral_body"),
-           "ivd_t2": ("disc", "disc"), "spider_seg": ("disc", "disc")}
+#: Per source: the annotation scored, compared with the network's class of the same name.
+SOURCES = {"chu_t2": "vertebral_body", "spineweb_vb": "vertebral_body", "ivd_t2": "disc", "spider_seg": "disc"}
 
 
 def case_extent(root: Path, case: str, annotation: str, model, offsets) -> dict:
@@ -48,7 +47,7 @@ def case_extent(root: Path, case: str, annotation: str, model, offsets) -> dict:
     group = slices[0].annotated.index(annotation) + 1
     rows = np.flatnonzero(np.any([(s.native == group).any(1) for s in slices], axis=0))
     top, bottom = int(rows.min()), int(rows.max())
-    cls = CLASSES.index(SOURCES[root.name][1])
+    cls = CLASSES.index(annotation)
     n = {"tp": 0, "fp": 0, "fn": 0, "fp_beyond_extent": 0, "fp_apart_within_extent": 0}
     for s in slices:
         pred = classes_on_pixels(grid_slice_probabilities(model, s), s.native.shape, offsets)[0] == cls
@@ -81,7 +80,7 @@ def main() -> None:
     model = stages.load_segmenter()
     offsets = class_offsets(model)
     out: dict = {"task": "segmentation_extent", "part": args.part, "sources": {}}
-    for name, (annotation, _) in SOURCES.items():
+    for name, annotation in SOURCES.items():
         root = Path(args.data) / name
         cases = split_cases(root, args.part)
         rows = [case_extent(root, c, annotation, model, offsets)

@@ -37,14 +37,9 @@ from spinepath.grading.fusion import paired_gain  # noqa: E402
 from spinepath.grading.spider import FUSION_FEATURES, sequence_prior  # noqa: E402
 
 
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p))
-
-
 def main() -> None:
     """Entry point."""
+    from sklearn.metrics import roc_auc_score
     from tqdm import tqdm
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,9 +95,10 @@ def main() -> None:
                                  "endplate_change": round(float(end.mean()), 3)},
         # a = the Spark probability, b = the SPIDER grader's: gain > 0 where SPIDER ranks better
         "auc_spark_vs_spider": {
-            "herniation (spark P(v3)+P(v4))": paired_gain(_auc, her, spark[:, 2] + spark[:, 3], s_her, patients),
-            "bulging (spark P(abnormal))": paired_gain(_auc, bul, 1 - spark[:, 0], s_bul, patients),
-            "endplate_change (spark P(v5))": paired_gain(_auc, end, spark[:, 4], s_end, patients),
+            "herniation (spark P(v3)+P(v4))": paired_gain(roc_auc_score, her, spark[:, 2] + spark[:, 3], s_her,
+                                                          patients),
+            "bulging (spark P(abnormal))": paired_gain(roc_auc_score, bul, 1 - spark[:, 0], s_bul, patients),
+            "endplate_change (spark P(v5))": paired_gain(roc_auc_score, end, spark[:, 4], s_end, patients),
         },
     }
     print_json(out, args.out)

@@ -55,6 +55,7 @@ from spinepath.outputs.common import no_identifying_warnings
 from spinepath.review import Flag
 
 ALGORITHM = "spinepath"
+SR_SERIES_NUMBER = 902
 #: Per kind of measurement group, the model behind it (TID 4019 "Algorithm Parameters"): a PACS reader sees
 #: which of the two disc gradings a group holds and which one is the disc's finding.
 ALGORITHM_MODELS = {
@@ -69,7 +70,6 @@ ALGORITHM_MODELS = {
 def algorithm(kind: str) -> hd.sr.AlgorithmIdentification:
     """The algorithm identification of one kind of measurement group (:data:`ALGORITHM_MODELS`)."""
     return hd.sr.AlgorithmIdentification(name=ALGORITHM, version=__version__, parameters=[ALGORITHM_MODELS[kind]])
-SR_SERIES_NUMBER = 902
 
 
 @dataclass
@@ -170,6 +170,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
     f = result.findings
     if f is None:
         raise ValueError("the detection result has no findings: run the grading stage first")
+    algo = {kind: algorithm(kind) for kind in ("vertebra", "disc", "degeneration")}  # shared by a kind's groups
     tracks = {t.level: t for t in result.vertebrae}
     rev = result.review
     vol = result.volume
@@ -182,7 +183,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
             f"{v.level} vertebra", vertebra_region(t), vol, VERTEBRA, vertebra_code(v.level),
             [(PROBABILITY, v.probability)],
             [hd.sr.QualitativeEvaluation(FINDING, ABNORMAL if v.label == "pathological" else NORMAL),
-             *review_evaluations(rev.vertebra(t, result) if rev is not None else None)], algorithm("vertebra")))
+             *review_evaluations(rev.vertebra(t, result) if rev is not None else None)], algo["vertebra"]))
     for d in f.discs:
         a, b = d.level.split("-")
         reg = disc_region(tracks[a], tracks[b], d.slices) if a in tracks and b in tracks else None
@@ -193,7 +194,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
             [(PROBABILITY, d.abnormal_probability)],
             [hd.sr.QualitativeEvaluation(FINDING, NORMAL if d.grade == "v1" else ABNORMAL),
              hd.sr.QualitativeEvaluation(DISC_GRADE_NAME, DISC_GRADE_CODES[d.grade]),
-             *review_evaluations(rev.discs.get(d.level) if rev is not None else None)], algorithm("disc")))
+             *review_evaluations(rev.discs.get(d.level) if rev is not None else None)], algo["disc"]))
     for g in f.degeneration:
         reg = degeneration_region(result, g)
         if reg is None:
@@ -205,7 +206,7 @@ def measurement_groups(result: DetectionResult) -> list[hd.sr.PlanarROIMeasureme
             [hd.sr.QualitativeEvaluation(PFIRRMANN_GRADE, PFIRRMANN_CODES[g.pfirrmann]),
              hd.sr.QualitativeEvaluation(MODIC_TYPE, MODIC_CODES[g.modic_type]),
              *(hd.sr.QualitativeEvaluation(DEGENERATION_CODES[k], PRESENT if g.positive(k) else ABSENT) for k in probs),
-             *review_evaluations(rev.discs.get(g.level) if rev is not None else None)], algorithm("degeneration")))
+             *review_evaluations(rev.discs.get(g.level) if rev is not None else None)], algo["degeneration"]))
     return groups
 
 
