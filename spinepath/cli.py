@@ -228,8 +228,9 @@ def _cmd_evaluate_grading(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
-    from spinepath.core.paths import resolve_segmentation_path
+    from spinepath.core.paths import resolve_model_path, resolve_segmentation_path
     from spinepath.data.datasets import dataset_kind
+    from spinepath.detection.predictor import VertebraDetector
     from spinepath.evaluation.segmentation import evaluate_segmentation
     from spinepath.segmentation.inference import load_segmenter
 
@@ -238,9 +239,12 @@ def _cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
         if dataset_kind(root) not in ("spider_seg", "volumes"):
             raise CliError(f"{root}: segmentation needs a spider_seg or 3D mask folder (index.json with masks)")
         model = load_segmenter(resolve_segmentation_path(args.seg_model))
+        # the detector estimates the spacing of a case whose folder gives none (loaded only then)
+        detector = VertebraDetector.load(resolve_model_path(args.model)) if args.model else None
+        res = evaluate_segmentation(root, model, cases=_evaluation_cases(root, args.split),
+                                    progress=not args.quiet, detector=detector)
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    res = evaluate_segmentation(root, model, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
     return _report(res, root, args)
 
 
@@ -267,11 +271,11 @@ def _cmd_evaluate_spider(args: argparse.Namespace) -> int:
         spark = Grader.load(resolve_grader_path())
         # and its segmentation: the spondylolisthesis decision combines the image with the measured slip
         segmenter = load_segmenter()
+        res = evaluate_spider(root, detector, grader, cases=_evaluation_cases(root, args.split), sequences=seqs,
+                              bootstrap=args.bootstrap, progress=not args.quiet, spark_grader=spark,
+                              segmenter=segmenter)
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    res = evaluate_spider(root, detector, grader, cases=_evaluation_cases(root, args.split), sequences=seqs,
-                          bootstrap=args.bootstrap, progress=not args.quiet, spark_grader=spark,
-                          segmenter=segmenter)
     return _report(res, root, args)
 
 
@@ -288,9 +292,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise CliError(f"{root}: spider_midsag has no locations to score detection on; use a spider_seg folder "
                            "(its disc grades are scored by the grading evaluation)")
         model = VertebraDetector.load(resolve_model_path(args.model))
+        res = evaluate_detection(root, model, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    res = evaluate_detection(root, model, cases=_evaluation_cases(root, args.split), progress=not args.quiet)
     return _report(res, root, args)
 
 
@@ -468,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.set_defaults(func=_cmd_evaluate_spider)
     eseg = esub.add_parser("segmentation", parents=[quiet],
                            help="Dice per class and measurement agreement (spider_seg or 3D mask folders)")
+    # its --model: the detector that estimates a spider_seg case's pixel spacing where the folder gives none
     _evaluation_args(eseg, "a spider_seg-format folder or a 3D mask folder (chu_t2, spineweb_vb, ivd_t2)")
     eseg.add_argument("--seg-model", dest="seg_model",
                       help="segmentation model (file or folder); default: the bundle's segmentation.pt")

@@ -13,10 +13,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from spinepath.core.exported import export_meta
-from spinepath.core.geometry import SeriesVolume
+from spinepath.core.geometry import SeriesVolume, series_from_slices, spacing_from_gap, spark_fov_spacing
+from spinepath.core.levels import VERTEBRA_LEVELS
 from spinepath.core.paths import (
     default_device,
     model_files,
@@ -25,7 +27,7 @@ from spinepath.core.paths import (
     resolve_segmentation_path,
     resolve_spider_grader_path,
 )
-from spinepath.core.results import DetectionResult, Findings, SliceScores
+from spinepath.core.results import DetectionResult, Findings, SliceScores, Vertebra
 from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.predictor import VertebraDetector
 from spinepath.grading.grader import Grader
@@ -86,6 +88,55 @@ def detect_series(volume: SeriesVolume, model: VertebraDetector, batch_size: int
     verts, naming = group_and_name_with_evidence(dets, volume.pixels.shape[1:])
     t2 = time.perf_counter()
     return DetectionResult(verts, volume, {"detection": t1 - t0, "grouping": t2 - t1}, naming=naming)
+
+
+#: The levels whose centre gaps scale an image of unknown spacing (:func:`estimate_spacing`): the lumbar ones,
+#: where the 37 mm mean gap was measured (chu_t2).
+SPACING_LEVELS = ("L1", "L2", "L3", "L4", "L5")
+
+
+def named_level_gap_px(vertebrae: list[Vertebra]) -> float:
+    """Median distance (pixels) between the centres of named vertebrae per level step; NaN with fewer than two.
+
+    The lumbar vertebrae (:data:`SPACING_LEVELS`) where two are named, else every named body above the sacrum.
+    """
+    named = [v for v in vertebrae if v.level in VERTEBRA_LEVELS and v.level != "S1"]
+    lumbar = [v for v in named if v.level in SPACING_LEVELS]
+    use = sorted(lumbar if len(lumbar) >= 2 else named, key=lambda v: VERTEBRA_LEVELS.index(v.level))
+    step = [VERTEBRA_LEVELS.index(v.level) for v in use]
+    gaps = [float(np.linalg.norm(a.centre - b.centre)) / (j - i)
+            for a, b, i, j in zip(use[:-1], use[1:], step[:-1], step[1:]) if j > i]
+    return float(np.median(gaps)) if gaps else float("nan")
+
+
+def estimate_spacing(slices: list[np.ndarray], model: VertebraDetector, slice_mm: float, rounds: int = 2) -> float:
+    """Pixel size (mm) of sagittal slices whose spacing is unknown, from the vertebrae the detector finds.
+
+    Detection runs first at the field-of-view guess (:func:`~spinepath.core.geometry.spark_fov_spacing`), then,
+    ``rounds`` times, at the spacing that makes the median gap between neighbouring named vertebrae
+    (:func:`named_level_gap_px`) the mean lumbar gap (:func:`~spinepath.core.geometry.spacing_from_gap`). On
+    the 23 training + selection spider_seg patients (header spacing 0.469 mm) the estimate was 0.96 to 1.30
+    times the header's (median 1.04): a scale to resample the images to the networks' grids, not one to
+    measure in millimetres.
+
+    Args:
+        slices: The series' sagittal slices ``(rows, cols)``, lateral order.
+        model: The detector.
+        slice_mm: Distance between neighbouring slices (mm).
+        rounds: Detections after the first.
+
+    Raises:
+        ValueError: If fewer than two named vertebrae are found (nothing to scale the image by).
+
+    """
+    sp = spark_fov_spacing(slices[0].shape)
+    for _ in range(rounds):
+        gap = named_level_gap_px(detect_series(series_from_slices(slices, (sp, sp), slice_mm), model).vertebrae)
+        if not np.isfinite(gap) or gap <= 1:
+            raise ValueError("the pixel spacing is unknown and fewer than two named vertebrae were found to "
+                             "estimate it")
+        sp = spacing_from_gap(gap)
+    return sp
 
 
 def classify(result: DetectionResult, grader: Grader, spacing_known: bool = True, views: int = 1) -> SliceScores:

@@ -80,3 +80,94 @@ def test_cli_evaluate_says_which_split(tmp_path, data_root):
     res = json.loads(out.read_text())
     assert res["split"] == "val" and res["dataset"] == "spark_midsag" and res["n_images"] == 29
     assert "images" not in r.stderr  # -q after the subcommand: no progress bar
+
+
+def _spider_seg_variant(data_root, dst, patient: str, spacing_known: bool, body_labels: bool):
+    """A one-patient spider_seg-format folder as the data README allows it: the pixel spacing null, and / or the
+    classes ``vertebral_body`` and ``disc`` only (the body: SPIDER's vertebra in front of its canal)."""
+    from PIL import Image
+
+    from spinepath.data.spider import canal_front, load_spider_seg
+
+    src = data_root / "spider_seg"
+    entry = json.loads((src / "index.json").read_text())[patient]
+    dst.mkdir()
+    (dst / "images").symlink_to(src / "images")
+    if body_labels:
+        (dst / "masks").mkdir()
+        case = next(c for c in load_spider_seg(src) if c.patient == patient)
+        masks = [case.load(i)[1] for i in range(len(case.slices))]
+        front = canal_front(masks, 3)
+        for name, m in zip(case.slices, masks):
+            body = (m == 1) & (np.arange(m.shape[1])[None] < front[:, None])
+            Image.fromarray(np.select([body, m == 2], [1, 2], 0).astype(np.uint8)).save(dst / "masks" / name)
+        entry["labels"] = {"1": "vertebral_body", "2": "disc"}
+    else:
+        (dst / "masks").symlink_to(src / "masks")
+    if not spacing_known:
+        entry["pixel_spacing_mm"] = None
+    (dst / "index.json").write_text(json.dumps({patient: entry}))
+    return dst
+
+
+def _evaluate(what: str, folder, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", what, str(folder), "--split", "all"],
+                          capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_estimate_spacing_from_the_anatomy(model, data_root):
+    """A slice stack of unknown spacing is scaled by its named lumbar vertebrae: a training spider_seg patient's
+    header spacing (0.469 mm) is recovered within 10 % from the field-of-view guess (0.59 mm), and also on the
+    single mid-sagittal slice of a spider_midsag study; a slice without a spine cannot be scaled (clear error)."""
+    from dataclasses import replace
+
+    from spinepath.data.spider import load_spider_midsag, load_spider_seg
+    from spinepath.evaluation.spacing import seg_case_with_spacing, study_with_spacing
+    from spinepath.stages import estimate_spacing
+
+    case = next(c for c in load_spider_seg(data_root / "spider_seg") if c.patient == "5")
+    est = seg_case_with_spacing(replace(case, spacing=None), model)
+    assert est.spacing_estimated and not case.spacing_estimated
+    assert est.spacing[0] == pytest.approx(case.spacing[0], rel=0.1)
+    assert seg_case_with_spacing(case, model) is case  # a known spacing is kept
+    study = next(s for s in load_spider_midsag(data_root / "spider_midsag") if s.patient == "5")
+    est = study_with_spacing(replace(study, spacing={}), model, ("t2",))
+    assert set(est.spacing) == {"t2"} and est.spacing["t2"][0] == pytest.approx(study.spacing["t2"][0], rel=0.25)
+    with pytest.raises(ValueError, match="fewer than two named vertebrae"):
+        estimate_spacing([np.zeros((256, 256), np.float32)] * 3, model, 4.0)
+
+
+def test_evaluations_of_a_spider_seg_folder_without_spacing_or_with_body_labels(data_root, tmp_path):
+    """The spider_seg format allows a null pixel spacing and other class sets (data README): detection and
+    segmentation are scored on such folders (the spacing estimated from the anatomy; no millimetres scored
+    without it), not refused; a folder whose spine cannot be found says so (exit 2, no traceback)."""
+    from PIL import Image
+
+    body = _spider_seg_variant(data_root, tmp_path / "body", "5", spacing_known=True, body_labels=True)
+    both = _spider_seg_variant(data_root, tmp_path / "both", "5", spacing_known=False, body_labels=True)
+    results = {}
+    for name, folder in (("body", body), ("both", both)):
+        for what in ("segmentation", "detection"):
+            r = _evaluate(what, folder, tmp_path)
+            assert r.returncode == 0, r.stderr[-2000:]
+            results[name, what] = json.loads(r.stdout)
+    for name in ("body", "both"):
+        seg = results[name, "segmentation"]
+        assert seg["dice"]["vertebra"] is None and seg["dice"]["spinal_canal"] is None
+        assert seg["dice"]["vertebral_body"] > 0.85 and seg["dice"]["disc"] > 0.8
+        assert results[name, "detection"]["recall_at_iou50"] > 0.85
+    assert results["body", "segmentation"]["measurements"]["vertebral_body_height_mae_mm"] < 2.0
+    assert results["both", "segmentation"]["measurements"] == {  # an estimated scale measures nothing in mm
+        "n_levels": 0, "vertebral_body_height_mae_mm": None, "disc_height_mae_mm": None, "canal_ap_mae_mm": None}
+    assert abs(results["both", "segmentation"]["dice"]["disc"] - results["body", "segmentation"]["dice"]["disc"]) < 0.03
+
+    blank = tmp_path / "blank"
+    (blank / "images").mkdir(parents=True)
+    (blank / "masks").mkdir()
+    for sub in ("images", "masks"):
+        Image.fromarray(np.zeros((320, 256), np.uint8)).save(blank / sub / "1_s001.png")
+    (blank / "index.json").write_text(json.dumps({"1": {"slices": ["1_s001.png"], "pixel_spacing_mm": None,
+                                                        "labels": {"1": "vertebral_body", "2": "disc"}}}))
+    r = _evaluate("segmentation", blank, tmp_path)
+    assert r.returncode == 2 and "blank/1: the pixel spacing is unknown" in r.stderr and "Traceback" not in r.stderr

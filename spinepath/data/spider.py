@@ -51,9 +51,10 @@ class SpiderSegCase:
     root: Path
     slices: list[str]
     slice_numbers: list[int]
-    spacing: tuple[float, float]
+    spacing: tuple[float, float] | None  # None: the folder does not know it (estimated where it is read)
     labels: dict[int, str]
     thickness: float = 0.9  # slice thickness (mm); the folder keeps every 2nd slice, so slices are 2x apart
+    spacing_estimated: bool = False  # the spacing was estimated from the anatomy (the folder gave none)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(image float32, mask int16)`` of the ``i``-th slice.
@@ -73,12 +74,16 @@ class SpiderSegCase:
         return next((v for v, n in self.labels.items() if n == name), None)
 
 
-def load_spider_seg(root: str | Path) -> list[SpiderSegCase]:
+def load_spider_seg(root: str | Path, require_spacing: bool = True) -> list[SpiderSegCase]:
     """Read a spider_seg-format folder's ``index.json`` (patients sorted by number).
+
+    ``require_spacing``: a case whose ``pixel_spacing_mm`` is null (the format allows it: the spacing is
+    unknown) is an error, as training needs it; the evaluations pass False and estimate it from the anatomy
+    (:func:`spinepath.stages.estimate_spacing`), the case's ``spacing`` being None.
 
     Raises:
         FileNotFoundError: If index.json or a listed image or mask is missing.
-        ValueError: If a case has no pixel spacing (the detector needs it).
+        ValueError: If ``require_spacing`` and a case has no pixel spacing.
 
     """
     root = Path(root)
@@ -89,15 +94,16 @@ def load_spider_seg(root: str | Path) -> list[SpiderSegCase]:
             for sub in ("images", "masks"):
                 if not (root / sub / s).is_file():
                     raise FileNotFoundError(f"{root.name}/{pid}: missing {sub}/{s}")
-        if not e.get("pixel_spacing_mm"):
-            raise ValueError(f"{root.name}/{pid}: no pixel_spacing_mm")
+        sp = e.get("pixel_spacing_mm")
+        if not sp and require_spacing:
+            raise ValueError(f"{root.name}/{pid}: no pixel_spacing_mm (the spacing is unknown)")
         out.append(
             SpiderSegCase(
                 patient=str(e.get("patient", pid)),
                 root=root,
                 slices=list(e["slices"]),
                 slice_numbers=list(e.get("slice_numbers", range(len(e["slices"])))),
-                spacing=(float(e["pixel_spacing_mm"][0]), float(e["pixel_spacing_mm"][1])),
+                spacing=(float(sp[0]), float(sp[1])) if sp else None,
                 labels={int(k): v for k, v in (e.get("labels") or DEFAULT_LABELS).items()},
                 thickness=float(e.get("slice_thickness_mm") or 0.9),
             )
@@ -210,17 +216,26 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None) -> 
     """The case's slices with their body boxes (cut bodies dropped, the span above them blanked in training).
 
     ``span`` runs from the top of the highest whole body to the bottom of the image: anatomy above (cut or
-    unlabelled) is not taught as background; the sacrum and pelvis below the derived S1 are.
+    unlabelled) is not taught as background; the sacrum and pelvis below the derived S1 are. The bodies are
+    the ``vertebra`` label's part in front of the canal, or a ``vertebral_body`` label as it is.
+
+    Raises:
+        ValueError: If the case labels no disc and neither vertebra nor vertebral body, or has no spacing.
+
     """
     vert, disc, canal = (case.value_of(n) for n in ("vertebra", "disc", "spinal_canal"))
-    if vert is None or disc is None:
-        raise ValueError(f"spider_seg/{case.patient}: needs vertebra and disc labels, has {case.labels}")
+    body = case.value_of("vertebral_body") if vert is None else None
+    if (vert is None and body is None) or disc is None:
+        raise ValueError(f"spider_seg/{case.patient}: needs vertebra (or vertebral_body) and disc labels, has "
+                         f"{case.labels}")
+    if case.spacing is None:
+        raise ValueError(f"spider_seg/{case.patient}: no pixel spacing")
     idx = list(range(len(case.slices))) if indices is None else indices
     loaded = [case.load(i) for i in idx]
-    front = canal_front([m for _, m in loaded], canal) if canal is not None else None
+    front = canal_front([m for _, m in loaded], canal) if canal is not None and body is None else None
     out = []
     for i, (img, m) in zip(idx, loaded):
-        b = body_boxes(m, front, (vert, disc))
+        b = body_boxes(m, front, (vert if body is None else body, disc))
         keep = [not c for c in b.cut]
         boxes = b.boxes[keep] if len(b.boxes) else b.boxes
         levels = [lv for lv, k in zip(b.levels, keep) if k]
@@ -317,7 +332,8 @@ def load_spider_midsag(root: str | Path) -> list[SpiderStudy]:
                 patient=str(e.get("patient", pid)),
                 root=root,
                 images=dict(e["images"]),
-                spacing={k: (float(v[0]), float(v[1])) for k, v in (e.get("pixel_spacing_mm") or {}).items()},
+                spacing={k: (float(v[0]), float(v[1])) for k, v in (e.get("pixel_spacing_mm") or {}).items()
+                         if v},  # a null spacing is unknown (the evaluation estimates it)
                 discs=graded_rows(sorted(e.get("discs", []), key=lambda d: d["index_from_bottom"]), list(e["images"])),
                 num_vertebrae=e.get("num_vertebrae"),
                 scanner=e.get("scanner") or {},

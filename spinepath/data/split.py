@@ -63,7 +63,7 @@ def split_cases(root: str | Path, part: str = "validation", split: dict | None =
     if kind == "spark":
         return [c.case for c in load_spark(root) if split_part(root.name, c.case, split=split) == part]
     if kind in ("spider_seg", "spider_midsag"):
-        cases = load_spider_seg(root) if kind == "spider_seg" else load_spider_midsag(root)
+        cases = load_spider_seg(root, require_spacing=False) if kind == "spider_seg" else load_spider_midsag(root)
         return [c.patient for c in cases if split_part(kind, c.patient, c.patient, split) == part]
     return [c.case for c in load_volume_index(root) if split_part(root.name, c.case, c.patient, split) == part]
 

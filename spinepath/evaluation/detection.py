@@ -18,6 +18,7 @@ from spinepath.data.datasets import (
 )
 from spinepath.data.spider import load_spider_seg, spider_seg_slices
 from spinepath.evaluation.matching import match_slice
+from spinepath.evaluation.spacing import seg_case_with_spacing
 from spinepath.stages import detect_series
 
 
@@ -137,16 +138,17 @@ def evaluate_spider_seg(root: str | Path, model, cases: list[str] | None = None,
     (:mod:`spinepath.data.spider`); the derived S1 box is not scored for IoU, but its name is: ``level_accuracy``
     is over every reference body including S1 (names counted from the lumbosacral disc), the majority name of
     the boxes matched to it at IoU >= 0.5 (>= 0.3 for the derived S1 box). ``s1_found`` is the fraction of
-    patients whose vertebra named S1 lies on the derived S1 box.
+    patients whose vertebra named S1 lies on the derived S1 box. A case whose folder gives no pixel spacing runs
+    at the spacing estimated from its anatomy (:mod:`spinepath.evaluation.spacing`).
     """
-    all_cases = load_spider_seg(root)
+    all_cases = load_spider_seg(root, require_spacing=False)
     if cases is not None:
         all_cases = [c for c in all_cases if c.patient in cases]
     ious: list[float] = []
     tp = fp = 0
     level_ok = level_n = s1_ok = 0
     for case in tqdm(all_cases, desc="patients", disable=not progress):
-        slices = spider_seg_slices(case)
+        slices = spider_seg_slices(seg_case_with_spacing(case, model))
         res = detect_series(series_from_slices([s.image for s in slices], slices[0].spacing, 2 * case.thickness), model)
         names: dict[str, list[str]] = {}
         s1_hit = False

@@ -28,6 +28,7 @@ from spinepath.detection.grouping import group_and_name_with_evidence
 from spinepath.detection.naming import load_naming_rules
 from spinepath.evaluation.calibration import reliability
 from spinepath.evaluation.matching import match_slice
+from spinepath.evaluation.spacing import seg_case_with_spacing
 
 
 @dataclass
@@ -84,9 +85,9 @@ def naming_outcomes(root: str | Path, model, cases: list[str] | None = None, rul
                                        naming is not None and naming.anchor == "S1"))
         return out
     if dataset_kind(root) == "spider_seg":
-        for sc in tqdm([c for c in load_spider_seg(root) if cases is None or c.patient in cases], desc="patients",
-                       disable=not progress):
-            slices = spider_seg_slices(sc)
+        for sc in tqdm([c for c in load_spider_seg(root, require_spacing=False) if cases is None or c.patient in cases],
+                       desc="patients", disable=not progress):
+            slices = spider_seg_slices(seg_case_with_spacing(sc, model))
             verts, naming = _detect([s.image for s in slices], slices[0].spacing, model, rules, 2 * sc.thickness)
             out += _volume_outcomes(root.name, sc.patient, slices, verts, naming)
         return out

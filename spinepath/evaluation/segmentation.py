@@ -18,7 +18,8 @@ reference body: SPIDER's vertebra component anterior to its canal's front wall, 
 over the body's rows), disc heights, and the canal's AP diameter through each reference disc (along the disc's
 axis; the canal is its largest component in the reference and in the prediction, as in the product: a stray
 speck is not the canal). Errors in mm from the folder's pixel spacing, pooled over anterior / middle /
-posterior; ``null`` where the reference gives none.
+posterior; ``null`` where the reference gives none. A spider_seg case whose folder gives no pixel spacing is
+segmented at a spacing estimated from its anatomy and scored for Dice only (:mod:`spinepath.evaluation.spacing`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from tqdm.auto import tqdm
 
 from spinepath.data.datasets import dataset_kind, load_volume_index
 from spinepath.data.spider import load_spider_seg
+from spinepath.detection.predictor import VertebraDetector
 from spinepath.evaluation.matching import greedy_match
+from spinepath.evaluation.spacing import DetectorSource, seg_case_with_spacing
 from spinepath.measurements.shape import canal_ap, heights, structure_axes
 from spinepath.segmentation.data import GRID_MM, SegSlice, spider_seg_slices, volume_seg_slices
 from spinepath.segmentation.inference import class_offsets, classes_on_pixels, decide, grid_slice_probabilities
@@ -154,13 +157,19 @@ def slice_measurement_pairs(s: SegSlice, classes: np.ndarray, spacing: tuple[flo
     return out, n
 
 
-def evaluation_slices(root: str | Path, cases: list[str] | None = None) -> list[SegSlice]:
-    """The contract's slices of a folder: every spider_seg slice, or every 4th lateral slice of the volumes."""
+def evaluation_slices(root: str | Path, cases: list[str] | None = None,
+                      detector: VertebraDetector | None = None) -> list[SegSlice]:
+    """The contract's slices of a folder: every spider_seg slice, or every 4th lateral slice of the volumes.
+
+    A spider_seg case without a pixel spacing is resampled at the spacing estimated from its anatomy
+    (:mod:`spinepath.evaluation.spacing`; ``detector``, by default the bundle's, loaded only then).
+    """
     root = Path(root)
     kind = dataset_kind(root)
     if kind == "spider_seg":
-        return [s for c in load_spider_seg(root) if cases is None or c.patient in cases
-                for s in spider_seg_slices(c, keep_native=True)]
+        source = DetectorSource(detector)
+        return [s for c in load_spider_seg(root, require_spacing=False) if cases is None or c.patient in cases
+                for s in spider_seg_slices(seg_case_with_spacing(c, source), keep_native=True)]
     if kind == "volumes":
         return [s for v in load_volume_index(root) if cases is None or v.case in cases
                 for s in volume_seg_slices(v, step=4, keep_native=True)]
@@ -168,13 +177,15 @@ def evaluation_slices(root: str | Path, cases: list[str] | None = None) -> list[
 
 
 def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[str] | None = None,
-                          progress: bool = True, details: dict | None = None) -> dict:
+                          progress: bool = True, details: dict | None = None,
+                          detector: VertebraDetector | None = None) -> dict:
     """The contract JSON (see the module docstring).
 
     ``details``: a dict filled (for the model card) with ``per_case`` Dice, the measurement ``pairs``
     (reference, predicted, case, slice index) per kind and ``slices`` (each slice, its class map and its mean Dice).
+    ``detector``: estimates the spacing of a case whose folder does not give it (:func:`evaluation_slices`).
     """
-    slices = evaluation_slices(root, cases)
+    slices = evaluation_slices(root, cases, detector)
     offsets = class_offsets(model)
     meas: dict[str, list[tuple[float, float, str, int]]] = {"body": [], "disc": [], "canal": []}
     levels = 0
@@ -186,6 +197,8 @@ def evaluate_segmentation(root: str | Path, model: torch.nn.Module, cases: list[
         classes = classes_on_pixels(probs, s.native.shape, offsets)[0]
         ns = replace(s, target=s.native, native=None)
         native.append((ns, classes))
+        if not s.spacing_known:  # millimetres of an estimated scale are no measurement
+            continue
         e, n = slice_measurement_pairs(ns, classes, s.spacing_mm)
         for k in meas:
             meas[k] += [(r, p, s.case, s.index) for r, p in e[k]]

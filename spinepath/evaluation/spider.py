@@ -24,6 +24,7 @@ from spinepath.core.levels import DISC_LEVELS, VERTEBRA_LEVELS, disc_index_from_
 from spinepath.core.results import DetectionResult
 from spinepath.core.thresholds import graded_slip
 from spinepath.data.spider import SpiderStudy, load_spider_midsag
+from spinepath.evaluation.spacing import study_with_spacing
 from spinepath.grading.spider import SpiderGrader, chain_discs, vertebra_parts, vertebra_probability, vertebra_reference
 from spinepath.grading.spider_inference import (
     combined_probability,
@@ -75,7 +76,8 @@ def located_fraction(root: str | Path, detector, cases: list[str] | None = None,
         ``{sequence: {"n_images", "n_discs", "located_fraction", "anchored_fraction"}, "per_image": [...]}``.
 
     """
-    studies = [s for s in load_spider_midsag(root) if cases is None or s.patient in cases]
+    studies = [study_with_spacing(s, detector, sequences) for s in load_spider_midsag(root)
+               if cases is None or s.patient in cases]
     out: dict = {"per_image": []}
     for seq in sequences:
         rows = [locate_discs(s, seq, detector) for s in tqdm(studies, desc=seq, disable=not progress)
@@ -289,9 +291,11 @@ def evaluate_spider(root: str | Path, detector, grader: SpiderGrader, cases: lis
     ``configs/vertebra_decision.json``), the endplate / marrow evidence alone elsewhere (``vertebra_decision``).
     With ``segmenter`` (and the T2 among ``sequences``) spondylolisthesis is the product's decision of the image
     and the slip measured on the T2 where the segmentation measured it (``configs/listhesis_decision.json``).
+    An image whose folder gives no pixel spacing runs at the spacing estimated from its anatomy
+    (:mod:`spinepath.evaluation.spacing`).
     """
     studies = [s for s in load_spider_midsag(root) if cases is None or s.patient in cases]
-    studies = [s for s in studies if any(q in s.sequences for q in sequences)]
+    studies = [study_with_spacing(s, detector, sequences) for s in studies if any(q in s.sequences for q in sequences)]
     graded, fused, anchors = grade_studies(studies, detector, grader, sequences, progress)
     listhesis = load_listhesis_decision() if segmenter is not None and "t2" in sequences else None
     with_spark = spark_grader is not None and "t2" in sequences

@@ -42,6 +42,8 @@ class SegSlice:
         spacing_mm: The source pixel spacing ``(row, col)``.
         native: The mask's group indices on the source's own pixels (kept for evaluation), else None.
         empty: The slice holds no signal (:func:`empty_slices`): the product does not segment it.
+        spacing_known: False where the source gave no spacing and ``spacing_mm`` is an estimate (no millimetres
+            are scored on it).
 
     """
 
@@ -56,6 +58,7 @@ class SegSlice:
     spacing_mm: tuple[float, float]
     native: np.ndarray | None = None
     empty: bool = False
+    spacing_known: bool = True
 
 
 #: A slice whose 99th intensity percentile is below this share of the median over its series' slices holds no
@@ -90,7 +93,13 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,
     """The slices of a spider_seg case; the case's ``labels`` name the mask values (the authority).
 
     ``keep_native``: also keep each mask on its own pixels (``SegSlice.native``).
+
+    Raises:
+        ValueError: If the case has no spacing (estimate it first: :mod:`spinepath.evaluation.spacing`).
+
     """
+    if case.spacing is None:
+        raise ValueError(f"spider_seg/{case.patient}: no pixel spacing")
     values = sorted(case.labels)
     annotated = [case.labels[v] for v in values]
     groups = label_groups(annotated)
@@ -102,7 +111,7 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,
         msk = np.where((msk >= 0) & (msk < len(lut)), msk, 0)
         gi, gm = to_grid(img, lut[msk], case.spacing, grid_mm)
         yield SegSlice(gi, gm, groups, annotated, "spider_seg", case.patient, case.patient, i, case.spacing,
-                       lut[msk] if keep_native else None)
+                       lut[msk] if keep_native else None, spacing_known=not case.spacing_estimated)
 
 
 def volume_seg_slices(case: VolumeCase, step: int = 4, grid_mm: float = GRID_MM,
