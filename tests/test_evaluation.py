@@ -171,3 +171,27 @@ def test_evaluations_of_a_spider_seg_folder_without_spacing_or_with_body_labels(
                                                         "labels": {"1": "vertebral_body", "2": "disc"}}}))
     r = _evaluate("segmentation", blank, tmp_path)
     assert r.returncode == 2 and "blank/1: the pixel spacing is unknown" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_class_the_network_does_not_know_is_not_scored(data_root, tmp_path, caplog):
+    """A spider_seg-format folder may name classes of its own: such a class is neither scored nor an error (a
+    warning names it), and its pixels do not count against the classes that are scored."""
+    from spinepath.evaluation.segmentation import evaluate_segmentation
+    from spinepath.stages import load_segmenter
+
+    src = data_root / "spider_seg"
+    entry = json.loads((src / "index.json").read_text())["5"]
+    runs = {}
+    for name, labels in (("known", {"1": "vertebra", "2": "disc", "3": "spinal_canal"}),
+                         ("unknown", {"1": "vertebra", "2": "disc", "3": "nerve_roots"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        for sub in ("images", "masks"):
+            (folder / sub).symlink_to(src / sub)
+        (folder / "index.json").write_text(json.dumps({"5": {**entry, "labels": labels}}))
+        runs[name] = evaluate_segmentation(folder, load_segmenter(), progress=False)
+    assert "'nerve_roots' not scored" in caplog.text
+    known, unknown = runs["known"]["dice"], runs["unknown"]["dice"]
+    assert unknown["spinal_canal"] is None and known["spinal_canal"] > 0.85
+    # the canal the network predicts on the unknown class's pixels is no false positive of the other classes
+    assert unknown["vertebra"] == pytest.approx(known["vertebra"], abs=0.005) and unknown["disc"] >= known["disc"]

@@ -9,6 +9,7 @@ lateral slice (the evaluation contract takes every 4th, starting at ``(n % 4) //
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,8 +20,10 @@ from scipy import ndimage as ndi
 from spinepath.core.files import read_npz_xz, write_npz_xz
 from spinepath.data.datasets import VolumeCase
 from spinepath.data.spider import SpiderSegCase
-from spinepath.segmentation.partial import label_groups
+from spinepath.segmentation.partial import ANNOTATION_CLASSES, label_groups
 from spinepath.transforms import normalise_image
+
+log = logging.getLogger(__name__)
 
 #: Pixel size of the segmentation grid (mm).
 GRID_MM = 0.75
@@ -92,7 +95,9 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,
                       grid_mm: float = GRID_MM, keep_native: bool = False) -> Iterator[SegSlice]:
     """The slices of a spider_seg case; the case's ``labels`` name the mask values (the authority).
 
-    ``keep_native``: also keep each mask on its own pixels (``SegSlice.native``).
+    ``keep_native``: also keep each mask on its own pixels (``SegSlice.native``). A class the network does not
+    know (not in :data:`~spinepath.segmentation.partial.ANNOTATION_CLASSES`, e.g. a ``sacrum`` label) is left
+    out: its pixels are unknown (-1), neither taught nor scored, and a warning names it.
 
     Raises:
         ValueError: If the case has no spacing (estimate it first: :mod:`spinepath.evaluation.spacing`).
@@ -100,10 +105,15 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,
     """
     if case.spacing is None:
         raise ValueError(f"spider_seg/{case.patient}: no pixel spacing")
-    values = sorted(case.labels)
+    unknown = sorted(v for v, n in case.labels.items() if n not in ANNOTATION_CLASSES)
+    if unknown:
+        log.warning("spider_seg/%s: %s not scored (no such class in the network)", case.patient,
+                    ", ".join(repr(case.labels[v]) for v in unknown))
+    values = sorted(v for v in case.labels if v not in unknown)
     annotated = [case.labels[v] for v in values]
     groups = label_groups(annotated)
-    lut = np.zeros(max(values) + 1, np.int64)
+    lut = np.zeros(max(case.labels) + 1, np.int64)
+    lut[unknown] = -1
     for g, v in enumerate(values, start=1):
         lut[v] = g
     for i in indices if indices is not None else range(len(case.slices)):

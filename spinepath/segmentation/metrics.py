@@ -15,7 +15,7 @@ def group_dice(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, annotat
 
     Args:
         pred: ``(H, W)`` predicted class indices.
-        target: ``(H, W)`` group indices of the mask (0 = unlabelled group).
+        target: ``(H, W)`` group indices of the mask (0 = unlabelled group; -1 = unknown: not scored).
         groups: ``(G, C)`` 0/1 (each class in one group).
         annotated: Names of groups 1..G-1.
         totals: Return ``[intersection, |pred| + |target|]`` per name instead (to pool slices of a case).
@@ -28,7 +28,7 @@ def group_dice(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, annotat
     pg = cls2group[pred]
     out: dict[str, float | None | np.ndarray] = {}
     for g, name in enumerate(annotated, start=1):
-        a, b = pg == g, target == g
+        a, b = (pg == g) & (target >= 0), target == g
         inter, denom = float((a & b).sum()), float(a.sum() + b.sum())
         out[name] = np.array([inter, denom]) if totals else (2 * inter / denom if denom else None)
     return out
