@@ -2,16 +2,24 @@
 
 The spider formats allow a null ``pixel_spacing_mm`` (the spacing is unknown). The networks need a scale to
 resample a slice to their grids, so the evaluations estimate it from the anatomy the detector finds
-(:func:`spinepath.stages.estimate_spacing`); measurements in millimetres are not scored on such a case.
+(:func:`spinepath.stages.estimate_spacing`); measurements in millimetres are not scored on such a case. Where
+no spine is found to scale by, the field-of-view guess stands and a warning names the case: one image does
+not stop an evaluation (its structures then count as not found, as the contracts count them).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
+import numpy as np
+
 from spinepath import stages
+from spinepath.core.geometry import spark_fov_spacing
 from spinepath.data.spider import SpiderSegCase, SpiderStudy
 from spinepath.detection.predictor import VertebraDetector
+
+log = logging.getLogger(__name__)
 
 
 class DetectorSource:
@@ -30,39 +38,37 @@ class DetectorSource:
 
 
 def seg_case_with_spacing(case: SpiderSegCase, detector: VertebraDetector | DetectorSource) -> SpiderSegCase:
-    """The spider_seg case with a spacing: its own, else estimated on its slices as one series.
-
-    Raises:
-        ValueError: If the spacing is unknown and cannot be estimated (fewer than two vertebrae found).
-
-    """
+    """The spider_seg case with a spacing: its own, else estimated on its slices as one series (:func:`estimated`)."""
     if case.spacing is not None:
         return case
-    det = detector() if isinstance(detector, DetectorSource) else detector
-    try:
-        sp = stages.estimate_spacing([case.load(i)[0] for i in range(len(case.slices))], det, 2 * case.thickness)
-    except ValueError as exc:
-        raise ValueError(f"{case.root.name}/{case.patient}: {exc}") from None
+    sp = estimated([case.load(i)[0] for i in range(len(case.slices))], detector, 2 * case.thickness,
+                   f"{case.root.name}/{case.patient}")
     return replace(case, spacing=(sp, sp), spacing_estimated=True)
 
 
 def study_with_spacing(study: SpiderStudy, detector: VertebraDetector | DetectorSource,
                        sequences: tuple[str, ...] = ("t1", "t2")) -> SpiderStudy:
-    """The spider_midsag study with a spacing for each of ``sequences`` it has: its own, else estimated.
-
-    Raises:
-        ValueError: If a spacing is unknown and cannot be estimated (fewer than two vertebrae found).
-
-    """
+    """The spider_midsag study with a spacing for each of ``sequences`` it has: its own, else :func:`estimated`."""
     missing = [q for q in sequences if q in study.sequences and not study.spacing.get(q)]
     if not missing:
         return study
-    det = detector() if isinstance(detector, DetectorSource) else detector
     spacing = dict(study.spacing)
     for q in missing:
-        try:
-            sp = stages.estimate_spacing([study.load_image(q)], det, 4.0)
-        except ValueError as exc:
-            raise ValueError(f"{study.root.name}/{study.patient} {q}: {exc}") from None
+        sp = estimated([study.load_image(q)], detector, 4.0, f"{study.root.name}/{study.patient} {q}")
         spacing[q] = (sp, sp)
     return replace(study, spacing=spacing)
+
+
+def estimated(slices: list[np.ndarray], detector: VertebraDetector | DetectorSource, slice_mm: float,
+              name: str) -> float:
+    """The slices' spacing from their anatomy (:func:`spinepath.stages.estimate_spacing`).
+
+    Where no spine is found to scale by, the field-of-view guess, with a warning naming ``name``.
+    """
+    det = detector() if isinstance(detector, DetectorSource) else detector
+    try:
+        return stages.estimate_spacing(slices, det, slice_mm)
+    except ValueError as exc:
+        guess = spark_fov_spacing(slices[0].shape)
+        log.warning("%s: %s; the field-of-view guess (%.3f mm) stands", name, exc, guess)
+        return guess
