@@ -69,6 +69,18 @@ class SpiderSegCase:
             raise ValueError(f"spider_seg/{self.slices[i]}: image {img.shape} and mask {msk.shape} differ")
         return img, msk
 
+    @property
+    def known_spacing(self) -> tuple[float, float]:
+        """The pixel spacing, which whatever resamples the slices needs.
+
+        Raises:
+            ValueError: If the folder gives none (estimate it first: :mod:`spinepath.evaluation.spacing`).
+
+        """
+        if self.spacing is None:
+            raise ValueError(f"spider_seg/{self.patient}: no pixel spacing")
+        return self.spacing
+
     def value_of(self, name: str) -> int | None:
         """The mask value of a class name in this case (None when the case does not annotate it)."""
         return next((v for v, n in self.labels.items() if n == name), None)
@@ -228,8 +240,7 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None) -> 
     if (vert is None and body is None) or disc is None:
         raise ValueError(f"spider_seg/{case.patient}: needs vertebra (or vertebral_body) and disc labels, has "
                          f"{case.labels}")
-    if case.spacing is None:
-        raise ValueError(f"spider_seg/{case.patient}: no pixel spacing")
+    spacing = case.known_spacing
     idx = list(range(len(case.slices))) if indices is None else indices
     loaded = [case.load(i) for i in idx]
     front = canal_front([m for _, m in loaded], canal) if canal is not None and body is None else None
@@ -246,7 +257,7 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None) -> 
         out.append(
             Slice2D(
                 image=img,
-                spacing=case.spacing,
+                spacing=spacing,
                 boxes=boxes.reshape(-1, 4),
                 levels=list(levels),
                 area_fraction=np.ones(len(boxes), np.float32),

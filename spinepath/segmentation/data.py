@@ -103,8 +103,7 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,
         ValueError: If the case has no spacing (estimate it first: :mod:`spinepath.evaluation.spacing`).
 
     """
-    if case.spacing is None:
-        raise ValueError(f"spider_seg/{case.patient}: no pixel spacing")
+    spacing = case.known_spacing
     unknown = sorted(v for v, n in case.labels.items() if n not in ANNOTATION_CLASSES)
     if unknown:
         log.warning("spider_seg/%s: %s not scored (no such class in the network)", case.patient,
@@ -119,8 +118,8 @@ def spider_seg_slices(case: SpiderSegCase, indices: list[int] | None = None,
     for i in indices if indices is not None else range(len(case.slices)):
         img, msk = case.load(i)
         msk = np.where((msk >= 0) & (msk < len(lut)), msk, 0)
-        gi, gm = to_grid(img, lut[msk], case.spacing, grid_mm)
-        yield SegSlice(gi, gm, groups, annotated, "spider_seg", case.patient, case.patient, i, case.spacing,
+        gi, gm = to_grid(img, lut[msk], spacing, grid_mm)
+        yield SegSlice(gi, gm, groups, annotated, "spider_seg", case.patient, case.patient, i, spacing,
                        lut[msk] if keep_native else None, spacing_known=not case.spacing_estimated)
 
 
