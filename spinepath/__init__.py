@@ -5,7 +5,7 @@ Research software. NOT FOR DIAGNOSTIC USE.
 
 from __future__ import annotations
 
-__version__ = "0.5.19"
+__version__ = "0.5.20"
 
 DISCLAIMER = "Research prototype - NOT FOR DIAGNOSTIC USE. Findings must be reviewed by a qualified radiologist."
 

@@ -185,16 +185,19 @@ def _print_json(res: dict, out: str | None) -> None:
 
 
 def _evaluation_cases(root: Path, split: str) -> list[str] | None:
-    """The cases of ``--split``: the validation part of the one split (by patient for 3D data), or all."""
+    """The cases of ``--split``: by default the validation and the unseen cases (a held-out folder's), or all."""
     # imported per subcommand: each loads only what it runs, so `spinepath --help` stays fast
-    from spinepath.data.split import split_cases
+    from spinepath.data.split import evaluation_cases
 
     if split != "val":
         return None
-    cases = split_cases(root, "validation")
+    cases, left_out = evaluation_cases(root)
     if not cases:
-        raise CliError(f"{root}: no validation cases of this folder in the split (it names datasets by folder name, "
-                       "e.g. chu_t2, spark_midsag); use --split all")
+        raise CliError(f"{root}: every case of this folder is a training or selection case of the split "
+                       "(configs/split.json); use --split all to score them anyway")
+    if left_out:
+        log.info("%d of %d cases of %s are training or selection cases of the split: left out (--split all "
+                    "scores them)", left_out, left_out + len(cases), root.name)
     return cases
 
 
@@ -418,8 +421,9 @@ def _evaluation_args(p: argparse.ArgumentParser, dataset_help: str) -> None:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--model", help="detector weights (file or folder); default: the bundle's")
     p.add_argument("--split", choices=["val", "all"], default="val",
-                   help="the validation split (default; configs/split.json, by patient), or all cases (training "
-                   "images included)")
+                   help="the cases no model learned from or was chosen on (default: the validation part of "
+                   "configs/split.json, by patient, and every case the split does not list, e.g. a held-out "
+                   "folder's), or all cases (training images included)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -197,3 +197,70 @@ def test_a_class_the_network_does_not_know_is_not_scored(data_root, tmp_path, ca
     assert unknown["spinal_canal"] is None and known["spinal_canal"] > 0.85
     # the canal the network predicts on the unknown class's pixels is no false positive of the other classes
     assert unknown["vertebra"] == pytest.approx(known["vertebra"], abs=0.005) and unknown["disc"] >= known["disc"]
+
+
+def test_the_split_lists_every_case_of_the_shared_data_and_knows_none_other(data_root):
+    """Every case here is training, selection or validation; a case the split does not list is unseen."""
+    from spinepath.data.split import case_parts, split_part
+
+    for ds in ("chu_t2", "spineweb_vb", "ivd_t2", "spark_midsag", "spider_midsag", "spider_seg"):
+        parts = dict(case_parts(data_root / ds))
+        assert parts and "unseen" not in parts.values(), ds
+        assert {"train", "validation"} <= set(parts.values()), ds
+    assert split_part("chu_t2", "05") == "train" and split_part("spider_midsag", "9001", "9001") == "unseen"
+    assert split_part("chu_t2_heldout", "05") == "unseen"  # a dataset the split does not name
+    # a split without a train part: everything it does not list is training, as before
+    assert split_part("chu_t2", "99", split={"validation": {"chu_t2": ["02"]}}) == "train"
+
+
+def _held_out_copy(src, dst, keep: dict[str, str]):
+    """A folder in ``src``'s format (index.json or labels.json) with the cases ``keep`` maps to their new ids."""
+    dst.mkdir(parents=True)
+    name = "index.json" if (src / "index.json").is_file() else "labels.json"
+    entries = json.loads((src / name).read_text())
+    out = {}
+    for old, new in keep.items():
+        e = dict(entries[old])
+        if e.get("patient") == old:
+            e["patient"] = new
+        out[new] = e
+    for sub in ("images", "masks"):
+        if (src / sub).is_dir():
+            (dst / sub).symlink_to(src / sub)
+    for f in {v for e in out.values() for v in (e.get("image"), e.get("mask")) if isinstance(v, str)}:
+        if not (dst / f).exists():
+            (dst / f).symlink_to(src / f)
+    (dst / name).write_text(json.dumps(out))
+    return dst
+
+
+def test_a_held_out_folder_is_scored_by_default(data_root, tmp_path):
+    """The contract commands take no --split: a held-out folder's cases, which the split does not list, are scored.
+
+    Found 2026-12-06: the default scored only the split's validation cases, so a folder of cases the split did
+    not know (a held-out part) was refused ("no validation cases"), or its cases left out where they were mixed
+    in with ours.
+    """
+    # chu_t2 format, named as ours: a training case under an id the split does not know, beside a training case
+    folder = _held_out_copy(data_root / "chu_t2", tmp_path / "chu_t2", {"05": "held01", "07": "07"})
+    r = _evaluate_default("detection", folder, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["split"] == "val" and res["n_cases"] == 1 and res["n_vertebrae"] == 7  # held01 only
+    # spider_midsag format under another name: every patient is unseen
+    folder = _held_out_copy(data_root / "spider_midsag", tmp_path / "spider_heldout", {"5": "9005"})
+    r = _evaluate_default("spider", folder, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["n_patients"] == 1 and res["n_discs"] > 0 and res["located_fraction"] > 0.5
+    # a folder of training cases only: a clear error, nothing scored
+    folder = _held_out_copy(data_root / "chu_t2", tmp_path / "train_only" / "chu_t2", {"07": "07"})
+    r = _evaluate_default("detection", folder, tmp_path)
+    assert r.returncode == 2 and "every case of this folder is a training or selection case" in r.stderr
+    assert not r.stdout
+
+
+def _evaluate_default(what: str, folder, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", what, str(folder)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
