@@ -11,11 +11,12 @@ import logging
 import os
 from pathlib import Path
 
+from fastapi import HTTPException
 from lib.configs.structures import StructuresConfig
 from lib.configs.vertebrae import VertebraeConfig
 from lib.datastore.dicomweb import SpinePathDICOMWebDatastore
 from monailabel.config import settings
-from monailabel.datastore.dicom import DICOMwebClientX
+from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -82,6 +83,24 @@ class SpinePathApp(MONAILabelApp):
         # the structures' map holds the vertebrae's levels (a body is its level's value) plus discs and canal
         store.label_map = structure_label_map()
         return store
+
+    def infer(self, request: dict, datastore: Datastore | None = None) -> dict:
+        """Run an infer task on an image of this server's datastore; any other image id is refused (404).
+
+        MONAI Label reads an id that names an existing path on the server as that path, and an id its local
+        datastore does not hold as the server's working directory (read as a DICOM study); a client may only
+        ask for the studies this server serves. Over DICOMweb an id is a SeriesInstanceUID, fetched on demand.
+        """
+        image = request.get("image")
+        if isinstance(image, str):
+            store = datastore or self.datastore()
+            if isinstance(store, DICOMWebDatastore):
+                known = bool(image) and "/" not in image and "\\" not in image and not os.path.isabs(image)
+            else:
+                known = image in store.list_images()
+            if not known:
+                raise HTTPException(404, f"no image {image!r} in this server's datastore")
+        return super().infer(request, datastore)
 
     def init_infers(self) -> dict[str, InferTask]:
         """Infer tasks of the task configs."""

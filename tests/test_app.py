@@ -97,17 +97,26 @@ def test_app_end_to_end_on_real_example(tmp_path):
 
 
 def test_app_with_holoscan_runtime_variables(tmp_path):
+    """The MAP's runtime variables are read: the input (not the embedded default), the output and the models."""
+    import pydicom
+
+    other = EXAMPLE.parent / "chu_t2_04"  # the embedded default is chu_t2_02
     out = tmp_path / "out"
-    r = _run(
-        ["app.py"],
-        env={
-            "HOLOSCAN_INPUT_PATH": str(EXAMPLE),
-            "HOLOSCAN_OUTPUT_PATH": str(out),
-            "HOLOSCAN_MODEL_PATH": str(REPO / "bundle" / "models"),
-        },
-    )
+    env = {"HOLOSCAN_INPUT_PATH": str(other), "HOLOSCAN_OUTPUT_PATH": str(out),
+           "HOLOSCAN_MODEL_PATH": str(REPO / "bundle" / "models")}
+    r = _run(["app.py"], env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    _check_outputs(out)
+    d = _check_outputs(out)
+    series = pydicom.dcmread(next(p for p in sorted(other.iterdir()) if p.is_file()), stop_before_pixels=True)
+    assert d["input"]["kind"] == "dicom" and d["input"]["series_instance_uid"] == series.SeriesInstanceUID
+    # a model folder without the models: the variable is read, and the run fails cleanly
+    empty = tmp_path / "no_models"
+    empty.mkdir()
+    r = _run(["app.py"], env={**env, "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out2"), "HOLOSCAN_MODEL_PATH": str(empty)})
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    st = json.loads((tmp_path / "out2" / "status.json").read_text())
+    assert st["ok"] is False and str(empty / "model.pt") in st["message"]
+    assert not (tmp_path / "out2" / "vertebrae.json").exists()
 
 
 def test_app_default_input_says_which(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,16 @@ def test_sr_requires_findings(graded):
         build_sr(ungraded)
 
 
+def _values(seq) -> list:
+    """Every element of a content tree but its UIDs (tracking UIDs are new in every report)."""
+    return [(e.tag, e.value) for item in seq for e in item.iterall() if e.VR not in ("UI", "SQ")]
+
+
+def _observer_uid(sr) -> str:
+    """The SR's Device Observer UID (DCM 121012)."""
+    return next(str(i.UID) for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121012")
+
+
 def test_forked_pdf_writer_gives_the_same_objects(graded, tmp_path, monkeypatch):
     """With PARALLEL (a one-study process) the SEG and PDF are built in a forked child: the same three objects."""
     from spinepath.outputs import writer
@@ -108,6 +119,16 @@ def test_forked_pdf_writer_gives_the_same_objects(graded, tmp_path, monkeypatch)
     for kind, ds in written[True].items():
         seq = written[False][kind]
         assert ds.SOPInstanceUID == seq.SOPInstanceUID and ds.SeriesInstanceUID == seq.SeriesInstanceUID
+    # the same content: the SEG's segments and masks, the SR's findings, the report's pages
+    seg = {m: written[m]["seg"] for m in written}
+    assert seg[True].PixelData == seg[False].PixelData and seg[True].NumberOfFrames == seg[False].NumberOfFrames
+    assert [s.SegmentLabel for s in seg[True].SegmentSequence] == [s.SegmentLabel for s in seg[False].SegmentSequence]
+    sr = [written[m]["sr"] for m in (False, True)]
+    assert [_values(x.ContentSequence) for x in sr] == [_values(sr[0].ContentSequence)] * 2
+    assert len({_observer_uid(x) for x in sr}) == 1  # one device: this software at this version
+    pdfs = [re.sub(rb"/CreationDate \(D:\d+Z\)", b"", read_pdf(tmp_path / str(m) / "report.dcm"))
+            for m in (False, True)]
+    assert pdfs[0] == pdfs[1]  # the same bytes but the second the PDF was made in
     assert read_pdf(tmp_path / "True" / "report.dcm").startswith(b"%PDF")
     assert dciodvfy_errors(tmp_path / "True" / "report.dcm") == []
 

@@ -235,9 +235,16 @@ def test_evaluate_grading_cli(small_spark, tmp_path, mode):
     assert res["task"] == "grading" and res["n_images"] == 3 and res["split"] == "val"  # the default
     assert set(res["vertebra"]) == {"auc", "balanced_accuracy", "accuracy", "precision", "recall", "f1", "threshold"}
     assert set(res["disc"]) == {"accuracy", "macro_f1", "within_one_accuracy", "quadratic_kappa"}
-    for k in ("accuracy", "macro_f1", "within_one_accuracy"):
-        assert 0 <= res["disc"][k] <= 1
-    assert 0 <= res["vertebra"]["threshold"] <= 1
+    # the committed grader's figures on these images, computed here the way the contract defines them
+    from spinepath.core.paths import resolve_grader_path
+    from spinepath.evaluation.grading import collect_grading
+
+    grader = Grader.load(resolve_grader_path(None))
+    assert res["vertebra"]["threshold"] == pytest.approx(grader.vertebra_threshold)
+    if mode == "reference":
+        c = collect_grading(small_spark, grader, None, progress=False)
+        want = grading_metrics(c["v_true"], c["v_prob"], grader.vertebra_threshold, c["d_true"], c["d_pred"])
+        assert res["vertebra"] == pytest.approx(want["vertebra"]) and res["disc"] == pytest.approx(want["disc"])
 
 
 def test_evaluate_grading_refuses_3d_folder():
@@ -264,6 +271,15 @@ def test_grading_cv_script(spark_cases, tmp_path):
     assert oof["disc_p"].shape == (n["disc"], 5) and np.allclose(oof["disc_p"].sum(1), 1, atol=1e-5)
     assert sorted(oof["vertebra_y"].tolist()) == sorted(s.grade for c in train for s in spark_structures(c)
                                                         if s.kind == "vertebra" and s.grade >= 0)
+    # the printed figures are those of the saved out-of-fold predictions
+    from sklearn.metrics import roc_auc_score
+
+    from spinepath.evaluation.grading import disc_metrics
+
+    assert res["vertebra"]["auc"] == round(float(roc_auc_score(oof["vertebra_y"], oof["vertebra_p"])), 4)
+    for rule in ("argmax", "ordinal"):
+        d = disc_metrics(oof["disc_y"] + 1, disc_grade(oof["disc_p"], rule) + 1)
+        assert res["disc"][rule] == {k: round(d[k], 4) for k in ("quadratic_kappa", "macro_f1", "within_one_accuracy")}
     bad = subprocess.run([sys.executable, "scripts/grading_cv.py", "disc", "--set", "crop=56"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode != 0 and "crop_mm" in bad.stderr

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from conftest import rician
+from conftest import REPO, rician
 from servers import ServerError, monailabel_server
 
 from spinepath.core.labels import load_label_map
@@ -192,8 +192,15 @@ def test_infer_raw_nrrd_as_ohif_asks(server: str, studies: Path, tmp_path: Path)
 
 
 def test_infer_unknown_image_is_an_error(server: str) -> None:
-    r = requests.post(f"{server}/infer/vertebrae", params={"image": "no_such_study", "output": "json"}, timeout=60)
-    assert r.status_code >= 400
+    """An id the datastore does not hold is a 404 naming it, and so is a path on the server (not read).
+
+    Found 2026-12-06: MONAI Label turned an unknown id into "" and the task read the server's working directory
+    as a study (a 422 about a localizer series), and it reads any existing server path given as an id.
+    """
+    for image in ("no_such_study", str(REPO / "label"), "/etc"):
+        for task in ("vertebrae", "spine_structures"):
+            r = requests.post(f"{server}/infer/{task}", params={"image": image, "output": "json"}, timeout=60)
+            assert r.status_code == 404 and image in r.json()["detail"], (image, task, r.status_code, r.text)
 
 
 def test_active_learning(server: str) -> None:

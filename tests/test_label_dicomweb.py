@@ -345,6 +345,9 @@ def test_annotator_flow_in_ohif(server: str, orthanc_url: str, model_dir: Path, 
 
 def test_infer_and_save_label_as_seg(server: str, orthanc_url: str, source: pydicom.Dataset) -> None:  # noqa: F811
     series = source.SeriesInstanceUID
+    # a path on the server is no series of the PACS: refused, not read
+    bad = requests.post(f"{server}/infer/vertebrae", params={"image": "/etc", "output": "json"}, timeout=60)
+    assert bad.status_code == 404 and "/etc" in bad.json()["detail"], bad.text
     r = requests.post(f"{server}/infer/vertebrae", params={"image": series, "output": "image"}, timeout=TIMEOUT)
     r.raise_for_status()
     path = Path(f"/tmp/spinepath-dicomweb-{time.time_ns()}.nii.gz")

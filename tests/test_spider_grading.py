@@ -468,8 +468,13 @@ def test_the_product_reports_degenerative_grades_per_disc(example_copy, tmp_path
     assert out2["input"]["series_selection"]["t1"]["loaded"]
     d2 = {d["level"]: d for d in out2["discs"]}
     assert d2["L4-L5"]["sequences"] == ["t1", "t2"]
-    # the main series is still the T2, and its findings are the same as without the T1
-    assert [v["level"] for v in out2["vertebrae"]] == [v["level"] for v in out["vertebrae"]]
+    # the main series is still the T2, and its findings are the same as without the T1: the vertebrae, their
+    # boxes and the spark grades (T2 only); the SPIDER grades of a disc the T1 also shows may move
+    def found(o: dict) -> tuple:
+        return ([(v["level"], v["slices"]) for v in o["vertebrae"]],
+                {d["level"]: (d.get("grade"), d.get("probabilities")) for d in o["discs"]})
+
+    assert found(out2) == found(out) and sum(g is not None for g, _ in found(out)[1].values()) >= 5
 
 
 def test_pfirrmann_labels_can_be_kept_to_the_t2_crops():

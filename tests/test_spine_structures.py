@@ -137,6 +137,14 @@ def test_flags_and_the_review_share_one_rule_per_finding():
                 assert got == POSITIVE[kind](value), (kind, v, value)
                 checked += got
     assert checked >= 10  # each boundary's upper or lower side is a finding
+    # the boundaries are the documented ones (README, "Measurements"), on the side the issue names
+    assert GRADE_BOUNDARIES == {"height_loss": (0.20, 0.25, 0.40), "wedge_ratio": (0.80,), "narrowing_ratio": (0.75,),
+                                "canal_ap_mm": (10.0, 12.0), "listhesis_mm": (3.0,)}
+    assert POSITIVE["wedge_ratio"](0.79) and not POSITIVE["wedge_ratio"](0.81)
+    assert POSITIVE["narrowing_ratio"](0.74) and not POSITIVE["narrowing_ratio"](0.76)
+    assert POSITIVE["listhesis_mm"](3.1) and not POSITIVE["listhesis_mm"](2.9)  # of the absolute offset
+    assert POSITIVE["canal_ap_mm"](11.9) and not POSITIVE["canal_ap_mm"](12.1)
+    assert POSITIVE["height_loss"](0.21) and not POSITIVE["height_loss"](0.19)
 
 
 def test_a_disc_is_compared_with_its_adjacent_discs_only():

@@ -17,6 +17,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from spinepath import __version__
 from spinepath.core.levels import VERTEBRA_LEVELS
@@ -55,6 +56,9 @@ from spinepath.outputs.common import no_identifying_warnings
 from spinepath.review import Flag
 
 ALGORITHM = "spinepath"
+#: The Device Observer UID of every SR: this software at this version, the same in every report it writes (a
+#: registry or PACS groups the reports by the device that made them).
+DEVICE_UID = generate_uid(entropy_srcs=[ALGORITHM, "device", __version__])
 SR_SERIES_NUMBER = 902
 #: Per kind of measurement group, the model behind it (TID 4019 "Algorithm Parameters"): a PACS reader sees
 #: which of the two disc gradings a group holds and which one is the disc's finding.
@@ -314,7 +318,7 @@ def build_sr(result: DetectionResult, series_number: int = SR_SERIES_NUMBER) -> 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name=ALGORITHM, manufacturer_name=ALGORITHM, model_name=__version__
+            uid=DEVICE_UID, name=ALGORITHM, manufacturer_name=ALGORITHM, model_name=__version__
         ),
     )
     report = hd.sr.MeasurementReport(
