@@ -117,6 +117,16 @@ def test_review_in_sr_pdf_and_key_image(reference, tmp_path):
             assert any(line.startswith(f"{r[3]} disc: ") for line in lines), (r, lines)
     assert any(r[6] for r in rows) == reference.review.study.needs_review
     assert render_pdf(reference).startswith(b"%PDF")
+    # the key image carries the study's review line exactly when the study needs review (only that line is drawn
+    # in (255, 220, 0))
+    from PIL import Image
+
+    from spinepath.outputs.key_image import key_image
+
+    key_image(reference, tmp_path / "key.png")
+    key = np.asarray(Image.open(tmp_path / "key.png").convert("RGB"))
+    review_ink = ((key == (255, 220, 0)).all(-1)).sum()
+    assert (review_ink > 20) == reference.review.study.needs_review, review_ink
 
 
 def cut_above_sacrum(volume, result):
