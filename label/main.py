@@ -95,7 +95,7 @@ class SpinePathApp(MONAILabelApp):
         if isinstance(image, str):
             store = datastore or self.datastore()
             if isinstance(store, DICOMWebDatastore):
-                known = bool(image) and "/" not in image and "\\" not in image and not os.path.isabs(image)
+                known = bool(image) and "/" not in image and "\\" not in image  # a UID, never a path
             else:
                 known = image in store.list_images()
             if not known:

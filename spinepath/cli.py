@@ -197,7 +197,7 @@ def _evaluation_cases(root: Path, split: str) -> list[str] | None:
                        "(configs/split.json); use --split all to score them anyway")
     if left_out:
         log.info("%d of %d cases of %s are training or selection cases of the split: left out (--split all "
-                    "scores them)", left_out, left_out + len(cases), root.name)
+                 "scores them)", left_out, left_out + len(cases), root.name)
     return cases
 
 

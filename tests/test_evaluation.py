@@ -110,8 +110,10 @@ def _spider_seg_variant(data_root, dst, patient: str, spacing_known: bool, body_
     return dst
 
 
-def _evaluate(what: str, folder, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", what, str(folder), "--split", "all"],
+def _evaluate(what: str, folder, cwd, split: str | None = "all") -> subprocess.CompletedProcess:
+    """``spinepath evaluate WHAT FOLDER`` with ``--split split`` (None: the contract's command, no --split)."""
+    return subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", what, str(folder),
+                           *(["--split", split] if split else [])],
                           capture_output=True, text=True, cwd=cwd, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -243,24 +245,18 @@ def test_a_held_out_folder_is_scored_by_default(data_root, tmp_path):
     """
     # chu_t2 format, named as ours: a training case under an id the split does not know, beside a training case
     folder = _held_out_copy(data_root / "chu_t2", tmp_path / "chu_t2", {"05": "held01", "07": "07"})
-    r = _evaluate_default("detection", folder, tmp_path)
+    r = _evaluate("detection", folder, tmp_path, split=None)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["split"] == "val" and res["n_cases"] == 1 and res["n_vertebrae"] == 7  # held01 only
     # spider_midsag format under another name: every patient is unseen
     folder = _held_out_copy(data_root / "spider_midsag", tmp_path / "spider_heldout", {"5": "9005"})
-    r = _evaluate_default("spider", folder, tmp_path)
+    r = _evaluate("spider", folder, tmp_path, split=None)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["n_patients"] == 1 and res["n_discs"] > 0 and res["located_fraction"] > 0.5
     # a folder of training cases only: a clear error, nothing scored
     folder = _held_out_copy(data_root / "chu_t2", tmp_path / "train_only" / "chu_t2", {"07": "07"})
-    r = _evaluate_default("detection", folder, tmp_path)
+    r = _evaluate("detection", folder, tmp_path, split=None)
     assert r.returncode == 2 and "every case of this folder is a training or selection case" in r.stderr
     assert not r.stdout
-
-
-def _evaluate_default(what: str, folder, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spinepath", "-q", "evaluate", what, str(folder)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
